@@ -1,0 +1,92 @@
+"""Everything that crosses the wire, converted in one place: arrays, devices, ranges."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmrpc.types import DeviceInfo, LoadedRange, ServerInfo
+from llmrpc.v1 import llmrpc_pb2 as pb
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_F32: np.dtype("<f4"),
+    pb.DTYPE_F16: np.dtype("<f2"),
+    pb.DTYPE_I32: np.dtype("<i4"),
+}
+_CODES = {dt: code for code, dt in _DTYPES.items()}
+
+MAX_DIMS = 4
+
+
+class CodecError(ValueError):
+    """A message that does not describe a valid array; the text says what is wrong."""
+
+
+def tensor_to_proto(arr: np.ndarray, dtype: int | None = None) -> pb.Tensor:
+    if dtype is not None:
+        arr = arr.astype(_DTYPES[dtype], copy=False)
+    arr = np.ascontiguousarray(arr)
+    code = _CODES.get(arr.dtype.newbyteorder("<"))
+    if code is None:
+        raise CodecError(f"dtype {arr.dtype} cannot be sent (f32, f16, i32 can)")
+    return pb.Tensor(dtype=code, shape=list(arr.shape), data=arr.tobytes())
+
+
+def tensor_from_proto(t: pb.Tensor, max_elements: int) -> np.ndarray:
+    """Decode and validate: known dtype, sane shape, byte count that matches the shape."""
+    dt = _DTYPES.get(t.dtype)
+    if dt is None:
+        raise CodecError(f"unknown tensor dtype {t.dtype}")
+    shape = tuple(int(s) for s in t.shape)
+    if not 1 <= len(shape) <= MAX_DIMS or any(s <= 0 for s in shape):
+        raise CodecError(f"bad tensor shape {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > max_elements:
+        raise CodecError(f"tensor of {count} elements exceeds the limit of {max_elements}")
+    if len(t.data) != count * dt.itemsize:
+        raise CodecError(f"tensor data is {len(t.data)} bytes, shape {list(shape)} of {dt} needs {count * dt.itemsize}")
+    return np.frombuffer(t.data, dtype=dt).reshape(shape)
+
+
+def dtype_name(code: int) -> str:
+    return pb.DType.Name(code) if code in pb.DType.values() else str(code)
+
+
+def device_to_proto(d: DeviceInfo) -> pb.Device:
+    return pb.Device(
+        name=d.name, description=d.description, kind=d.kind, memory_total=d.memory_total, memory_free=d.memory_free
+    )
+
+
+def device_from_proto(d: pb.Device) -> DeviceInfo:
+    return DeviceInfo(d.name, d.description, d.kind, d.memory_free, d.memory_total)
+
+
+def range_to_proto(r: LoadedRange) -> pb.LoadedRange:
+    return pb.LoadedRange(
+        model_path=r.model_path,
+        architecture=r.architecture,
+        layer_start=r.layer_start,
+        layer_end=r.layer_end,
+        n_layer=r.n_layer,
+        n_embd=r.n_embd,
+        n_vocab=r.n_vocab,
+        weight_bytes=r.weight_bytes,
+    )
+
+
+def range_from_proto(r: pb.LoadedRange) -> LoadedRange:
+    return LoadedRange(
+        r.model_path, r.architecture, r.layer_start, r.layer_end, r.n_layer, r.n_embd, r.n_vocab, r.weight_bytes
+    )
+
+
+def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
+    return ServerInfo(
+        address=address,
+        protocol_version=reply.protocol_version,
+        server_version=reply.server_version,
+        device=device_from_proto(reply.device),
+        threads=reply.threads,
+        loaded=range_from_proto(reply.loaded) if reply.HasField("loaded") else None,
+        open_sessions=reply.open_sessions,
+    )

@@ -1,0 +1,98 @@
+"""Devices from ggml's backend registry: whatever the build has (CPU, CUDA, Metal, Vulkan)."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from llmrpc.ggml import lib as g
+from llmrpc.types import DeviceInfo
+
+logger = logging.getLogger(__name__)
+
+_KINDS = {g.DEV_TYPE_CPU: "cpu", g.DEV_TYPE_GPU: "gpu", g.DEV_TYPE_IGPU: "igpu", g.DEV_TYPE_ACCEL: "accel"}
+_PREFERENCE = {"gpu": 0, "igpu": 1, "cpu": 2}
+
+
+def _info(dev: int) -> DeviceInfo:
+    lib = g.ggml()
+    free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+    lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+    return DeviceInfo(
+        name=lib.ggml_backend_dev_name(dev).decode(),
+        description=lib.ggml_backend_dev_description(dev).decode(),
+        kind=_KINDS.get(lib.ggml_backend_dev_type(dev), "other"),
+        memory_free=free.value,
+        memory_total=total.value,
+    )
+
+
+def _devices() -> list[tuple[int, DeviceInfo]]:
+    lib = g.ggml()
+    out = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        out.append((dev, _info(dev)))
+    return out
+
+
+def list_devices() -> list[DeviceInfo]:
+    """Devices that can hold layers (accelerator add-ons such as BLAS are left out)."""
+    return [info for _, info in _devices() if info.kind in _PREFERENCE]
+
+
+def best_device() -> DeviceInfo:
+    devices = sorted(list_devices(), key=lambda d: (_PREFERENCE[d.kind], -d.memory_free))
+    if not devices:
+        raise RuntimeError("ggml reports no usable device")
+    return devices[0]
+
+
+def find_device(name: str | None) -> DeviceInfo:
+    if name is None:
+        return best_device()
+    for info in list_devices():
+        if info.name.lower() == name.lower():
+            return info
+    known = ", ".join(d.name for d in list_devices())
+    raise ValueError(f"no device named {name!r} (this build has: {known})")
+
+
+class Backend:
+    """An initialised ggml backend on one device, plus the CPU backend the scheduler needs."""
+
+    def __init__(self, device: DeviceInfo, n_threads: int) -> None:
+        lib = g.ggml()
+        self.device = device
+        self.n_threads = n_threads
+        handles = {info.name: dev for dev, info in _devices()}
+        self.dev = handles[device.name]
+        self.backend = lib.ggml_backend_dev_init(self.dev, None)
+        if not self.backend:
+            raise RuntimeError(f"cannot initialise ggml backend for {device.name}")
+        self.buffer_type = lib.ggml_backend_dev_buffer_type(self.dev)
+        self.cpu_backend: int | None = None
+        if device.kind != "cpu":
+            cpu = next(dev for dev, info in _devices() if info.kind == "cpu")
+            self.cpu_backend = lib.ggml_backend_dev_init(cpu, None)
+            self._set_threads(cpu, self.cpu_backend, n_threads)
+        self._set_threads(self.dev, self.backend, n_threads)
+
+    @staticmethod
+    def _set_threads(dev: int, backend: int, n_threads: int) -> None:
+        lib = g.ggml()
+        reg = lib.ggml_backend_dev_backend_reg(dev)
+        addr = lib.ggml_backend_reg_get_proc_address(reg, b"ggml_backend_set_n_threads")
+        if addr:
+            g.SetNThreads(addr)(backend, n_threads)
+
+    def backends(self) -> list[int]:
+        """The scheduler's backend list: the device first, the CPU last."""
+        return [self.backend] if self.cpu_backend is None else [self.backend, self.cpu_backend]
+
+    def close(self) -> None:
+        lib = g.ggml()
+        for b in (self.cpu_backend, self.backend):
+            if b:
+                lib.ggml_backend_free(b)
+        self.backend = 0
+        self.cpu_backend = None

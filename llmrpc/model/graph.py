@@ -1,0 +1,121 @@
+"""Shared pieces of the layer graph builders: inputs, norm, attention over the KV cache, FFN.
+
+They follow llama.cpp's ``llm_graph_context`` (``src/llama-graph.cpp``) op for op, so the
+same batch through llmrpc and through llama.cpp gives the same numbers. Every intermediate
+is named with its layer (``attn_norm-12``) so activations can be dumped and diffed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from llmrpc.ggml import lib as g
+from llmrpc.model.gguf_model import HParams
+
+KV_PAD = 256  # llama.cpp pads the attended KV length to this so graphs keep their shape
+
+
+def padded_n_kv(used: int, kv_size: int) -> int:
+    """llama.cpp's ``get_n_kv``: how many cache cells a batch attends to."""
+    return min(kv_size, max(KV_PAD, -(-used // KV_PAD) * KV_PAD))
+
+
+@dataclass
+class GraphInputs:
+    """The input tensors of one forward graph; filled by the caller after allocation."""
+
+    tokens: g.Tensor | None  # I32 [n] on the first stage
+    embd: g.Tensor | None  # F32 [n_embd, n] elsewhere
+    pos: g.Tensor  # I32 [n]
+    kq_mask: g.Tensor  # F32 [n_kv, n]
+    k_idxs: g.Tensor  # I64 [n]
+    v_idxs: g.Tensor  # I64 [n * n_embd_kv]: the V cache is stored transposed
+    out_ids: g.Tensor | None  # I32 [n_out] when only some rows leave the last layer
+
+
+@dataclass
+class LayerCache:
+    k: g.Tensor  # F16 [n_embd_kv, kv_size]
+    v: g.Tensor  # F16 [n_embd_kv, kv_size], used transposed as in llama.cpp without flash-attn
+
+
+class Builder:
+    """A ggml context for one graph plus the shared helpers of the builders."""
+
+    def __init__(self, ctx: int, gf: int, hp: HParams, n_tokens: int, n_kv: int, kv_size: int):
+        self.lib = g.ggml()
+        self.ctx = ctx
+        self.gf = gf
+        self.hp = hp
+        self.n_tokens = n_tokens
+        self.n_kv = n_kv
+        self.kv_size = kv_size
+
+    def name(self, t: g.Tensor, label: str, il: int = -1) -> g.Tensor:
+        self.lib.ggml_set_name(t, (f"{label}-{il}" if il >= 0 else label).encode())
+        return t
+
+    def input(self, ggml_type: int, *ne: int, label: str) -> g.Tensor:
+        lib = self.lib
+        t = {
+            1: lib.ggml_new_tensor_1d,
+            2: lib.ggml_new_tensor_2d,
+        }[len(ne)](self.ctx, ggml_type, *ne)
+        lib.ggml_set_input(t)
+        return self.name(t, label)
+
+    def rms_norm(self, x: g.Tensor, weight: g.Tensor, label: str, il: int) -> g.Tensor:
+        lib = self.lib
+        cur = lib.ggml_rms_norm(self.ctx, x, self.hp.rms_eps)
+        cur = lib.ggml_mul(self.ctx, cur, weight)
+        return self.name(cur, label, il)
+
+    def linear(self, w: g.Tensor, x: g.Tensor, bias: g.Tensor | None = None) -> g.Tensor:
+        cur = self.lib.ggml_mul_mat(self.ctx, w, x)
+        if bias is not None:
+            cur = self.lib.ggml_add(self.ctx, cur, bias)
+        return cur
+
+    def attention(
+        self,
+        inp: GraphInputs,
+        cache: LayerCache,
+        q: g.Tensor,  # [head_dim, n_head, n]
+        k: g.Tensor,  # [head_dim, n_head_kv, n]
+        v: g.Tensor,  # [head_dim, n_head_kv, n]
+        il: int,
+    ) -> g.Tensor:
+        """Store K and V for this batch in the cache, then attend over ``n_kv`` cells."""
+        lib, ctx, hp = self.lib, self.ctx, self.hp
+        n, hd, n_kv, kv = self.n_tokens, hp.head_dim, self.n_kv, self.kv_size
+        f16 = g.GGML_TYPE_F16
+        # cpy_k: rows of [n_embd_kv] go to the cells in k_idxs
+        k2 = lib.ggml_view_2d(ctx, k, hp.n_embd_kv, n, k.contents.nb[2], 0)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
+        # cpy_v (transposed cache): each element is its own row
+        v_flat = lib.ggml_reshape_2d(ctx, v, 1, hp.n_embd_kv * n)
+        v_rows = lib.ggml_reshape_2d(ctx, cache.v, 1, hp.n_embd_kv * kv)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_rows, v_flat, inp.v_idxs))
+
+        q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
+        k_view = lib.ggml_view_3d(
+            ctx, cache.k, hd, n_kv, hp.n_head_kv,
+            lib.ggml_row_size(f16, hp.n_embd_kv), lib.ggml_row_size(f16, hd), 0,
+        )  # fmt: skip
+        v_view = lib.ggml_view_3d(
+            ctx, cache.v, n_kv, hd, hp.n_head_kv,
+            lib.ggml_row_size(f16, kv), lib.ggml_row_size(f16, kv * hd), 0,
+        )  # fmt: skip
+        kq = lib.ggml_mul_mat(ctx, k_view, q)
+        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
+        kq = self.name(lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, hp.attn_scale, 0.0), "kq_soft_max", il)
+        kqv = lib.ggml_mul_mat(ctx, v_view, kq)
+        cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
+        return lib.ggml_cont_2d(ctx, cur, hd * hp.n_head, n)
+
+    def swiglu_ffn(self, x: g.Tensor, gate: g.Tensor, up: g.Tensor, down: g.Tensor, il: int) -> g.Tensor:
+        lib, ctx = self.lib, self.ctx
+        tmp = lib.ggml_mul_mat(ctx, up, x)
+        cur = lib.ggml_mul_mat(ctx, gate, x)
+        cur = self.name(lib.ggml_swiglu_split(ctx, cur, tmp), "ffn_swiglu", il)
+        return self.name(lib.ggml_mul_mat(ctx, down, cur), "ffn_out", il)

@@ -1,0 +1,209 @@
+"""A contiguous layer range of a GGUF model held on one device: weights, KV caches, forward.
+
+This is the compute side of a server; it knows nothing of gRPC. Weights keep their GGUF
+quantization: tensor bytes go to the device buffer as they are in the file.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from llmrpc.ggml import lib as g
+from llmrpc.ggml.device import Backend
+from llmrpc.model import llama
+from llmrpc.model.graph import Builder, GraphInputs, LayerCache, padded_n_kv
+from llmrpc.model.gguf_model import ModelInfo, tensor_view
+
+logger = logging.getLogger(__name__)
+
+GRAPH_SIZE = 8192  # nodes per graph: ~30 per layer, room for 200+ layers
+BUILDERS = {"llama": llama.build}
+KV_TYPE = g.GGML_TYPE_F16
+
+
+class ComputeError(RuntimeError):
+    pass
+
+
+@dataclass
+class SessionCache:
+    """One session's KV cache for the layers of a stage, on the stage's device."""
+
+    kv_size: int
+    layers: dict[int, LayerCache]
+    ctx: int
+    buffer: int
+    n_bytes: int
+
+    def free(self) -> None:
+        lib = g.ggml()
+        if self.buffer:
+            lib.ggml_backend_buffer_free(self.buffer)
+        if self.ctx:
+            lib.ggml_free(self.ctx)
+        self.buffer = self.ctx = 0
+
+
+def kv_cache_bytes(info: ModelInfo, n_layers: int, kv_size: int) -> int:
+    """Bytes of K and V for ``n_layers`` layers and ``kv_size`` cells (f16)."""
+    return 2 * n_layers * info.hparams.n_embd_kv * kv_size * 2
+
+
+def kv_size_for(n_ctx: int) -> int:
+    """Cache cells for a context: padded like llama.cpp so the attended length matches."""
+    return max(256, -(-n_ctx // 256) * 256)
+
+
+class LayerStage:
+    def __init__(
+        self,
+        info: ModelInfo,
+        start: int,
+        end: int,
+        backend: Backend,
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        if not 0 <= start < end <= info.hparams.n_layer:
+            raise ValueError(f"layer range [{start}, {end}) is outside the model's 0..{info.hparams.n_layer}")
+        self.info = info
+        self.hp = info.hparams
+        self.start, self.end = start, end
+        self.first, self.last = start == 0, end == info.hparams.n_layer
+        self.backend = backend
+        self._build = BUILDERS[info.arch.builder]
+        self.weights: dict[str, g.Tensor] = {}
+        self._wctx = 0
+        self._wbuf = 0
+        self.weight_bytes = 0
+        self._load_weights(progress)
+        lib = g.ggml()
+        backends = backend.backends()
+        arr = (ctypes.c_void_p * len(backends))(*backends)
+        self._sched = lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True)
+        mem = lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
+        self._graph_mem = ctypes.create_string_buffer(mem)
+
+    def _load_weights(self, progress: Callable[[int], None] | None) -> None:
+        lib = g.ggml()
+        names = self.info.range_tensor_names(self.start, self.end)
+        params = g.ggml_init_params(lib.ggml_tensor_overhead() * (len(names) + 1), None, True)
+        self._wctx = lib.ggml_init(params)
+        for name in names:
+            t = self.info.tensors[name]
+            ne = (ctypes.c_int64 * len(t.shape))(*t.shape)
+            tensor = lib.ggml_new_tensor(self._wctx, t.ggml_type, len(t.shape), ne)
+            lib.ggml_set_name(tensor, name.encode())
+            if lib.ggml_nbytes(tensor) != t.n_bytes:
+                raise ValueError(f"{name}: size in file does not match its type and shape")
+            self.weights[name] = tensor
+        self._wbuf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self._wctx, self.backend.buffer_type)
+        if not self._wbuf:
+            raise MemoryError(f"cannot allocate {self.info.range_bytes(self.start, self.end)} bytes of weights on {self.backend.device.name}")
+        lib.ggml_backend_buffer_set_usage(self._wbuf, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        for name in names:
+            data = tensor_view(self.info.path, self.info.tensors[name])
+            lib.ggml_backend_tensor_set(self.weights[name], data.ctypes.data, 0, data.nbytes)
+            self.weight_bytes += data.nbytes
+            if progress is not None:
+                progress(data.nbytes)
+            del data
+        logger.info(
+            "loaded layers [%d, %d) of %s: %d tensors, %.1f MiB on %s",
+            self.start, self.end, self.info.path, len(names), self.weight_bytes / 2**20, self.backend.device.name,
+        )  # fmt: skip
+
+    def new_cache(self, n_ctx: int) -> SessionCache:
+        lib = g.ggml()
+        kv_size = kv_size_for(n_ctx)
+        n_layers = self.end - self.start
+        params = g.ggml_init_params(lib.ggml_tensor_overhead() * (2 * n_layers + 1), None, True)
+        ctx = lib.ggml_init(params)
+        layers = {}
+        for il in range(self.start, self.end):
+            k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_kv, kv_size)
+            v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_kv, kv_size)
+            lib.ggml_set_name(k, f"cache_k_l{il}".encode())
+            lib.ggml_set_name(v, f"cache_v_l{il}".encode())
+            layers[il] = LayerCache(k, v)
+        buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, self.backend.buffer_type)
+        if not buf:
+            lib.ggml_free(ctx)
+            raise MemoryError(f"cannot allocate the KV cache for {n_ctx} positions")
+        lib.ggml_backend_buffer_clear(buf, 0)  # unused cells are read (masked): keep them finite
+        return SessionCache(kv_size, layers, ctx, buf, lib.ggml_backend_buffer_get_size(buf))
+
+    def forward(self, cache: SessionCache, x: np.ndarray, start_pos: int, all_outputs: bool) -> np.ndarray:
+        """Run ``x`` (I32 token ids [n] on the first stage, F32 hidden [n, n_embd] elsewhere)
+        at positions ``start_pos..start_pos+n`` and return hidden states [n, n_embd], or on the
+        last stage logits [n or 1, n_vocab] (every row when ``all_outputs``, else the last)."""
+        lib, hp = g.ggml(), self.hp
+        n = int(x.shape[0])
+        used = start_pos + n
+        if used > cache.kv_size:
+            raise ComputeError(f"positions up to {used} exceed the cache of {cache.kv_size}")
+        n_kv = padded_n_kv(used, cache.kv_size)
+        params = g.ggml_init_params(ctypes.sizeof(self._graph_mem), ctypes.addressof(self._graph_mem), True)
+        ctx = lib.ggml_init(params)
+        try:
+            gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
+            b = Builder(ctx, gf, hp, n, n_kv, cache.kv_size)
+            want_rows = self.last and not all_outputs and n > 1
+            inp = GraphInputs(
+                tokens=b.input(g.GGML_TYPE_I32, n, label="inp_tokens") if self.first else None,
+                embd=None if self.first else b.input(g.GGML_TYPE_F32, hp.n_embd, n, label="inp_embd"),
+                pos=b.input(g.GGML_TYPE_I32, n, label="inp_pos"),
+                kq_mask=b.input(g.GGML_TYPE_F32, n_kv, n, label="kq_mask"),
+                k_idxs=b.input(g.GGML_TYPE_I64, n, label="k_idxs"),
+                v_idxs=b.input(g.GGML_TYPE_I64, n * hp.n_embd_kv, label="v_idxs"),
+                out_ids=b.input(g.GGML_TYPE_I32, 1, label="out_ids") if want_rows else None,
+            )
+            out = self._build(b, self.weights, cache.layers, inp, self.start, self.end, self.info.arch.rope_type)
+            lib.ggml_set_output(out)
+            lib.ggml_build_forward_expand(gf, out)
+            lib.ggml_backend_sched_reset(self._sched)
+            if not lib.ggml_backend_sched_alloc_graph(self._sched, gf):
+                raise ComputeError("cannot allocate the compute graph")
+            pos = np.arange(start_pos, used, dtype=np.int32)
+            cols = np.arange(n_kv, dtype=np.int64)
+            mask = np.where(cols[None, :] <= pos[:, None], np.float32(0), np.float32(-np.inf)).astype(np.float32)
+            v_idxs = (np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * cache.kv_size + pos[:, None]).ravel()
+            _set(inp.tokens, x.astype(np.int32) if self.first else None)
+            _set(inp.embd, None if self.first else x.astype(np.float32))
+            _set(inp.pos, pos)
+            _set(inp.kq_mask, mask)
+            _set(inp.k_idxs, pos.astype(np.int64))
+            _set(inp.v_idxs, v_idxs)
+            _set(inp.out_ids, np.array([n - 1], dtype=np.int32))
+            status = lib.ggml_backend_sched_graph_compute(self._sched, gf)
+            if status != 0:
+                raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
+            t = out.contents
+            result = np.empty((t.ne[1], t.ne[0]), dtype=np.float32)
+            lib.ggml_backend_tensor_get(out, result.ctypes.data, 0, result.nbytes)
+            return result
+        finally:
+            lib.ggml_free(ctx)
+
+    def close(self) -> None:
+        lib = g.ggml()
+        if self._sched:
+            lib.ggml_backend_sched_free(self._sched)
+            self._sched = 0
+        if self._wbuf:
+            lib.ggml_backend_buffer_free(self._wbuf)
+            self._wbuf = 0
+        if self._wctx:
+            lib.ggml_free(self._wctx)
+            self._wctx = 0
+
+
+def _set(tensor: g.Tensor | None, data: np.ndarray | None) -> None:
+    if tensor is None or data is None:
+        return
+    data = np.ascontiguousarray(data)
+    g.ggml().ggml_backend_tensor_set(tensor, data.ctypes.data, 0, data.nbytes)

@@ -1,0 +1,182 @@
+"""The compute engine of a server: one loaded layer range, its sessions, validated requests.
+
+Every request is checked before it reaches ggml (which aborts the process on bad input),
+and refused with an :class:`EngineError` that names the problem.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+
+import numpy as np
+
+from llmrpc.ggml.device import Backend
+from llmrpc.model.arch import UnsupportedArchitecture
+from llmrpc.model.gguf_model import read_model
+from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes, kv_size_for
+from llmrpc.server.api import EngineError, ErrorCode
+from llmrpc.types import DeviceInfo, LoadedRange
+
+logger = logging.getLogger(__name__)
+
+MAX_BATCH = 8192  # rows per Forward
+
+
+class Engine:
+    def __init__(self, device: DeviceInfo, threads: int, max_sessions: int = 64, max_ctx: int = 32768) -> None:
+        self.device = device
+        self.threads = threads
+        self.max_sessions = max_sessions
+        self.max_ctx = max_ctx
+        self._backend = Backend(device, threads)
+        self._stage: LayerStage | None = None
+        self._range: LoadedRange | None = None
+        self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
+        self._lock = threading.Lock()
+
+    # -- state --------------------------------------------------------------------------
+    def loaded(self) -> LoadedRange | None:
+        return self._range
+
+    def open_sessions(self) -> int:
+        return len(self._sessions)
+
+    def max_input_elements(self) -> int:
+        n_embd = self._range.n_embd if self._range else 1
+        return MAX_BATCH * max(n_embd, 1)
+
+    # -- load ---------------------------------------------------------------------------
+    def load(self, model_path: str, layer_start: int, layer_end: int) -> LoadedRange:
+        try:
+            info = read_model(model_path)
+        except FileNotFoundError as e:
+            raise EngineError(ErrorCode.NOT_FOUND, str(e)) from e
+        except UnsupportedArchitecture as e:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{model_path}: {e}") from e
+        except ValueError as e:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+        n_layer = info.hparams.n_layer
+        if not 0 <= layer_start < layer_end <= n_layer:
+            raise EngineError(
+                ErrorCode.OUT_OF_RANGE,
+                f"layer range [{layer_start}, {layer_end}) is outside the model's {n_layer} layers "
+                f"(a non-empty range within [0, {n_layer}))",
+            )
+        with self._lock:
+            current = self._range
+            if current and (current.model_path, current.layer_start, current.layer_end) == (
+                model_path,
+                layer_start,
+                layer_end,
+            ):
+                return current
+            self._unload()
+            try:
+                self._stage = LayerStage(info, layer_start, layer_end, self._backend)
+            except MemoryError as e:
+                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, str(e)) from e
+            hp = info.hparams
+            self._range = LoadedRange(
+                model_path, hp.arch, layer_start, layer_end, n_layer, hp.n_embd, hp.n_vocab, self._stage.weight_bytes
+            )
+            return self._range
+
+    def _unload(self) -> None:
+        for cache, _ in self._sessions.values():
+            cache.free()
+        self._sessions.clear()
+        if self._stage is not None:
+            self._stage.close()
+        self._stage, self._range = None, None
+
+    # -- sessions -----------------------------------------------------------------------
+    def open_session(self, n_ctx: int) -> tuple[str, int, int]:
+        stage = self._require_stage()
+        limit = min(self.max_ctx, stage.hp.n_ctx_train)
+        if not 1 <= n_ctx <= limit:
+            raise EngineError(ErrorCode.OUT_OF_RANGE, f"n_ctx {n_ctx} must be within 1..{limit}")
+        with self._lock:
+            if len(self._sessions) >= self.max_sessions:
+                raise EngineError(
+                    ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first"
+                )
+            want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_size_for(n_ctx))
+            try:
+                cache = stage.new_cache(n_ctx)
+            except MemoryError as e:
+                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
+            session_id = uuid.uuid4().hex
+            self._sessions[session_id] = (cache, [0])
+            logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
+            return session_id, n_ctx, cache.n_bytes
+
+    def close_session(self, session_id: str) -> None:
+        with self._lock:
+            entry = self._sessions.pop(session_id, None)
+            if entry is None:
+                raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+            entry[0].free()
+
+    # -- forward ------------------------------------------------------------------------
+    def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
+        stage = self._require_stage()
+        with self._lock:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+            cache, length = entry
+            n = self._check_input(stage, x)
+            if start_pos > length[0]:
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"start_pos {start_pos} leaves a gap: the session holds {length[0]} positions",
+                )
+            if start_pos + n > cache.kv_size or start_pos + n > self.max_ctx:
+                raise EngineError(
+                    ErrorCode.OUT_OF_RANGE,
+                    f"positions {start_pos}..{start_pos + n - 1} are beyond the session's context of "
+                    f"{min(cache.kv_size, self.max_ctx)}",
+                )
+            out = stage.forward(cache, x, start_pos, all_logits)
+            length[0] = start_pos + n
+            return out
+
+    def _check_input(self, stage: LayerStage, x: np.ndarray) -> int:
+        hp = stage.hp
+        if stage.first:
+            if x.ndim != 1 or x.dtype != np.int32:
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"the first stage takes token ids as I32 [n]; got {x.dtype} {list(x.shape)}",
+                )
+            bad = (x < 0) | (x >= hp.n_vocab)
+            if bad.any():
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"token id {int(x[bad][0])} is outside the vocabulary of {hp.n_vocab}",
+                )
+        else:
+            if x.ndim != 2 or x.shape[1] != hp.n_embd or x.dtype not in (np.float32, np.float16):
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"layers [{stage.start}, {stage.end}) take hidden states as F32/F16 [n, {hp.n_embd}]; "
+                    f"got {x.dtype} {list(x.shape)}",
+                )
+            if not np.isfinite(x).all():
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "hidden states contain NaN or infinity")
+        n = int(x.shape[0])
+        if not 1 <= n <= MAX_BATCH:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"batch of {n} rows; 1..{MAX_BATCH} allowed")
+        return n
+
+    def _require_stage(self) -> LayerStage:
+        if self._stage is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, "no layers are loaded on this server; call Load first")
+        return self._stage
+
+    def close(self) -> None:
+        with self._lock:
+            self._unload()
+            self._backend.close()

@@ -1,0 +1,121 @@
+"""The gRPC handler: decodes requests, calls the engine, maps its errors onto status codes.
+
+It never imports compute code; the engine arrives through :class:`StageEngine`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+from llmrpc import __version__, codec
+from llmrpc.server.api import EngineError, ErrorCode, StageEngine
+from llmrpc.types import PROTOCOL_VERSION
+from llmrpc.v1 import llmrpc_pb2 as pb
+from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
+
+logger = logging.getLogger(__name__)
+
+_STATUS = {
+    ErrorCode.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorCode.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorCode.OUT_OF_RANGE: grpc.StatusCode.OUT_OF_RANGE,
+    ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
+    ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+R = TypeVar("R")
+
+
+def _guard(context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
+    """Run ``fn``; turn refusals and unexpected failures into a status, keep serving."""
+    try:
+        return fn()
+    except EngineError as e:
+        context.abort(_STATUS[e.code], e.message)
+    except codec.CodecError as e:
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+    except Exception as e:  # a bug or a device failure: report it, do not die
+        logger.exception("internal error")
+        context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+    raise AssertionError("unreachable")  # context.abort raises
+
+
+class StageService(pb_grpc.StageServicer):
+    def __init__(self, engine: StageEngine) -> None:
+        self.engine = engine
+
+    def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:  # noqa: N802
+        if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {request.protocol_version} is not supported; this server speaks {PROTOCOL_VERSION}",
+            )
+        e = self.engine
+        loaded = e.loaded()
+        reply = pb.HelloReply(
+            protocol_version=PROTOCOL_VERSION,
+            server_version=__version__,
+            device=codec.device_to_proto(e.device),
+            threads=e.threads,
+            open_sessions=e.open_sessions(),
+        )
+        if loaded is not None:
+            reply.loaded.CopyFrom(codec.range_to_proto(loaded))
+        return reply
+
+    def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:  # noqa: N802
+        return pb.HealthReply(serving=True, open_sessions=self.engine.open_sessions())
+
+    def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802
+        def run() -> pb.LoadReply:
+            if not request.model_path:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "model_path is empty")
+            t0 = time.perf_counter()
+            loaded = self.engine.load(request.model_path, request.layer_start, request.layer_end)
+            return pb.LoadReply(loaded=codec.range_to_proto(loaded), seconds=time.perf_counter() - t0)
+
+        return _guard(context, run)
+
+    def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionReply:  # noqa: N802
+        def run() -> pb.OpenSessionReply:
+            sid, n_ctx, n_bytes = self.engine.open_session(request.n_ctx)
+            return pb.OpenSessionReply(session_id=sid, n_ctx=n_ctx, cache_bytes=n_bytes)
+
+        return _guard(context, run)
+
+    def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:  # noqa: N802
+        def run() -> pb.ForwardReply:
+            if not request.HasField("input"):
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "input tensor is missing")
+            x = codec.tensor_from_proto(request.input, self.engine.max_input_elements())
+            t0 = time.perf_counter()
+            out = self.engine.forward(request.session_id, request.start_pos, x, request.all_logits)
+            seconds = time.perf_counter() - t0
+            dtype = request.output_dtype or pb.DTYPE_F32
+            if dtype not in (pb.DTYPE_F32, pb.DTYPE_F16):
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"output dtype {codec.dtype_name(dtype)} is not F32/F16")
+            loaded = self.engine.loaded()
+            if loaded is not None and loaded.last:
+                dtype = pb.DTYPE_F32  # logits always leave as f32
+            return pb.ForwardReply(output=codec.tensor_to_proto(out, dtype), compute_seconds=seconds)
+
+        return _guard(context, run)
+
+    def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:  # noqa: N802
+        def run() -> pb.CloseSessionReply:
+            self.engine.close_session(request.session_id)
+            return pb.CloseSessionReply()
+
+        return _guard(context, run)
+
+
+GRPC_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.max_send_message_length", 1 << 30),
+    ("grpc.max_receive_message_length", 1 << 30),
+]

@@ -1,0 +1,47 @@
+"""Plain data shared by the head, the server and the wire codec (no compute, no transport)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROTOCOL_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str  # ggml's device name, e.g. "CPU", "CUDA0", "Metal"
+    description: str
+    kind: str  # "cpu", "gpu", "igpu" or "accel"
+    memory_free: int
+    memory_total: int
+
+
+@dataclass(frozen=True)
+class LoadedRange:
+    model_path: str
+    architecture: str
+    layer_start: int
+    layer_end: int  # half-open
+    n_layer: int
+    n_embd: int
+    n_vocab: int
+    weight_bytes: int
+
+    @property
+    def first(self) -> bool:
+        return self.layer_start == 0
+
+    @property
+    def last(self) -> bool:
+        return self.layer_end == self.n_layer
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    address: str
+    protocol_version: int
+    server_version: str
+    device: DeviceInfo
+    threads: int
+    loaded: LoadedRange | None
+    open_sessions: int
