@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from llmrpc.types import DeviceInfo, LoadedRange, ServerInfo
 from llmrpc.v1 import llmrpc_pb2 as pb
 
-_DTYPES: dict[int, np.dtype] = {
+_DTYPES: dict[Any, np.dtype] = {
     pb.DTYPE_F32: np.dtype("<f4"),
     pb.DTYPE_F16: np.dtype("<f2"),
     pb.DTYPE_I32: np.dtype("<i4"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+
 from llmrpc.ggml import lib as g
 from llmrpc.types import DeviceInfo
 

@@ -80,7 +80,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
-class UnsupportedArchitecture(ValueError):
+class UnsupportedArchitectureError(ValueError):
     pass
 
 
@@ -89,6 +89,4 @@ def architecture(name: str) -> Architecture:
         return ARCHITECTURES[name]
     except KeyError:
         known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitecture(
-            f"architecture {name!r} is not supported (supported: {known})"
-        ) from None
+        raise UnsupportedArchitectureError(f"architecture {name!r} is not supported (supported: {known})") from None

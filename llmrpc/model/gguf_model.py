@@ -136,9 +136,7 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     tensors: dict[str, TensorInfo] = {}
     for t in reader.tensors:
         shape = tuple(int(x) for x in t.shape.tolist())
-        tensors[t.name] = TensorInfo(
-            t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes)
-        )
+        tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
 
     n_embd = int(key("embedding_length"))
     n_head = int(key("attention.head_count"))

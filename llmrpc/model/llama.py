@@ -39,7 +39,7 @@ def build(
         )  # fmt: skip
 
     for il in range(start, end):
-        w = lambda kind: weights.get(f"blk.{il}.{kind}")  # noqa: E731
+        w = lambda kind, il=il: weights.get(f"blk.{il}.{kind}")  # noqa: E731
         inp_sa = x
         cur = b.rms_norm(x, w("attn_norm.weight"), "attn_norm", il)
         q = lib.ggml_reshape_3d(ctx, b.linear(w("attn_q.weight"), cur, w("attn_q.bias")), hd, hp.n_head, n)

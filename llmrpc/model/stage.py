@@ -16,8 +16,8 @@ import numpy as np
 from llmrpc.ggml import lib as g
 from llmrpc.ggml.device import Backend
 from llmrpc.model import llama
-from llmrpc.model.graph import Builder, GraphInputs, LayerCache, padded_n_kv
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
+from llmrpc.model.graph import Builder, GraphInputs, LayerCache, padded_n_kv
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +103,9 @@ class LayerStage:
             self.weights[name] = tensor
         self._wbuf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self._wctx, self.backend.buffer_type)
         if not self._wbuf:
-            raise MemoryError(f"cannot allocate {self.info.range_bytes(self.start, self.end)} bytes of weights on {self.backend.device.name}")
+            raise MemoryError(
+                f"cannot allocate {self.info.range_bytes(self.start, self.end)} bytes of weights on {self.backend.device.name}"
+            )
         lib.ggml_backend_buffer_set_usage(self._wbuf, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
         for name in names:
             data = tensor_view(self.info.path, self.info.tensors[name])

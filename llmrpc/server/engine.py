@@ -13,7 +13,7 @@ import uuid
 import numpy as np
 
 from llmrpc.ggml.device import Backend
-from llmrpc.model.arch import UnsupportedArchitecture
+from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes, kv_size_for
 from llmrpc.server.api import EngineError, ErrorCode
@@ -53,7 +53,7 @@ class Engine:
             info = read_model(model_path)
         except FileNotFoundError as e:
             raise EngineError(ErrorCode.NOT_FOUND, str(e)) from e
-        except UnsupportedArchitecture as e:
+        except UnsupportedArchitectureError as e:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{model_path}: {e}") from e
         except ValueError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e

@@ -1,0 +1,23 @@
+PY ?= .venv/bin/python
+
+.PHONY: install test lint proto bench clean
+
+install:  ## everything: llmrpc, llama-cpp-python (compiles, minutes), SmolLM2, dev tools
+	python3 -m venv .venv && .venv/bin/pip install -e ".[dev]"
+
+test:
+	$(PY) -m pytest
+
+lint:
+	$(PY) -m ruff check llmrpc tests bench
+	$(PY) -m ruff format --check llmrpc tests bench
+	$(PY) -m mypy
+
+proto:  ## regenerate llmrpc/v1 from proto/llmrpc/v1/llmrpc.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/llmrpc/v1/llmrpc.proto
+
+bench:  ## pp512/tg128 through 1 and 3 loopback servers next to llama.cpp, same run
+	$(PY) -m bench.run
+
+clean:
+	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,93 @@
+"""Servers started by the head itself on 127.0.0.1, stopped (by PID) when it ends."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+logger = logging.getLogger(__name__)
+
+READY_PREFIX = "llmrpc-server listening on "
+
+
+@dataclass
+class LocalServers:
+    count: int
+    threads: int | None = None
+    device: str | None = None
+    extra_args: list[str] = field(default_factory=list)
+    startup_timeout: float = 60.0
+    processes: list[subprocess.Popen[str]] = field(default_factory=list)
+    addresses: list[str] = field(default_factory=list)
+
+    def start(self) -> list[str]:
+        try:
+            for _ in range(self.count):
+                self._start_one()
+        except Exception:
+            self.stop()
+            raise
+        return self.addresses
+
+    def _start_one(self) -> None:
+        cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0"]
+        if self.threads:
+            cmd += ["--threads", str(self.threads)]
+        if self.device:
+            cmd += ["--device", self.device]
+        cmd += self.extra_args
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ.copy())
+        self.processes.append(proc)
+        address = _read_ready(proc, self.startup_timeout)
+        self.addresses.append(address)
+        logger.info("started local server %s (pid %d)", address, proc.pid)
+
+    def stop(self) -> None:
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + 10
+        for proc in self.processes:
+            try:
+                proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
+        self.addresses.clear()
+
+    def __enter__(self) -> LocalServers:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _read_ready(proc: subprocess.Popen[str], timeout: float) -> str:
+    """Wait for the server's ready line and return its address; keep draining stdout."""
+    assert proc.stdout is not None
+    result: list[str] = []
+    done = threading.Event()
+
+    def reader() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if not result and line.startswith(READY_PREFIX):
+                result.append(line[len(READY_PREFIX) :].split()[0])
+                done.set()
+        done.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not done.wait(timeout) or not result:
+        code = proc.poll()
+        raise RuntimeError(
+            f"local llmrpc-server (pid {proc.pid}) did not start"
+            + (f": it exited with code {code}" if code is not None else f" within {timeout:.0f} s")
+        )
+    return result[0]

@@ -1,0 +1,76 @@
+"""A chain of servers holding consecutive layer ranges, and sessions that run through it."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from llmrpc.head.client import StageClient, StageError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Pipeline:
+    stages: list[StageClient]  # in layer order, each with ``loaded`` set
+    n_vocab: int
+    n_layer: int
+
+    def __post_init__(self) -> None:
+        expect = 0
+        for c in self.stages:
+            r = c.loaded
+            if r is None or r.layer_start != expect:
+                raise ValueError(f"server {c.address} does not hold the layers from {expect}")
+            expect = r.layer_end
+        if expect != self.n_layer:
+            raise ValueError(f"the servers hold layers [0, {expect}) of {self.n_layer}")
+
+    def session(self, n_ctx: int) -> PipelineSession:
+        return PipelineSession(self, n_ctx)
+
+
+@dataclass
+class PipelineSession:
+    """One sequence's state on every stage; the head keeps its tokens so it can be replayed."""
+
+    pipeline: Pipeline
+    n_ctx: int
+    ids: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        try:
+            for c in self.pipeline.stages:
+                self.ids.append(c.open_session(self.n_ctx))
+        except StageError:
+            self.close()
+            raise
+
+    def forward(self, tokens: list[int], start_pos: int | None = None, *, all_logits: bool = False) -> np.ndarray:
+        """Run ``tokens`` at ``start_pos`` (default: after what the session holds) through
+        every stage; returns logits [n or 1, n_vocab]."""
+        pos = len(self.tokens) if start_pos is None else start_pos
+        if pos + len(tokens) > self.n_ctx:
+            raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
+        x: np.ndarray = np.asarray(tokens, dtype=np.int32)
+        for client, sid in zip(self.pipeline.stages, self.ids, strict=True):
+            x = client.forward(sid, pos, x, all_logits=all_logits)
+        self.tokens[pos:] = list(tokens)
+        return x
+
+    def close(self) -> None:
+        for client, sid in zip(self.pipeline.stages, self.ids, strict=False):
+            try:
+                client.close_session(sid)
+            except StageError as e:
+                logger.warning("closing session: %s", e)
+        self.ids = []
+
+    def __enter__(self) -> PipelineSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,40 @@
+"""Sampling at the head: greedy, or temperature with top-k and top-p, seeded."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.8  # <= 0 means greedy
+    top_k: int = 40  # <= 0 means the whole vocabulary
+    top_p: float = 0.95  # 1.0 means no nucleus cut
+    seed: int | None = None
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams) -> None:
+        if params.top_p <= 0 or params.top_p > 1:
+            raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
+        self.params = params
+        self._rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        p = self.params
+        if p.temperature <= 0:
+            return int(np.argmax(logits))
+        logits = logits.astype(np.float64) / p.temperature
+        if 0 < p.top_k < logits.size:
+            idx = np.argpartition(-logits, p.top_k - 1)[: p.top_k]
+        else:
+            idx = np.arange(logits.size)
+        idx = idx[np.argsort(-logits[idx], kind="stable")]
+        probs = np.exp(logits[idx] - logits[idx[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            idx, probs = idx[:keep], probs[:keep] / probs[:keep].sum()
+        return int(idx[self._rng.choice(idx.size, p=probs)])

@@ -1,0 +1,75 @@
+"""llama.cpp's own tokenizer (llama-cpp-python, vocab only: loads in milliseconds)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Tokenizer:
+    def __init__(self, model_path: str) -> None:
+        import llama_cpp
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        self._llama_cpp = llama_cpp
+        with suppress_stdout_stderr(disable=False):  # llama.cpp logs context notes on its own
+            self._llm: Any = llama_cpp.Llama(model_path, vocab_only=True, verbose=False)
+        self.n_vocab = int(self._llm.n_vocab())
+        meta = self._llm.metadata
+        self.chat_template: str | None = meta.get("tokenizer.chat_template")
+        self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+
+    def encode(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
+        bos = self.add_bos if add_bos is None else add_bos
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=bos, special=special))
+
+    def decode_bytes(self, tokens: list[int]) -> bytes:
+        return bytes(self._llm.detokenize(tokens))
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.decode_bytes(tokens).decode("utf-8", errors="replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+
+    def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
+        """Render messages with the GGUF's own chat template (Jinja2, as llama-cpp-python does)."""
+        if not self.chat_template:
+            raise ValueError("this model has no chat template (tokenizer.chat_template)")
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode("utf-8", "replace")
+        eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode("utf-8", "replace")
+        fmt = Jinja2ChatFormatter(template=self.chat_template, eos_token=eos, bos_token=bos)
+        return str(fmt(messages=messages).prompt)  # type: ignore[arg-type]
+
+
+class TextStream:
+    """Turns generated tokens into text pieces without splitting a UTF-8 character."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.emitted = 0  # bytes already given out
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        data = self.tokenizer.decode_bytes(self.tokens)
+        piece = data[self.emitted :]
+        try:
+            text, used = piece.decode("utf-8"), len(piece)
+        except UnicodeDecodeError as e:
+            if e.reason == "unexpected end of data":  # an incomplete character: wait for more
+                text, used = piece[: e.start].decode("utf-8", errors="replace"), e.start
+            else:
+                text, used = piece.decode("utf-8", errors="replace"), len(piece)
+        self.emitted += used
+        return text
+
+    def flush(self) -> str:
+        data = self.tokenizer.decode_bytes(self.tokens)
+        rest = data[self.emitted :]
+        self.emitted = len(data)
+        return rest.decode("utf-8", errors="replace")

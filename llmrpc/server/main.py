@@ -1,0 +1,63 @@
+"""Wiring of a server process: device, engine, gRPC handler, signals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import threading
+from concurrent import futures
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+
+def prepare_threads_env() -> None:
+    """ggml's CPU threads (OpenMP here) spin while idle. Several servers on one host must
+    not burn the cores another stage needs, so idle threads sleep unless told otherwise.
+    Must run before libggml is loaded."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def serve(
+    *,
+    host: str,
+    port: int,
+    device: str | None,
+    threads: int | None,
+    max_sessions: int,
+    max_ctx: int,
+) -> int:
+    prepare_threads_env()
+    from llmrpc.ggml.device import find_device
+    from llmrpc.server.engine import Engine
+    from llmrpc.server.service import GRPC_OPTIONS, StageService
+    from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
+
+    try:
+        dev = find_device(device)
+    except (ValueError, RuntimeError) as e:
+        print(f"llmrpc-server: {e}", file=sys.stderr)
+        return 2
+    n_threads = threads or os.cpu_count() or 1
+    engine = Engine(dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    pb_grpc.add_StageServicer_to_server(StageService(engine), server)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        print(f"llmrpc-server: cannot listen on {host}:{port} (in use or not permitted)", file=sys.stderr)
+        return 2
+    server.start()
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    # The ready line: tests and `llmrpc-head --local` read the bound port from it.
+    print(f"llmrpc-server listening on {host}:{bound} device={dev.name} threads={n_threads}", flush=True)
+    logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
+    stop.wait()
+    logger.info("shutting down")
+    server.stop(grace=2).wait()
+    engine.close()
+    return 0

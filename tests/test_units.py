@@ -1,0 +1,117 @@
+"""Pure pieces: planner, sampler, codec, text streaming, GGUF reading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from llmrpc import codec
+from llmrpc.head.planner import PlanError, ServerBudget, split_by_memory
+from llmrpc.head.sampler import Sampler, SamplingParams
+from llmrpc.model.arch import UnsupportedArchitectureError
+from llmrpc.model.gguf_model import read_model
+from llmrpc.model.graph import padded_n_kv
+from llmrpc.v1 import llmrpc_pb2 as pb
+
+GiB = 2**30
+
+
+def budgets(*mems: float) -> list[ServerBudget]:
+    return [ServerBudget(f"s{i}", int(m * GiB)) for i, m in enumerate(mems)]
+
+
+@pytest.mark.parametrize(
+    ("n_layer", "mems", "expect"),
+    [
+        (30, (8, 8, 8), [(0, 10), (10, 20), (20, 30)]),
+        (30, (8,), [(0, 30)]),
+        (30, (16, 8), [(0, 20), (20, 30)]),
+        (30, (4, 8, 4), [(0, 8), (8, 22), (22, 30)]),
+        (4, (1, 1, 1), [(0, 1), (1, 3), (3, 4)]),
+        (2, (1, 9, 4), [(0, 1), (1, 2)]),  # more servers than layers: the smallest is left out
+    ],
+)
+def test_split_by_memory(n_layer: int, mems: tuple[float, ...], expect: list[tuple[int, int]]) -> None:
+    plan = split_by_memory([1000] * n_layer, 500, 700, budgets(*mems))
+    assert [(a.start, a.end) for a in plan] == expect
+    assert plan[0].weight_bytes == 1000 * (expect[0][1] - expect[0][0]) + 500 + (700 if len(plan) == 1 else 0)
+
+
+def test_split_by_memory_refuses_what_does_not_fit() -> None:
+    with pytest.raises(PlanError, match=r"s1 needs 15000 bytes for layers \[15, 30\) but has 10000"):
+        split_by_memory([1000] * 30, 0, 0, [ServerBudget("s0", 10000), ServerBudget("s1", 10000)])
+
+
+def test_padded_n_kv_follows_llama_cpp() -> None:
+    assert padded_n_kv(1, 512) == 256
+    assert padded_n_kv(256, 512) == 256
+    assert padded_n_kv(257, 512) == 512
+    assert padded_n_kv(300, 256) == 256
+
+
+def test_greedy_and_seeded_sampling() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.standard_normal(1000).astype(np.float32)
+    assert Sampler(SamplingParams(temperature=0))(logits) == int(np.argmax(logits))
+    assert Sampler(SamplingParams(temperature=1.0, top_k=1))(logits) == int(np.argmax(logits))
+    assert Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1e-6))(logits) == int(np.argmax(logits))
+    a = [Sampler(SamplingParams(temperature=1.0, top_k=50, seed=5))(logits) for _ in range(5)]
+    b = [Sampler(SamplingParams(temperature=1.0, top_k=50, seed=5))(logits) for _ in range(5)]
+    assert a == b
+    draws = Sampler(SamplingParams(temperature=1.0, top_k=3, seed=1))
+    top3 = set(np.argsort(-logits)[:3].tolist())
+    assert {draws(logits) for _ in range(200)} <= top3
+    with pytest.raises(ValueError):
+        Sampler(SamplingParams(top_p=0))
+
+
+def test_codec_round_trip_and_validation() -> None:
+    for arr in (np.arange(6, dtype=np.int32), np.ones((2, 3), np.float32), np.ones((2, 3), np.float16)):
+        back = codec.tensor_from_proto(codec.tensor_to_proto(arr), max_elements=100)
+        assert back.dtype == arr.dtype and np.array_equal(back, arr)
+    with pytest.raises(codec.CodecError, match="exceeds"):
+        codec.tensor_from_proto(codec.tensor_to_proto(np.ones(10, np.float32)), max_elements=5)
+    with pytest.raises(codec.CodecError, match="shape"):
+        codec.tensor_from_proto(pb.Tensor(dtype=pb.DTYPE_F32, shape=[0], data=b""), max_elements=5)
+    with pytest.raises(codec.CodecError, match="cannot be sent"):
+        codec.tensor_to_proto(np.ones(3, np.float64))
+
+
+def test_read_model(tiny_models: dict[str, str]) -> None:
+    info = read_model(tiny_models["Q4_0"])
+    hp = info.hparams
+    assert (hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv, hp.n_vocab) == (4, 64, 4, 2, 320)
+    first = info.range_tensor_names(0, 2)
+    last = info.range_tensor_names(2, 4)
+    assert "token_embd.weight" in first and "output_norm.weight" not in first
+    assert "output_norm.weight" in last and "token_embd.weight" in last  # tied output
+    assert not any(n.startswith("blk.2.") for n in first)
+    assert info.range_bytes(0, 4) < sum(t.n_bytes for t in info.tensors.values()) + 1
+
+
+def test_unknown_architecture_is_refused(tmp_path: Path) -> None:
+    from gguf import GGUFWriter
+
+    path = tmp_path / "odd.gguf"
+    w = GGUFWriter(str(path), "mamba")
+    w.add_tensor("x", np.zeros(4, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(UnsupportedArchitectureError, match="'mamba' is not supported"):
+        read_model(path)
+
+
+def test_text_stream_never_splits_a_character(smollm2: str) -> None:
+    from llmrpc.head.tokenizer import TextStream, Tokenizer
+
+    tok = Tokenizer(smollm2)
+    text = "naïve café 🙂 done"
+    ids = tok.encode(text, add_bos=False)
+    stream = TextStream(tok)
+    pieces = [stream.push(t) for t in ids] + [stream.flush()]
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
