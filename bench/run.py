@@ -19,11 +19,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from llmrpc.farm import Farm  # noqa: E402
-from llmrpc.model.catalog import default_model_path  # noqa: E402
-from llmrpc.reference import reference_llama  # noqa: E402
+from llmrpc.farm import Farm
+from llmrpc.model.catalog import default_model_path
+from llmrpc.reference import reference_llama
 
 
 @dataclass
@@ -76,10 +74,10 @@ def bench_llmrpc(
             with farm.session() as s:
                 s.forward(tokens[:pp])
 
-        def decode() -> None:
+        def decode() -> None:  # the greedy generation path: the last stage sends the top logit
             with farm.session() as s:
                 for t in tokens[:tg]:
-                    s.forward([t])
+                    s.forward_top_k([t], 1)
 
         for test, n, fn in (("pp", pp, prefill), ("tg", tg, decode)):
             m, sd, xs = measure(n, fn, reps)

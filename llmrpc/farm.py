@@ -121,10 +121,14 @@ class Farm:
 
     def generate_tokens(self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams) -> Iterator[int]:
         sampler = Sampler(sampling)
+        k = sampler.candidates()
         with self.session() as s:
-            logits = self.prefill(s, prompt_tokens)
+            cut = (len(prompt_tokens) - 1) // BATCH * BATCH  # batches as llama.cpp's n_batch
+            if cut:
+                self.prefill(s, prompt_tokens[:cut])
+            ids, logits = self._next(s, prompt_tokens[cut:], k)
             for i in range(max_tokens):
-                token = sampler(logits[-1])
+                token = sampler(logits, ids)
                 if self.tokenizer.is_eog(token):
                     return
                 yield token
@@ -133,7 +137,13 @@ class Farm:
                 if len(s.tokens) + 1 > self.ctx_size:
                     logger.warning("stopping: the context of %d positions is full", self.ctx_size)
                     return
-                logits = s.forward([token])
+                ids, logits = self._next(s, [token], k)
+
+    def _next(self, s: PipelineSession, tokens: list[int], k: int) -> tuple[np.ndarray | None, np.ndarray]:
+        """Candidates for the next token: the top k (ids, logits), or all logits when k is 0."""
+        if k:
+            return s.forward_top_k(tokens, k)
+        return None, s.forward(tokens)[-1]
 
     def stream(
         self,

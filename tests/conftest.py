@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,8 +11,6 @@ import pytest
 from llmrpc.head.local import LocalServers
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
-
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 TINY_TYPES = ("F32", "Q8_0", "Q4_0")
 

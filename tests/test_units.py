@@ -115,3 +115,28 @@ def test_text_stream_never_splits_a_character(smollm2: str) -> None:
     pieces = [stream.push(t) for t in ids] + [stream.flush()]
     assert "".join(pieces) == text
     assert all("\ufffd" not in p for p in pieces)
+
+
+def test_top_k_matches_a_full_sort() -> None:
+    from llmrpc.server.service import top_k
+
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((3, 500)).astype(np.float32)
+    logits[1, 7] = logits[1, 9] = 50.0  # a tie: the lower id comes first, as argmax picks
+    for k in (1, 5, 40):
+        ids, values = top_k(logits, k)
+        want = np.argsort(-logits, axis=1, kind="stable")[:, :k]
+        assert np.array_equal(ids, want)
+        assert np.array_equal(values, np.take_along_axis(logits, want, axis=1))
+
+
+def test_sampling_from_candidates_equals_sampling_from_all() -> None:
+    rng = np.random.default_rng(4)
+    logits = rng.standard_normal(2000).astype(np.float32)
+    order = np.argsort(-logits, kind="stable")
+    for params in (SamplingParams(temperature=0), SamplingParams(temperature=0.7, top_k=20, top_p=0.9, seed=3)):
+        full, cand = Sampler(params), Sampler(params)
+        k = cand.candidates()
+        assert k in (1, 20)
+        ids = order[:k]
+        assert [full(logits) for _ in range(30)] == [cand(logits[ids], ids) for _ in range(30)]

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import logging
+import queue
+import threading
+import time
 
 import grpc
 import numpy as np
@@ -40,6 +43,8 @@ class StageClient:
         self.loaded: LoadedRange | None = None
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
+        self._stream: _ForwardStream | None = None
+        self._stream_lock = threading.Lock()
 
     @property
     def layers(self) -> str:
@@ -96,20 +101,49 @@ class StageClient:
             raise self._error(e) from None
 
     def forward(
-        self, session_id: str, start_pos: int, x: np.ndarray, *, all_logits: bool = False, f16: bool = False
+        self,
+        session_id: str,
+        start_pos: int,
+        x: np.ndarray,
+        *,
+        all_logits: bool = False,
+        f16: bool = False,
+        top_k: int = 0,
     ) -> np.ndarray:
+        """Hidden states or logits; with ``top_k`` (last stage) see :meth:`forward_top_k`."""
+        return self._forward(session_id, start_pos, x, all_logits, f16, top_k)[0]
+
+    def forward_top_k(self, session_id: str, start_pos: int, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Last stage only: (token ids [rows, k], logits [rows, k]) of the k largest logits."""
+        values, ids = self._forward(session_id, start_pos, x, False, False, k)
+        if ids is None:  # the server sent every logit (k >= n_vocab)
+            ids = np.broadcast_to(np.arange(values.shape[1], dtype=np.int32), values.shape)
+        return ids, values
+
+    def _forward(
+        self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool, f16: bool, top_k: int
+    ) -> tuple[np.ndarray, np.ndarray | None]:
         request = pb.ForwardRequest(
             session_id=session_id,
             start_pos=start_pos,
             input=codec.tensor_to_proto(x),
             all_logits=all_logits,
             output_dtype=pb.DTYPE_F16 if f16 else pb.DTYPE_F32,
+            logits_top_k=top_k,
         )
-        try:
-            reply = self._stub.Forward(request, timeout=self.timeout)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
-        return codec.tensor_from_proto(reply.output, max_elements=1 << 31)
+        with self._stream_lock:
+            try:
+                if self._stream is None:
+                    self._stream = _ForwardStream(self._stub)
+                reply = self._stream.call(request, self.timeout)
+            except grpc.RpcError as e:
+                if self._stream is not None:
+                    self._stream.close()
+                self._stream = None
+                raise self._error(e) from None
+        out = codec.tensor_from_proto(reply.output, max_elements=1 << 31)
+        ids = codec.tensor_from_proto(reply.token_ids, max_elements=1 << 31) if reply.HasField("token_ids") else None
+        return out, ids
 
     def close_session(self, session_id: str) -> None:
         try:
@@ -118,4 +152,60 @@ class StageClient:
             raise self._error(e) from None
 
     def close(self) -> None:
+        with self._stream_lock:
+            if self._stream is not None:
+                self._stream.close()
+                self._stream = None
         self._channel.close()
+
+
+class _ForwardStream:
+    """One long-lived ForwardStream call: requests go in through a queue, replies come back
+    in order. A stream message costs far less than a unary call (no per-call HTTP/2 setup)."""
+
+    _END = object()
+
+    def __init__(self, stub: pb_grpc.StageStub) -> None:
+        self._requests: queue.Queue[object] = queue.Queue()
+        self._call = stub.ForwardStream(iter(self._requests.get, self._END))
+        self._replies = iter(self._call)
+        self._deadline: float | None = None
+        self._closed = threading.Event()
+        threading.Thread(target=self._watchdog, daemon=True, name="forward-stream-watchdog").start()
+
+    def _watchdog(self) -> None:
+        """Cancel the stream when a reply is overdue (a per-call timer thread costs too much)."""
+        while not self._closed.wait(0.5):
+            deadline = self._deadline
+            if deadline is not None and time.monotonic() > deadline:
+                self._call.cancel()
+                return
+
+    def call(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardReply:
+        self._requests.put(request)
+        self._deadline = time.monotonic() + timeout
+        try:
+            return next(self._replies)  # type: ignore[no-any-return]
+        except StopIteration:
+            raise _EndedStream(self._call) from None
+        finally:
+            self._deadline = None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._requests.put(self._END)
+        self._call.cancel()
+
+
+class _EndedStream(grpc.RpcError):
+    """The server ended the stream without a reply; carries the stream's final status."""
+
+    def __init__(self, call: grpc.Call) -> None:
+        super().__init__()
+        self._c = call
+
+    def code(self) -> grpc.StatusCode:
+        return self._c.code()  # type: ignore[no-any-return]
+
+    def details(self) -> str:
+        return str(self._c.details())

@@ -61,6 +61,20 @@ class PipelineSession:
         self.tokens[pos:] = list(tokens)
         return x
 
+    def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Like :meth:`forward` for the last row only, returning (ids [k], logits [k]) of its k
+        largest logits: the last stage sends k values instead of the whole vocabulary."""
+        pos = len(self.tokens)
+        if pos + len(tokens) > self.n_ctx:
+            raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
+        x: np.ndarray = np.asarray(tokens, dtype=np.int32)
+        *middle, last = list(zip(self.pipeline.stages, self.ids, strict=True))
+        for client, sid in middle:
+            x = client.forward(sid, pos, x)
+        ids, values = last[0].forward_top_k(last[1], pos, x, k)
+        self.tokens[pos:] = list(tokens)
+        return ids[-1], values[-1]
+
     def close(self) -> None:
         for client, sid in zip(self.pipeline.stages, self.ids, strict=False):
             try:

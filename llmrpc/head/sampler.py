@@ -22,7 +22,21 @@ class Sampler:
         self.params = params
         self._rng = np.random.default_rng(params.seed)
 
-    def __call__(self, logits: np.ndarray) -> int:
+    def candidates(self) -> int:
+        """How many of the largest logits sampling can ever pick from (0: it needs them all)."""
+        p = self.params
+        if p.temperature <= 0:
+            return 1
+        return p.top_k if 0 < p.top_k <= 1024 else 0
+
+    def __call__(self, logits: np.ndarray, ids: np.ndarray | None = None) -> int:
+        """Pick a token from full logits, or from candidate ``logits`` with vocabulary ``ids``
+        (the top :meth:`candidates` of them, largest first)."""
+        if ids is not None:
+            return int(ids[self._pick(logits)])
+        return self._pick(logits)
+
+    def _pick(self, logits: np.ndarray) -> int:
         p = self.params
         if p.temperature <= 0:
             return int(np.argmax(logits))

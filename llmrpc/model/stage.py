@@ -7,9 +7,10 @@ quantization: tensor bytes go to the device buffer as they are in the file.
 from __future__ import annotations
 
 import ctypes
+import itertools
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,6 +32,18 @@ class ComputeError(RuntimeError):
 
 
 @dataclass
+class _Graph:
+    key: tuple[int, int, int, bool]  # (cache serial, rows, attended cells, last row only)
+    ctx: int
+    gf: int
+    inputs: GraphInputs
+    out: g.Tensor
+
+
+_SERIALS = itertools.count(1)
+
+
+@dataclass
 class SessionCache:
     """One session's KV cache for the layers of a stage, on the stage's device."""
 
@@ -39,6 +52,7 @@ class SessionCache:
     ctx: int
     buffer: int
     n_bytes: int
+    serial: int = field(default_factory=lambda: next(_SERIALS))
 
     def free(self) -> None:
         lib = g.ggml()
@@ -87,6 +101,7 @@ class LayerStage:
         self._sched = lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True)
         mem = lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
         self._graph_mem = ctypes.create_string_buffer(mem)
+        self._graph: _Graph | None = None
 
     def _load_weights(self, progress: Callable[[int], None] | None) -> None:
         lib = g.ggml()
@@ -149,12 +164,42 @@ class LayerStage:
         if used > cache.kv_size:
             raise ComputeError(f"positions up to {used} exceed the cache of {cache.kv_size}")
         n_kv = padded_n_kv(used, cache.kv_size)
+        want_rows = self.last and not all_outputs and n > 1
+        graph = self._graph_for((cache.serial, n, n_kv, want_rows), cache)
+        inp = graph.inputs
+        pos = np.arange(start_pos, used, dtype=np.int32)
+        cols = np.arange(n_kv, dtype=np.int32)
+        mask = np.where(cols[None, :] <= pos[:, None], np.float32(0), np.float32(-np.inf))
+        v_idxs = np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * cache.kv_size + pos[:, None]
+        _set(inp.tokens, x.astype(np.int32, copy=False) if self.first else None)
+        _set(inp.embd, None if self.first else x.astype(np.float32, copy=False))
+        _set(inp.pos, pos)
+        _set(inp.kq_mask, mask.astype(np.float32, copy=False))
+        _set(inp.k_idxs, pos.astype(np.int64))
+        _set(inp.v_idxs, v_idxs)
+        _set(inp.out_ids, np.array([n - 1], dtype=np.int32) if want_rows else None)
+        status = lib.ggml_backend_sched_graph_compute(self._sched, graph.gf)
+        if status != 0:
+            self._drop_graph()
+            raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
+        t = graph.out.contents
+        result = np.empty((t.ne[1], t.ne[0]), dtype=np.float32)
+        lib.ggml_backend_tensor_get(graph.out, result.ctypes.data, 0, result.nbytes)
+        return result
+
+    def _graph_for(self, key: tuple[int, int, int, bool], cache: SessionCache) -> _Graph:
+        """The built and allocated graph for this shape and cache; rebuilt only when the key
+        changes (the attended length moves in steps of 256, so decode reuses one graph)."""
+        if self._graph is not None and self._graph.key == key:
+            return self._graph
+        self._drop_graph()
+        lib, hp = g.ggml(), self.hp
+        _, n, n_kv, want_rows = key
         params = g.ggml_init_params(ctypes.sizeof(self._graph_mem), ctypes.addressof(self._graph_mem), True)
         ctx = lib.ggml_init(params)
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
             b = Builder(ctx, gf, hp, n, n_kv, cache.kv_size)
-            want_rows = self.last and not all_outputs and n > 1
             inp = GraphInputs(
                 tokens=b.input(g.GGML_TYPE_I32, n, label="inp_tokens") if self.first else None,
                 embd=None if self.first else b.input(g.GGML_TYPE_F32, hp.n_embd, n, label="inp_embd"),
@@ -170,29 +215,25 @@ class LayerStage:
             lib.ggml_backend_sched_reset(self._sched)
             if not lib.ggml_backend_sched_alloc_graph(self._sched, gf):
                 raise ComputeError("cannot allocate the compute graph")
-            pos = np.arange(start_pos, used, dtype=np.int32)
-            cols = np.arange(n_kv, dtype=np.int64)
-            mask = np.where(cols[None, :] <= pos[:, None], np.float32(0), np.float32(-np.inf)).astype(np.float32)
-            v_idxs = (np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * cache.kv_size + pos[:, None]).ravel()
-            _set(inp.tokens, x.astype(np.int32) if self.first else None)
-            _set(inp.embd, None if self.first else x.astype(np.float32))
-            _set(inp.pos, pos)
-            _set(inp.kq_mask, mask)
-            _set(inp.k_idxs, pos.astype(np.int64))
-            _set(inp.v_idxs, v_idxs)
-            _set(inp.out_ids, np.array([n - 1], dtype=np.int32))
-            status = lib.ggml_backend_sched_graph_compute(self._sched, gf)
-            if status != 0:
-                raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
-            t = out.contents
-            result = np.empty((t.ne[1], t.ne[0]), dtype=np.float32)
-            lib.ggml_backend_tensor_get(out, result.ctypes.data, 0, result.nbytes)
-            return result
-        finally:
+        except BaseException:
             lib.ggml_free(ctx)
+            raise
+        self._graph = _Graph(key, ctx, gf, inp, out)
+        return self._graph
+
+    def _drop_graph(self) -> None:
+        if self._graph is not None:
+            g.ggml().ggml_free(self._graph.ctx)
+            self._graph = None
+
+    def forget(self, cache: SessionCache) -> None:
+        """Called before a session's cache is freed: a graph that points into it must go."""
+        if self._graph is not None and self._graph.key[0] == cache.serial:
+            self._drop_graph()
 
     def close(self) -> None:
         lib = g.ggml()
+        self._drop_graph()
         if self._sched:
             lib.ggml_backend_sched_free(self._sched)
             self._sched = 0

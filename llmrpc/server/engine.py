@@ -85,6 +85,8 @@ class Engine:
 
     def _unload(self) -> None:
         for cache, _ in self._sessions.values():
+            if self._stage is not None:
+                self._stage.forget(cache)
             cache.free()
         self._sessions.clear()
         if self._stage is not None:
@@ -117,6 +119,8 @@ class Engine:
             entry = self._sessions.pop(session_id, None)
             if entry is None:
                 raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+            if self._stage is not None:
+                self._stage.forget(entry[0])
             entry[0].free()
 
     # -- forward ------------------------------------------------------------------------

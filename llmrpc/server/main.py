@@ -15,10 +15,13 @@ logger = logging.getLogger(__name__)
 
 
 def prepare_threads_env() -> None:
-    """ggml's CPU threads (OpenMP here) spin while idle. Several servers on one host must
-    not burn the cores another stage needs, so idle threads sleep unless told otherwise.
-    Must run before libggml is loaded."""
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    """ggml's CPU threads (OpenMP in llama-cpp-python's build) spin while they wait. Several
+    servers on one host must not burn the cores another stage needs, so idle threads spin
+    only briefly before they sleep. (A fully passive policy is worse: ggml's barrier between
+    ops is an OpenMP barrier, and sleeping there costs milliseconds per token.) Must run
+    before libggml is loaded."""
+    if "OMP_WAIT_POLICY" not in os.environ:
+        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
 
 
 def serve(

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 
 from llmrpc import __version__, codec
 from llmrpc.server.api import EngineError, ErrorCode, StageEngine
@@ -90,22 +91,34 @@ class StageService(pb_grpc.StageServicer):
         return _guard(context, run)
 
     def Forward(self, request: pb.ForwardRequest, context: grpc.ServicerContext) -> pb.ForwardReply:  # noqa: N802
-        def run() -> pb.ForwardReply:
-            if not request.HasField("input"):
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, "input tensor is missing")
-            x = codec.tensor_from_proto(request.input, self.engine.max_input_elements())
-            t0 = time.perf_counter()
-            out = self.engine.forward(request.session_id, request.start_pos, x, request.all_logits)
-            seconds = time.perf_counter() - t0
-            dtype = request.output_dtype or pb.DTYPE_F32
-            if dtype not in (pb.DTYPE_F32, pb.DTYPE_F16):
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"output dtype {codec.dtype_name(dtype)} is not F32/F16")
-            loaded = self.engine.loaded()
-            if loaded is not None and loaded.last:
-                dtype = pb.DTYPE_F32  # logits always leave as f32
-            return pb.ForwardReply(output=codec.tensor_to_proto(out, dtype), compute_seconds=seconds)
+        return _guard(context, lambda: self._forward(request))
 
-        return _guard(context, run)
+    def ForwardStream(  # noqa: N802
+        self, request_iterator: Iterator[pb.ForwardRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.ForwardReply]:
+        for request in request_iterator:
+            yield _guard(context, lambda request=request: self._forward(request))  # type: ignore[misc]
+
+    def _forward(self, request: pb.ForwardRequest) -> pb.ForwardReply:
+        if not request.HasField("input"):
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "input tensor is missing")
+        x = codec.tensor_from_proto(request.input, self.engine.max_input_elements())
+        t0 = time.perf_counter()
+        out = self.engine.forward(request.session_id, request.start_pos, x, request.all_logits)
+        seconds = time.perf_counter() - t0
+        dtype = request.output_dtype or pb.DTYPE_F32
+        if dtype not in (pb.DTYPE_F32, pb.DTYPE_F16):
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"output dtype {codec.dtype_name(dtype)} is not F32/F16")
+        loaded = self.engine.loaded()
+        if loaded is None or not loaded.last:
+            return pb.ForwardReply(output=codec.tensor_to_proto(out, dtype), compute_seconds=seconds)
+        k = request.logits_top_k
+        if k == 0 or k >= out.shape[1]:
+            return pb.ForwardReply(output=codec.tensor_to_proto(out), compute_seconds=seconds)  # logits stay f32
+        ids, values = top_k(out, k)
+        return pb.ForwardReply(
+            output=codec.tensor_to_proto(values), token_ids=codec.tensor_to_proto(ids), compute_seconds=seconds
+        )
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:  # noqa: N802
         def run() -> pb.CloseSessionReply:
@@ -113,6 +126,17 @@ class StageService(pb_grpc.StageServicer):
             return pb.CloseSessionReply()
 
         return _guard(context, run)
+
+
+def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits of each row, largest first (ties: the lower id first, as argmax)."""
+    if k == 1:
+        ids = np.argmax(logits, axis=1)[:, None]
+    else:
+        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        order = np.lexsort((part, -np.take_along_axis(logits, part, axis=1)), axis=1)
+        ids = np.take_along_axis(part, order, axis=1)
+    return ids.astype(np.int32), np.take_along_axis(logits, ids, axis=1)
 
 
 GRPC_OPTIONS: list[tuple[str, Any]] = [

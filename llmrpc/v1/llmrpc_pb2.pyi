@@ -133,26 +133,30 @@ class OpenSessionReply(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., n_ctx: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("session_id", "start_pos", "input", "all_logits", "output_dtype")
+    __slots__ = ("session_id", "start_pos", "input", "all_logits", "output_dtype", "logits_top_k")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     START_POS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     ALL_LOGITS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    LOGITS_TOP_K_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     start_pos: int
     input: Tensor
     all_logits: bool
     output_dtype: DType
-    def __init__(self, session_id: _Optional[str] = ..., start_pos: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., all_logits: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ...) -> None: ...
+    logits_top_k: int
+    def __init__(self, session_id: _Optional[str] = ..., start_pos: _Optional[int] = ..., input: _Optional[_Union[Tensor, _Mapping]] = ..., all_logits: _Optional[bool] = ..., output_dtype: _Optional[_Union[DType, str]] = ..., logits_top_k: _Optional[int] = ...) -> None: ...
 
 class ForwardReply(_message.Message):
-    __slots__ = ("output", "compute_seconds")
+    __slots__ = ("output", "compute_seconds", "token_ids")
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     output: Tensor
     compute_seconds: float
-    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+    token_ids: Tensor
+    def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)

@@ -59,6 +59,11 @@ class StageStub:
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardReply.FromString,
                 _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/llmrpc.v1.Stage/ForwardStream',
+                request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardRequest.SerializeToString,
+                response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardReply.FromString,
+                _registered_method=True)
         self.CloseSession = channel.unary_unary(
                 '/llmrpc.v1.Stage/CloseSession',
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionRequest.SerializeToString,
@@ -103,6 +108,14 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ForwardStream(self, request_iterator, context):
+        """The same as Forward over one long-lived stream: replies come back in request order.
+        Cheaper per call than unary RPCs; an error ends the stream with the status Forward gives.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CloseSession(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -134,6 +147,11 @@ def add_StageServicer_to_server(servicer, server):
             ),
             'Forward': grpc.unary_unary_rpc_method_handler(
                     servicer.Forward,
+                    request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardRequest.FromString,
+                    response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardReply.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
                     request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardRequest.FromString,
                     response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.ForwardReply.SerializeToString,
             ),
@@ -276,6 +294,33 @@ class Stage:
             request,
             target,
             '/llmrpc.v1.Stage/Forward',
+            llmrpc_dot_v1_dot_llmrpc__pb2.ForwardRequest.SerializeToString,
+            llmrpc_dot_v1_dot_llmrpc__pb2.ForwardReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/llmrpc.v1.Stage/ForwardStream',
             llmrpc_dot_v1_dot_llmrpc__pb2.ForwardRequest.SerializeToString,
             llmrpc_dot_v1_dot_llmrpc__pb2.ForwardReply.FromString,
             options,
