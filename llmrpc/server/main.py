@@ -21,7 +21,7 @@ def prepare_threads_env() -> None:
     ops is an OpenMP barrier, and sleeping there costs milliseconds per token.) Must run
     before libggml is loaded."""
     if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 
 def serve(
