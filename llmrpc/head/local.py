@@ -21,26 +21,27 @@ class LocalServers:
     threads: int | None = None
     device: str | None = None
     extra_args: list[str] = field(default_factory=list)
+    per_server_args: list[list[str]] = field(default_factory=list)  # server i also gets per_server_args[i]
     startup_timeout: float = 60.0
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
 
     def start(self) -> list[str]:
         try:
-            for _ in range(self.count):
-                self._start_one()
+            for i in range(self.count):
+                self._start_one(self.per_server_args[i] if i < len(self.per_server_args) else [])
         except Exception:
             self.stop()
             raise
         return self.addresses
 
-    def _start_one(self) -> None:
+    def _start_one(self, own_args: list[str]) -> None:
         cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         if self.device:
             cmd += ["--device", self.device]
-        cmd += self.extra_args
+        cmd += self.extra_args + own_args
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ.copy())
         self.processes.append(proc)
         address = _read_ready(proc, self.startup_timeout)

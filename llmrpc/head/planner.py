@@ -1,64 +1,159 @@
 """Layer assignment: a pure function from the model's layout and the servers' reports to
-contiguous half-open layer ranges."""
+contiguous half-open layer ranges.
+
+Each stage's budget is exact bytes: its layers' tensors from the GGUF, their KV cache for the
+requested context and sessions, a compute buffer, and the input tensors on the first stage
+and the output tensors on the last. Among the assignments that fit, the planner takes the
+one whose slowest stage is fastest (a stage's time is the bytes it reads per token over its
+measured bandwidth), so a slow device gets fewer layers, or none when it would only slow the
+pipeline down.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class ServerBudget:
-    address: str
-    memory_free: int  # bytes the server may use
+KV_PAD = 256  # cache cells are allocated in multiples of this (llama.cpp's padding)
+HOP_SECONDS = 0.0005  # per-stage cost of passing activations on, so idle-ish stages are not free
 
 
 @dataclass(frozen=True)
-class Assignment:
+class ModelLayout:
+    n_layer: int
+    layer_bytes: tuple[int, ...]  # weights of each layer
+    input_bytes: int  # token embeddings: the first stage
+    output_bytes: int  # output norm and matrix: the last stage
+    kv_bytes_per_cell: int  # K and V of one layer for one position
+    n_embd: int
+    n_ff: int
+    n_head: int
+    n_vocab: int
+
+
+@dataclass(frozen=True)
+class ServerReport:
     address: str
+    device: str
+    memory_free: int  # bytes this server may use (its --mem cap applied)
+    bandwidth: float = 0.0  # bytes/s at which it reads weights (0: unknown, treated as equal)
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    address: str
+    device: str
     start: int
     end: int  # half-open
     weight_bytes: int
+    kv_bytes: int
+    compute_bytes: int
     memory_free: int
+    seconds: float  # estimated time per decoded token
+
+    @property
+    def need(self) -> int:
+        return self.weight_bytes + self.kv_bytes + self.compute_bytes
+
+    @property
+    def free_after(self) -> int:
+        return self.memory_free - self.need
+
+
+@dataclass(frozen=True)
+class Plan:
+    stages: tuple[StagePlan, ...]
+    left_out: tuple[str, ...]  # servers given no layers
+
+    @property
+    def bottleneck_seconds(self) -> float:
+        return max(s.seconds for s in self.stages)
 
 
 class PlanError(ValueError):
     """The model does not fit; the message gives bytes needed and available per server."""
 
 
-def split_by_memory(
-    layer_bytes: list[int], input_bytes: int, output_bytes: int, servers: list[ServerBudget]
-) -> list[Assignment]:
-    """Contiguous ranges with layer counts in proportion to each server's free memory.
+def kv_cells(ctx_size: int) -> int:
+    return max(KV_PAD, -(-ctx_size // KV_PAD) * KV_PAD)
 
-    ``layer_bytes[i]`` is what layer i costs (weights plus its KV cache); the first stage
-    also carries ``input_bytes`` and the last ``output_bytes``. Servers keep their order; a
-    server is left out only when there are more servers than layers (the smallest go).
-    """
-    n_layer = len(layer_bytes)
-    if n_layer == 0 or not servers:
+
+def compute_bytes(m: ModelLayout, ctx_size: int, n_batch: int, last: bool) -> int:
+    """Activations of one batch through one layer (the graph allocator reuses them across
+    layers): hidden, norm, Q/K/V, FFN gate and up, attention scores; logits on the last stage."""
+    cells = kv_cells(ctx_size)
+    per_layer = 4 * n_batch * (6 * m.n_embd + 3 * m.n_ff) + 4 * cells * n_batch * m.n_head
+    return per_layer + (4 * m.n_vocab * n_batch if last else 0)
+
+
+def plan(
+    m: ModelLayout,
+    servers: Sequence[ServerReport],
+    *,
+    ctx_size: int,
+    max_sessions: int = 1,
+    n_batch: int = 512,
+    hop_seconds: float = HOP_SECONDS,
+) -> Plan:
+    if m.n_layer <= 0 or not servers:
         raise PlanError("nothing to plan: the model has no layers or no server was given")
-    used = sorted(servers, key=lambda s: -s.memory_free)[:n_layer]
-    used = [s for s in servers if s in used]
-    total = sum(s.memory_free for s in used)
-    bounds = [0]
-    acc = 0
-    for i, s in enumerate(used[:-1]):
-        acc += s.memory_free
-        ideal = round(n_layer * acc / total) if total else (i + 1) * n_layer // len(used)
-        lo, hi = bounds[-1] + 1, n_layer - (len(used) - 1 - i)
-        bounds.append(min(max(ideal, lo), hi))
-    bounds.append(n_layer)
-    plan = []
-    for i, s in enumerate(used):
-        start, end = bounds[i], bounds[i + 1]
-        need = sum(layer_bytes[start:end]) + (input_bytes if start == 0 else 0)
-        need += output_bytes if end == n_layer else 0
-        plan.append(Assignment(s.address, start, end, need, s.memory_free))
-    short = [a for a in plan if a.weight_bytes > a.memory_free]
-    if short:
-        lines = ", ".join(
-            f"{a.address} needs {a.weight_bytes} bytes for layers [{a.start}, {a.end}) but has {a.memory_free}"
-            for a in short
-        )
-        raise PlanError(f"the model does not fit: {lines}")
-    return plan
+    n = m.n_layer
+    prefix = [0]
+    for b in m.layer_bytes:
+        prefix.append(prefix[-1] + b)
+    kv_per_layer = m.kv_bytes_per_cell * kv_cells(ctx_size) * max_sessions
+    known = [s.bandwidth for s in servers if s.bandwidth > 0]
+    default_bw = min(known) if known else 1e9
+
+    def stage(s: ServerReport, a: int, b: int) -> StagePlan:
+        weights = prefix[b] - prefix[a] + (m.input_bytes if a == 0 else 0) + (m.output_bytes if b == n else 0)
+        # the first stage only gathers rows of the embeddings: they cost memory, not reads
+        read = weights - (m.input_bytes if a == 0 else 0)
+        bw = s.bandwidth if s.bandwidth > 0 else default_bw
+        return StagePlan(
+            s.address, s.device, a, b, weights, kv_per_layer * (b - a),
+            compute_bytes(m, ctx_size, n_batch, b == n), s.memory_free, read / bw + hop_seconds,
+        )  # fmt: skip
+
+    inf = (math.inf, math.inf)
+    # best[j]: (slowest stage, sum of stage times) covering layers [0, j) with the servers so far
+    best: list[tuple[float, float]] = [(0.0, 0.0)] + [inf] * n
+    choice: list[list[int | None]] = []  # per server: for each j, the k it starts at (None: skipped)
+    for s in servers:
+        nxt = list(best)
+        pick: list[int | None] = [None] * (n + 1)
+        for j in range(1, n + 1):
+            for k in range(j):
+                if best[k] == inf:
+                    continue
+                st = stage(s, k, j)
+                if st.need > s.memory_free:
+                    continue
+                cand = (max(best[k][0], st.seconds), best[k][1] + st.seconds)
+                if cand < nxt[j]:
+                    nxt[j], pick[j] = cand, k
+        best = nxt
+        choice.append(pick)
+    if best[n] == inf:
+        raise PlanError(_no_fit_message(m, servers, stage))
+    stages: list[StagePlan] = []
+    j = n
+    for i in range(len(servers) - 1, -1, -1):
+        start = choice[i][j]
+        if start is not None and j > 0:
+            stages.append(stage(servers[i], start, j))
+            j = start
+    stages.reverse()
+    used = {st.address for st in stages}
+    return Plan(tuple(stages), tuple(s.address for s in servers if s.address not in used))
+
+
+def _no_fit_message(m: ModelLayout, servers: Sequence[ServerReport], stage: object) -> str:
+    total = sum(m.layer_bytes) + m.input_bytes + m.output_bytes
+    offered = ", ".join(f"{s.address} has {s.memory_free} bytes free" for s in servers)
+    return (
+        f"the model does not fit: its weights alone are {total} bytes, plus KV cache and compute "
+        f"buffers per stage; {offered} (total {sum(s.memory_free for s in servers)} bytes). "
+        "Add servers, raise their --mem caps, or lower --ctx-size."
+    )

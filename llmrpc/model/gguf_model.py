@@ -56,6 +56,9 @@ class ModelInfo:
     hparams: HParams
     tensors: dict[str, TensorInfo]
     metadata: dict[str, Any] = field(repr=False, default_factory=dict)
+    # set for slice files (llmrpc.model.slicefile): the only layers the file holds
+    slice_range: tuple[int, int] | None = None
+    slice_model_hash: str = ""
 
     def layer_tensor_names(self, layer: int) -> list[str]:
         return self._names([s for s in self.arch.tensors if s.role is Role.REPEATING], layer)
@@ -164,7 +167,11 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
         attn_scale=float(attn_scale) if attn_scale else 1.0 / math.sqrt(head_dim),
     )
     info = ModelInfo(path, arch, hp, tensors)
-    info.range_tensor_names(0, hp.n_layer)  # validates that every required tensor is present
+    slice_start = _field_value(reader, "llmrpc.slice.layer_start")
+    if slice_start is not None:
+        info.slice_range = (int(slice_start), int(_field_value(reader, "llmrpc.slice.layer_end")))
+        info.slice_model_hash = str(_field_value(reader, "llmrpc.slice.model_hash"))
+    info.range_tensor_names(*(info.slice_range or (0, hp.n_layer)))  # every required tensor is present
     logger.debug("read %s: %s, %d layers", path, arch_name, hp.n_layer)
     return info
 
@@ -175,9 +182,17 @@ def tensor_view(path: str, t: TensorInfo) -> np.ndarray:
 
 
 def content_hash(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of the whole file: identifies a model by content, not by name."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+    """sha256 of the whole file: identifies a model by content, not by name. Memoized per
+    (path, size, mtime) in this process, so a file is read once."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _HASHES:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+        _HASHES[key] = h.hexdigest()
+    return _HASHES[key]
+
+
+_HASHES: dict[tuple[str, int, int], str] = {}

@@ -6,11 +6,13 @@ The handler (transport) sees only this module; the engine (compute) implements i
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from typing import Protocol
 
 import numpy as np
 
-from llmrpc.types import DeviceInfo, LoadedRange
+from llmrpc.model.slicefile import IncomingSlice
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
 
 
 class ErrorCode(enum.Enum):
@@ -19,6 +21,7 @@ class ErrorCode(enum.Enum):
     OUT_OF_RANGE = "out_of_range"
     FAILED_PRECONDITION = "failed_precondition"
     RESOURCE_EXHAUSTED = "resource_exhausted"
+    DATA_LOSS = "data_loss"
     INTERNAL = "internal"
 
 
@@ -37,7 +40,15 @@ class StageEngine(Protocol):
 
     def loaded(self) -> LoadedRange | None: ...
     def open_sessions(self) -> int: ...
-    def load(self, model_path: str, layer_start: int, layer_end: int) -> LoadedRange: ...
+
+    memory_cap: int
+    bytes_received: int
+
+    def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None: ...
+    def push_slice(self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes, int]]) -> int: ...
+    def memory_budget(self) -> int: ...
+    def cached(self) -> list[CachedSlice]: ...
+    def calibration_figures(self) -> tuple[float, float]: ...
     def open_session(self, n_ctx: int) -> tuple[str, int, int]: ...
     def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray: ...
     def close_session(self, session_id: str) -> None: ...

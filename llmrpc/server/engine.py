@@ -7,34 +7,63 @@ and refused with an :class:`EngineError` that names the problem.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import uuid
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numpy as np
 
 from llmrpc.ggml.device import Backend
 from llmrpc.model.arch import UnsupportedArchitectureError
-from llmrpc.model.gguf_model import read_model
+from llmrpc.model.calibrate import Calibration, calibrate
+from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes, kv_size_for
 from llmrpc.server.api import EngineError, ErrorCode
-from llmrpc.types import DeviceInfo, LoadedRange
+from llmrpc.server.store import TransferError, WeightStore
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
 
 logger = logging.getLogger(__name__)
 
 MAX_BATCH = 8192  # rows per Forward
+T = TypeVar("T")
 
 
 class Engine:
-    def __init__(self, device: DeviceInfo, threads: int, max_sessions: int = 64, max_ctx: int = 32768) -> None:
+    def __init__(
+        self,
+        device: DeviceInfo,
+        threads: int,
+        max_sessions: int = 64,
+        max_ctx: int = 32768,
+        *,
+        memory_cap: int = 0,
+        store: WeightStore | None = None,
+        calibrate_device: bool = True,
+    ) -> None:
         self.device = device
+        self.memory_cap = memory_cap
+        self.store = store
+        self.bytes_received = 0
         self.threads = threads
         self.max_sessions = max_sessions
         self.max_ctx = max_ctx
-        self._backend = Backend(device, threads)
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
         self._lock = threading.Lock()
+        # Every ggml call runs on this one thread. OpenMP gives each calling thread its own
+        # team of workers; teams left behind by other threads keep spinning and slow the
+        # next graph by a third (measured: 13 ms -> 19.5 ms per SmolLM2 token).
+        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggml-compute")
+        self._backend = self._on_compute(lambda: Backend(device, threads))
+        self.calibration = (
+            self._on_compute(lambda: calibrate(self._backend)) if calibrate_device else Calibration(0.0, 0.0)
+        )
+        self._held = 0  # bytes of weights and caches this engine holds on the device
 
     # -- state --------------------------------------------------------------------------
     def loaded(self) -> LoadedRange | None:
@@ -47,10 +76,78 @@ class Engine:
         n_embd = self._range.n_embd if self._range else 1
         return MAX_BATCH * max(n_embd, 1)
 
+    def memory_budget(self) -> int:
+        """What a plan may use here: the --mem cap, or the device's free memory plus what
+        this server holds now (a new plan replaces it)."""
+        if self.memory_cap:
+            return self.memory_cap
+        return self.device_free() + self._held
+
+    def device_free(self) -> int:
+        from llmrpc.ggml.device import find_device
+
+        return find_device(self.device.name).memory_free
+
+    def calibration_figures(self) -> tuple[float, float]:
+        return self.calibration.bandwidth, self.calibration.matmul_flops
+
+    def cached(self) -> list[CachedSlice]:
+        return self.store.cached() if self.store else []
+
     # -- load ---------------------------------------------------------------------------
-    def load(self, model_path: str, layer_start: int, layer_end: int) -> LoadedRange:
+    def locate(self, model_path: str, model_hash: str, start: int, end: int) -> tuple[str, str] | None:
+        """Where to load [start, end) from: (path, source), or None when the weights must be
+        pushed. With a hash, a path is only used if its content matches."""
+        if not model_hash:
+            return (model_path, "path") if model_path else None
+        if self.store is not None:
+            try:
+                path = self.store.verified_slice(model_hash, start, end)
+            except ValueError as e:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+            if path:
+                return path, "cache"
+            path = self.store.model_file(model_hash)
+            if path:
+                return path, "model-dir"
+        if model_path and os.path.isfile(model_path) and content_hash(model_path) == model_hash:
+            return model_path, "path"
+        return None
+
+    def push_slice(self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes, int]]) -> int:
+        if self.store is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, "this server has no cache directory")
+        limit = self.memory_cap or (1 << 62)
         try:
-            info = read_model(model_path)
+            _, received = self.store.receive(head, self._count(chunks), limit)
+        except TransferError as e:
+            raise EngineError(ErrorCode.DATA_LOSS, f"slice [{head.layer_start}, {head.layer_end}) rejected: {e}") from e
+        except ValueError as e:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+        return received
+
+    def _count(self, chunks: Iterable[tuple[int, int, bytes, int]]) -> Iterable[tuple[int, int, bytes, int]]:
+        for chunk in chunks:
+            self.bytes_received += len(chunk[2])
+            yield chunk
+
+    def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None:
+        """Load a range; None when this server has no copy of the weights (push them)."""
+        current = self._range
+        if current and (current.model_hash or current.model_path, current.layer_start, current.layer_end) == (
+            model_hash or model_path,
+            layer_start,
+            layer_end,
+        ):
+            return current
+        found = self.locate(model_path, model_hash, layer_start, layer_end)
+        if found is None:
+            if not model_hash:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "neither a model path nor a model hash was given")
+            return None
+        path, source = found
+        try:
+            info = read_model(path)
         except FileNotFoundError as e:
             raise EngineError(ErrorCode.NOT_FOUND, str(e)) from e
         except UnsupportedArchitectureError as e:
@@ -58,29 +155,32 @@ class Engine:
         except ValueError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
         n_layer = info.hparams.n_layer
+        if info.slice_range is not None and info.slice_range != (layer_start, layer_end):
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{path} holds layers {list(info.slice_range)} only")
         if not 0 <= layer_start < layer_end <= n_layer:
             raise EngineError(
                 ErrorCode.OUT_OF_RANGE,
                 f"layer range [{layer_start}, {layer_end}) is outside the model's {n_layer} layers "
                 f"(a non-empty range within [0, {n_layer}))",
             )
+        if self.memory_cap and info.range_bytes(layer_start, layer_end) > self.memory_cap:
+            raise EngineError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"layers [{layer_start}, {layer_end}) need {info.range_bytes(layer_start, layer_end)} bytes; "
+                f"this server is capped at {self.memory_cap} (--mem)",
+            )
         with self._lock:
-            current = self._range
-            if current and (current.model_path, current.layer_start, current.layer_end) == (
-                model_path,
-                layer_start,
-                layer_end,
-            ):
-                return current
-            self._unload()
+            self._on_compute(self._unload)
             try:
-                self._stage = LayerStage(info, layer_start, layer_end, self._backend)
+                self._stage = self._on_compute(lambda: LayerStage(info, layer_start, layer_end, self._backend))
             except MemoryError as e:
                 raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, str(e)) from e
             hp = info.hparams
+            self._held = self._stage.weight_bytes
             self._range = LoadedRange(
-                model_path, hp.arch, layer_start, layer_end, n_layer, hp.n_embd, hp.n_vocab, self._stage.weight_bytes
-            )
+                path, hp.arch, layer_start, layer_end, n_layer, hp.n_embd, hp.n_vocab, self._stage.weight_bytes,
+                model_hash=model_hash, source=source,
+            )  # fmt: skip
             return self._range
 
     def _unload(self) -> None:
@@ -89,6 +189,7 @@ class Engine:
                 self._stage.forget(cache)
             cache.free()
         self._sessions.clear()
+        self._held = 0
         if self._stage is not None:
             self._stage.close()
         self._stage, self._range = None, None
@@ -105,12 +206,18 @@ class Engine:
                     ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first"
                 )
             want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_size_for(n_ctx))
+            if self.memory_cap and self._held + want > self.memory_cap:
+                raise EngineError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
+                )
             try:
-                cache = stage.new_cache(n_ctx)
+                cache = self._on_compute(lambda: stage.new_cache(n_ctx))
             except MemoryError as e:
                 raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
             session_id = uuid.uuid4().hex
             self._sessions[session_id] = (cache, [0])
+            self._held += cache.n_bytes
             logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
             return session_id, n_ctx, cache.n_bytes
 
@@ -122,6 +229,7 @@ class Engine:
             if self._stage is not None:
                 self._stage.forget(entry[0])
             entry[0].free()
+            self._held -= entry[0].n_bytes
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
@@ -143,7 +251,7 @@ class Engine:
                     f"positions {start_pos}..{start_pos + n - 1} are beyond the session's context of "
                     f"{min(cache.kv_size, self.max_ctx)}",
                 )
-            out = stage.forward(cache, x, start_pos, all_logits)
+            out = self._on_compute(lambda: stage.forward(cache, x, start_pos, all_logits))
             length[0] = start_pos + n
             return out
 
@@ -182,5 +290,9 @@ class Engine:
 
     def close(self) -> None:
         with self._lock:
-            self._unload()
-            self._backend.close()
+            self._on_compute(self._unload)
+            self._on_compute(self._backend.close)
+        self._compute.shutdown()
+
+    def _on_compute(self, fn: Callable[[], T]) -> T:
+        return self._compute.submit(fn).result()

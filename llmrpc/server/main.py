@@ -21,7 +21,7 @@ def prepare_threads_env() -> None:
     ops is an OpenMP barrier, and sleeping there costs milliseconds per token.) Must run
     before libggml is loaded."""
     if "OMP_WAIT_POLICY" not in os.environ:
-        os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+        os.environ.setdefault("GOMP_SPINCOUNT", "30000")
 
 
 def serve(
@@ -32,6 +32,10 @@ def serve(
     threads: int | None,
     max_sessions: int,
     max_ctx: int,
+    memory_cap: int = 0,
+    cache_dir: str | None = None,
+    model_dirs: tuple[str, ...] = (),
+    calibrate: bool = True,
 ) -> int:
     prepare_threads_env()
     from llmrpc.ggml.device import find_device
@@ -45,7 +49,15 @@ def serve(
         print(f"llmrpc-server: {e}", file=sys.stderr)
         return 2
     n_threads = threads or os.cpu_count() or 1
-    engine = Engine(dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx)
+    from pathlib import Path
+
+    from llmrpc.server.store import WeightStore, default_cache_dir
+
+    store = WeightStore(Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs])
+    engine = Engine(
+        dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store,
+        calibrate_device=calibrate,
+    )  # fmt: skip
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
     pb_grpc.add_StageServicer_to_server(StageService(engine), server)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -28,6 +28,7 @@ _STATUS = {
     ErrorCode.FAILED_PRECONDITION: grpc.StatusCode.FAILED_PRECONDITION,
     ErrorCode.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorCode.INTERNAL: grpc.StatusCode.INTERNAL,
+    ErrorCode.DATA_LOSS: grpc.StatusCode.DATA_LOSS,
 }
 
 R = TypeVar("R")
@@ -65,6 +66,12 @@ class StageService(pb_grpc.StageServicer):
             device=codec.device_to_proto(e.device),
             threads=e.threads,
             open_sessions=e.open_sessions(),
+            memory_cap=e.memory_cap,
+            memory_budget=e.memory_budget(),
+            bandwidth=e.calibration_figures()[0],
+            matmul_flops=e.calibration_figures()[1],
+            cached=[codec.cached_to_proto(c) for c in e.cached()],
+            bytes_received=e.bytes_received,
         )
         if loaded is not None:
             reply.loaded.CopyFrom(codec.range_to_proto(loaded))
@@ -75,11 +82,26 @@ class StageService(pb_grpc.StageServicer):
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802
         def run() -> pb.LoadReply:
-            if not request.model_path:
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, "model_path is empty")
+            if not request.model_path and not request.model_hash:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "give a model_path or a model_hash")
             t0 = time.perf_counter()
-            loaded = self.engine.load(request.model_path, request.layer_start, request.layer_end)
-            return pb.LoadReply(loaded=codec.range_to_proto(loaded), seconds=time.perf_counter() - t0)
+            loaded = self.engine.load(request.model_path, request.layer_start, request.layer_end, request.model_hash)
+            if loaded is None:
+                return pb.LoadReply(needs_weights=True)
+            return pb.LoadReply(
+                loaded=codec.range_to_proto(loaded), seconds=time.perf_counter() - t0, source=loaded.source
+            )
+
+        return _guard(context, run)
+
+    def PushSlice(self, request_iterator: Iterator[pb.SliceChunk], context: grpc.ServicerContext) -> pb.PushSliceReply:  # noqa: N802
+        def run() -> pb.PushSliceReply:
+            first = next(request_iterator, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, "a slice push starts with its header")
+            t0 = time.perf_counter()
+            n = self.engine.push_slice(codec.slice_header_from_proto(first.header), _chunks(request_iterator))
+            return pb.PushSliceReply(tensor_bytes=n, seconds=time.perf_counter() - t0)
 
         return _guard(context, run)
 
@@ -126,6 +148,13 @@ class StageService(pb_grpc.StageServicer):
             return pb.CloseSessionReply()
 
         return _guard(context, run)
+
+
+def _chunks(requests: Iterator[pb.SliceChunk]) -> Iterator[tuple[int, int, bytes, int]]:
+    for r in requests:
+        if r.WhichOneof("part") != "data":
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "only one header per slice push")
+        yield r.data.tensor, r.data.offset, r.data.data, r.data.crc32
 
 
 def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

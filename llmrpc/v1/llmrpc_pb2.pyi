@@ -43,7 +43,7 @@ class Device(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., kind: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ...) -> None: ...
 
 class LoadedRange(_message.Message):
-    __slots__ = ("model_path", "architecture", "layer_start", "layer_end", "n_layer", "n_embd", "n_vocab", "weight_bytes")
+    __slots__ = ("model_path", "architecture", "layer_start", "layer_end", "n_layer", "n_embd", "n_vocab", "weight_bytes", "model_hash", "source")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -52,6 +52,8 @@ class LoadedRange(_message.Message):
     N_EMBD_FIELD_NUMBER: _ClassVar[int]
     N_VOCAB_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     architecture: str
     layer_start: int
@@ -60,7 +62,9 @@ class LoadedRange(_message.Message):
     n_embd: int
     n_vocab: int
     weight_bytes: int
-    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_vocab: _Optional[int] = ..., weight_bytes: _Optional[int] = ...) -> None: ...
+    model_hash: str
+    source: str
+    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_vocab: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., model_hash: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ("protocol_version", "client")
@@ -71,20 +75,44 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions")
+    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
     THREADS_FIELD_NUMBER: _ClassVar[int]
     LOADED_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_CAP_FIELD_NUMBER: _ClassVar[int]
+    MEMORY_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    BANDWIDTH_FIELD_NUMBER: _ClassVar[int]
+    MATMUL_FLOPS_FIELD_NUMBER: _ClassVar[int]
+    CACHED_FIELD_NUMBER: _ClassVar[int]
+    BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     device: Device
     threads: int
     loaded: LoadedRange
     open_sessions: int
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ...) -> None: ...
+    memory_cap: int
+    memory_budget: int
+    bandwidth: float
+    matmul_flops: float
+    cached: _containers.RepeatedCompositeFieldContainer[CachedSlice]
+    bytes_received: int
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+
+class CachedSlice(_message.Message):
+    __slots__ = ("model_hash", "layer_start", "layer_end", "bytes")
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    model_hash: str
+    layer_start: int
+    layer_end: int
+    bytes: int
+    def __init__(self, model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()
@@ -99,22 +127,84 @@ class HealthReply(_message.Message):
     def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end")
+    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ...) -> None: ...
+    model_hash: str
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
-    __slots__ = ("loaded", "seconds")
+    __slots__ = ("loaded", "seconds", "needs_weights", "source")
     LOADED_FIELD_NUMBER: _ClassVar[int]
     SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NEEDS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     loaded: LoadedRange
     seconds: float
-    def __init__(self, loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., seconds: _Optional[float] = ...) -> None: ...
+    needs_weights: bool
+    source: str
+    def __init__(self, loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., seconds: _Optional[float] = ..., needs_weights: _Optional[bool] = ..., source: _Optional[str] = ...) -> None: ...
+
+class SliceTensorInfo(_message.Message):
+    __slots__ = ("name", "offset", "n_bytes", "sha256")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    N_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    offset: int
+    n_bytes: int
+    sha256: str
+    def __init__(self, name: _Optional[str] = ..., offset: _Optional[int] = ..., n_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
+
+class SliceHeader(_message.Message):
+    __slots__ = ("model_hash", "layer_start", "layer_end", "header", "data_size", "tensors")
+    MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    LAYER_START_FIELD_NUMBER: _ClassVar[int]
+    LAYER_END_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_SIZE_FIELD_NUMBER: _ClassVar[int]
+    TENSORS_FIELD_NUMBER: _ClassVar[int]
+    model_hash: str
+    layer_start: int
+    layer_end: int
+    header: bytes
+    data_size: int
+    tensors: _containers.RepeatedCompositeFieldContainer[SliceTensorInfo]
+    def __init__(self, model_hash: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., header: _Optional[bytes] = ..., data_size: _Optional[int] = ..., tensors: _Optional[_Iterable[_Union[SliceTensorInfo, _Mapping]]] = ...) -> None: ...
+
+class TensorData(_message.Message):
+    __slots__ = ("tensor", "offset", "data", "crc32")
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    CRC32_FIELD_NUMBER: _ClassVar[int]
+    tensor: int
+    offset: int
+    data: bytes
+    crc32: int
+    def __init__(self, tensor: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., crc32: _Optional[int] = ...) -> None: ...
+
+class SliceChunk(_message.Message):
+    __slots__ = ("header", "data")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    header: SliceHeader
+    data: TensorData
+    def __init__(self, header: _Optional[_Union[SliceHeader, _Mapping]] = ..., data: _Optional[_Union[TensorData, _Mapping]] = ...) -> None: ...
+
+class PushSliceReply(_message.Message):
+    __slots__ = ("tensor_bytes", "seconds")
+    TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tensor_bytes: int
+    seconds: float
+    def __init__(self, tensor_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
     __slots__ = ("n_ctx",)

@@ -49,6 +49,11 @@ class StageStub:
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.LoadRequest.SerializeToString,
                 response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.LoadReply.FromString,
                 _registered_method=True)
+        self.PushSlice = channel.stream_unary(
+                '/llmrpc.v1.Stage/PushSlice',
+                request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.SliceChunk.SerializeToString,
+                response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.PushSliceReply.FromString,
+                _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/llmrpc.v1.Stage/OpenSession',
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.OpenSessionRequest.SerializeToString,
@@ -89,6 +94,14 @@ class StageServicer:
 
     def Load(self, request, context):
         """Load a contiguous half-open range [layer_start, layer_end) of a model.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushSlice(self, request_iterator, context):
+        """Ship the tensors of one layer range (after a Load answered needs_weights). The server
+        checks every chunk and every tensor, caches the slice, and never loads a bad one.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,6 +152,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.Load,
                     request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.LoadRequest.FromString,
                     response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.LoadReply.SerializeToString,
+            ),
+            'PushSlice': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushSlice,
+                    request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.SliceChunk.FromString,
+                    response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.PushSliceReply.SerializeToString,
             ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
@@ -242,6 +260,33 @@ class Stage:
             '/llmrpc.v1.Stage/Load',
             llmrpc_dot_v1_dot_llmrpc__pb2.LoadRequest.SerializeToString,
             llmrpc_dot_v1_dot_llmrpc__pb2.LoadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushSlice(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/llmrpc.v1.Stage/PushSlice',
+            llmrpc_dot_v1_dot_llmrpc__pb2.SliceChunk.SerializeToString,
+            llmrpc_dot_v1_dot_llmrpc__pb2.PushSliceReply.FromString,
             options,
             channel_credentials,
             insecure,
