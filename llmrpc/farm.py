@@ -41,6 +41,7 @@ class Farm:
         device: str | None = None,
         ctx_size: int = 2048,
         max_sessions: int = 1,
+        batch: int = BATCH,
         connect_timeout: float = 10.0,
         progress: bool = False,
         share_path: bool | None = None,
@@ -55,6 +56,9 @@ class Farm:
         self.model_path = os.path.abspath(path)
         self.ctx_size = ctx_size
         self.max_sessions = max_sessions
+        if not 1 <= batch <= 8192:
+            raise ValueError(f"batch must be within 1..8192, got {batch}")
+        self.batch = batch
         self.share_path = servers is None if share_path is None else share_path
         self.bytes_shipped: dict[str, int] = {}
         self.load_sources: dict[str, str] = {}
@@ -80,8 +84,9 @@ class Farm:
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
         self.plan = plan(
-            model_layout(self.info), server_reports(infos), ctx_size=self.ctx_size, max_sessions=self.max_sessions
-        ).stages
+            model_layout(self.info), server_reports(infos), ctx_size=self.ctx_size,
+            max_sessions=self.max_sessions, n_batch=self.batch,
+        ).stages  # fmt: skip
         by_address = {c.address: c for c in self._clients}
         used = [by_address[a.address] for a in self.plan]
         for a in self.plan:
@@ -126,13 +131,13 @@ class Farm:
         return self.pipeline.session(self.ctx_size)
 
     def prefill(self, session: PipelineSession, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
-        """Feed tokens in batches of :data:`BATCH`; returns the logits of the last batch."""
+        """Feed tokens in batches of ``batch`` rows; returns the logits of the last batch."""
         if not tokens:
             raise ValueError("the prompt is empty")
         logits = np.empty((0, self.info.hparams.n_vocab), dtype=np.float32)
         rows = []
-        for i in range(0, len(tokens), BATCH):
-            logits = session.forward(tokens[i : i + BATCH], all_logits=all_logits)
+        for i in range(0, len(tokens), self.batch):
+            logits = session.forward(tokens[i : i + self.batch], all_logits=all_logits)
             rows.append(logits)
         return np.concatenate(rows) if all_logits else logits
 
@@ -145,7 +150,7 @@ class Farm:
         sampler = Sampler(sampling)
         k = sampler.candidates()
         with self.session() as s:
-            cut = (len(prompt_tokens) - 1) // BATCH * BATCH  # batches as llama.cpp's n_batch
+            cut = (len(prompt_tokens) - 1) // self.batch * self.batch  # batches as llama.cpp's n_batch
             if cut:
                 self.prefill(s, prompt_tokens[:cut])
             ids, logits = self._next(s, prompt_tokens[cut:], k)

@@ -28,9 +28,10 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """Three real server processes, shared by the tests (each test loads what it needs).
-    Each has its own empty cache, and none is told where the models are: the head ships them."""
+    Each has its own empty cache, and none is told where the models are: the head ships them.
+    They skip the speed measurement, so that plans do not depend on the machine's load."""
     caches = [["--cache-dir", str(tmp_path_factory.mktemp(f"cache{i}"))] for i in range(3)]
-    with LocalServers(3, threads=2, per_server_args=caches) as local:
+    with LocalServers(3, threads=2, extra_args=["--no-calibrate"], per_server_args=caches) as local:
         yield list(local.addresses)
 
 

@@ -14,6 +14,7 @@ from llmrpc.model.gguf_model import read_model
 from llmrpc.model.graph import padded_n_kv
 from llmrpc.v1 import llmrpc_pb2 as pb
 
+
 def test_padded_n_kv_follows_llama_cpp() -> None:
     assert padded_n_kv(1, 512) == 256
     assert padded_n_kv(256, 512) == 256

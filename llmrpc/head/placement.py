@@ -21,16 +21,18 @@ CHUNK = 1 << 20  # bytes of tensor data per message
 def model_layout(info: ModelInfo) -> ModelLayout:
     hp = info.hparams
     layers = tuple(sum(info.tensors[n].n_bytes for n in info.layer_tensor_names(i)) for i in range(hp.n_layer))
-    first = [n for n in info.range_tensor_names(0, 1) if not n.startswith("blk.")]
-    last = [n for n in info.range_tensor_names(hp.n_layer - 1, hp.n_layer) if not n.startswith("blk.")]
-    shared = [n for n in first if n in last]  # e.g. rope factors: every stage has them
-    input_bytes = sum(info.tensors[n].n_bytes for n in first if n not in shared)
-    output_names = [n for n in last if n not in shared or n == "token_embd.weight"]
+    middle = set(info.range_tensor_names(1, 2)) if hp.n_layer > 2 else set()
+    shared = {n for n in middle if not n.startswith("blk.")}  # every stage holds these (rope factors)
+    first = [n for n in info.range_tensor_names(0, 1) if not n.startswith("blk.") and n not in shared]
+    last = [
+        n for n in info.range_tensor_names(hp.n_layer - 1, hp.n_layer) if not n.startswith("blk.") and n not in shared
+    ]
     return ModelLayout(
         n_layer=hp.n_layer,
         layer_bytes=layers,
-        input_bytes=input_bytes,
-        output_bytes=sum(info.tensors[n].n_bytes for n in output_names),
+        input_bytes=sum(info.tensors[n].n_bytes for n in first),
+        output_bytes=sum(info.tensors[n].n_bytes for n in last),  # a tied output counts token_embd again
+        shared_bytes=sum(info.tensors[n].n_bytes for n in shared),
         kv_bytes_per_cell=2 * hp.n_embd_kv * 2,  # K and V in f16
         n_embd=hp.n_embd,
         n_ff=hp.n_ff,

@@ -30,6 +30,7 @@ class ModelLayout:
     n_ff: int
     n_head: int
     n_vocab: int
+    shared_bytes: int = 0  # tensors every stage holds (e.g. llama3 rope factors)
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,7 @@ def plan(
 
     def stage(s: ServerReport, a: int, b: int) -> StagePlan:
         weights = prefix[b] - prefix[a] + (m.input_bytes if a == 0 else 0) + (m.output_bytes if b == n else 0)
+        weights += m.shared_bytes
         # the first stage only gathers rows of the embeddings: they cost memory, not reads
         read = weights - (m.input_bytes if a == 0 else 0)
         bw = s.bandwidth if s.bandwidth > 0 else default_bw
