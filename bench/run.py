@@ -19,6 +19,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from bench.load import bench_load
 from llmrpc.farm import Farm
 from llmrpc.model.catalog import default_model_path
 from llmrpc.reference import reference_llama
@@ -108,8 +109,20 @@ def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: 
     for r in results:
         ratio = r.tok_s_mean / base[r.test]
         print(f"{r.config:<14} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
+    load = bench_load(model)
+    print(f"\nload of all {load.tensor_bytes / 1e6:.1f} MB of tensors into one server")
+    print(f"  from a local file     {load.local_file_s:6.2f} s")
+    print(
+        f"  shipped over loopback {load.shipped_s:6.2f} s  (push {load.push_s:.2f} s: {load.ship_rate / 1e6:.0f} MB/s)"
+    )
+    print(f"  from its cache        {load.cached_s:6.2f} s")
+    print(f"  loopback TCP file copy of the same bytes: {load.copy_rate / 1e6:.0f} MB/s; "
+          f"shipping runs at {load.ship_rate / load.copy_rate:.2f}x of it")  # fmt: skip
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model, "threads": threads, "reps": reps, "results": [asdict(r) for r in results]}
+    payload = {
+        "model": model, "threads": threads, "reps": reps, "results": [asdict(r) for r in results],
+        "load": asdict(load) | {"ship_rate": load.ship_rate, "copy_rate": load.copy_rate},
+    }  # fmt: skip
     Path(out).write_text(json.dumps(payload, indent=2))
     print(f"\nwrote {out}", file=sys.stderr)
 

@@ -85,20 +85,27 @@ def _logging(verbose: int) -> None:
     help="A folder of GGUF files this server may load from (matched by content hash); repeatable.",
 )
 @click.option(
+    "--omp-spin",
+    default=None,
+    type=click.IntRange(0),
+    help="OpenMP spin count of the compute threads; about 30000 suits several servers sharing one "
+    "machine's cores (default: libgomp's, right for a server alone on its machine).",
+)
+@click.option(
     "--no-calibrate", is_flag=True, help="Skip the speed measurement at start (reports speed 0: planned as average)."
 )
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
     host: str, port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
-    memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], no_calibrate: bool,
-    list_devices: bool, verbose: int,
+    memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
+    no_calibrate: bool, list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.server.main import prepare_threads_env, serve
 
     if list_devices:
-        prepare_threads_env()
+        prepare_threads_env(omp_spin)
         from llmrpc.ggml.device import list_devices as devices
 
         for d in devices():
@@ -110,6 +117,7 @@ def server(
         serve(
             host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx,
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
+            omp_spin=omp_spin,
         )
     )  # fmt: skip
 

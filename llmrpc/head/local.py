@@ -41,6 +41,8 @@ class LocalServers:
             cmd += ["--threads", str(self.threads)]
         if self.device:
             cmd += ["--device", self.device]
+        if self.count > 1 and "--omp-spin" not in self.extra_args:
+            cmd += ["--omp-spin", "30000"]  # they share this machine's cores
         cmd += self.extra_args + own_args
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ.copy())
         self.processes.append(proc)

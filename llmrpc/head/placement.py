@@ -15,7 +15,7 @@ from llmrpc.v1 import llmrpc_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 20  # bytes of tensor data per message
+CHUNK = 1 << 22  # bytes of tensor data per message
 
 
 def model_layout(info: ModelInfo) -> ModelLayout:

@@ -97,59 +97,57 @@ class ModelInfo:
         return out
 
 
-def _field_value(reader: Any, key: str) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
-        return None
-    from gguf import GGUFValueType
-
-    if f.types and f.types[0] == GGUFValueType.ARRAY:
-        if f.types[-1] == GGUFValueType.STRING:
-            return [bytes(f.parts[i]).decode("utf-8", "replace") for i in f.data]
-        return [f.parts[i].tolist()[0] for i in f.data]
-    if f.types and f.types[0] == GGUFValueType.STRING:
-        return bytes(f.parts[f.data[0]]).decode("utf-8", "replace")
-    return f.parts[f.data[0]].tolist()[0]
-
-
 def read_model(path: str | os.PathLike[str]) -> ModelInfo:
-    """Read a GGUF's metadata and tensor layout (memory-mapped; no data is loaded)."""
-    from gguf import GGUFReader
+    """Read a GGUF's metadata and tensor layout (header only; no tensor data is loaded)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    from llmrpc.model.gguf_reader import ArrayInfo, GGUFFormatError, read_header
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"model file not found: {path}")
     try:
-        reader = GGUFReader(path, "r")
-    except Exception as e:  # gguf raises ValueError/struct.error on bad files
+        header = read_header(path)
+    except GGUFFormatError as e:
         raise ValueError(f"{path} is not a readable GGUF file: {e}") from e
-    arch_name = _field_value(reader, "general.architecture")
+    fields = header.fields
+    arch_name = fields.get("general.architecture")
     if not isinstance(arch_name, str):
         raise ValueError(f"{path}: general.architecture is missing")
     arch = architecture(arch_name)
 
     def key(suffix: str, default: Any = None) -> Any:
-        value = _field_value(reader, f"{arch_name}.{suffix}")
+        value = fields.get(f"{arch_name}.{suffix}")
         if value is None:
             if default is None:
                 raise ValueError(f"{path}: GGUF key {arch_name}.{suffix} is missing")
             return default
         return value
 
+    size = os.path.getsize(path)
     tensors: dict[str, TensorInfo] = {}
-    for t in reader.tensors:
-        shape = tuple(int(x) for x in t.shape.tolist())
-        tensors[t.name] = TensorInfo(t.name, int(t.tensor_type), shape, int(t.data_offset), int(t.n_bytes))
+    for t in header.tensors:
+        if t.ggml_type not in GGML_QUANT_SIZES:
+            raise ValueError(f"{path}: tensor {t.name} has unknown type {t.ggml_type}")
+        block, type_size = GGML_QUANT_SIZES[t.ggml_type]  # type: ignore[index]
+        n_elements = math.prod(t.shape)
+        if n_elements % block:
+            raise ValueError(f"{path}: tensor {t.name} of {n_elements} elements is not whole blocks of {block}")
+        n_bytes = n_elements // block * type_size
+        offset = header.data_offset + t.offset
+        if offset + n_bytes > size:
+            raise ValueError(f"{path}: tensor {t.name} lies past the end of the file (truncated?)")
+        tensors[t.name] = TensorInfo(t.name, t.ggml_type, t.shape, offset, n_bytes)
 
     n_embd = int(key("embedding_length"))
     n_head = int(key("attention.head_count"))
     head_dim = int(key("attention.key_length", n_embd // n_head))
-    n_vocab = _field_value(reader, f"{arch_name}.vocab_size")
+    n_vocab = fields.get(f"{arch_name}.vocab_size")
     if n_vocab is None:
-        tokens = reader.fields.get("tokenizer.ggml.tokens")
-        n_vocab = len(tokens.data) if tokens is not None else tensors["token_embd.weight"].shape[1]
-    scaling = _field_value(reader, f"{arch_name}.rope.scaling.factor")
-    attn_scale = _field_value(reader, f"{arch_name}.attention.scale")
+        tokens = fields.get("tokenizer.ggml.tokens")
+        n_vocab = tokens.count if isinstance(tokens, ArrayInfo) else tensors["token_embd.weight"].shape[1]
+    scaling = fields.get(f"{arch_name}.rope.scaling.factor")
+    attn_scale = fields.get(f"{arch_name}.attention.scale")
     hp = HParams(
         arch=arch_name,
         n_layer=int(key("block_count")),
@@ -167,10 +165,9 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
         attn_scale=float(attn_scale) if attn_scale else 1.0 / math.sqrt(head_dim),
     )
     info = ModelInfo(path, arch, hp, tensors)
-    slice_start = _field_value(reader, "llmrpc.slice.layer_start")
-    if slice_start is not None:
-        info.slice_range = (int(slice_start), int(_field_value(reader, "llmrpc.slice.layer_end")))
-        info.slice_model_hash = str(_field_value(reader, "llmrpc.slice.model_hash"))
+    if "llmrpc.slice.layer_start" in fields:
+        info.slice_range = (int(fields["llmrpc.slice.layer_start"]), int(fields["llmrpc.slice.layer_end"]))
+        info.slice_model_hash = str(fields.get("llmrpc.slice.model_hash", ""))
     info.range_tensor_names(*(info.slice_range or (0, hp.n_layer)))  # every required tensor is present
     logger.debug("read %s: %s, %d layers", path, arch_name, hp.n_layer)
     return info

@@ -11,7 +11,7 @@ import hashlib
 import struct
 from dataclasses import dataclass
 
-from llmrpc.model.gguf_model import ModelInfo, tensor_view
+from llmrpc.model.gguf_model import ModelInfo
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -52,6 +52,20 @@ class IncomingSlice:
     tensors: tuple[SliceTensor, ...]
 
 
+def _sha256(path: str, offset: int, n_bytes: int, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = n_bytes
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise ValueError(f"{path} ends before byte {offset + n_bytes}")
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
 def _string(s: str) -> bytes:
     b = s.encode()
     return struct.pack("<Q", len(b)) + b
@@ -62,17 +76,19 @@ def _pad(n: int, align: int) -> int:
 
 
 def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str) -> SliceLayout:
-    from gguf import GGUFReader
+    from llmrpc.model.gguf_reader import read_header
 
-    reader = GGUFReader(info.path, "r")
-    align = int(getattr(reader, "alignment", 32))
+    header_info = read_header(info.path)
+    align = header_info.alignment
     kv = bytearray()
     n_kv = 0
-    for f in reader.fields.values():
-        if f.name.startswith("GGUF.") or f.name.startswith("llmrpc.slice."):
-            continue
-        kv += b"".join(p.tobytes() for p in f.parts)
-        n_kv += 1
+    with open(info.path, "rb") as f:
+        for key, (a, b) in header_info.kv_spans.items():
+            if key.startswith("llmrpc.slice."):
+                continue
+            f.seek(a)
+            kv += f.read(b - a)
+            n_kv += 1
     for key, vtype, value in (
         (KEY_HASH, _STRING, _string(model_hash)),
         (KEY_START, _UINT32, struct.pack("<I", start)),
@@ -89,7 +105,7 @@ def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str) -
         ti += _string(name) + struct.pack("<I", len(t.shape))
         ti += b"".join(struct.pack("<Q", d) for d in t.shape)
         ti += struct.pack("<IQ", t.ggml_type, offset)
-        digest = hashlib.sha256(tensor_view(info.path, t).tobytes()).hexdigest()
+        digest = _sha256(info.path, t.offset, t.n_bytes)
         tensors.append(SliceTensor(name, offset, t.n_bytes, digest))
         offset = _pad(offset + t.n_bytes, align)
     head = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), n_kv) + bytes(kv) + bytes(ti)

@@ -1,0 +1,119 @@
+"""A fast GGUF header reader: metadata scalars, array lengths, tensor infos, byte spans.
+
+gguf-py's GGUFReader builds a numpy view for every element of every array (a 49k-token
+vocabulary costs seconds); llmrpc only needs scalars, array lengths and tensor layout, so
+this reads the header with ``struct`` from a memory map and skips array contents.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Any
+
+GGUF_MAGIC = b"GGUF"
+_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+_STRING, _ARRAY = 8, 9
+
+
+class GGUFFormatError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class ArrayInfo:
+    """An array value: its element type and length (contents are not read)."""
+
+    elem_type: int
+    count: int
+
+
+@dataclass(frozen=True)
+class RawTensorInfo:
+    name: str
+    shape: tuple[int, ...]  # ggml order: ne[0] first
+    ggml_type: int
+    offset: int  # relative to the data section
+
+
+@dataclass
+class GGUFHeader:
+    version: int
+    fields: dict[str, Any]
+    tensors: list[RawTensorInfo]
+    kv_span: tuple[int, int]  # byte range of the key-value section
+    data_offset: int  # absolute start of the data section
+    alignment: int
+    kv_spans: dict[str, tuple[int, int]] = field(default_factory=dict)  # each key's raw bytes
+
+
+def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError as e:  # empty file
+            raise GGUFFormatError(f"{os.fspath(path)} is empty") from e
+    try:
+        return _parse(mm, os.fspath(path))
+    except (struct.error, IndexError, UnicodeDecodeError) as e:
+        raise GGUFFormatError(f"{os.fspath(path)}: truncated or malformed GGUF header ({e})") from e
+    finally:
+        mm.close()
+
+
+def _parse(buf: mmap.mmap, path: str) -> GGUFHeader:
+    if buf[:4] != GGUF_MAGIC:
+        raise GGUFFormatError(f"{path} is not a GGUF file (bad magic)")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
+    if version < 2:
+        raise GGUFFormatError(f"{path}: GGUF version {version} is not supported")
+    pos = 24
+
+    def string(p: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from("<Q", buf, p)
+        return bytes(buf[p + 8 : p + 8 + n]).decode("utf-8"), p + 8 + n
+
+    def value(vtype: int, p: int) -> tuple[Any, int]:
+        if vtype in _SCALARS:
+            fmt = _SCALARS[vtype]
+            return struct.unpack_from(fmt, buf, p)[0], p + struct.calcsize(fmt)
+        if vtype == _STRING:
+            return string(p)
+        if vtype == _ARRAY:
+            elem, count = struct.unpack_from("<IQ", buf, p)
+            p += 12
+            if elem in _SCALARS:
+                p += struct.calcsize(_SCALARS[elem]) * count
+            elif elem == _STRING:
+                for _ in range(count):
+                    (n,) = struct.unpack_from("<Q", buf, p)
+                    p += 8 + n
+            else:
+                for _ in range(count):
+                    _, p = value(elem, p)
+            return ArrayInfo(elem, count), p
+        raise GGUFFormatError(f"{path}: unknown metadata value type {vtype}")
+
+    fields: dict[str, Any] = {}
+    spans: dict[str, tuple[int, int]] = {}
+    kv_start = pos
+    for _ in range(n_kv):
+        start = pos
+        key, pos = string(pos)
+        (vtype,) = struct.unpack_from("<I", buf, pos)
+        fields[key], pos = value(vtype, pos + 4)
+        spans[key] = (start, pos)
+    kv_end = pos
+    tensors = []
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = struct.unpack_from("<I", buf, pos)
+        dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        tensors.append(RawTensorInfo(name, tuple(int(d) for d in dims), int(ggml_type), int(offset)))
+    alignment = int(fields.get("general.alignment", 32))
+    data_offset = -(-pos // alignment) * alignment
+    return GGUFHeader(version, fields, tensors, (kv_start, kv_end), data_offset, alignment, spans)
