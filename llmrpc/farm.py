@@ -46,6 +46,7 @@ class Farm:
         progress: bool = False,
         share_path: bool | None = None,
         server_args: Sequence[str] = (),
+        f16_activations: bool = False,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -59,6 +60,7 @@ class Farm:
         if not 1 <= batch <= 8192:
             raise ValueError(f"batch must be within 1..8192, got {batch}")
         self.batch = batch
+        self.f16_activations = f16_activations
         self.share_path = servers is None if share_path is None else share_path
         self.bytes_shipped: dict[str, int] = {}
         self.load_sources: dict[str, str] = {}
@@ -103,7 +105,7 @@ class Farm:
         if bar is not None:
             bar.close()
         hp = self.info.hparams
-        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer)
+        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations)
 
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
@@ -146,7 +148,9 @@ class Farm:
         with self.session() as s:
             return self.prefill(s, tokens, all_logits=True)
 
-    def generate_tokens(self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams) -> Iterator[int]:
+    def generate_tokens(
+        self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, *, stop_at_eog: bool = True
+    ) -> Iterator[int]:
         sampler = Sampler(sampling)
         k = sampler.candidates()
         with self.session() as s:
@@ -156,7 +160,7 @@ class Farm:
             ids, logits = self._next(s, prompt_tokens[cut:], k)
             for i in range(max_tokens):
                 token = sampler(logits, ids)
-                if self.tokenizer.is_eog(token):
+                if stop_at_eog and self.tokenizer.is_eog(token):
                     return
                 yield token
                 if i + 1 == max_tokens:

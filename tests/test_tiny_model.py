@@ -64,3 +64,15 @@ def test_rewind_replaces_the_tail(tiny_models: dict[str, str], servers: list[str
             s.forward(prompt_tokens)
             got = s.forward([5, 6, 7], start_pos=10)[-1]
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_f16_activations_stay_close(tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]) -> None:
+    """Hidden states sent as f16 halve the bytes between stages and stay close to f32."""
+    path = tiny_models["F32"]
+    with Farm(path, servers, ctx_size=512) as farm:
+        exact = farm.logits(prompt_tokens)
+    with Farm(path, servers, ctx_size=512, f16_activations=True) as farm:
+        assert farm.pipeline.f16_activations
+        half = farm.logits(prompt_tokens)
+    err = np.abs(half - exact).max()
+    assert 0 < err <= 1e-2 * np.abs(exact).max()  # not bit-identical, but close

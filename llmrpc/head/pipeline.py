@@ -17,6 +17,7 @@ class Pipeline:
     stages: list[StageClient]  # in layer order, each with ``loaded`` set
     n_vocab: int
     n_layer: int
+    f16_activations: bool = False  # hidden states cross the wire as f16 (half the bytes, ~1e-3 error)
 
     def __post_init__(self) -> None:
         expect = 0
@@ -56,8 +57,9 @@ class PipelineSession:
         if pos + len(tokens) > self.n_ctx:
             raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
         x: np.ndarray = np.asarray(tokens, dtype=np.int32)
+        f16 = self.pipeline.f16_activations
         for client, sid in zip(self.pipeline.stages, self.ids, strict=True):
-            x = client.forward(sid, pos, x, all_logits=all_logits)
+            x = client.forward(sid, pos, x, all_logits=all_logits, f16=f16)
         self.tokens[pos:] = list(tokens)
         return x
 
@@ -70,7 +72,7 @@ class PipelineSession:
         x: np.ndarray = np.asarray(tokens, dtype=np.int32)
         *middle, last = list(zip(self.pipeline.stages, self.ids, strict=True))
         for client, sid in middle:
-            x = client.forward(sid, pos, x)
+            x = client.forward(sid, pos, x, f16=self.pipeline.f16_activations)
         ids, values = last[0].forward_top_k(last[1], pos, x, k)
         self.tokens[pos:] = list(tokens)
         return ids[-1], values[-1]
