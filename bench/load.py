@@ -13,7 +13,7 @@ from pathlib import Path
 
 from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
-from llmrpc.head.placement import slice_chunks
+from llmrpc.head.placement import ship_slice
 from llmrpc.model.gguf_model import content_hash, read_model
 
 
@@ -82,9 +82,8 @@ def bench_load(model: str) -> LoadTimes:
             client.hello()
             t0 = time.perf_counter()
             assert client.load("", 0, n, digest) is None
-            _, messages = slice_chunks(info, digest, 0, n)
             t1 = time.perf_counter()
-            client.push_slice(messages, 0, n)
+            ship_slice(client, info, digest, 0, n)
             push_s = time.perf_counter() - t1
             assert client.load("", 0, n, digest) is not None
             shipped_s = time.perf_counter() - t0

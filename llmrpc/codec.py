@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,13 @@ _DTYPES: dict[Any, np.dtype] = {
 _CODES = {dt: code for code, dt in _DTYPES.items()}
 
 MAX_DIMS = 4
+
+
+# The bulk upload connection (OpenUpload): a token, then frames, then the server's status.
+UPLOAD_TOKEN_BYTES = 32
+UPLOAD_FRAME = struct.Struct("<IQQI")  # tensor index, offset in tensor, length, crc32 of the bytes
+UPLOAD_END = 0xFFFFFFFF  # tensor index of the closing frame
+UPLOAD_STATUS = struct.Struct("<BQI")  # ok, tensor bytes kept, length of the message that follows
 
 
 class CodecError(ValueError):

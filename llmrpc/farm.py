@@ -17,7 +17,7 @@ import numpy as np
 from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
-from llmrpc.head.placement import model_layout, server_reports, slice_chunks
+from llmrpc.head.placement import model_layout, server_reports, ship_slice
 from llmrpc.head.planner import plan
 from llmrpc.head.sampler import Sampler, SamplingParams
 from llmrpc.head.tokenizer import TextStream, Tokenizer
@@ -115,8 +115,8 @@ class Farm:
         if loaded is None:
             total = self.info.range_bytes(start, end)
             bar = _progress(total, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
-            n, messages = slice_chunks(self.info, self.model_hash, start, end, bar.update if bar else None)
-            shipped = client.push_slice(messages, start, end)
+            n = self.info.range_bytes(start, end)
+            shipped = ship_slice(client, self.info, self.model_hash, start, end, bar.update if bar else None)
             if bar is not None:
                 bar.close()
             if shipped != n:

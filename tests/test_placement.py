@@ -162,3 +162,50 @@ def test_model_dir_is_matched_by_content_not_name(tiny_models: dict[str, str], t
             assert farm.bytes_shipped[local.addresses[0]] == 0
             assert farm.pipeline.stages[0].loaded is not None
             assert farm.pipeline.stages[0].loaded.model_path.endswith("renamed.gguf")
+
+
+def test_bulk_upload_checks_token_and_frames(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """The bulk path (OpenUpload) refuses a wrong token and a corrupted frame; keeps nothing."""
+    import socket
+
+    from llmrpc import codec
+    from llmrpc.model.slicefile import build_slice_layout
+
+    path = tiny_models["F32"]
+    info = read_model(path)
+    digest = content_hash(path)
+    layout = build_slice_layout(info, 0, 2, digest, digests=False)
+    header = codec.slice_header_to_proto(digest, 0, 2, layout)
+    first = info.tensors[layout.tensors[0].name]
+    data = Path(path).read_bytes()[first.offset : first.offset + first.n_bytes]
+    with LocalServers(1, threads=1, extra_args=["--cache-dir", str(tmp_path), "--no-calibrate"]) as local:
+        client = StageClient(local.addresses[0])
+        client.hello()
+
+        def upload(token_ok: bool, crc_ok: bool) -> tuple[int, str]:
+            port, token = client.open_upload(header, 0, 2)
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+                s.sendall(token if token_ok else bytes(len(token)))
+                crc = zlib.crc32(data) ^ (0 if crc_ok else 1)
+                try:
+                    s.sendall(codec.UPLOAD_FRAME.pack(0, 0, len(data), crc) + data)
+                    s.sendall(codec.UPLOAD_FRAME.pack(codec.UPLOAD_END, 0, 0, 0))
+                except OSError:
+                    pass
+                reply = s.recv(1 << 16)
+            ok, _, n = codec.UPLOAD_STATUS.unpack(reply[: codec.UPLOAD_STATUS.size])
+            return ok, reply[codec.UPLOAD_STATUS.size :].decode()
+
+        assert upload(token_ok=False, crc_ok=True) == (0, "bad upload token")
+        ok, msg = upload(token_ok=True, crc_ok=False)
+        assert ok == 0 and "crc32" in msg
+        ok, msg = upload(token_ok=True, crc_ok=True)  # only one tensor of several: incomplete
+        assert ok == 0 and "interrupted" in msg
+        assert client.hello().cached == ()
+        assert not list(tmp_path.glob("*/*.gguf")) and not list(tmp_path.glob("*/*.part*"))
+        # the real sender delivers it all, and the server records the digests it computed
+        from llmrpc.head.placement import ship_slice
+
+        assert ship_slice(client, info, digest, 0, 2) == info.range_bytes(0, 2)
+        loaded = client.load("", 0, 2, digest)
+        assert loaded is not None and loaded.source == "cache"

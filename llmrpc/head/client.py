@@ -99,6 +99,14 @@ class StageClient:
         self.loaded = codec.range_from_proto(reply.loaded)
         return self.loaded
 
+    def open_upload(self, header: pb.SliceHeader, start: int, end: int) -> tuple[int, bytes]:
+        try:
+            ticket = self._stub.OpenUpload(header, timeout=self.connect_timeout)
+        except grpc.RpcError as e:
+            err = self._error(e)
+            raise StageError(self.address, f"[{start}, {end})", err.code, err.detail) from None
+        return int(ticket.port), bytes(ticket.token)
+
     def push_slice(self, messages: Iterator[pb.SliceChunk], start: int, end: int) -> int:
         """Stream a slice's messages; returns the tensor bytes the server took."""
         try:

@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import logging
+import mmap
+import socket
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
+import grpc
+
 from llmrpc import codec
+from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.planner import ModelLayout, Plan, ServerReport
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
 from llmrpc.model.slicefile import build_slice_layout
@@ -15,7 +20,8 @@ from llmrpc.v1 import llmrpc_pb2 as pb
 
 logger = logging.getLogger(__name__)
 
-CHUNK = 1 << 22  # bytes of tensor data per message
+CHUNK = 1 << 22  # bytes of tensor data per PushSlice message
+BULK_CHUNK = 1 << 22  # bytes per frame on the bulk upload connection
 
 
 def model_layout(info: ModelInfo) -> ModelLayout:
@@ -65,6 +71,51 @@ def format_plan(p: Plan) -> str:
     for address in p.left_out:
         lines.append(f"{address}: left out (it would only slow the pipeline down)")
     return "\n".join(lines)
+
+
+def ship_slice(
+    client: StageClient, info: ModelInfo, model_hash: str, start: int, end: int,
+    progress: Callable[[int], None] | None = None,
+) -> int:  # fmt: skip
+    """Send layers [start, end) over the bulk upload connection; returns the bytes the server
+    kept. Frames are checksummed (crc32); the file's bytes go out with sendfile (no copy)."""
+    layout = build_slice_layout(info, start, end, model_hash, digests=False)
+    port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
+    host = client.address.rsplit(":", 1)[0].strip("[]")
+    with socket.create_connection((host, port), timeout=120) as sock, open(info.path, "rb") as f:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        try:
+            view = memoryview(mm)
+            sock.sendall(token)
+            for index, t in enumerate(layout.tensors):
+                base = info.tensors[t.name].offset
+                for off in range(0, t.n_bytes, BULK_CHUNK):
+                    n = min(BULK_CHUNK, t.n_bytes - off)
+                    crc = zlib.crc32(view[base + off : base + off + n])
+                    sock.sendall(codec.UPLOAD_FRAME.pack(index, off, n, crc))
+                    sock.sendfile(f, base + off, n)
+                    if progress is not None:
+                        progress(n)
+            sock.sendall(codec.UPLOAD_FRAME.pack(codec.UPLOAD_END, 0, 0, 0))
+            view.release()
+        finally:
+            mm.close()
+        ok, kept, msg_len = codec.UPLOAD_STATUS.unpack(_recv_exact(sock, codec.UPLOAD_STATUS.size))
+        message = _recv_exact(sock, msg_len).decode("utf-8", "replace") if msg_len else ""
+    if not ok:
+        raise StageError(client.address, f"[{start}, {end})", grpc.StatusCode.DATA_LOSS, f"upload refused: {message}")
+    return int(kept)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        piece = sock.recv(n - len(out))
+        if not piece:
+            raise ConnectionError(f"the server closed the upload connection after {len(out)} of {n} bytes")
+        out += piece
+    return bytes(out)
 
 
 def slice_chunks(

@@ -75,7 +75,9 @@ def _pad(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
-def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str) -> SliceLayout:
+def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str, *, digests: bool = True) -> SliceLayout:
+    """The slice's header and data layout; ``digests=False`` leaves the tensors' sha256 for the
+    receiver to compute (the bulk path checks each frame with crc32 instead)."""
     from llmrpc.model.gguf_reader import read_header
 
     header_info = read_header(info.path)
@@ -105,7 +107,7 @@ def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str) -
         ti += _string(name) + struct.pack("<I", len(t.shape))
         ti += b"".join(struct.pack("<Q", d) for d in t.shape)
         ti += struct.pack("<IQ", t.ggml_type, offset)
-        digest = _sha256(info.path, t.offset, t.n_bytes)
+        digest = _sha256(info.path, t.offset, t.n_bytes) if digests else ""
         tensors.append(SliceTensor(name, offset, t.n_bytes, digest))
         offset = _pad(offset + t.n_bytes, align)
     head = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), n_kv) + bytes(kv) + bytes(ti)

@@ -24,6 +24,7 @@ from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes, kv_size_for
 from llmrpc.server.api import EngineError, ErrorCode
 from llmrpc.server.store import TransferError, WeightStore
+from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
 
 logger = logging.getLogger(__name__)
@@ -42,11 +43,13 @@ class Engine:
         *,
         memory_cap: int = 0,
         store: WeightStore | None = None,
+        data_host: str = "127.0.0.1",
         calibrate_device: bool = True,
     ) -> None:
         self.device = device
         self.memory_cap = memory_cap
         self.store = store
+        self.data_host = data_host
         self.bytes_received = 0
         self.threads = threads
         self.max_sessions = max_sessions
@@ -125,6 +128,21 @@ class Engine:
         except ValueError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
         return received
+
+    def open_upload(self, head: IncomingSlice) -> tuple[int, bytes]:
+        """Open the bulk path for one slice; returns (port, token)."""
+        if self.store is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, "this server has no cache directory")
+        limit = self.memory_cap or (1 << 62)
+
+        def count(n: int) -> None:
+            self.bytes_received += n
+
+        try:
+            receiver = UploadReceiver(self.store, self.data_host, head, limit, count)
+        except TransferError as e:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"slice [{head.layer_start}, {head.layer_end}): {e}") from e
+        return receiver.port, receiver.token
 
     def _count(self, chunks: Iterable[tuple[int, int, bytes, int]]) -> Iterable[tuple[int, int, bytes, int]]:
         for chunk in chunks:

@@ -105,6 +105,13 @@ class StageService(pb_grpc.StageServicer):
 
         return _guard(context, run)
 
+    def OpenUpload(self, request: pb.SliceHeader, context: grpc.ServicerContext) -> pb.UploadTicket:  # noqa: N802
+        def run() -> pb.UploadTicket:
+            port, token = self.engine.open_upload(codec.slice_header_from_proto(request))
+            return pb.UploadTicket(port=port, token=token)
+
+        return _guard(context, run)
+
     def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionReply:  # noqa: N802
         def run() -> pb.OpenSessionReply:
             sid, n_ctx, n_bytes = self.engine.open_session(request.n_ctx)

@@ -198,6 +198,14 @@ class SliceChunk(_message.Message):
     data: TensorData
     def __init__(self, header: _Optional[_Union[SliceHeader, _Mapping]] = ..., data: _Optional[_Union[TensorData, _Mapping]] = ...) -> None: ...
 
+class UploadTicket(_message.Message):
+    __slots__ = ("port", "token")
+    PORT_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    port: int
+    token: bytes
+    def __init__(self, port: _Optional[int] = ..., token: _Optional[bytes] = ...) -> None: ...
+
 class PushSliceReply(_message.Message):
     __slots__ = ("tensor_bytes", "seconds")
     TENSOR_BYTES_FIELD_NUMBER: _ClassVar[int]

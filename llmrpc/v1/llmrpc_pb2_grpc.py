@@ -54,6 +54,11 @@ class StageStub:
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.SliceChunk.SerializeToString,
                 response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.PushSliceReply.FromString,
                 _registered_method=True)
+        self.OpenUpload = channel.unary_unary(
+                '/llmrpc.v1.Stage/OpenUpload',
+                request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.SliceHeader.SerializeToString,
+                response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.UploadTicket.FromString,
+                _registered_method=True)
         self.OpenSession = channel.unary_unary(
                 '/llmrpc.v1.Stage/OpenSession',
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.OpenSessionRequest.SerializeToString,
@@ -102,6 +107,14 @@ class StageServicer:
     def PushSlice(self, request_iterator, context):
         """Ship the tensors of one layer range (after a Load answered needs_weights). The server
         checks every chunk and every tensor, caches the slice, and never loads a bad one.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenUpload(self, request, context):
+        """The fast path for the same: the server opens a one-shot TCP port for the slice's bytes
+        (frames of tensor, offset, length, crc32), authenticated by the returned token.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -157,6 +170,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.PushSlice,
                     request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.SliceChunk.FromString,
                     response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.PushSliceReply.SerializeToString,
+            ),
+            'OpenUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenUpload,
+                    request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.SliceHeader.FromString,
+                    response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.UploadTicket.SerializeToString,
             ),
             'OpenSession': grpc.unary_unary_rpc_method_handler(
                     servicer.OpenSession,
@@ -287,6 +305,33 @@ class Stage:
             '/llmrpc.v1.Stage/PushSlice',
             llmrpc_dot_v1_dot_llmrpc__pb2.SliceChunk.SerializeToString,
             llmrpc_dot_v1_dot_llmrpc__pb2.PushSliceReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmrpc.v1.Stage/OpenUpload',
+            llmrpc_dot_v1_dot_llmrpc__pb2.SliceHeader.SerializeToString,
+            llmrpc_dot_v1_dot_llmrpc__pb2.UploadTicket.FromString,
             options,
             channel_credentials,
             insecure,
