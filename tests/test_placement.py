@@ -34,7 +34,7 @@ def test_mem_caps_split_smollm2_over_three_servers(smollm2: str, tmp_path: Path)
         with pytest.raises(PlanError):
             plan(layout, [ServerReport(f"s{i}", "CPU", cap) for i in pair], ctx_size=512, n_batch=64)
     caches = [["--cache-dir", str(tmp_path / f"c{i}")] for i in range(3)]
-    with LocalServers(3, threads=2, extra_args=["--mem", str(cap)], per_server_args=caches) as local:
+    with LocalServers(3, threads=2, extra_args=["--mem", str(cap)], per_server_args=caches, calibrate=True) as local:
         infos = [StageClient(a).hello() for a in local.addresses]
         assert all(i.memory_cap == cap and i.memory_budget == cap for i in infos)
         assert all(i.bandwidth > 0 and i.matmul_flops > 0 for i in infos)  # calibrated at start

@@ -22,6 +22,7 @@ class LocalServers:
     device: str | None = None
     extra_args: list[str] = field(default_factory=list)
     per_server_args: list[list[str]] = field(default_factory=list)  # server i also gets per_server_args[i]
+    calibrate: bool | None = None  # None: only a server alone on this machine measures its speed
     startup_timeout: float = 60.0
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
@@ -43,6 +44,11 @@ class LocalServers:
             cmd += ["--device", self.device]
         if self.count > 1 and "--omp-spin" not in self.extra_args:
             cmd += ["--omp-spin", "30000"]  # they share this machine's cores
+        calibrate = self.count == 1 if self.calibrate is None else self.calibrate
+        if not calibrate and "--no-calibrate" not in self.extra_args:
+            # Same device, measured at the same moment: the figures would only differ by the
+            # noise of measuring side by side, and skew the plan. Equal speeds split evenly.
+            cmd += ["--no-calibrate"]
         cmd += self.extra_args + own_args
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ.copy())
         self.processes.append(proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import socket
 import zlib
@@ -39,6 +40,10 @@ def model_layout(info: ModelInfo) -> ModelLayout:
         input_bytes=sum(info.tensors[n].n_bytes for n in first),
         output_bytes=sum(info.tensors[n].n_bytes for n in last),  # a tied output counts token_embd again
         shared_bytes=sum(info.tensors[n].n_bytes for n in shared),
+        layer_elements=tuple(
+            sum(math.prod(info.tensors[n].shape) for n in info.layer_tensor_names(i)) for i in range(hp.n_layer)
+        ),
+        output_elements=sum(math.prod(info.tensors[n].shape) for n in last),
         kv_bytes_per_cell=2 * hp.n_embd_kv * 2,  # K and V in f16
         n_embd=hp.n_embd,
         n_ff=hp.n_ff,

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 KV_PAD = 256  # cache cells are allocated in multiples of this (llama.cpp's padding)
+Q4_0_BYTES_PER_ELEMENT = 18 / 32  # the calibration multiplies Q4_0 weights
 HOP_SECONDS = 0.0005  # per-stage cost of passing activations on, so idle-ish stages are not free
 
 
@@ -31,6 +32,10 @@ class ModelLayout:
     n_head: int
     n_vocab: int
     shared_bytes: int = 0  # tensors every stage holds (e.g. llama3 rope factors)
+    # Work per token, in weight elements (a Q8_0 and a Q4_1 element cost about the same to
+    # multiply on a CPU, though their bytes differ). Empty: use bytes as the measure of work.
+    layer_elements: tuple[int, ...] = ()
+    output_elements: int = 0
 
 
 @dataclass(frozen=True)
@@ -106,12 +111,21 @@ def plan(
     kv_per_layer = m.kv_bytes_per_cell * kv_cells(ctx_size) * max_sessions
     known = [s.bandwidth for s in servers if s.bandwidth > 0]
     default_bw = min(known) if known else 1e9
+    # Work per token: elements scaled to Q4_0 bytes (what the calibration measures), or bytes.
+    if m.layer_elements:
+        work = [0.0]
+        for e in m.layer_elements:
+            work.append(work[-1] + e * Q4_0_BYTES_PER_ELEMENT)
+        output_work = m.output_elements * Q4_0_BYTES_PER_ELEMENT
+    else:
+        work = [float(x) for x in prefix]
+        output_work = float(m.output_bytes)
 
     def stage(s: ServerReport, a: int, b: int) -> StagePlan:
         weights = prefix[b] - prefix[a] + (m.input_bytes if a == 0 else 0) + (m.output_bytes if b == n else 0)
         weights += m.shared_bytes
-        # the first stage only gathers rows of the embeddings: they cost memory, not reads
-        read = weights - (m.input_bytes if a == 0 else 0)
+        # the first stage only gathers rows of the embeddings: they cost memory, not work
+        read = work[b] - work[a] + (output_work if b == n else 0.0)
         bw = s.bandwidth if s.bandwidth > 0 else default_bw
         return StagePlan(
             s.address, s.device, a, b, weights, kv_per_layer * (b - a),
