@@ -35,6 +35,9 @@ class LoadTimes:
         return self.tensor_bytes / self.copy_s
 
 
+REPEATS = 3
+
+
 def loopback_copy(src: Path, dst: Path, block: int = 1 << 22) -> float:
     """Seconds to copy a file to another file through a TCP connection on 127.0.0.1."""
     server = socket.create_server(("127.0.0.1", 0))
@@ -77,22 +80,27 @@ def bench_load(model: str) -> LoadTimes:
         with LocalServers(1, threads=2, extra_args=cache) as local:
             local_s, ok = _timed_load(local.addresses[0], model, n, digest)
             assert ok
-        with LocalServers(1, threads=2, extra_args=cache) as local:
-            client = StageClient(local.addresses[0])
-            client.hello()
-            t0 = time.perf_counter()
-            assert client.load("", 0, n, digest) is None
-            t1 = time.perf_counter()
-            ship_slice(client, info, digest, 0, n)
-            push_s = time.perf_counter() - t1
-            assert client.load("", 0, n, digest) is not None
-            shipped_s = time.perf_counter() - t0
+        pushes, totals = [], []
+        for attempt in range(REPEATS):  # each into an empty cache; the best run counts
+            attempt_cache = cache if attempt == 0 else ["--cache-dir", str(Path(tmp) / f"cache{attempt}"), cache[2]]
+            with LocalServers(1, threads=2, extra_args=attempt_cache) as local:
+                client = StageClient(local.addresses[0])
+                client.hello()
+                t0 = time.perf_counter()
+                assert client.load("", 0, n, digest) is None
+                t1 = time.perf_counter()
+                ship_slice(client, info, digest, 0, n)
+                pushes.append(time.perf_counter() - t1)
+                assert client.load("", 0, n, digest) is not None
+                totals.append(time.perf_counter() - t0)
+        push_s, shipped_s = min(pushes), min(totals)
         with LocalServers(1, threads=2, extra_args=cache) as local:
             cached_s, ok = _timed_load(local.addresses[0], "", n, digest)
             assert ok
         src = Path(tmp) / "src.bin"
         shutil.copyfile(model, src)
-        copy_s = loopback_copy(src, Path(tmp) / "dst.bin") * nbytes / src.stat().st_size
+        copies = [loopback_copy(src, Path(tmp) / f"dst{i}.bin") for i in range(REPEATS)]
+        copy_s = min(copies) * nbytes / src.stat().st_size
     return LoadTimes(nbytes, local_s, shipped_s, push_s, cached_s, copy_s)
 
 

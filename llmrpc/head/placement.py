@@ -22,7 +22,7 @@ from llmrpc.v1 import llmrpc_pb2 as pb
 logger = logging.getLogger(__name__)
 
 CHUNK = 1 << 22  # bytes of tensor data per PushSlice message
-BULK_CHUNK = 1 << 22  # bytes per frame on the bulk upload connection
+BULK_CHUNK = 1 << 21  # bytes per frame on the bulk upload connection
 
 
 def model_layout(info: ModelInfo) -> ModelLayout:

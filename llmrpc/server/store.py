@@ -64,15 +64,20 @@ class WeightStore:
             return None
         try:
             m = json.loads(manifest.read_text())
-            tensors = [SliceTensor(**t) for t in m["tensors"]]
             header_size = int(m["header_size"])
             with open(path, "rb") as f:
                 if hashlib.sha256(f.read(header_size)).hexdigest() != m["header_sha256"]:
                     raise TransferError("header checksum mismatch")
-                for t in tensors:
-                    f.seek(header_size + t.offset)
-                    if hashlib.sha256(f.read(t.n_bytes)).hexdigest() != t.sha256:
-                        raise TransferError(f"tensor {t.name} checksum mismatch")
+                for t in m["tensors"]:
+                    # each chunk's crc32 as received (cheap to recheck), or the tensor's sha256
+                    for off, n, crc in t.get("chunks") or []:
+                        f.seek(header_size + t["offset"] + off)
+                        if zlib.crc32(f.read(n)) != crc:
+                            raise TransferError(f"tensor {t['name']} checksum mismatch at {off}")
+                    if not t.get("chunks"):
+                        f.seek(header_size + t["offset"])
+                        if hashlib.sha256(f.read(t["n_bytes"])).hexdigest() != t["sha256"]:
+                            raise TransferError(f"tensor {t['name']} checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("cached slice %s is damaged (%s); removing it", path, e)
             path.unlink(missing_ok=True)
@@ -99,7 +104,10 @@ class WeightStore:
         path = self._slice_path(head.model_hash, head.layer_start, head.layer_end)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".part{os.getpid()}")
-        hashers = _Hashers(len(head.tensors))
+        # sha256 only when the sender gave digests to compare with (PushSlice); otherwise the
+        # chunks' crc32, checked on arrival, are what the cache is verified against later.
+        hashers = _Hashers(len(head.tensors)) if any(t.sha256 for t in head.tensors) else None
+        chunk_crcs: list[list[tuple[int, int, int]]] = [[] for _ in head.tensors]
         filled = [0] * len(head.tensors)
         base = len(head.header)
         received = 0
@@ -120,18 +128,20 @@ class WeightStore:
                     if zlib.crc32(data) != crc:
                         raise TransferError(f"{t.name}: chunk at {offset} is corrupted (crc32 mismatch)")
                     os.pwrite(f.fileno(), data, base + t.offset + offset)
-                    hashers.update(index, data)
+                    chunk_crcs[index].append((offset, len(data), crc))
+                    if hashers is not None:
+                        hashers.update(index, data)
                     filled[index] += len(data)
                     received += len(data)
-            digests = hashers.finish()
+            digests = hashers.finish() if hashers is not None else [""] * len(head.tensors)
             for t, n in zip(head.tensors, filled, strict=True):
                 if n != t.n_bytes:
                     raise TransferError(f"{t.name}: received {n} of {t.n_bytes} bytes (transfer interrupted)")
             tensors = []
-            for t, digest in zip(head.tensors, digests, strict=True):
-                if t.sha256 and digest != t.sha256:  # a header may leave it to the server (bulk path)
+            for t, digest, crcs in zip(head.tensors, digests, chunk_crcs, strict=True):
+                if t.sha256 and digest != t.sha256:
                     raise TransferError(f"{t.name}: content does not match its sha256")
-                tensors.append(SliceTensor(t.name, t.offset, t.n_bytes, digest))
+                tensors.append(SliceTensor(t.name, t.offset, t.n_bytes, digest).__dict__ | {"chunks": crcs})
             manifest = {
                 "model_hash": head.model_hash,
                 "layer_start": head.layer_start,
@@ -139,12 +149,13 @@ class WeightStore:
                 "tensor_bytes": received,
                 "header_size": base,
                 "header_sha256": hashlib.sha256(head.header).hexdigest(),
-                "tensors": [t.__dict__ for t in tensors],
+                "tensors": tensors,
             }
             os.replace(tmp, path)
             path.with_suffix(".json").write_text(json.dumps(manifest))
         except BaseException:
-            hashers.finish()
+            if hashers is not None:
+                hashers.finish()
             tmp.unlink(missing_ok=True)
             raise
         logger.info(

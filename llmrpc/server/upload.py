@@ -70,19 +70,25 @@ class UploadReceiver:
                     pass
 
     def _frames(self, conn: socket.socket) -> Iterator[tuple[int, int, memoryview, int]]:
+        # One buffer for every frame, unless the store hashes on another thread (it then
+        # still reads earlier frames while this one arrives).
+        reuse = not any(t.sha256 for t in self.head.tensors)
+        buffer = bytearray()
         while True:
             index, offset, length, crc = FRAME.unpack(_recv_exact(conn, FRAME.size))
             if index == END:
                 return
             if length > MAX_FRAME:
                 raise TransferError(f"frame of {length} bytes exceeds {MAX_FRAME}")
-            data = _recv_exact(conn, length)  # a fresh buffer: the hashing thread may still hold the last
+            if reuse and len(buffer) < length:
+                buffer = bytearray(length)
+            data = _recv_exact(conn, length, buffer if reuse else None)
             self.on_bytes(length)
             yield index, offset, data, crc
 
 
-def _recv_exact(conn: socket.socket, n: int) -> memoryview:
-    view = memoryview(bytearray(n))
+def _recv_exact(conn: socket.socket, n: int, buffer: bytearray | None = None) -> memoryview:
+    view = memoryview(buffer if buffer is not None else bytearray(n))[:n]
     got = 0
     while got < n:
         k = conn.recv_into(view[got:], n - got)
