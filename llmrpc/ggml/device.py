@@ -72,11 +72,20 @@ class Backend:
             raise RuntimeError(f"cannot initialise ggml backend for {device.name}")
         self.buffer_type = lib.ggml_backend_dev_buffer_type(self.dev)
         self.cpu_backend: int | None = None
+        self.threadpool = 0
         if device.kind != "cpu":
             cpu = next(dev for dev, info in _devices() if info.kind == "cpu")
             self.cpu_backend = lib.ggml_backend_dev_init(cpu, None)
             self._set_threads(cpu, self.cpu_backend, n_threads)
         self._set_threads(self.dev, self.backend, n_threads)
+        if not lib.uses_openmp:
+            # ggml's own threads: without a pool it starts new ones for every graph. Poll 0:
+            # workers sleep as soon as a graph is done (an idle stage leaves the cores to the
+            # busy one) while the barriers inside a graph still spin.
+            params = lib.ggml_threadpool_params_default(n_threads)
+            params.poll = 0
+            self.threadpool = lib.ggml_threadpool_new(ctypes.byref(params))
+            lib.ggml_backend_cpu_set_threadpool(self.cpu_backend or self.backend, self.threadpool)
 
     @staticmethod
     def _set_threads(dev: int, backend: int, n_threads: int) -> None:
@@ -95,5 +104,8 @@ class Backend:
         for b in (self.cpu_backend, self.backend):
             if b:
                 lib.ggml_backend_free(b)
+        if self.threadpool:
+            lib.ggml_threadpool_free(self.threadpool)
+            self.threadpool = 0
         self.backend = 0
         self.cpu_backend = None

@@ -61,6 +61,20 @@ class ggml_tensor(ctypes.Structure):  # noqa: N801 - C name
     ]
 
 
+GGML_MAX_N_THREADS = 512
+
+
+class ggml_threadpool_params(ctypes.Structure):  # noqa: N801 - C name
+    _fields_ = [
+        ("cpumask", c_bool * GGML_MAX_N_THREADS),
+        ("n_threads", c_int),
+        ("prio", c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", c_bool),
+        ("paused", c_bool),
+    ]
+
+
 class ggml_init_params(ctypes.Structure):  # noqa: N801 - C name
     _fields_ = [("mem_size", c_size_t), ("mem_buffer", c_void_p), ("no_alloc", c_bool)]
 
@@ -145,6 +159,11 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_sched_alloc_graph": (c_bool, [P, P]),
     "ggml_backend_sched_graph_compute": (c_int, [P, P]),
     "ggml_backend_sched_get_buffer_size": (c_size_t, [P, P]),
+    # CPU threadpool (used when libggml-cpu is built without OpenMP)
+    "ggml_threadpool_params_default": (ggml_threadpool_params, [c_int]),
+    "ggml_threadpool_new": (P, [POINTER(ggml_threadpool_params)]),
+    "ggml_threadpool_free": (None, [P]),
+    "ggml_backend_cpu_set_threadpool": (None, [P, P]),
 }
 
 GGML_BACKEND_BUFFER_USAGE_WEIGHTS = 1
@@ -181,9 +200,19 @@ class Ggml:
         # Backends built as separate modules (GGML_BACKEND_DL) register here; built-in ones
         # are already registered, and a second call is harmless.
         self.ggml_backend_load_all()
+        self.uses_openmp = _loaded("libgomp")
 
     def __getattr__(self, name: str) -> Any:  # only reached for undeclared names
         raise AttributeError(f"ggml function {name!r} is not declared in llmrpc.ggml.lib")
+
+
+def _loaded(stem: str) -> bool:
+    """Whether a shared library is mapped into this process (Linux; False elsewhere)."""
+    try:
+        with open("/proc/self/maps") as f:
+            return stem in f.read()
+    except OSError:
+        return False
 
 
 def _find(lib_dir: pathlib.Path, stem: str) -> pathlib.Path:
