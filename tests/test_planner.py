@@ -66,6 +66,9 @@ def test_a_model_that_does_not_fit_fails_with_the_numbers() -> None:
 def test_a_device_too_slow_to_help_is_left_out() -> None:
     p = plan(MODEL, servers((1000, 10), (1000, 10), (1000, 0.01)), ctx_size=512)
     assert p.left_out == ("s2",)
+    assert p.left_out_reasons["s2"] == "it would only slow the pipeline down"
+    tiny = plan(MODEL, servers((1000, 10), (5, 10)), ctx_size=512)
+    assert tiny.left_out == ("s1",) and "not even one layer fits" in tiny.left_out_reasons["s1"]
     assert ranges(p) == [(0, 15), (15, 30)]
 
 

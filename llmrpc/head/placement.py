@@ -73,8 +73,8 @@ def format_plan(p: Plan) -> str:
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
-    for address in p.left_out:
-        lines.append(f"{address}: left out (it would only slow the pipeline down)")
+    for address, why in p.left_out_reasons.items():
+        lines.append(f"{address}: left out ({why})")
     return "\n".join(lines)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 KV_PAD = 256  # cache cells are allocated in multiples of this (llama.cpp's padding)
 Q4_0_BYTES_PER_ELEMENT = 18 / 32  # the calibration multiplies Q4_0 weights
@@ -71,6 +71,7 @@ class StagePlan:
 class Plan:
     stages: tuple[StagePlan, ...]
     left_out: tuple[str, ...]  # servers given no layers
+    left_out_reasons: dict[str, str] = field(default_factory=dict)
 
     @property
     def bottleneck_seconds(self) -> float:
@@ -162,7 +163,17 @@ def plan(
             j = start
     stages.reverse()
     used = {st.address for st in stages}
-    return Plan(tuple(stages), tuple(s.address for s in servers if s.address not in used))
+    left = [s for s in servers if s.address not in used]
+    middle = 1 if n > 2 else 0
+    reasons = {
+        s.address: (
+            f"not even one layer fits: it needs {stage(s, middle, middle + 1).need} bytes, {s.memory_free} are free"
+            if stage(s, middle, middle + 1).need > s.memory_free
+            else "it would only slow the pipeline down"
+        )
+        for s in left
+    }
+    return Plan(tuple(stages), tuple(s.address for s in left), reasons)
 
 
 def _no_fit_message(m: ModelLayout, servers: Sequence[ServerReport], stage: object) -> str:
