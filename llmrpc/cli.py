@@ -92,6 +92,13 @@ def _logging(verbose: int) -> None:
     "machine's cores (default: libgomp's, right for a server alone on its machine).",
 )
 @click.option(
+    "--host-lock",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="A lock file shared by servers on one machine: they take turns computing instead of "
+    "fighting over the same cores (set by llmrpc-head --local).",
+)
+@click.option(
     "--no-calibrate", is_flag=True, help="Skip the speed measurement at start (reports speed 0: planned as average)."
 )
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
@@ -99,7 +106,7 @@ def _logging(verbose: int) -> None:
 def server(
     host: str, port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
     memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
-    no_calibrate: bool, list_devices: bool, verbose: int,
+    host_lock: str | None, no_calibrate: bool, list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.server.main import prepare_threads_env, serve
@@ -117,7 +124,7 @@ def server(
         serve(
             host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx,
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
-            omp_spin=omp_spin,
+            omp_spin=omp_spin, host_lock=host_lock,
         )
     )  # fmt: skip
 

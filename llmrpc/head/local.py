@@ -6,6 +6,7 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ class LocalServers:
     startup_timeout: float = 60.0
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
+    _lock_file: str = ""
 
     def start(self) -> list[str]:
         try:
@@ -42,6 +44,8 @@ class LocalServers:
             cmd += ["--threads", str(self.threads)]
         if self.device:
             cmd += ["--device", self.device]
+        if self.count > 1 and "--host-lock" not in self.extra_args:
+            cmd += ["--host-lock", self._lock_path()]
         if self.count > 1 and "--omp-spin" not in self.extra_args:
             cmd += ["--omp-spin", "30000"]  # they share this machine's cores
         calibrate = self.count == 1 if self.calibrate is None else self.calibrate
@@ -56,6 +60,12 @@ class LocalServers:
         self.addresses.append(address)
         logger.info("started local server %s (pid %d)", address, proc.pid)
 
+    def _lock_path(self) -> str:
+        if not self._lock_file:
+            fd, self._lock_file = tempfile.mkstemp(prefix="llmrpc-host-", suffix=".lock")
+            os.close(fd)
+        return self._lock_file
+
     def stop(self) -> None:
         for proc in self.processes:
             if proc.poll() is None:
@@ -69,6 +79,9 @@ class LocalServers:
                 proc.wait()
         self.processes.clear()
         self.addresses.clear()
+        if self._lock_file:
+            os.unlink(self._lock_file)
+            self._lock_file = ""
 
     def __enter__(self) -> LocalServers:
         self.start()

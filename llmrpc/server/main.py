@@ -41,6 +41,7 @@ def serve(
     model_dirs: tuple[str, ...] = (),
     calibrate: bool = True,
     omp_spin: int | None = None,
+    host_lock: str | None = None,
 ) -> int:
     prepare_threads_env(omp_spin)
     from llmrpc.ggml.device import find_device
@@ -61,6 +62,7 @@ def serve(
     store = WeightStore(Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs])
     engine = Engine(
         dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store, data_host=host,
+        host_lock=host_lock,
         calibrate_device=calibrate,
     )  # fmt: skip
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
