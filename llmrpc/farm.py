@@ -113,9 +113,8 @@ class Farm:
         loaded = client.load(hint, start, end, self.model_hash)
         shipped = 0
         if loaded is None:
-            total = self.info.range_bytes(start, end)
-            bar = _progress(total, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
             n = self.info.range_bytes(start, end)
+            bar = _progress(n, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
             shipped = ship_slice(client, self.info, self.model_hash, start, end, bar.update if bar else None)
             if bar is not None:
                 bar.close()

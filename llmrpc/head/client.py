@@ -51,14 +51,14 @@ class StageClient:
     def layers(self) -> str:
         return f"[{self.loaded.layer_start}, {self.loaded.layer_end})" if self.loaded else ""
 
-    def _error(self, e: grpc.RpcError) -> StageError:
+    def _error(self, e: grpc.RpcError, layers: str | None = None) -> StageError:
         code = e.code() if hasattr(e, "code") else None
         detail = e.details() if hasattr(e, "details") else str(e)
         if code == grpc.StatusCode.UNAVAILABLE:
             detail = f"cannot reach it: {detail}"
         elif code == grpc.StatusCode.DEADLINE_EXCEEDED:
             detail = f"no answer in time: {detail}"
-        return StageError(self.address, self.layers, code, detail or "unknown error")
+        return StageError(self.address, self.layers if layers is None else layers, code, detail or "unknown error")
 
     def hello(self) -> ServerInfo:
         try:
@@ -92,8 +92,7 @@ class StageClient:
             )
         except grpc.RpcError as e:
             self.loaded = None
-            err = self._error(e)
-            raise StageError(self.address, f"[{start}, {end})", err.code, err.detail) from None
+            raise self._error(e, f"[{start}, {end})") from None
         if reply.needs_weights:
             return None
         self.loaded = codec.range_from_proto(reply.loaded)
@@ -103,8 +102,7 @@ class StageClient:
         try:
             ticket = self._stub.OpenUpload(header, timeout=self.connect_timeout)
         except grpc.RpcError as e:
-            err = self._error(e)
-            raise StageError(self.address, f"[{start}, {end})", err.code, err.detail) from None
+            raise self._error(e, f"[{start}, {end})") from None
         return int(ticket.port), bytes(ticket.token)
 
     def push_slice(self, messages: Iterator[pb.SliceChunk], start: int, end: int) -> int:
@@ -112,8 +110,7 @@ class StageClient:
         try:
             return int(self._stub.PushSlice(messages, timeout=self.timeout).tensor_bytes)
         except grpc.RpcError as e:
-            err = self._error(e)
-            raise StageError(self.address, f"[{start}, {end})", err.code, err.detail) from None
+            raise self._error(e, f"[{start}, {end})") from None
 
     def open_session(self, n_ctx: int) -> str:
         try:

@@ -53,29 +53,29 @@ class PipelineSession:
     def forward(self, tokens: list[int], start_pos: int | None = None, *, all_logits: bool = False) -> np.ndarray:
         """Run ``tokens`` at ``start_pos`` (default: after what the session holds) through
         every stage; returns logits [n or 1, n_vocab]."""
-        pos = len(self.tokens) if start_pos is None else start_pos
-        if pos + len(tokens) > self.n_ctx:
-            raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
-        x: np.ndarray = np.asarray(tokens, dtype=np.int32)
-        f16 = self.pipeline.f16_activations
-        for client, sid in zip(self.pipeline.stages, self.ids, strict=True):
-            x = client.forward(sid, pos, x, all_logits=all_logits, f16=f16)
+        pos, x = self._through_all_but_last(tokens, start_pos)
+        client, sid = self.pipeline.stages[-1], self.ids[-1]
+        x = client.forward(sid, pos, x, all_logits=all_logits, f16=self.pipeline.f16_activations)
         self.tokens[pos:] = list(tokens)
         return x
 
     def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`forward` for the last row only, returning (ids [k], logits [k]) of its k
         largest logits: the last stage sends k values instead of the whole vocabulary."""
-        pos = len(self.tokens)
+        pos, x = self._through_all_but_last(tokens, None)
+        ids, values = self.pipeline.stages[-1].forward_top_k(self.ids[-1], pos, x, k)
+        self.tokens[pos:] = list(tokens)
+        return ids[-1], values[-1]
+
+    def _through_all_but_last(self, tokens: list[int], start_pos: int | None) -> tuple[int, np.ndarray]:
+        """Check the positions fit, then run every stage but the last: (position, its input)."""
+        pos = len(self.tokens) if start_pos is None else start_pos
         if pos + len(tokens) > self.n_ctx:
             raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
         x: np.ndarray = np.asarray(tokens, dtype=np.int32)
-        *middle, last = list(zip(self.pipeline.stages, self.ids, strict=True))
-        for client, sid in middle:
+        for client, sid in zip(self.pipeline.stages[:-1], self.ids[:-1], strict=True):
             x = client.forward(sid, pos, x, f16=self.pipeline.f16_activations)
-        ids, values = last[0].forward_top_k(last[1], pos, x, k)
-        self.tokens[pos:] = list(tokens)
-        return ids[-1], values[-1]
+        return pos, x
 
     def close(self) -> None:
         for client, sid in zip(self.pipeline.stages, self.ids, strict=False):

@@ -27,7 +27,7 @@ BULK_CHUNK = 1 << 21  # bytes per frame on the bulk upload connection
 
 def model_layout(info: ModelInfo) -> ModelLayout:
     hp = info.hparams
-    layers = tuple(sum(info.tensors[n].n_bytes for n in info.layer_tensor_names(i)) for i in range(hp.n_layer))
+    per_layer = [[info.tensors[n] for n in info.layer_tensor_names(i)] for i in range(hp.n_layer)]
     middle = set(info.range_tensor_names(1, 2)) if hp.n_layer > 2 else set()
     shared = {n for n in middle if not n.startswith("blk.")}  # every stage holds these (rope factors)
     first = [n for n in info.range_tensor_names(0, 1) if not n.startswith("blk.") and n not in shared]
@@ -36,13 +36,11 @@ def model_layout(info: ModelInfo) -> ModelLayout:
     ]
     return ModelLayout(
         n_layer=hp.n_layer,
-        layer_bytes=layers,
+        layer_bytes=tuple(sum(t.n_bytes for t in ts) for ts in per_layer),
         input_bytes=sum(info.tensors[n].n_bytes for n in first),
         output_bytes=sum(info.tensors[n].n_bytes for n in last),  # a tied output counts token_embd again
         shared_bytes=sum(info.tensors[n].n_bytes for n in shared),
-        layer_elements=tuple(
-            sum(math.prod(info.tensors[n].shape) for n in info.layer_tensor_names(i)) for i in range(hp.n_layer)
-        ),
+        layer_elements=tuple(sum(math.prod(t.shape) for t in ts) for ts in per_layer),
         output_elements=sum(math.prod(info.tensors[n].shape) for n in last),
         kv_bytes_per_cell=2 * hp.n_embd_kv * 2,  # K and V in f16
         n_embd=hp.n_embd,

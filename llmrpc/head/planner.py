@@ -70,8 +70,11 @@ class StagePlan:
 @dataclass(frozen=True)
 class Plan:
     stages: tuple[StagePlan, ...]
-    left_out: tuple[str, ...]  # servers given no layers
-    left_out_reasons: dict[str, str] = field(default_factory=dict)
+    left_out_reasons: dict[str, str] = field(default_factory=dict)  # servers given no layers, and why
+
+    @property
+    def left_out(self) -> tuple[str, ...]:
+        return tuple(self.left_out_reasons)
 
     @property
     def bottleneck_seconds(self) -> float:
@@ -173,7 +176,7 @@ def plan(
         )
         for s in left
     }
-    return Plan(tuple(stages), tuple(s.address for s in left), reasons)
+    return Plan(tuple(stages), reasons)
 
 
 def _no_fit_message(m: ModelLayout, servers: Sequence[ServerReport], stage: object) -> str:

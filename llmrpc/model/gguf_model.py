@@ -184,12 +184,23 @@ def content_hash(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _HASHES:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while block := f.read(chunk):
-                h.update(block)
-        _HASHES[key] = h.hexdigest()
+        _HASHES[key] = sha256_of(path, 0, st.st_size, chunk)
     return _HASHES[key]
+
+
+def sha256_of(path: str | os.PathLike[str], offset: int, n_bytes: int, chunk: int = 1 << 22) -> str:
+    """sha256 of ``n_bytes`` of a file from ``offset``, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        f.seek(offset)
+        left = n_bytes
+        while left:
+            block = f.read(min(chunk, left))
+            if not block:
+                raise ValueError(f"{os.fspath(path)} ends before byte {offset + n_bytes}")
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
 
 
 _HASHES: dict[tuple[str, int, int], str] = {}

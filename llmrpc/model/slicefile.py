@@ -7,11 +7,10 @@ the server writes them at their offsets and ends up with an ordinary GGUF it can
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass
 
-from llmrpc.model.gguf_model import ModelInfo
+from llmrpc.model.gguf_model import ModelInfo, sha256_of
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -50,20 +49,6 @@ class IncomingSlice:
     header: bytes
     data_size: int
     tensors: tuple[SliceTensor, ...]
-
-
-def _sha256(path: str, offset: int, n_bytes: int, chunk: int = 1 << 24) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        f.seek(offset)
-        left = n_bytes
-        while left:
-            block = f.read(min(chunk, left))
-            if not block:
-                raise ValueError(f"{path} ends before byte {offset + n_bytes}")
-            h.update(block)
-            left -= len(block)
-    return h.hexdigest()
 
 
 def _string(s: str) -> bytes:
@@ -107,7 +92,7 @@ def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str, *
         ti += _string(name) + struct.pack("<I", len(t.shape))
         ti += b"".join(struct.pack("<Q", d) for d in t.shape)
         ti += struct.pack("<IQ", t.ggml_type, offset)
-        digest = _sha256(info.path, t.offset, t.n_bytes) if digests else ""
+        digest = sha256_of(info.path, t.offset, t.n_bytes) if digests else ""
         tensors.append(SliceTensor(name, offset, t.n_bytes, digest))
         offset = _pad(offset + t.n_bytes, align)
     head = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), n_kv) + bytes(kv) + bytes(ti)

@@ -123,12 +123,24 @@ class Engine:
             return model_path, "path"
         return None
 
-    def push_slice(self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes, int]]) -> int:
+    def _slice_target(self) -> tuple[WeightStore, int]:
+        """The store that takes pushed slices and the most bytes one may hold."""
         if self.store is None:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, "this server has no cache directory")
-        limit = self.memory_cap or (1 << 62)
+        return self.store, self.memory_cap or (1 << 62)
+
+    def _count(self, n: int) -> None:
+        self.bytes_received += n
+
+    def _counted(self, chunks: Iterable[tuple[int, int, bytes, int]]) -> Iterable[tuple[int, int, bytes, int]]:
+        for chunk in chunks:
+            self._count(len(chunk[2]))
+            yield chunk
+
+    def push_slice(self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes, int]]) -> int:
+        store, limit = self._slice_target()
         try:
-            _, received = self.store.receive(head, self._count(chunks), limit)
+            _, received = store.receive(head, self._counted(chunks), limit)
         except TransferError as e:
             raise EngineError(ErrorCode.DATA_LOSS, f"slice [{head.layer_start}, {head.layer_end}) rejected: {e}") from e
         except ValueError as e:
@@ -137,23 +149,12 @@ class Engine:
 
     def open_upload(self, head: IncomingSlice) -> tuple[int, bytes]:
         """Open the bulk path for one slice; returns (port, token)."""
-        if self.store is None:
-            raise EngineError(ErrorCode.FAILED_PRECONDITION, "this server has no cache directory")
-        limit = self.memory_cap or (1 << 62)
-
-        def count(n: int) -> None:
-            self.bytes_received += n
-
+        store, limit = self._slice_target()
         try:
-            receiver = UploadReceiver(self.store, self.data_host, head, limit, count)
+            receiver = UploadReceiver(store, self.data_host, head, limit, self._count)
         except TransferError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"slice [{head.layer_start}, {head.layer_end}): {e}") from e
         return receiver.port, receiver.token
-
-    def _count(self, chunks: Iterable[tuple[int, int, bytes, int]]) -> Iterable[tuple[int, int, bytes, int]]:
-        for chunk in chunks:
-            self.bytes_received += len(chunk[2])
-            yield chunk
 
     def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None:
         """Load a range; None when this server has no copy of the weights (push them)."""
@@ -175,7 +176,7 @@ class Engine:
         except FileNotFoundError as e:
             raise EngineError(ErrorCode.NOT_FOUND, str(e)) from e
         except UnsupportedArchitectureError as e:
-            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{model_path}: {e}") from e
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{path}: {e}") from e
         except ValueError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
         n_layer = info.hparams.n_layer
@@ -187,10 +188,11 @@ class Engine:
                 f"layer range [{layer_start}, {layer_end}) is outside the model's {n_layer} layers "
                 f"(a non-empty range within [0, {n_layer}))",
             )
-        if self.memory_cap and info.range_bytes(layer_start, layer_end) > self.memory_cap:
+        need = info.range_bytes(layer_start, layer_end)
+        if self.memory_cap and need > self.memory_cap:
             raise EngineError(
                 ErrorCode.RESOURCE_EXHAUSTED,
-                f"layers [{layer_start}, {layer_end}) need {info.range_bytes(layer_start, layer_end)} bytes; "
+                f"layers [{layer_start}, {layer_end}) need {need} bytes; "
                 f"this server is capped at {self.memory_cap} (--mem)",
             )
         with self._lock:

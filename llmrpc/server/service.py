@@ -60,6 +60,7 @@ class StageService(pb_grpc.StageServicer):
             )
         e = self.engine
         loaded = e.loaded()
+        bandwidth, matmul_flops = e.calibration_figures()
         reply = pb.HelloReply(
             protocol_version=PROTOCOL_VERSION,
             server_version=__version__,
@@ -68,8 +69,8 @@ class StageService(pb_grpc.StageServicer):
             open_sessions=e.open_sessions(),
             memory_cap=e.memory_cap,
             memory_budget=e.memory_budget(),
-            bandwidth=e.calibration_figures()[0],
-            matmul_flops=e.calibration_figures()[1],
+            bandwidth=bandwidth,
+            matmul_flops=matmul_flops,
             cached=[codec.cached_to_proto(c) for c in e.cached()],
             bytes_received=e.bytes_received,
         )
