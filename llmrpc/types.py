@@ -5,6 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROTOCOL_VERSION = 1
+KV_PAD = 256  # llama.cpp pads KV cells (and the attended length) to this, so graphs keep their shape
+
+
+def kv_cells(n_ctx: int) -> int:
+    """KV cache cells a session of ``n_ctx`` positions gets: the server allocates this many
+    and the planner budgets for it."""
+    return max(KV_PAD, -(-n_ctx // KV_PAD) * KV_PAD)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-KV_PAD = 256  # cache cells are allocated in multiples of this (llama.cpp's padding)
+from llmrpc.types import kv_cells
+
 Q4_0_BYTES_PER_ELEMENT = 18 / 32  # the calibration multiplies Q4_0 weights
 HOP_SECONDS = 0.0005  # per-stage cost of passing activations on, so idle-ish stages are not free
 
@@ -83,10 +84,6 @@ class Plan:
 
 class PlanError(ValueError):
     """The model does not fit; the message gives bytes needed and available per server."""
-
-
-def kv_cells(ctx_size: int) -> int:
-    return max(KV_PAD, -(-ctx_size // KV_PAD) * KV_PAD)
 
 
 def compute_bytes(m: ModelLayout, ctx_size: int, n_batch: int, last: bool) -> int:

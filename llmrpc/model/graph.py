@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.gguf_model import HParams
-
-KV_PAD = 256  # llama.cpp pads the attended KV length to this so graphs keep their shape
+from llmrpc.types import KV_PAD
 
 
 def padded_n_kv(used: int, kv_size: int) -> int:

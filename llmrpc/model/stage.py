@@ -19,6 +19,7 @@ from llmrpc.ggml.device import Backend
 from llmrpc.model import llama
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
 from llmrpc.model.graph import Builder, GraphInputs, LayerCache, padded_n_kv
+from llmrpc.types import kv_cells
 
 logger = logging.getLogger(__name__)
 
@@ -66,11 +67,6 @@ class SessionCache:
 def kv_cache_bytes(info: ModelInfo, n_layers: int, kv_size: int) -> int:
     """Bytes of K and V for ``n_layers`` layers and ``kv_size`` cells (f16)."""
     return 2 * n_layers * info.hparams.n_embd_kv * kv_size * 2
-
-
-def kv_size_for(n_ctx: int) -> int:
-    """Cache cells for a context: padded like llama.cpp so the attended length matches."""
-    return max(256, -(-n_ctx // 256) * 256)
 
 
 class LayerStage:
@@ -136,7 +132,7 @@ class LayerStage:
 
     def new_cache(self, n_ctx: int) -> SessionCache:
         lib = g.ggml()
-        kv_size = kv_size_for(n_ctx)
+        kv_size = kv_cells(n_ctx)
         n_layers = self.end - self.start
         params = g.ggml_init_params(lib.ggml_tensor_overhead() * (2 * n_layers + 1), None, True)
         ctx = lib.ggml_init(params)

@@ -22,11 +22,11 @@ from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.slicefile import IncomingSlice
-from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes, kv_size_for
+from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes
 from llmrpc.server.api import EngineError, ErrorCode
 from llmrpc.server.store import TransferError, WeightStore
 from llmrpc.server.upload import UploadReceiver
-from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +231,7 @@ class Engine:
                 raise EngineError(
                     ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first"
                 )
-            want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_size_for(n_ctx))
+            want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_cells(n_ctx))
             if self.memory_cap and self._held + want > self.memory_cap:
                 raise EngineError(
                     ErrorCode.RESOURCE_EXHAUSTED,
