@@ -46,10 +46,18 @@ def _logging(verbose: int) -> None:
     "llmrpc-server",
     help="Serve a range of a model's layers over gRPC. The head tells it which model and which "
     "layers to load; it keeps each session's KV cache for those layers. Prints "
-    "'llmrpc-server listening on HOST:PORT' once it accepts connections.",
+    "'llmrpc-server listening on HOST:PORT data=PORT ...' once it accepts connections.",
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=50052, show_default=True, type=int, help="Port to listen on (0: any free port).")
+@click.option(
+    "--data-port",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, 65535),
+    help="TCP port of the data plane, where activations arrive from the head or the previous server "
+    "and leave for the next (0: any free port; Hello tells the head which). Open it between servers.",
+)
 @click.option(
     "--device", default=None, help="ggml device to compute on, e.g. CPU, CUDA0, Metal (default: the best present)."
 )
@@ -88,8 +96,8 @@ def _logging(verbose: int) -> None:
     "--omp-spin",
     default=None,
     type=click.IntRange(0),
-    help="OpenMP spin count of the compute threads; about 30000 suits several servers sharing one "
-    "machine's cores (default: libgomp's, right for a server alone on its machine).",
+    help="OpenMP spin count of the compute threads between ops and after a batch "
+    "(default: libgomp's, about 3 ms; see --release-threads for servers that share cores).",
 )
 @click.option(
     "--host-lock",
@@ -101,12 +109,18 @@ def _logging(verbose: int) -> None:
 @click.option(
     "--no-calibrate", is_flag=True, help="Skip the speed measurement at start (reports speed 0: planned as average)."
 )
+@click.option(
+    "--release-threads",
+    is_flag=True,
+    help="Stop the compute threads after each batch instead of letting them spin: for servers that "
+    "share their cores with other servers (set by llmrpc-head --local).",
+)
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
-    host: str, port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
+    host: str, port: int, data_port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
     memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
-    host_lock: str | None, no_calibrate: bool, list_devices: bool, verbose: int,
+    host_lock: str | None, release_threads: bool, no_calibrate: bool, list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.server.main import prepare_threads_env, serve
@@ -124,7 +138,8 @@ def server(
         serve(
             host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx,
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
-            omp_spin=omp_spin, host_lock=host_lock,
+            omp_spin=omp_spin, host_lock=host_lock, data_port=data_port,
+            release_threads=release_threads,
         )
     )  # fmt: skip
 

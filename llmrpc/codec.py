@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import enum
+import json
 import struct
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -124,8 +128,121 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
         matmul_flops=reply.matmul_flops,
         cached=tuple(CachedSlice(c.model_hash, c.layer_start, c.layer_end, c.bytes) for c in reply.cached),
         bytes_received=reply.bytes_received,
+        data_port=reply.data_port,
+        data_token=reply.data_token,
     )
 
 
 def cached_to_proto(c: CachedSlice) -> pb.CachedSlice:
     return pb.CachedSlice(model_hash=c.model_hash, layer_start=c.layer_start, layer_end=c.layer_end, bytes=c.bytes)
+
+
+# -- the data plane: activations on a plain TCP connection beside gRPC ------------------------
+# A frame is a fixed header, a JSON description, then the raw bytes of its arrays in order.
+# The head sends FORWARD frames to the first server of a route; each server runs its layers
+# and sends the frame on to the next one (hop + 1); the last server, or any server that
+# fails, answers the head directly on the head's own connection to it.
+DATA_MAGIC = b"LRD1"
+DATA_HEADER = struct.Struct("<4sB3xQIQ")  # magic, kind, request id, JSON bytes, array bytes
+MAX_DATA_META = 1 << 20
+
+
+class FrameKind(enum.IntEnum):
+    HELLO = 1  # first frame on a connection: {"token", "link", "protocol"}
+    WELCOME = 2  # the server's answer to HELLO
+    FORWARD = 3  # {"route", "hop", "link", "pos", "all_logits", "top_k", "f16"} + the input array
+    RESULT = 4  # the last hop's output arrays (logits, or top-k values then ids)
+    ERROR = 5  # {"code", "message", "server", "layers"}
+
+
+_DATA_DTYPES: dict[str, np.dtype] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4")}
+_DATA_NAMES = {dt: name for name, dt in _DATA_DTYPES.items()}
+
+
+@dataclass
+class DataFrame:
+    kind: FrameKind
+    request_id: int
+    meta: dict[str, Any]
+    arrays: list[np.ndarray] = field(default_factory=list)
+
+
+def encode_frame(
+    kind: FrameKind, request_id: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
+) -> list[bytes | memoryview]:
+    """The pieces of one frame, ready for ``socket.sendmsg`` (array bytes are not copied)."""
+    specs, views = [], []
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        name = _DATA_NAMES.get(a.dtype.newbyteorder("<"))
+        if name is None:
+            raise CodecError(f"dtype {a.dtype} cannot be sent (f32, f16, i32 can)")
+        specs.append([name, list(a.shape)])
+        views.append(a.reshape(-1).view(np.uint8).data)
+    body = json.dumps({**meta, "arrays": specs}, separators=(",", ":")).encode()
+    size = sum(v.nbytes for v in views)
+    return [DATA_HEADER.pack(DATA_MAGIC, kind, request_id, len(body), size), body, *views]
+
+
+def decode_frame_header(header: bytes | bytearray | memoryview, max_bytes: int) -> tuple[FrameKind, int, int, int]:
+    """(kind, request id, JSON bytes, array bytes) of a frame header, checked against limits."""
+    magic, kind, request_id, meta_len, data_len = DATA_HEADER.unpack(header)
+    if magic != DATA_MAGIC:
+        raise CodecError("not an llmrpc data-plane frame (bad magic)")
+    try:
+        frame_kind = FrameKind(kind)
+    except ValueError:
+        raise CodecError(f"unknown frame kind {kind}") from None
+    if meta_len > MAX_DATA_META:
+        raise CodecError(f"frame description of {meta_len} bytes exceeds {MAX_DATA_META}")
+    if data_len > max_bytes:
+        raise CodecError(f"frame of {data_len} array bytes exceeds the limit of {max_bytes}")
+    return frame_kind, request_id, meta_len, data_len
+
+
+def decode_frame_body(
+    kind: FrameKind, request_id: int, meta: bytes | memoryview, data: bytes | memoryview
+) -> DataFrame:
+    """The description and arrays of a frame whose header :func:`decode_frame_header` read."""
+    try:
+        desc = json.loads(bytes(meta))
+    except ValueError as e:
+        raise CodecError(f"frame description is not JSON: {e}") from None
+    if not isinstance(desc, dict) or not isinstance(desc.get("arrays", []), list):
+        raise CodecError("frame description must be an object with an 'arrays' list")
+    arrays, at = [], 0
+    for spec in desc.pop("arrays", []):
+        if not (isinstance(spec, list) and len(spec) == 2 and spec[0] in _DATA_DTYPES and isinstance(spec[1], list)):
+            raise CodecError(f"bad array description {spec!r}")
+        dt, shape = _DATA_DTYPES[spec[0]], spec[1]
+        if not 1 <= len(shape) <= MAX_DIMS or not all(isinstance(s, int) and s > 0 for s in shape):
+            raise CodecError(f"bad array shape {shape}")
+        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        if at + n > len(data):
+            raise CodecError(f"frame arrays need more than its {len(data)} bytes")
+        arrays.append(np.frombuffer(data, dtype=dt, count=n // dt.itemsize, offset=at).reshape(shape))
+        at += n
+    if at != len(data):
+        raise CodecError(f"frame carries {len(data) - at} bytes beyond its arrays")
+    return DataFrame(kind, request_id, desc, arrays)
+
+
+class FrameReader:
+    """Cuts a byte stream into frames; feed it what the socket gives, take whole frames out."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> list[DataFrame]:
+        self._buf += data
+        frames = []
+        while len(self._buf) >= DATA_HEADER.size:
+            kind, rid, meta_len, data_len = decode_frame_header(self._buf[: DATA_HEADER.size], self.max_bytes)
+            end = DATA_HEADER.size + meta_len + data_len
+            if len(self._buf) < end:
+                break
+            body = bytes(self._buf[DATA_HEADER.size : end])
+            del self._buf[:end]
+            frames.append(decode_frame_body(kind, rid, body[:meta_len], memoryview(body)[meta_len:]))
+        return frames

@@ -47,6 +47,7 @@ class Farm:
         share_path: bool | None = None,
         server_args: Sequence[str] = (),
         f16_activations: bool = False,
+        data_plane: bool = True,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -61,6 +62,8 @@ class Farm:
             raise ValueError(f"batch must be within 1..8192, got {batch}")
         self.batch = batch
         self.f16_activations = f16_activations
+        self.data_plane = data_plane
+        self.pipeline: Pipeline | None = None
         self.share_path = servers is None if share_path is None else share_path
         self.bytes_shipped: dict[str, int] = {}
         self.load_sources: dict[str, str] = {}
@@ -105,7 +108,7 @@ class Farm:
         if bar is not None:
             bar.close()
         hp = self.info.hparams
-        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations)
+        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane)
 
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
@@ -129,6 +132,8 @@ class Farm:
 
     # -- generation ---------------------------------------------------------------------
     def session(self) -> PipelineSession:
+        if self.pipeline is None:
+            raise RuntimeError("the farm is closed")
         return self.pipeline.session(self.ctx_size)
 
     def prefill(self, session: PipelineSession, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
@@ -200,6 +205,9 @@ class Farm:
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
+        if self.pipeline is not None:
+            self.pipeline.close()
+            self.pipeline = None
         for c in self._clients:
             c.close()
         self._clients = []

@@ -14,6 +14,18 @@ def kv_cells(n_ctx: int) -> int:
     return max(KV_PAD, -(-n_ctx // KV_PAD) * KV_PAD)
 
 
+def split_address(address: str) -> tuple[str, int]:
+    """("host", port) of "host:port" or "[v6]:port"."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def join_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 @dataclass(frozen=True)
 class DeviceInfo:
     name: str  # ggml's device name, e.g. "CPU", "CUDA0", "Metal"
@@ -68,3 +80,5 @@ class ServerInfo:
     matmul_flops: float = 0.0
     cached: tuple[CachedSlice, ...] = ()
     bytes_received: int = 0
+    data_port: int = 0  # the data plane (0: this server has none)
+    data_token: str = ""

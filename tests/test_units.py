@@ -107,7 +107,7 @@ def test_text_stream_never_splits_a_character(smollm2: str) -> None:
 
 
 def test_top_k_matches_a_full_sort() -> None:
-    from llmrpc.server.service import top_k
+    from llmrpc.server.api import top_k_logits as top_k
 
     rng = np.random.default_rng(2)
     logits = rng.standard_normal((3, 500)).astype(np.float32)

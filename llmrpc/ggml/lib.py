@@ -201,6 +201,15 @@ class Ggml:
         # are already registered, and a second call is harmless.
         self.ggml_backend_load_all()
         self.uses_openmp = _loaded("libgomp")
+        self.omp_pause_resource_all: Any = None
+        if self.uses_openmp:
+            try:
+                gomp = ctypes.CDLL(_mapped_path("libgomp") or "libgomp.so.1", mode=mode)
+                self.omp_pause_resource_all = gomp.omp_pause_resource_all
+                self.omp_pause_resource_all.restype = ctypes.c_int
+                self.omp_pause_resource_all.argtypes = [ctypes.c_int]
+            except (OSError, AttributeError):  # an OpenMP runtime without OpenMP 5.0 pause
+                pass
 
     def __getattr__(self, name: str) -> Any:  # only reached for undeclared names
         raise AttributeError(f"ggml function {name!r} is not declared in llmrpc.ggml.lib")
@@ -213,6 +222,19 @@ def _loaded(stem: str) -> bool:
             return stem in f.read()
     except OSError:
         return False
+
+
+def _mapped_path(stem: str) -> str | None:
+    """The file of a shared library mapped into this process, if any (Linux)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.split()[-1]
+                if stem in pathlib.Path(path).name:
+                    return path
+    except (OSError, IndexError):
+        pass
+    return None
 
 
 def _find(lib_dir: pathlib.Path, stem: str) -> pathlib.Path:

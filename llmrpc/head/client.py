@@ -12,7 +12,7 @@ import grpc
 import numpy as np
 
 from llmrpc import codec
-from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerInfo
+from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerInfo, join_address, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
@@ -42,6 +42,8 @@ class StageClient:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.loaded: LoadedRange | None = None
+        self.data_address = ""  # host:port of its data plane (from Hello; "" when it has none)
+        self.data_token = ""
         self._channel = grpc.insecure_channel(address, options=_OPTIONS)
         self._stub = pb_grpc.StageStub(self._channel)
         self._stream: _ForwardStream | None = None
@@ -81,6 +83,9 @@ class StageClient:
                 f"speaks protocol {info.protocol_version}, this head speaks {PROTOCOL_VERSION}",
             )  # fmt: skip
         self.loaded = info.loaded
+        if info.data_port:
+            self.data_address = join_address(split_address(self.address)[0], info.data_port)
+            self.data_token = info.data_token
         return info
 
     def load(self, model_path: str, start: int, end: int, model_hash: str = "") -> LoadedRange | None:

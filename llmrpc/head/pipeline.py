@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmrpc.head.client import StageClient, StageError
+from llmrpc.head.datalink import DataLinks, Hop
 
 logger = logging.getLogger(__name__)
 
@@ -18,6 +19,10 @@ class Pipeline:
     n_vocab: int
     n_layer: int
     f16_activations: bool = False  # hidden states cross the wire as f16 (half the bytes, ~1e-3 error)
+    # Activations go server to server over the data plane; False: through the head over gRPC
+    # (six messages per token through three servers instead of four, each a slower one).
+    data_plane: bool = True
+    links: DataLinks | None = None
 
     def __post_init__(self) -> None:
         expect = 0
@@ -28,6 +33,15 @@ class Pipeline:
             expect = r.layer_end
         if expect != self.n_layer:
             raise ValueError(f"the servers hold layers [0, {expect}) of {self.n_layer}")
+        if self.data_plane and all(c.data_address for c in self.stages):
+            self.links = DataLinks(timeout=self.stages[0].timeout, connect_timeout=self.stages[0].connect_timeout)
+            for c in self.stages:
+                self.links.connect(c.address, c.layers, c.data_address, c.data_token)
+
+    def close(self) -> None:
+        if self.links is not None:
+            self.links.close()
+            self.links = None
 
     def session(self, n_ctx: int) -> PipelineSession:
         return PipelineSession(self, n_ctx)
@@ -41,6 +55,7 @@ class PipelineSession:
     n_ctx: int
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
+    route: list[Hop] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         try:
@@ -49,10 +64,21 @@ class PipelineSession:
         except StageError:
             self.close()
             raise
+        self.route = [
+            Hop(c.address, c.layers, c.data_address, c.data_token, sid)
+            for c, sid in zip(self.pipeline.stages, self.ids, strict=True)
+        ]
 
     def forward(self, tokens: list[int], start_pos: int | None = None, *, all_logits: bool = False) -> np.ndarray:
         """Run ``tokens`` at ``start_pos`` (default: after what the session holds) through
         every stage; returns logits [n or 1, n_vocab]."""
+        links = self.pipeline.links
+        if links is not None:
+            pos = self._position(tokens, start_pos)
+            rid = links.send(self.route, pos, _ids(tokens), all_logits=all_logits, f16=self.pipeline.f16_activations)
+            out = links.wait(rid)[0]
+            self.tokens[pos:] = list(tokens)
+            return out
         pos, x = self._through_all_but_last(tokens, start_pos)
         client, sid = self.pipeline.stages[-1], self.ids[-1]
         x = client.forward(sid, pos, x, all_logits=all_logits, f16=self.pipeline.f16_activations)
@@ -62,6 +88,14 @@ class PipelineSession:
     def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`forward` for the last row only, returning (ids [k], logits [k]) of its k
         largest logits: the last stage sends k values instead of the whole vocabulary."""
+        links = self.pipeline.links
+        if links is not None:
+            pos = self._position(tokens, None)
+            rid = links.send(self.route, pos, _ids(tokens), top_k=k, f16=self.pipeline.f16_activations)
+            got = links.wait(rid)
+            self.tokens[pos:] = list(tokens)
+            values = got[0][-1]
+            return (got[1][-1] if len(got) > 1 else np.arange(values.shape[0], dtype=np.int32)), values
         pos, x = self._through_all_but_last(tokens, None)
         ids, values = self.pipeline.stages[-1].forward_top_k(self.ids[-1], pos, x, k)
         self.tokens[pos:] = list(tokens)
@@ -69,13 +103,18 @@ class PipelineSession:
 
     def _through_all_but_last(self, tokens: list[int], start_pos: int | None) -> tuple[int, np.ndarray]:
         """Check the positions fit, then run every stage but the last: (position, its input)."""
-        pos = len(self.tokens) if start_pos is None else start_pos
-        if pos + len(tokens) > self.n_ctx:
-            raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
-        x: np.ndarray = np.asarray(tokens, dtype=np.int32)
+        pos = self._position(tokens, start_pos)
+        x = _ids(tokens)
         for client, sid in zip(self.pipeline.stages[:-1], self.ids[:-1], strict=True):
             x = client.forward(sid, pos, x, f16=self.pipeline.f16_activations)
         return pos, x
+
+    def _position(self, tokens: list[int], start_pos: int | None) -> int:
+        """Where ``tokens`` go (default: after what the session holds), checked against the context."""
+        pos = len(self.tokens) if start_pos is None else start_pos
+        if pos + len(tokens) > self.n_ctx:
+            raise ValueError(f"{pos + len(tokens)} positions exceed the context size of {self.n_ctx}")
+        return pos
 
     def close(self) -> None:
         for client, sid in zip(self.pipeline.stages, self.ids, strict=False):
@@ -90,3 +129,7 @@ class PipelineSession:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _ids(tokens: list[int]) -> np.ndarray:
+    return np.asarray(tokens, dtype=np.int32)

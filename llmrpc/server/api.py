@@ -54,3 +54,25 @@ class StageEngine(Protocol):
     def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray: ...
     def close_session(self, session_id: str) -> None: ...
     def max_input_elements(self) -> int: ...
+
+
+def stage_outputs(loaded: LoadedRange | None, out: np.ndarray, top_k: int, f16: bool) -> list[np.ndarray]:
+    """What a stage sends on for ``out``: hidden states (f16 on request), or from the last
+    stage its logits (always f32): every one, or the ``top_k`` largest as [values, ids]."""
+    if loaded is None or not loaded.last:
+        return [out.astype(np.float16) if f16 else out]
+    if top_k == 0 or top_k >= out.shape[1]:
+        return [out]
+    ids, values = top_k_logits(out, top_k)
+    return [values, ids]
+
+
+def top_k_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k largest logits of each row, largest first (ties: the lower id first, as argmax)."""
+    if k == 1:
+        ids = np.argmax(logits, axis=1)[:, None]
+    else:
+        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+        order = np.lexsort((part, -np.take_along_axis(logits, part, axis=1)), axis=1)
+        ids = np.take_along_axis(part, order, axis=1)
+    return ids.astype(np.int32), np.take_along_axis(logits, ids, axis=1)

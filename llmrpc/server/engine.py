@@ -9,10 +9,8 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
 import numpy as np
@@ -24,6 +22,7 @@ from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes
 from llmrpc.server.api import EngineError, ErrorCode
+from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.store import TransferError, WeightStore
 from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
@@ -47,6 +46,8 @@ class Engine:
         data_host: str = "127.0.0.1",
         host_lock: str | None = None,
         calibrate_device: bool = True,
+        loop: ComputeLoop | None = None,
+        release_threads: bool = False,
     ) -> None:
         self.device = device
         self.memory_cap = memory_cap
@@ -56,6 +57,9 @@ class Engine:
         # at once on the same cores thrash at every barrier (4 streams through 3 servers on
         # 2 cores fell to 5 tok/s; one at a time keeps the cores busy with one team).
         self._host_lock = open(host_lock, "a+b") if host_lock else None  # noqa: SIM115
+        # ... and let their compute threads go after each batch: an idle stage whose threads
+        # spin (as OpenMP's do for ~3 ms) takes a core from the stage that computes now.
+        self.release_threads = release_threads
         self.bytes_received = 0
         self.threads = threads
         self.max_sessions = max_sessions
@@ -63,14 +67,12 @@ class Engine:
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
-        self._lock = threading.Lock()
-        # Every ggml call runs on this one thread. OpenMP gives each calling thread its own
-        # team of workers; teams left behind by other threads keep spinning and slow the
-        # next graph by a third (measured: 13 ms -> 19.5 ms per SmolLM2 token).
-        self._compute = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ggml-compute")
-        self._backend = self._on_compute(lambda: Backend(device, threads))
+        # Every ggml call and every change of state runs on the loop's one thread (see
+        # loop.py): no locks, and the data plane computes without a hand-off.
+        self.loop = loop or ComputeLoop()
+        self._backend = self.loop.call(lambda: Backend(device, threads))
         self.calibration = (
-            self._on_compute(lambda: calibrate(self._backend)) if calibrate_device else Calibration(0.0, 0.0)
+            self.loop.call(lambda: calibrate(self._backend)) if calibrate_device else Calibration(0.0, 0.0)
         )
         self._held = 0  # bytes of weights and caches this engine holds on the device
 
@@ -195,10 +197,11 @@ class Engine:
                 f"layers [{layer_start}, {layer_end}) need {need} bytes; "
                 f"this server is capped at {self.memory_cap} (--mem)",
             )
-        with self._lock:
-            self._on_compute(self._unload)
+
+        def swap() -> LoadedRange:
+            self._unload()
             try:
-                self._stage = self._on_compute(lambda: LayerStage(info, layer_start, layer_end, self._backend))
+                self._stage = LayerStage(info, layer_start, layer_end, self._backend)
             except MemoryError as e:
                 raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, str(e)) from e
             hp = info.hparams
@@ -208,6 +211,8 @@ class Engine:
                 model_hash=model_hash, source=source,
             )  # fmt: skip
             return self._range
+
+        return self.loop.call(swap)
 
     def _unload(self) -> None:
         for cache, _ in self._sessions.values():
@@ -222,33 +227,33 @@ class Engine:
 
     # -- sessions -----------------------------------------------------------------------
     def open_session(self, n_ctx: int) -> tuple[str, int, int]:
+        return self.loop.call(lambda: self._open_session(n_ctx))
+
+    def _open_session(self, n_ctx: int) -> tuple[str, int, int]:
         stage = self._require_stage()
         limit = min(self.max_ctx, stage.hp.n_ctx_train)
         if not 1 <= n_ctx <= limit:
             raise EngineError(ErrorCode.OUT_OF_RANGE, f"n_ctx {n_ctx} must be within 1..{limit}")
-        with self._lock:
-            if len(self._sessions) >= self.max_sessions:
-                raise EngineError(
-                    ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first"
-                )
-            want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_cells(n_ctx))
-            if self.memory_cap and self._held + want > self.memory_cap:
-                raise EngineError(
-                    ErrorCode.RESOURCE_EXHAUSTED,
-                    f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
-                )
-            try:
-                cache = self._on_compute(lambda: stage.new_cache(n_ctx))
-            except MemoryError as e:
-                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
-            session_id = uuid.uuid4().hex
-            self._sessions[session_id] = (cache, [0])
-            self._held += cache.n_bytes
-            logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
-            return session_id, n_ctx, cache.n_bytes
+        if len(self._sessions) >= self.max_sessions:
+            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first")
+        want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_cells(n_ctx))
+        if self.memory_cap and self._held + want > self.memory_cap:
+            raise EngineError(
+                ErrorCode.RESOURCE_EXHAUSTED,
+                f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
+            )
+        try:
+            cache = stage.new_cache(n_ctx)
+        except MemoryError as e:
+            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
+        session_id = uuid.uuid4().hex
+        self._sessions[session_id] = (cache, [0])
+        self._held += cache.n_bytes
+        logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
+        return session_id, n_ctx, cache.n_bytes
 
     def close_session(self, session_id: str) -> None:
-        with self._lock:
+        def close() -> None:
             entry = self._sessions.pop(session_id, None)
             if entry is None:
                 raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
@@ -257,29 +262,36 @@ class Engine:
             entry[0].free()
             self._held -= entry[0].n_bytes
 
+        self.loop.call(close)
+
     # -- forward ------------------------------------------------------------------------
     def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
+        """Run a batch through the loaded layers (on the compute loop; inline when called there)."""
+        return self.loop.call(lambda: self._forward(session_id, start_pos, x, all_logits))
+
+    def _forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
         stage = self._require_stage()
-        with self._lock:
-            entry = self._sessions.get(session_id)
-            if entry is None:
-                raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
-            cache, length = entry
-            n = self._check_input(stage, x)
-            if start_pos > length[0]:
-                raise EngineError(
-                    ErrorCode.INVALID_ARGUMENT,
-                    f"start_pos {start_pos} leaves a gap: the session holds {length[0]} positions",
-                )
-            if start_pos + n > cache.kv_size or start_pos + n > self.max_ctx:
-                raise EngineError(
-                    ErrorCode.OUT_OF_RANGE,
-                    f"positions {start_pos}..{start_pos + n - 1} are beyond the session's context of "
-                    f"{min(cache.kv_size, self.max_ctx)}",
-                )
-            out = self._on_compute(lambda: self._locked(lambda: stage.forward(cache, x, start_pos, all_logits)))
-            length[0] = start_pos + n
-            return out
+        entry = self._sessions.get(session_id)
+        if entry is None:
+            raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+        cache, length = entry
+        n = self._check_input(stage, x)
+        if start_pos > length[0]:
+            raise EngineError(
+                ErrorCode.INVALID_ARGUMENT,
+                f"start_pos {start_pos} leaves a gap: the session holds {length[0]} positions",
+            )
+        if start_pos + n > cache.kv_size or start_pos + n > self.max_ctx:
+            raise EngineError(
+                ErrorCode.OUT_OF_RANGE,
+                f"positions {start_pos}..{start_pos + n - 1} are beyond the session's context of "
+                f"{min(cache.kv_size, self.max_ctx)}",
+            )
+        out = self._locked(lambda: stage.forward(cache, x, start_pos, all_logits))
+        if self.release_threads:
+            self._backend.release_threads()
+        length[0] = start_pos + n
+        return out
 
     def _check_input(self, stage: LayerStage, x: np.ndarray) -> int:
         hp = stage.hp
@@ -315,10 +327,9 @@ class Engine:
         return self._stage
 
     def close(self) -> None:
-        with self._lock:
-            self._on_compute(self._unload)
-            self._on_compute(self._backend.close)
-        self._compute.shutdown()
+        self.loop.call(self._unload)
+        self.loop.call(self._backend.close)
+        self.loop.stop()
 
     def _locked(self, fn: Callable[[], T]) -> T:
         if self._host_lock is None:
@@ -328,6 +339,3 @@ class Engine:
             return fn()
         finally:
             fcntl.flock(self._host_lock, fcntl.LOCK_UN)
-
-    def _on_compute(self, fn: Callable[[], T]) -> T:
-        return self._compute.submit(fn).result()

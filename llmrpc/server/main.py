@@ -14,16 +14,12 @@ import grpc
 logger = logging.getLogger(__name__)
 
 
-SHARED_HOST_SPIN = 30000  # OpenMP spin count for servers that share their cores with others
-
-
 def prepare_threads_env(spin: int | None = None) -> None:
     """ggml's CPU threads (OpenMP in llama-cpp-python's build) spin while they wait: between
     ops (ggml's barrier is an OpenMP barrier, so sleeping there costs milliseconds per token)
-    and after a graph. A server alone on its machine keeps libgomp's long spin; servers that
-    share a host (``spin``) spin briefly, so an idle stage does not burn the cores the busy
-    stage needs (measured on 2 cores, 3 servers: 27 tok/s with the default, 50 with 30000).
-    Must run before libggml is loaded."""
+    and after a graph. libgomp's default (~3 ms) suits a server alone on its machine, and
+    servers that share one end their threads after each batch instead (``--release-threads``);
+    ``spin`` overrides it. Must run before libggml is loaded."""
     if spin is not None and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(spin)
 
@@ -42,6 +38,8 @@ def serve(
     calibrate: bool = True,
     omp_spin: int | None = None,
     host_lock: str | None = None,
+    data_port: int = 0,
+    release_threads: bool = False,
 ) -> int:
     prepare_threads_env(omp_spin)
     from llmrpc.ggml.device import find_device
@@ -60,26 +58,41 @@ def serve(
     from llmrpc.server.store import WeightStore, default_cache_dir
 
     store = WeightStore(Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs])
+    from llmrpc.server.dataplane import DataPlane
+    from llmrpc.server.loop import ComputeLoop
+
+    loop = ComputeLoop()
     engine = Engine(
         dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store, data_host=host,
         host_lock=host_lock,
-        calibrate_device=calibrate,
+        calibrate_device=calibrate, loop=loop, release_threads=release_threads,
     )  # fmt: skip
+    try:
+        data = DataPlane(engine, loop, host, data_port)
+    except OSError as e:
+        print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
+        engine.close()
+        return 2
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
-    pb_grpc.add_StageServicer_to_server(StageService(engine), server)
+    pb_grpc.add_StageServicer_to_server(StageService(engine, data.port, data.token), server)
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         print(f"llmrpc-server: cannot listen on {host}:{port} (in use or not permitted)", file=sys.stderr)
+        data.close()
+        engine.close()
         return 2
     server.start()
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # The ready line: tests and `llmrpc-head --local` read the bound port from it.
-    print(f"llmrpc-server listening on {host}:{bound} device={dev.name} threads={n_threads}", flush=True)
+    print(
+        f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}", flush=True
+    )
     logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
     stop.wait()
     logger.info("shutting down")
     server.stop(grace=2).wait()
+    data.close()
     engine.close()
     return 0

@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 
 from llmrpc import __version__, codec
-from llmrpc.server.api import EngineError, ErrorCode, StageEngine
+from llmrpc.server.api import EngineError, ErrorCode, StageEngine, stage_outputs
 from llmrpc.types import PROTOCOL_VERSION
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
@@ -49,8 +48,9 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
 
 
 class StageService(pb_grpc.StageServicer):
-    def __init__(self, engine: StageEngine) -> None:
+    def __init__(self, engine: StageEngine, data_port: int = 0, data_token: str = "") -> None:
         self.engine = engine
+        self.data_port, self.data_token = data_port, data_token
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:  # noqa: N802
         if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
@@ -73,6 +73,8 @@ class StageService(pb_grpc.StageServicer):
             matmul_flops=matmul_flops,
             cached=[codec.cached_to_proto(c) for c in e.cached()],
             bytes_received=e.bytes_received,
+            data_port=self.data_port,
+            data_token=self.data_token,
         )
         if loaded is not None:
             reply.loaded.CopyFrom(codec.range_to_proto(loaded))
@@ -139,16 +141,11 @@ class StageService(pb_grpc.StageServicer):
         dtype = request.output_dtype or pb.DTYPE_F32
         if dtype not in (pb.DTYPE_F32, pb.DTYPE_F16):
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"output dtype {codec.dtype_name(dtype)} is not F32/F16")
-        loaded = self.engine.loaded()
-        if loaded is None or not loaded.last:
-            return pb.ForwardReply(output=codec.tensor_to_proto(out, dtype), compute_seconds=seconds)
-        k = request.logits_top_k
-        if k == 0 or k >= out.shape[1]:
-            return pb.ForwardReply(output=codec.tensor_to_proto(out), compute_seconds=seconds)  # logits stay f32
-        ids, values = top_k(out, k)
-        return pb.ForwardReply(
-            output=codec.tensor_to_proto(values), token_ids=codec.tensor_to_proto(ids), compute_seconds=seconds
-        )
+        outputs = stage_outputs(self.engine.loaded(), out, request.logits_top_k, dtype == pb.DTYPE_F16)
+        reply = pb.ForwardReply(output=codec.tensor_to_proto(outputs[0]), compute_seconds=seconds)
+        if len(outputs) > 1:
+            reply.token_ids.CopyFrom(codec.tensor_to_proto(outputs[1]))
+        return reply
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:  # noqa: N802
         def run() -> pb.CloseSessionReply:
@@ -163,17 +160,6 @@ def _chunks(requests: Iterator[pb.SliceChunk]) -> Iterator[tuple[int, int, bytes
         if r.WhichOneof("part") != "data":
             raise EngineError(ErrorCode.INVALID_ARGUMENT, "only one header per slice push")
         yield r.data.tensor, r.data.offset, r.data.data, r.data.crc32
-
-
-def top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k largest logits of each row, largest first (ties: the lower id first, as argmax)."""
-    if k == 1:
-        ids = np.argmax(logits, axis=1)[:, None]
-    else:
-        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.lexsort((part, -np.take_along_axis(logits, part, axis=1)), axis=1)
-        ids = np.take_along_axis(part, order, axis=1)
-    return ids.astype(np.int32), np.take_along_axis(logits, ids, axis=1)
 
 
 GRPC_OPTIONS: list[tuple[str, Any]] = [

@@ -75,7 +75,7 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received")
+    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received", "data_port", "data_token")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,8 @@ class HelloReply(_message.Message):
     MATMUL_FLOPS_FIELD_NUMBER: _ClassVar[int]
     CACHED_FIELD_NUMBER: _ClassVar[int]
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    DATA_PORT_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     device: Device
@@ -100,7 +102,9 @@ class HelloReply(_message.Message):
     matmul_flops: float
     cached: _containers.RepeatedCompositeFieldContainer[CachedSlice]
     bytes_received: int
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ...) -> None: ...
+    data_port: int
+    data_token: str
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., data_port: _Optional[int] = ..., data_token: _Optional[str] = ...) -> None: ...
 
 class CachedSlice(_message.Message):
     __slots__ = ("model_hash", "layer_start", "layer_end", "bytes")

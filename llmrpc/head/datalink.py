@@ -1,0 +1,164 @@
+"""The head's side of the data plane: one connection to each server's data port.
+
+A forward goes to the first server of its route and comes back, as a RESULT or an ERROR,
+from whichever server ends it; the servers pass activations among themselves. Any thread may
+wait for its request: one of the waiting threads reads the sockets for all of them (no reader
+thread, so a single stream pays no hand-off between threads).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import secrets
+import select
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+
+from llmrpc import codec, wire
+from llmrpc.codec import FrameKind
+from llmrpc.head.client import StageError
+from llmrpc.types import PROTOCOL_VERSION, split_address
+
+logger = logging.getLogger(__name__)
+
+NO_LIMIT = 1 << 62  # servers' answers are trusted for size: logits of a batch can be large
+
+
+@dataclass(frozen=True)
+class Hop:
+    address: str  # the server's gRPC address: how errors name it
+    layers: str
+    data_address: str
+    token: str
+    session_id: str
+
+
+class DataLinks:
+    def __init__(self, timeout: float = 600.0, connect_timeout: float = 10.0) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.link_id = secrets.randbits(62) + 1
+        self._conns: dict[str, wire.Connection] = {}  # data address -> connection
+        self._cond = threading.Condition()
+        self._reading = False
+        self._ids = itertools.count(1)
+        self._pending: dict[int, list[Hop]] = {}  # request id -> its route
+        self._done: dict[int, tuple[codec.DataFrame | StageError, list[Hop]]] = {}
+
+    def connect(self, address: str, layers: str, data_address: str, token: str) -> None:
+        if data_address in self._conns:
+            return
+        try:
+            host, port = split_address(data_address)
+            conn = wire.Connection(wire.connect(host, port, self.connect_timeout), data_address, NO_LIMIT)
+            conn.send(FrameKind.HELLO, 0, {"token": token, "link": self.link_id, "protocol": PROTOCOL_VERSION})
+            reply = wire.wait_frame(conn, self.connect_timeout)
+        except (OSError, ValueError, codec.CodecError) as e:
+            raise StageError(address, layers, grpc.StatusCode.UNAVAILABLE, f"data port {data_address}: {e}") from None
+        if reply.kind != FrameKind.WELCOME:
+            conn.close()
+            raise StageError(address, layers, None, f"data port {data_address}: {reply.meta.get('message')}")
+        self._conns[data_address] = conn
+
+    def send(
+        self, route: list[Hop], pos: int, x: np.ndarray, *, all_logits: bool = False, top_k: int = 0, f16: bool = False
+    ) -> int:
+        """Start one forward along ``route``; returns its request id for :meth:`wait`."""
+        rid = next(self._ids)
+        meta = {
+            "route": [[h.data_address, h.token, h.session_id] for h in route],
+            "hop": 0, "link": self.link_id, "pos": pos, "all_logits": all_logits, "top_k": top_k, "f16": f16,
+        }  # fmt: skip
+        first = route[0]
+        with self._cond:
+            self._pending[rid] = route
+        try:
+            self._conns[first.data_address].send(FrameKind.FORWARD, rid, meta, [x])
+        except OSError as e:
+            with self._cond:
+                del self._pending[rid]
+            raise StageError(first.address, first.layers, grpc.StatusCode.UNAVAILABLE, f"data plane: {e}") from None
+        return rid
+
+    def wait(self, rid: int) -> list[np.ndarray]:
+        """The arrays of request ``rid``'s answer; a server's refusal raises :class:`StageError`."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self._cond:
+                if rid in self._done:
+                    return self._take(rid)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    route = self._pending.pop(rid, [])
+                    names = ", ".join(h.address for h in route)
+                    raise StageError(names, "", grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {self.timeout:.0f} s")
+                if self._reading:
+                    self._cond.wait(min(left, 0.5))
+                    continue
+                self._reading = True
+            try:
+                self._read(min(left, 0.5))
+            finally:
+                with self._cond:
+                    self._reading = False
+                    self._cond.notify_all()
+
+    def _take(self, rid: int) -> list[np.ndarray]:
+        done, route = self._done.pop(rid)
+        if isinstance(done, StageError):
+            raise done
+        if done.kind == FrameKind.ERROR:
+            m = done.meta
+            code = getattr(grpc.StatusCode, str(m.get("code", "")).upper(), None)
+            where = str(m.get("server", ""))
+            name = next((h.address for h in route if h.data_address == where), where)
+            raise StageError(name, str(m.get("layers", "")), code, str(m.get("message")))
+        return done.arrays
+
+    def _read(self, timeout: float) -> None:
+        """Read whatever the servers sent (waiting up to ``timeout``) and file it by request."""
+        socks = {c.sock: c for c in self._conns.values() if not c.closed}
+        if not socks:
+            time.sleep(timeout)
+            return
+        ready, _, _ = select.select(list(socks), [], [], timeout)
+        for sock in ready:
+            conn = socks[sock]
+            try:
+                frames = conn.receive()
+            except codec.CodecError as e:
+                frames = None
+                logger.warning("data plane %s: %s", conn.peer, e)
+            with self._cond:
+                if frames is None:
+                    self._lost(conn)
+                    continue
+                for f in frames:
+                    route = self._pending.pop(f.request_id, None)
+                    if f.kind in (FrameKind.RESULT, FrameKind.ERROR) and route is not None:
+                        self._done[f.request_id] = (f, route)
+                    elif f.kind != FrameKind.WELCOME:
+                        logger.warning("data plane %s: unexpected %s frame %d", conn.peer, f.kind.name, f.request_id)
+
+    def _lost(self, conn: wire.Connection) -> None:
+        """A server closed its connection: fail every request whose route runs through it."""
+        conn.close()
+        del self._conns[conn.peer]
+        for rid, route in list(self._pending.items()):
+            hop = next((h for h in route if h.data_address == conn.peer), None)
+            if hop is not None:
+                del self._pending[rid]
+                lost = StageError(
+                    hop.address, hop.layers, grpc.StatusCode.UNAVAILABLE, "the server closed its data connection"
+                )
+                self._done[rid] = (lost, route)
+
+    def close(self) -> None:
+        for conn in self._conns.values():
+            conn.close()
+        self._conns.clear()

@@ -1,0 +1,110 @@
+"""The server's one compute thread, run as an event loop.
+
+Every ggml call and every change to the engine's state happens on this thread: OpenMP gives
+each calling thread its own team of workers, and teams left behind by other threads keep
+spinning (measured: 13 ms -> 19.5 ms per SmolLM2 token). The same thread also waits on the
+data-plane sockets, so an activation that arrives is computed and sent on without a single
+hand-off between threads; work from gRPC handlers arrives through :meth:`call`.
+"""
+
+from __future__ import annotations
+
+import logging
+import selectors
+import socket
+import threading
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+class ComputeLoop:
+    def __init__(self, name: str = "ggml-compute") -> None:
+        self._selector = selectors.DefaultSelector()
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, None)
+        self._jobs: deque[tuple[Callable[[], object], Future[object]]] = deque()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def on_loop(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the loop thread and return its result (inline when already there)."""
+        if self.on_loop():
+            return fn()
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
+        if self._stopping:
+            future.set_exception(RuntimeError("the compute loop has stopped"))
+            return future
+        self._jobs.append((fn, future))  # type: ignore[arg-type]
+        try:
+            self._wake_w.send(b"\0")
+        except BlockingIOError:  # the wake pipe is full: the loop is awake anyway
+            pass
+        return future
+
+    def watch(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
+        """Call ``on_readable`` on the loop thread whenever ``sock`` has data (or closes)."""
+        self.call(lambda: self._selector.register(sock, selectors.EVENT_READ, on_readable))
+
+    def unwatch(self, sock: socket.socket) -> None:
+        def drop() -> None:
+            try:
+                self._selector.unregister(sock)
+            except (KeyError, ValueError):
+                pass
+
+        self.call(drop)
+
+    def _run(self) -> None:
+        while not self._stopping:
+            for key, _ in self._selector.select():
+                callback = key.data
+                if callback is None:
+                    self._drain_wake()
+                    continue
+                try:
+                    callback()
+                except Exception:  # a bad connection must not stop the loop
+                    logger.exception("data-plane callback failed")
+            while self._jobs:
+                fn, future = self._jobs.popleft()
+                if not future.set_running_or_notify_cancel():
+                    continue
+                try:
+                    future.set_result(fn())
+                except BaseException as e:  # handed back to the caller
+                    future.set_exception(e)
+        while self._jobs:
+            self._jobs.popleft()[1].set_exception(RuntimeError("the compute loop has stopped"))
+
+    def _drain_wake(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def stop(self) -> None:
+        def halt() -> None:
+            self._stopping = True
+
+        if self._thread.is_alive():
+            self.submit(halt)
+            self._thread.join(timeout=10)
+        self._selector.close()
+        self._wake_r.close()
+        self._wake_w.close()

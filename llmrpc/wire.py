@@ -1,0 +1,150 @@
+"""One data-plane TCP connection, used by the head and by servers alike.
+
+Sending never blocks the caller on a slow peer: what the socket takes at once goes out on the
+caller's thread (no hand-off on the per-token path), the rest is queued, in order, for a
+writer thread. So a server's compute loop keeps reading while a large frame drains, and no
+two parties can each wait for the other to read.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from llmrpc import codec
+
+logger = logging.getLogger(__name__)
+
+RECV_BYTES = 1 << 20
+_MAX_IOV = 512  # pieces per sendmsg call (the kernel allows 1024)
+
+
+def tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setblocking(False)
+
+
+def connect(host: str, port: int, timeout: float) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout)
+    tune(sock)
+    return sock
+
+
+class Connection:
+    def __init__(self, sock: socket.socket, peer: str, max_bytes: int) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.reader = codec.FrameReader(max_bytes)
+        self.link = 0  # the head link id this connection answers to (0: a peer server)
+        self.authenticated = False
+        self.closed = False
+        self.error: OSError | None = None
+        self._cond = threading.Condition()
+        self._pending: deque[memoryview] = deque()
+        self._writing = False
+        self._writer: threading.Thread | None = None
+
+    def send(
+        self, kind: codec.FrameKind, request_id: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
+    ) -> None:
+        views = [memoryview(p).cast("B") for p in codec.encode_frame(kind, request_id, meta, arrays)]
+        with self._cond:
+            if self.error is not None or self.closed:
+                raise self.error or ConnectionError(f"connection to {self.peer} is closed")
+            if not self._pending and not self._writing:
+                views = self._send_now(views)
+            if views:
+                self._pending.extend(views)
+                if self._writer is None:
+                    self._writer = threading.Thread(target=self._drain, name=f"send-{self.peer}", daemon=True)
+                    self._writer.start()
+                self._cond.notify()
+
+    def _send_now(self, views: list[memoryview]) -> list[memoryview]:
+        """Send what the socket takes without waiting; returns the rest."""
+        while views:
+            try:
+                n = self.sock.sendmsg(views[:_MAX_IOV])
+            except (BlockingIOError, InterruptedError):
+                break
+            views = _advance(views, n)
+        return views
+
+    def _drain(self) -> None:
+        while True:
+            with self._cond:
+                while not self._pending and not self.closed:
+                    self._cond.wait()
+                if self.closed:
+                    return
+                views = list(self._pending)
+                self._pending.clear()
+                self._writing = True
+            try:
+                while views:
+                    select.select([], [self.sock], [], 1.0)
+                    views = self._send_now(views)
+            except OSError as e:
+                logger.warning("sending to %s failed: %s", self.peer, e)
+                with self._cond:
+                    self.error = e
+                    self._writing = False
+                return
+            with self._cond:
+                self._writing = False
+
+    def receive(self) -> list[codec.DataFrame] | None:
+        """Read what is there without waiting: whole frames (maybe none), None at the end."""
+        try:
+            data = self.sock.recv(RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return []
+        except OSError as e:
+            self.error = e
+            return None
+        if not data:
+            return None
+        return self.reader.feed(data)
+
+    def close(self) -> None:
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    while n and views:
+        if n >= views[0].nbytes:
+            n -= views[0].nbytes
+            views = views[1:]
+        else:
+            views = [views[0][n:], *views[1:]]
+            n = 0
+    return views
+
+
+def wait_frame(conn: Connection, timeout: float) -> codec.DataFrame:
+    """Block (up to ``timeout``) for the next frame on ``conn``: handshakes only."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{conn.peer} did not answer within {timeout:.0f} s")
+        select.select([conn.sock], [], [], left)
+        frames = conn.receive()
+        if frames is None:
+            raise ConnectionError(f"{conn.peer} closed the connection")
+        if frames:
+            return frames[0]

@@ -1,0 +1,176 @@
+"""The data plane: activations pushed server to server over TCP, answers straight to the head."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import grpc
+import numpy as np
+import pytest
+
+from llmrpc import codec
+from llmrpc.codec import FrameKind
+from llmrpc.farm import Farm
+from llmrpc.head.client import StageClient, StageError
+from llmrpc.head.datalink import Hop
+from llmrpc.head.local import LocalServers
+from llmrpc.types import split_address
+
+
+def test_frames_round_trip_and_refuse_damage() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4)
+    ids = np.array([[7], [8], [9]], dtype=np.int32)
+    wire = b"".join(bytes(p) for p in codec.encode_frame(FrameKind.RESULT, 42, {"a": 1}, [x, ids.astype(np.float16)]))
+    reader = codec.FrameReader(max_bytes=1 << 20)
+    assert reader.feed(wire[:10]) == []  # a frame split anywhere is put back together
+    (frame,) = reader.feed(wire[10:])
+    assert frame.kind == FrameKind.RESULT and frame.request_id == 42 and frame.meta == {"a": 1}
+    assert np.array_equal(frame.arrays[0], x) and frame.arrays[1].dtype == np.float16
+    assert np.array_equal(frame.arrays[1], ids)
+
+    with pytest.raises(codec.CodecError, match="magic"):
+        codec.FrameReader(1 << 20).feed(b"XXXX" + wire[4:])
+    with pytest.raises(codec.CodecError, match="limit"):
+        codec.FrameReader(16).feed(wire)
+    header = codec.DATA_HEADER.pack(codec.DATA_MAGIC, FrameKind.FORWARD, 1, 2, 8)
+    with pytest.raises(codec.CodecError, match="JSON"):
+        codec.FrameReader(1 << 20).feed(header + b"{x" + bytes(8))
+    meta = b'{"arrays":[["f32",[3]]]}'
+    header = codec.DATA_HEADER.pack(codec.DATA_MAGIC, FrameKind.FORWARD, 1, len(meta), 8)
+    with pytest.raises(codec.CodecError, match="more than"):
+        codec.FrameReader(1 << 20).feed(header + meta + bytes(8))
+    meta = b'{"arrays":[["f64",[1]]]}'
+    header = codec.DATA_HEADER.pack(codec.DATA_MAGIC, FrameKind.FORWARD, 1, len(meta), 8)
+    with pytest.raises(codec.CodecError, match="bad array"):
+        codec.FrameReader(1 << 20).feed(header + meta + bytes(8))
+    with pytest.raises(codec.CodecError, match="cannot be sent"):
+        codec.encode_frame(FrameKind.RESULT, 1, {}, [np.zeros(2, dtype=np.float64)])
+
+
+def test_data_plane_and_grpc_paths_agree(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    path = tiny_models["Q8_0"]
+    with Farm(path, servers, ctx_size=512, data_plane=False) as farm:
+        assert farm.pipeline is not None and farm.pipeline.links is None
+        by_grpc = farm.logits(prompt_tokens)
+        with farm.session() as s:
+            s.forward(prompt_tokens[:-1])
+            grpc_top = s.forward_top_k(prompt_tokens[-1:], 5)
+    with Farm(path, servers, ctx_size=512) as farm:
+        assert farm.pipeline is not None and farm.pipeline.links is not None
+        by_data = farm.logits(prompt_tokens)
+        with farm.session() as s:
+            s.forward(prompt_tokens[:-1])
+            data_top = s.forward_top_k(prompt_tokens[-1:], 5)
+            # decoding a token at a time through the push chain gives the batch's rows
+            rows = [s.forward([t], start_pos=i)[-1] for i, t in enumerate(prompt_tokens)]
+    assert np.array_equal(by_grpc, by_data)
+    assert np.array_equal(grpc_top[0], data_top[0]) and np.array_equal(grpc_top[1], data_top[1])
+    assert list(data_top[0]) == list(np.argsort(-by_data[-1], kind="stable")[:5])
+    assert np.abs(np.stack(rows) - by_data).max() <= 1e-4 * np.abs(by_data).max()
+
+
+def test_errors_come_back_from_the_server_that_refused(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    with Farm(tiny_models["F32"], servers, ctx_size=64) as farm:
+        assert farm.pipeline is not None and farm.pipeline.links is not None
+        with farm.session() as s:
+            s.forward(prompt_tokens[:4])
+            middle = s.route[1]
+            s.route[1] = Hop(middle.address, middle.layers, middle.data_address, middle.token, "no-such-session")
+            with pytest.raises(StageError) as info:
+                s.forward(prompt_tokens[4:6])
+            err = info.value
+            assert err.code == grpc.StatusCode.NOT_FOUND and err.address == middle.address
+            assert "no-such-session" in str(err) and middle.layers in str(err)
+            s.route[1] = middle
+            with pytest.raises(StageError) as info:
+                s.forward([1, 999])
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and info.value.address == s.route[0].address
+            assert "999" in str(info.value)
+            # nothing was lost: the session goes on where it was
+            s.forward(prompt_tokens[4:6], start_pos=4)
+            assert len(s.tokens) == 6
+
+
+def _raw_connection(address: str) -> socket.socket:
+    info = StageClient(address).hello()
+    host, _ = split_address(address)
+    return socket.create_connection((host, info.data_port), timeout=10)
+
+
+def _read_frame(sock: socket.socket) -> codec.DataFrame | None:
+    reader = codec.FrameReader(1 << 20)
+    while True:
+        data = sock.recv(1 << 16)
+        if not data:
+            return None
+        frames = reader.feed(data)
+        if frames:
+            return frames[0]
+
+
+def test_data_port_refuses_strangers(servers: list[str]) -> None:
+    address = servers[0]
+    with _raw_connection(address) as sock:  # a wrong token
+        sock.sendall(b"".join(codec.encode_frame(FrameKind.HELLO, 1, {"token": "0" * 32, "link": 5})))
+        reply = _read_frame(sock)
+        assert reply is not None and reply.kind == FrameKind.ERROR and "token" in reply.meta["message"]
+        assert sock.recv(1) == b""  # and it hangs up
+    with _raw_connection(address) as sock:  # no HELLO at all
+        sock.sendall(b"".join(codec.encode_frame(FrameKind.FORWARD, 1, {"route": []}, [np.zeros(1, np.int32)])))
+        reply = _read_frame(sock)
+        assert reply is not None and reply.kind == FrameKind.ERROR and "HELLO" in reply.meta["message"]
+    with _raw_connection(address) as sock:  # not our protocol
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(64))
+        reply = _read_frame(sock)
+        assert reply is not None and reply.kind == FrameKind.ERROR and "magic" in reply.meta["message"]
+    info = StageClient(address).hello()  # still serving
+    assert info.data_port > 0
+
+
+def test_concurrent_sessions_get_their_own_answers(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    path = tiny_models["Q4_0"]
+    prompts = [prompt_tokens[i:] for i in range(4)]
+    with Farm(path, servers, ctx_size=64, max_sessions=4) as farm:
+        alone = [farm.logits(p) for p in prompts]
+        got: list[np.ndarray | None] = [None] * 4
+        errors: list[BaseException] = []
+
+        def run(i: int) -> None:
+            try:
+                with farm.session() as s:
+                    got[i] = np.stack([s.forward([t])[-1] for t in prompts[i]])
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert not errors
+    for want, have in zip(alone, got, strict=True):
+        assert have is not None and np.abs(have - want).max() <= 1e-4 * np.abs(want).max()
+
+
+def test_a_dead_server_fails_the_request_fast(tiny_models: dict[str, str], prompt_tokens: list[int]) -> None:
+    with LocalServers(3, threads=1, extra_args=["--no-calibrate"]) as local:
+        with Farm(tiny_models["F32"], local.addresses, ctx_size=64) as farm:
+            with farm.session() as s:
+                s.forward(prompt_tokens[:3])
+                middle = s.route[1].address
+                proc = local.processes[local.addresses.index(middle)]
+                proc.kill()
+                proc.wait()
+                t0 = time.monotonic()
+                with pytest.raises(StageError) as info:
+                    s.forward(prompt_tokens[3:5])
+                assert time.monotonic() - t0 < 10
+                assert info.value.code == grpc.StatusCode.UNAVAILABLE and middle in str(info.value)
