@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+from collections import OrderedDict
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,11 @@ from llmrpc.types import kv_cells
 logger = logging.getLogger(__name__)
 
 GRAPH_SIZE = 8192  # nodes per graph: ~30 per layer, room for 200+ layers
+# Decode-sized graphs are kept per session (and shape), each with its own scheduler and small
+# compute buffer, so sessions that take turns do not rebuild theirs (1-2 ms per 10 layers).
+# Larger batches share one scheduler: their buffers are big, and their shapes rarely repeat.
+KEPT_GRAPH_ROWS = 16
+KEPT_GRAPHS = 16
 BUILDERS = {"llama": llama.build}
 KV_TYPE = g.GGML_TYPE_F16
 
@@ -39,6 +45,15 @@ class _Graph:
     gf: int
     inputs: GraphInputs
     out: g.Tensor
+    sched: int
+    own_sched: bool  # a kept graph's scheduler is its own, freed with it
+    mem: ctypes.Array[ctypes.c_char]
+
+    def free(self) -> None:
+        lib = g.ggml()
+        lib.ggml_free(self.ctx)
+        if self.own_sched:
+            lib.ggml_backend_sched_free(self.sched)
 
 
 _SERIALS = itertools.count(1)
@@ -85,19 +100,21 @@ class LayerStage:
         self.start, self.end = start, end
         self.first, self.last = start == 0, end == info.hparams.n_layer
         self.backend = backend
-        self._build = BUILDERS[info.arch.builder]
+        self._build_fn = BUILDERS[info.arch.builder]
         self.weights: dict[str, g.Tensor] = {}
         self._wctx = 0
         self._wbuf = 0
         self.weight_bytes = 0
         self._load_weights(progress)
+        self._sched = self._new_sched()
+        self._graph: _Graph | None = None  # the last large-batch graph (on self._sched)
+        self._kept: OrderedDict[tuple[int, int, int, bool], _Graph] = OrderedDict()
+
+    def _new_sched(self) -> int:
         lib = g.ggml()
-        backends = backend.backends()
+        backends = self.backend.backends()
         arr = (ctypes.c_void_p * len(backends))(*backends)
-        self._sched = lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True)
-        mem = lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
-        self._graph_mem = ctypes.create_string_buffer(mem)
-        self._graph: _Graph | None = None
+        return int(lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True))
 
     def _load_weights(self, progress: Callable[[int], None] | None) -> None:
         lib = g.ggml()
@@ -174,9 +191,12 @@ class LayerStage:
         _set(inp.k_idxs, pos.astype(np.int64))
         _set(inp.v_idxs, v_idxs)
         _set(inp.out_ids, np.array([n - 1], dtype=np.int32) if want_rows else None)
-        status = lib.ggml_backend_sched_graph_compute(self._sched, graph.gf)
+        status = lib.ggml_backend_sched_graph_compute(graph.sched, graph.gf)
         if status != 0:
-            self._drop_graph()
+            if self._kept.pop(graph.key, None) is not None:
+                graph.free()
+            else:
+                self._drop_graph()
             raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
         t = graph.out.contents
         result = np.empty((t.ne[1], t.ne[0]), dtype=np.float32)
@@ -186,13 +206,29 @@ class LayerStage:
     def _graph_for(self, key: tuple[int, int, int, bool], cache: SessionCache) -> _Graph:
         """The built and allocated graph for this shape and cache; rebuilt only when the key
         changes (the attended length moves in steps of 256, so decode reuses one graph)."""
+        kept = self._kept.get(key)
+        if kept is not None:
+            self._kept.move_to_end(key)
+            return kept
         if self._graph is not None and self._graph.key == key:
             return self._graph
+        if key[1] <= KEPT_GRAPH_ROWS:
+            graph = self._build(key, cache, self._new_sched(), own_sched=True)
+            self._kept[key] = graph
+            while len(self._kept) > KEPT_GRAPHS:
+                self._kept.popitem(last=False)[1].free()
+            return graph
         self._drop_graph()
+        self._graph = self._build(key, cache, self._sched, own_sched=False)
+        return self._graph
+
+    def _build(self, key: tuple[int, int, int, bool], cache: SessionCache, sched: int, own_sched: bool) -> _Graph:
         lib, hp = g.ggml(), self.hp
         _, n, n_kv, want_rows = key
-        params = g.ggml_init_params(ctypes.sizeof(self._graph_mem), ctypes.addressof(self._graph_mem), True)
-        ctx = lib.ggml_init(params)
+        mem = ctypes.create_string_buffer(
+            lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
+        )
+        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
             b = Builder(ctx, gf, hp, n, n_kv, cache.kv_size)
@@ -205,31 +241,37 @@ class LayerStage:
                 v_idxs=b.input(g.GGML_TYPE_I64, n * hp.n_embd_kv, label="v_idxs"),
                 out_ids=b.input(g.GGML_TYPE_I32, 1, label="out_ids") if want_rows else None,
             )
-            out = self._build(b, self.weights, cache.layers, inp, self.start, self.end, self.info.arch.rope_type)
+            out = self._build_fn(b, self.weights, cache.layers, inp, self.start, self.end, self.info.arch.rope_type)
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
-            lib.ggml_backend_sched_reset(self._sched)
-            if not lib.ggml_backend_sched_alloc_graph(self._sched, gf):
+            lib.ggml_backend_sched_reset(sched)
+            if not lib.ggml_backend_sched_alloc_graph(sched, gf):
                 raise ComputeError("cannot allocate the compute graph")
         except BaseException:
             lib.ggml_free(ctx)
+            if own_sched:
+                lib.ggml_backend_sched_free(sched)
             raise
-        self._graph = _Graph(key, ctx, gf, inp, out)
-        return self._graph
+        return _Graph(key, ctx, gf, inp, out, sched, own_sched, mem)
 
     def _drop_graph(self) -> None:
         if self._graph is not None:
-            g.ggml().ggml_free(self._graph.ctx)
+            self._graph.free()
             self._graph = None
 
     def forget(self, cache: SessionCache) -> None:
-        """Called before a session's cache is freed: a graph that points into it must go."""
+        """Called before a session's cache is freed: graphs that point into it must go."""
         if self._graph is not None and self._graph.key[0] == cache.serial:
             self._drop_graph()
+        for key in [k for k in self._kept if k[0] == cache.serial]:
+            self._kept.pop(key).free()
 
     def close(self) -> None:
         lib = g.ggml()
         self._drop_graph()
+        for graph in self._kept.values():
+            graph.free()
+        self._kept.clear()
         if self._sched:
             lib.ggml_backend_sched_free(self._sched)
             self._sched = 0
