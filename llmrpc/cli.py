@@ -184,13 +184,26 @@ def server(
     "--f16-activations", is_flag=True, help="Send hidden states between servers as f16 (half the bytes; not bit-exact)."
 )
 @click.option(
+    "--micro-batch",
+    default=None,
+    type=click.IntRange(1, 512),
+    help="Prompt rows per micro-batch: servers work on consecutive micro-batches at once "
+    "(default: a quarter of the 512-row batch with several servers).",
+)
+@click.option(
+    "--via-head",
+    is_flag=True,
+    help="Send activations through the head over gRPC instead of server to server (slower; for comparison).",
+)
+@click.option(
     "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
     n_predict: int, temp: float, top_k: int, top_p: float, seed: int | None, ctx_size: int,
-    connect_timeout: float, f16_activations: bool, shared_path: bool, verbose: int,
+    connect_timeout: float, f16_activations: bool, micro_batch: int | None, via_head: bool, shared_path: bool,
+    verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.farm import Farm
@@ -203,7 +216,8 @@ def head(
     try:
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, connect_timeout=connect_timeout,
                   progress=sys.stderr.isatty(), share_path=True if shared_path else None,
-                f16_activations=f16_activations) as farm:  # fmt: skip
+                  f16_activations=f16_activations, micro_batch=micro_batch,
+                  data_plane=not via_head) as farm:  # fmt: skip
             text = farm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)

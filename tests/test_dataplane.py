@@ -73,6 +73,23 @@ def test_data_plane_and_grpc_paths_agree(
     assert np.abs(np.stack(rows) - by_data).max() <= 1e-4 * np.abs(by_data).max()
 
 
+def test_pipelined_prefill_matches_one_batch(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    """Micro-batches in flight through three servers at once give the one-batch logits."""
+    path = tiny_models["F32"]
+    with Farm(path, servers, ctx_size=512, micro_batch=len(prompt_tokens)) as farm:
+        whole = farm.logits(prompt_tokens)
+    with Farm(path, servers, ctx_size=512, micro_batch=5) as farm:
+        piped = farm.logits(prompt_tokens)
+        with farm.session() as s:
+            last = farm.prefill(s, prompt_tokens)
+            assert len(s.tokens) == len(prompt_tokens)
+    assert piped.shape == whole.shape
+    assert np.abs(piped - whole).max() <= 1e-4 * np.abs(whole).max()
+    assert np.abs(last[-1] - whole[-1]).max() <= 1e-4 * np.abs(whole).max()
+
+
 def test_errors_come_back_from_the_server_that_refused(
     tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
 ) -> None:

@@ -85,6 +85,24 @@ class PipelineSession:
         self.tokens[pos:] = list(tokens)
         return x
 
+    def forward_pipelined(self, tokens: list[int], chunk: int, *, all_logits: bool = False) -> np.ndarray:
+        """Like :meth:`forward` for a long run of tokens, sent as micro-batches of ``chunk``
+        rows without waiting in between: while the second server works on the first chunk,
+        the first works on the second, and so on. Returns the logits of every row
+        (``all_logits``) or of the last one."""
+        links = self.pipeline.links
+        if links is None or len(tokens) <= chunk:
+            return self.forward(tokens, all_logits=all_logits)
+        pos = self._position(tokens, None)
+        f16 = self.pipeline.f16_activations
+        rids = [
+            links.send(self.route, pos + i, _ids(tokens[i : i + chunk]), all_logits=all_logits, f16=f16)
+            for i in range(0, len(tokens), chunk)
+        ]
+        outs = [links.wait(rid)[0] for rid in rids]  # in order: a refusal stops at its chunk
+        self.tokens[pos:] = list(tokens)
+        return np.concatenate(outs) if all_logits else outs[-1]
+
     def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`forward` for the last row only, returning (ids [k], logits [k]) of its k
         largest logits: the last stage sends k values instead of the whole vocabulary."""

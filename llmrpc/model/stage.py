@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ctypes
 import itertools
-from collections import OrderedDict
 import logging
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
