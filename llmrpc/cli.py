@@ -188,7 +188,7 @@ def server(
     default=None,
     type=click.IntRange(1, 512),
     help="Prompt rows per micro-batch: servers work on consecutive micro-batches at once "
-    "(default: a quarter of the 512-row batch with several servers).",
+    "(default: a quarter of the 512-row batch with several --rpc-servers; whole batches with --local).",
 )
 @click.option(
     "--via-head",

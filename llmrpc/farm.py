@@ -63,7 +63,7 @@ class Farm:
             raise ValueError(f"batch must be within 1..8192, got {batch}")
         self.batch = batch
         # Prompt rows per micro-batch: the servers work on consecutive micro-batches at the same
-        # time, a pipeline. Default: a quarter of the batch when there are several servers.
+        # time, a pipeline. Default: a quarter of the batch with several remote servers.
         if micro_batch is not None and not 1 <= micro_batch <= batch:
             raise ValueError(f"micro_batch must be within 1..batch ({batch}), got {micro_batch}")
         self.micro_batch = micro_batch
@@ -148,8 +148,10 @@ class Farm:
             raise ValueError("the prompt is empty")
         logits = np.empty((0, self.info.hparams.n_vocab), dtype=np.float32)
         rows = []
-        several = len(session.pipeline.stages) > 1
-        chunk = self.micro_batch or (max(32, self.batch // 4) if several else self.batch)
+        # Servers on different machines overlap consecutive micro-batches; servers this farm
+        # started share this machine's cores, where smaller batches only cost (~9% on 1B).
+        overlap = len(session.pipeline.stages) > 1 and self._local is None
+        chunk = self.micro_batch or (max(32, self.batch // 4) if overlap else self.batch)
         for i in range(0, len(tokens), self.batch):
             logits = session.forward_pipelined(tokens[i : i + self.batch], chunk, all_logits=all_logits)
             rows.append(logits)

