@@ -191,3 +191,44 @@ def test_a_dead_server_fails_the_request_fast(tiny_models: dict[str, str], promp
                     s.forward(prompt_tokens[3:5])
                 assert time.monotonic() - t0 < 10
                 assert info.value.code == grpc.StatusCode.UNAVAILABLE and middle in str(info.value)
+
+
+def test_concurrent_decode_steps_travel_as_one_batch(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    """Four streams decoding at once through three servers: their steps are coalesced into
+    shared batches, and each stream gets the top-k it would get alone."""
+    path = tiny_models["Q8_0"]
+    prompts = [prompt_tokens[i : i + 12] for i in range(4)]
+    steps = 6
+    with Farm(path, servers, ctx_size=64, max_sessions=4) as farm:
+        assert farm.pipeline is not None and farm.pipeline.coalescer is not None
+        coalescer = farm.pipeline.coalescer
+
+        def decode(prompt: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+            with farm.session() as s:
+                s.forward(prompt[:-1])
+                return [s.forward_top_k([prompt[-1] + i], 5) for i in range(steps)]
+
+        alone = [decode(p) for p in prompts]
+        before = coalescer.batches
+        got: list[list[tuple[np.ndarray, np.ndarray]] | None] = [None] * 4
+        barrier = threading.Barrier(4)
+
+        def run(i: int) -> None:
+            barrier.wait()
+            got[i] = decode(prompts[i])
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        batches = coalescer.batches - before
+    assert batches < 4 * steps  # some steps shared a batch
+    for want, have in zip(alone, got, strict=True):
+        assert have is not None
+        for (w_ids, w_val), (h_ids, h_val) in zip(want, have, strict=True):
+            assert np.abs(w_val - h_val).max() <= 1e-4 * np.abs(w_val).max()
+            if w_val[0] - w_val[1] > 1e-3:  # a clear winner stays the winner
+                assert w_ids[0] == h_ids[0]

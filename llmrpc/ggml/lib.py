@@ -117,6 +117,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_view_1d": (T, [P, T, c_int64, c_size_t]),
     "ggml_view_2d": (T, [P, T, c_int64, c_int64, c_size_t, c_size_t]),
     "ggml_view_3d": (T, [P, T, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t]),
+    "ggml_concat": (T, [P, T, T, c_int]),
     "ggml_permute": (T, [P, T, c_int, c_int, c_int, c_int]),
     "ggml_cont_2d": (T, [P, T, c_int64, c_int64]),
     "ggml_rope_ext": (

@@ -66,14 +66,28 @@ class DataLinks:
         self._conns[data_address] = conn
 
     def send(
-        self, route: list[Hop], pos: int, x: np.ndarray, *, all_logits: bool = False, top_k: int = 0, f16: bool = False
+        self,
+        routes: list[list[Hop]],
+        positions: list[int],
+        xs: list[np.ndarray],
+        *,
+        all_logits: bool = False,
+        top_k: int = 0,
+        f16: bool = False,
     ) -> int:
-        """Start one forward along ``route``; returns its request id for :meth:`wait`."""
+        """Start one forward of one or more sessions (``routes[j]`` is session j's, through the
+        same servers; its rows ``xs[j]`` go at ``positions[j]``) in one batch; returns the
+        request id for :meth:`wait`, whose rows come in the same order."""
         rid = next(self._ids)
+        route = routes[0]
         meta = {
-            "route": [[h.data_address, h.token, h.session_id] for h in route],
-            "hop": 0, "link": self.link_id, "pos": pos, "all_logits": all_logits, "top_k": top_k, "f16": f16,
+            "route": [
+                [h.data_address, h.token, [r[i].session_id for r in routes]] for i, h in enumerate(route)
+            ],
+            "hop": 0, "link": self.link_id, "pos": positions, "rows": [int(x.shape[0]) for x in xs],
+            "all_logits": all_logits, "top_k": top_k, "f16": f16,
         }  # fmt: skip
+        x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         first = route[0]
         with self._cond:
             self._pending[rid] = route

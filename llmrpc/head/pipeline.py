@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+import threading
+import time
 from dataclasses import dataclass, field
 
+import grpc
 import numpy as np
 
 from llmrpc.head.client import StageClient, StageError
@@ -23,6 +26,7 @@ class Pipeline:
     # (six messages per token through three servers instead of four, each a slower one).
     data_plane: bool = True
     links: DataLinks | None = None
+    coalescer: Coalescer | None = None
 
     def __post_init__(self) -> None:
         expect = 0
@@ -37,11 +41,13 @@ class Pipeline:
             self.links = DataLinks(timeout=self.stages[0].timeout, connect_timeout=self.stages[0].connect_timeout)
             for c in self.stages:
                 self.links.connect(c.address, c.layers, c.data_address, c.data_token)
+            self.coalescer = Coalescer(self.links, self.f16_activations)
 
     def close(self) -> None:
         if self.links is not None:
             self.links.close()
             self.links = None
+            self.coalescer = None
 
     def session(self, n_ctx: int) -> PipelineSession:
         return PipelineSession(self, n_ctx)
@@ -75,7 +81,9 @@ class PipelineSession:
         links = self.pipeline.links
         if links is not None:
             pos = self._position(tokens, start_pos)
-            rid = links.send(self.route, pos, _ids(tokens), all_logits=all_logits, f16=self.pipeline.f16_activations)
+            rid = links.send(
+                [self.route], [pos], [_ids(tokens)], all_logits=all_logits, f16=self.pipeline.f16_activations
+            )
             out = links.wait(rid)[0]
             self.tokens[pos:] = list(tokens)
             return out
@@ -96,7 +104,7 @@ class PipelineSession:
         pos = self._position(tokens, None)
         f16 = self.pipeline.f16_activations
         rids = [
-            links.send(self.route, pos + i, _ids(tokens[i : i + chunk]), all_logits=all_logits, f16=f16)
+            links.send([self.route], [pos + i], [_ids(tokens[i : i + chunk])], all_logits=all_logits, f16=f16)
             for i in range(0, len(tokens), chunk)
         ]
         outs = [links.wait(rid)[0] for rid in rids]  # in order: a refusal stops at its chunk
@@ -106,14 +114,12 @@ class PipelineSession:
     def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`forward` for the last row only, returning (ids [k], logits [k]) of its k
         largest logits: the last stage sends k values instead of the whole vocabulary."""
-        links = self.pipeline.links
-        if links is not None:
+        coalescer = self.pipeline.coalescer
+        if coalescer is not None:
             pos = self._position(tokens, None)
-            rid = links.send(self.route, pos, _ids(tokens), top_k=k, f16=self.pipeline.f16_activations)
-            got = links.wait(rid)
+            ids, values = coalescer.call(self.route, pos, _ids(tokens), k)
             self.tokens[pos:] = list(tokens)
-            values = got[0][-1]
-            return (got[1][-1] if len(got) > 1 else np.arange(values.shape[0], dtype=np.int32)), values
+            return ids, values
         pos, x = self._through_all_but_last(tokens, None)
         ids, values = self.pipeline.stages[-1].forward_top_k(self.ids[-1], pos, x, k)
         self.tokens[pos:] = list(tokens)
@@ -135,6 +141,8 @@ class PipelineSession:
         return pos
 
     def close(self) -> None:
+        if self.pipeline.coalescer is not None and self.ids:
+            self.pipeline.coalescer.forget(self.ids[0])
         for client, sid in zip(self.pipeline.stages, self.ids, strict=False):
             try:
                 client.close_session(sid)
@@ -151,3 +159,102 @@ class PipelineSession:
 
 def _ids(tokens: list[int]) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int32)
+
+
+@dataclass
+class _Step:
+    route: list[Hop]
+    pos: int
+    x: np.ndarray
+    k: int
+    result: tuple[np.ndarray, np.ndarray] | None = None
+    error: StageError | None = None
+
+
+class Coalescer:
+    """Decode steps of concurrent sessions travel together: while one batch is in flight,
+    the steps that arrive wait, and go as the next batch, one graph per server for all of
+    them (the weights are read once per batch instead of once per session). A refused batch
+    is retried step by step (servers check a whole batch before computing any of it), so
+    one session's bad request fails only that session."""
+
+    GATHER = 0.002  # seconds a batch waits for the other decoding sessions' steps
+
+    def __init__(self, links: DataLinks, f16: bool) -> None:
+        self.links = links
+        self.f16 = f16
+        self._cond = threading.Condition()
+        self._queue: list[_Step] = []
+        self._busy = False
+        # Sessions that decode here, in the order they came: a batch waits (briefly) for all of
+        # them and lists them in this order, so consecutive batches have the same shape and
+        # the servers reuse one graph for it instead of building one per combination.
+        self._active: dict[str, int] = {}
+        self._order = 0
+        self.batches = 0  # how many batches went out, and with how many steps: for tests and benches
+        self.steps = 0
+
+    def call(self, route: list[Hop], pos: int, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [k], logits [k]) of the k largest logits of the last row of ``x``."""
+        step = _Step(route, pos, x, k)
+        with self._cond:
+            if route[0].session_id not in self._active:
+                self._active[route[0].session_id] = self._order
+                self._order += 1
+            self._queue.append(step)
+            self._cond.notify_all()
+            while step.result is None and step.error is None and self._busy:
+                self._cond.wait()
+            if step.result is None and step.error is None:
+                self._busy = True
+                deadline = time.monotonic() + self.GATHER
+                while len(self._queue) < len(self._active) and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+                batch, self._queue = self._queue, []
+                batch.sort(key=lambda s: self._active.get(s.route[0].session_id, 0))
+            else:
+                batch = []
+        if batch:
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+        if step.error is not None:
+            raise step.error
+        assert step.result is not None
+        return step.result
+
+    def forget(self, session_id: str) -> None:
+        """A session stopped decoding (closed): batches no longer wait for it."""
+        with self._cond:
+            self._active.pop(session_id, None)
+            self._cond.notify_all()
+
+    def _run(self, batch: list[_Step]) -> None:
+        try:
+            self._send(batch)
+        except StageError as e:
+            if len(batch) == 1 or e.code == grpc.StatusCode.UNAVAILABLE:
+                for s in batch:
+                    s.error = e
+                return
+            for s in batch:
+                try:
+                    self._send([s])
+                except StageError as one:
+                    s.error = one
+
+    def _send(self, batch: list[_Step]) -> None:
+        k = max(s.k for s in batch)
+        rid = self.links.send(
+            [s.route for s in batch], [s.pos for s in batch], [s.x for s in batch], top_k=k, f16=self.f16
+        )
+        got = self.links.wait(rid)
+        self.batches += 1
+        self.steps += len(batch)
+        values = got[0]  # one row per session: the last of its rows
+        ids = got[1] if len(got) > 1 else np.broadcast_to(np.arange(values.shape[1], dtype=np.int32), values.shape)
+        for i, s in enumerate(batch):
+            s.result = ids[i, : s.k], values[i, : s.k]

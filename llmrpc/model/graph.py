@@ -19,6 +19,23 @@ def padded_n_kv(used: int, kv_size: int) -> int:
     return min(kv_size, max(KV_PAD, -(-used // KV_PAD) * KV_PAD))
 
 
+@dataclass(frozen=True)
+class Segment:
+    """The rows of one session in a batch: they attend to that session's own KV cache."""
+
+    offset: int  # first row in the batch
+    n: int  # rows
+    n_kv: int  # cells attended (padded)
+    kv_size: int  # cells in the session's cache
+
+
+@dataclass
+class SegmentInputs:
+    kq_mask: g.Tensor  # F32 [n_kv, n]
+    k_idxs: g.Tensor  # I64 [n]
+    v_idxs: g.Tensor  # I64 [n * n_embd_kv]: the V cache is stored transposed
+
+
 @dataclass
 class GraphInputs:
     """The input tensors of one forward graph; filled by the caller after allocation."""
@@ -26,9 +43,7 @@ class GraphInputs:
     tokens: g.Tensor | None  # I32 [n] on the first stage
     embd: g.Tensor | None  # F32 [n_embd, n] elsewhere
     pos: g.Tensor  # I32 [n]
-    kq_mask: g.Tensor  # F32 [n_kv, n]
-    k_idxs: g.Tensor  # I64 [n]
-    v_idxs: g.Tensor  # I64 [n * n_embd_kv]: the V cache is stored transposed
+    segments: list[SegmentInputs]  # one per session in the batch
     out_ids: g.Tensor | None  # I32 [n_out] when only some rows leave the last layer
 
 
@@ -39,16 +54,17 @@ class LayerCache:
 
 
 class Builder:
-    """A ggml context for one graph plus the shared helpers of the builders."""
+    """A ggml context for one graph plus the shared helpers of the builders. A batch holds
+    the rows of one or more sessions (segments): every matrix multiplication runs once over
+    all rows, and each segment attends to its own cache."""
 
-    def __init__(self, ctx: int, gf: int, hp: HParams, n_tokens: int, n_kv: int, kv_size: int):
+    def __init__(self, ctx: int, gf: int, hp: HParams, segments: list[Segment]):
         self.lib = g.ggml()
         self.ctx = ctx
         self.gf = gf
         self.hp = hp
-        self.n_tokens = n_tokens
-        self.n_kv = n_kv
-        self.kv_size = kv_size
+        self.segments = segments
+        self.n_tokens = sum(s.n for s in segments)
 
     def name(self, t: g.Tensor, label: str, il: int = -1) -> g.Tensor:
         self.lib.ggml_set_name(t, (f"{label}-{il}" if il >= 0 else label).encode())
@@ -78,21 +94,40 @@ class Builder:
     def attention(
         self,
         inp: GraphInputs,
-        cache: LayerCache,
+        caches: list[LayerCache],  # one per segment
         q: g.Tensor,  # [head_dim, n_head, n]
         k: g.Tensor,  # [head_dim, n_head_kv, n]
         v: g.Tensor,  # [head_dim, n_head_kv, n]
         il: int,
     ) -> g.Tensor:
-        """Store K and V for this batch in the cache, then attend over ``n_kv`` cells."""
+        """Each segment stores its K and V in its cache and attends over its cells; the
+        segments' results are joined back into one batch [n_embd, n]."""
+        if len(self.segments) == 1:
+            return self._attend(self.segments[0], inp.segments[0], caches[0], q, k, v, il)
+        lib, ctx = self.lib, self.ctx
+        out = None
+        for seg, seg_inp, cache in zip(self.segments, inp.segments, caches, strict=True):
+
+            def rows(t: g.Tensor, seg: Segment = seg) -> g.Tensor:
+                c = t.contents
+                return lib.ggml_view_3d(ctx, t, c.ne[0], c.ne[1], seg.n, c.nb[1], c.nb[2], seg.offset * c.nb[2])
+
+            cur = self._attend(seg, seg_inp, cache, rows(q), rows(k), rows(v), il)
+            out = cur if out is None else lib.ggml_concat(ctx, out, cur, 1)
+        assert out is not None
+        return out
+
+    def _attend(
+        self, seg: Segment, inp: SegmentInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor, il: int
+    ) -> g.Tensor:
         lib, ctx, hp = self.lib, self.ctx, self.hp
-        n, hd, n_kv, kv = self.n_tokens, hp.head_dim, self.n_kv, self.kv_size
+        n, hd, n_kv, kv = seg.n, hp.head_dim, seg.n_kv, seg.kv_size
         f16 = g.GGML_TYPE_F16
         # cpy_k: rows of [n_embd_kv] go to the cells in k_idxs
         k2 = lib.ggml_view_2d(ctx, k, hp.n_embd_kv, n, k.contents.nb[2], 0)
         lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
         # cpy_v (transposed cache): each element is its own row
-        v_flat = lib.ggml_reshape_2d(ctx, v, 1, hp.n_embd_kv * n)
+        v_flat = lib.ggml_reshape_2d(ctx, v, 1, hp.n_embd_kv * n)  # a segment's rows are contiguous
         v_rows = lib.ggml_reshape_2d(ctx, cache.v, 1, hp.n_embd_kv * kv)
         lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_rows, v_flat, inp.v_idxs))
 

@@ -6,7 +6,7 @@ SwiGLU; token embeddings on the first stage, output norm and matrix on the last.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.graph import Builder, GraphInputs, LayerCache
@@ -15,7 +15,7 @@ from llmrpc.model.graph import Builder, GraphInputs, LayerCache
 def build(
     b: Builder,
     weights: Mapping[str, g.Tensor],
-    caches: Mapping[int, LayerCache],
+    caches: Sequence[Mapping[int, LayerCache]],  # one per segment of the batch
     inp: GraphInputs,
     start: int,
     end: int,
@@ -46,7 +46,7 @@ def build(
         k = lib.ggml_reshape_3d(ctx, b.linear(w("attn_k.weight"), cur, w("attn_k.bias")), hd, hp.n_head_kv, n)
         v = lib.ggml_reshape_3d(ctx, b.linear(w("attn_v.weight"), cur, w("attn_v.bias")), hd, hp.n_head_kv, n)
         q, k = b.name(rope(q), "Qcur", il), b.name(rope(k), "Kcur", il)
-        cur = b.attention(inp, caches[il], q, k, v, il)
+        cur = b.attention(inp, [c[il] for c in caches], q, k, v, il)
         cur = b.name(b.linear(w("attn_output.weight"), cur, w("attn_output.bias")), "attn_out", il)
         if il == hp.n_layer - 1 and inp.out_ids is not None:
             cur = lib.ggml_get_rows(ctx, cur, inp.out_ids)

@@ -19,7 +19,7 @@ from llmrpc.ggml import lib as g
 from llmrpc.ggml.device import Backend
 from llmrpc.model import llama
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
-from llmrpc.model.graph import Builder, GraphInputs, LayerCache, padded_n_kv
+from llmrpc.model.graph import Builder, GraphInputs, LayerCache, Segment, SegmentInputs, padded_n_kv
 from llmrpc.types import kv_cells
 
 logger = logging.getLogger(__name__)
@@ -38,9 +38,13 @@ class ComputeError(RuntimeError):
     pass
 
 
+# ((cache serial, rows, attended cells) for each session in the batch, last rows only)
+GraphKey = tuple[tuple[tuple[int, int, int], ...], bool]
+
+
 @dataclass
 class _Graph:
-    key: tuple[int, int, int, bool]  # (cache serial, rows, attended cells, last row only)
+    key: GraphKey
     ctx: int
     gf: int
     inputs: GraphInputs
@@ -108,7 +112,7 @@ class LayerStage:
         self._load_weights(progress)
         self._sched = self._new_sched()
         self._graph: _Graph | None = None  # the last large-batch graph (on self._sched)
-        self._kept: OrderedDict[tuple[int, int, int, bool], _Graph] = OrderedDict()
+        self._kept: OrderedDict[GraphKey, _Graph] = OrderedDict()
 
     def _new_sched(self) -> int:
         lib = g.ggml()
@@ -171,26 +175,39 @@ class LayerStage:
         """Run ``x`` (I32 token ids [n] on the first stage, F32 hidden [n, n_embd] elsewhere)
         at positions ``start_pos..start_pos+n`` and return hidden states [n, n_embd], or on the
         last stage logits [n or 1, n_vocab] (every row when ``all_outputs``, else the last)."""
+        return self.forward_batch([(cache, x, start_pos)], all_outputs)[0]
+
+    def forward_batch(self, items: list[tuple[SessionCache, np.ndarray, int]], all_outputs: bool) -> list[np.ndarray]:
+        """:meth:`forward` for several sessions in one graph (each (cache, x, start_pos) a
+        different session): the weights are read once for all their rows."""
         lib, hp = g.ggml(), self.hp
-        n = int(x.shape[0])
-        used = start_pos + n
-        if used > cache.kv_size:
-            raise ComputeError(f"positions up to {used} exceed the cache of {cache.kv_size}")
-        n_kv = padded_n_kv(used, cache.kv_size)
-        want_rows = self.last and not all_outputs and n > 1
-        graph = self._graph_for((cache.serial, n, n_kv, want_rows), cache)
+        segments, offset = [], 0
+        for cache, x, start_pos in items:
+            n = int(x.shape[0])
+            if start_pos + n > cache.kv_size:
+                raise ComputeError(f"positions up to {start_pos + n} exceed the cache of {cache.kv_size}")
+            segments.append(Segment(offset, n, padded_n_kv(start_pos + n, cache.kv_size), cache.kv_size))
+            offset += n
+        want_rows = self.last and not all_outputs and any(seg.n > 1 for seg in segments)
+        key = (tuple((c.serial, seg.n, seg.n_kv) for (c, _, _), seg in zip(items, segments, strict=True)), want_rows)
+        graph = self._graph_for(key, [c for c, _, _ in items], segments)
         inp = graph.inputs
-        pos = np.arange(start_pos, used, dtype=np.int32)
-        cols = np.arange(n_kv, dtype=np.int32)
-        mask = np.where(cols[None, :] <= pos[:, None], np.float32(0), np.float32(-np.inf))
-        v_idxs = np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * cache.kv_size + pos[:, None]
-        _set(inp.tokens, x.astype(np.int32, copy=False) if self.first else None)
-        _set(inp.embd, None if self.first else x.astype(np.float32, copy=False))
+        pos = np.concatenate(
+            [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
+        )
+        if self.first:
+            _set(inp.tokens, np.concatenate([x.astype(np.int32, copy=False) for _, x, _ in items]))
+        else:
+            _set(inp.embd, np.concatenate([x.astype(np.float32, copy=False) for _, x, _ in items]))
         _set(inp.pos, pos)
-        _set(inp.kq_mask, mask.astype(np.float32, copy=False))
-        _set(inp.k_idxs, pos.astype(np.int64))
-        _set(inp.v_idxs, v_idxs)
-        _set(inp.out_ids, np.array([n - 1], dtype=np.int32) if want_rows else None)
+        for (cache, _, _), seg, seg_inp in zip(items, segments, inp.segments, strict=True):
+            p = pos[seg.offset : seg.offset + seg.n]
+            cols = np.arange(seg.n_kv, dtype=np.int32)
+            _set(seg_inp.kq_mask, np.where(cols[None, :] <= p[:, None], np.float32(0), np.float32(-np.inf)))
+            _set(seg_inp.k_idxs, p.astype(np.int64))
+            _set(seg_inp.v_idxs, np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * cache.kv_size + p[:, None])
+        if want_rows:
+            _set(inp.out_ids, np.array([seg.offset + seg.n - 1 for seg in segments], dtype=np.int32))
         status = lib.ggml_backend_sched_graph_compute(graph.sched, graph.gf)
         if status != 0:
             if self._kept.pop(graph.key, None) is not None:
@@ -201,47 +218,57 @@ class LayerStage:
         t = graph.out.contents
         result = np.empty((t.ne[1], t.ne[0]), dtype=np.float32)
         lib.ggml_backend_tensor_get(graph.out, result.ctypes.data, 0, result.nbytes)
-        return result
+        if want_rows:
+            return [result[i : i + 1] for i in range(len(segments))]
+        return [result[seg.offset : seg.offset + seg.n] for seg in segments]
 
-    def _graph_for(self, key: tuple[int, int, int, bool], cache: SessionCache) -> _Graph:
-        """The built and allocated graph for this shape and cache; rebuilt only when the key
-        changes (the attended length moves in steps of 256, so decode reuses one graph)."""
+    def _graph_for(self, key: GraphKey, caches: list[SessionCache], segments: list[Segment]) -> _Graph:
+        """The built and allocated graph for this batch's shape and caches; rebuilt only when
+        the key changes (the attended length moves in steps of 256, so decode reuses one)."""
         kept = self._kept.get(key)
         if kept is not None:
             self._kept.move_to_end(key)
             return kept
         if self._graph is not None and self._graph.key == key:
             return self._graph
-        if key[1] <= KEPT_GRAPH_ROWS:
-            graph = self._build(key, cache, self._new_sched(), own_sched=True)
+        if sum(seg.n for seg in segments) <= KEPT_GRAPH_ROWS:
+            graph = self._build(key, caches, segments, self._new_sched(), own_sched=True)
             self._kept[key] = graph
             while len(self._kept) > KEPT_GRAPHS:
                 self._kept.popitem(last=False)[1].free()
             return graph
         self._drop_graph()
-        self._graph = self._build(key, cache, self._sched, own_sched=False)
+        self._graph = self._build(key, caches, segments, self._sched, own_sched=False)
         return self._graph
 
-    def _build(self, key: tuple[int, int, int, bool], cache: SessionCache, sched: int, own_sched: bool) -> _Graph:
+    def _build(
+        self, key: GraphKey, caches: list[SessionCache], segments: list[Segment], sched: int, own_sched: bool
+    ) -> _Graph:
         lib, hp = g.ggml(), self.hp
-        _, n, n_kv, want_rows = key
+        n, want_rows = sum(seg.n for seg in segments), key[1]
         mem = ctypes.create_string_buffer(
             lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
         )
         ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
-            b = Builder(ctx, gf, hp, n, n_kv, cache.kv_size)
+            b = Builder(ctx, gf, hp, segments)
             inp = GraphInputs(
                 tokens=b.input(g.GGML_TYPE_I32, n, label="inp_tokens") if self.first else None,
                 embd=None if self.first else b.input(g.GGML_TYPE_F32, hp.n_embd, n, label="inp_embd"),
                 pos=b.input(g.GGML_TYPE_I32, n, label="inp_pos"),
-                kq_mask=b.input(g.GGML_TYPE_F32, n_kv, n, label="kq_mask"),
-                k_idxs=b.input(g.GGML_TYPE_I64, n, label="k_idxs"),
-                v_idxs=b.input(g.GGML_TYPE_I64, n * hp.n_embd_kv, label="v_idxs"),
-                out_ids=b.input(g.GGML_TYPE_I32, 1, label="out_ids") if want_rows else None,
+                segments=[
+                    SegmentInputs(
+                        kq_mask=b.input(g.GGML_TYPE_F32, seg.n_kv, seg.n, label=f"kq_mask.{j}"),
+                        k_idxs=b.input(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{j}"),
+                        v_idxs=b.input(g.GGML_TYPE_I64, seg.n * hp.n_embd_kv, label=f"v_idxs.{j}"),
+                    )
+                    for j, seg in enumerate(segments)
+                ],
+                out_ids=b.input(g.GGML_TYPE_I32, len(segments), label="out_ids") if want_rows else None,
             )
-            out = self._build_fn(b, self.weights, cache.layers, inp, self.start, self.end, self.info.arch.rope_type)
+            layers = [c.layers for c in caches]
+            out = self._build_fn(b, self.weights, layers, inp, self.start, self.end, self.info.arch.rope_type)
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
             lib.ggml_backend_sched_reset(sched)
@@ -261,9 +288,13 @@ class LayerStage:
 
     def forget(self, cache: SessionCache) -> None:
         """Called before a session's cache is freed: graphs that point into it must go."""
-        if self._graph is not None and self._graph.key[0] == cache.serial:
+
+        def uses(key: GraphKey) -> bool:
+            return any(serial == cache.serial for serial, _, _ in key[0])
+
+        if self._graph is not None and uses(self._graph.key):
             self._drop_graph()
-        for key in [k for k in self._kept if k[0] == cache.serial]:
+        for key in [k for k in self._kept if uses(k)]:
             self._kept.pop(key).free()
 
     def close(self) -> None:

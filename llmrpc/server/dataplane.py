@@ -135,17 +135,29 @@ class DataPlane:
         m, rid = frame.meta, frame.request_id
         link = m.get("link")
         try:
-            route, hop, pos = m["route"], int(m["hop"]), int(m["pos"])
-            session = str(route[hop][2])
-            if not (isinstance(route, list) and 0 <= hop < len(route) and len(frame.arrays) == 1):
+            route, hop = m["route"], int(m["hop"])
+            sessions = [str(sid) for sid in route[hop][2]]
+            positions = [int(p) for p in m["pos"]]
+            rows = [int(n) for n in m["rows"]]
+            (x,) = frame.arrays
+            if not (
+                isinstance(route, list) and 0 <= hop < len(route)
+                and len(sessions) == len(positions) == len(rows) > 0
+                and min(rows) > 0 and sum(rows) == x.shape[0]
+            ):  # fmt: skip
                 raise ValueError
         except (KeyError, ValueError, TypeError, IndexError):
-            self._fail(link, rid, "invalid_argument", "a FORWARD frame needs route, hop, pos and one array", "")
+            message = "a FORWARD frame needs route, hop, pos and rows (one per session) and one array of all rows"
+            self._fail(link, rid, "invalid_argument", message, "")
             return
         here = str(route[hop][0])
+        parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
         try:
-            out = self.engine.forward(session, pos, frame.arrays[0], bool(m.get("all_logits")))
+            outs = self.engine.forward_batch(
+                list(zip(sessions, positions, parts, strict=True)), bool(m.get("all_logits"))
+            )
             more = hop + 1 < len(route)
+            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
             outputs = stage_outputs(
                 self.engine.loaded(), out, 0 if more else int(m.get("top_k") or 0), bool(m.get("f16"))
             )

@@ -267,30 +267,45 @@ class Engine:
     # -- forward ------------------------------------------------------------------------
     def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
         """Run a batch through the loaded layers (on the compute loop; inline when called there)."""
-        return self.loop.call(lambda: self._forward(session_id, start_pos, x, all_logits))
+        return self.forward_batch([(session_id, start_pos, x)], all_logits)[0]
 
-    def _forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
+    def forward_batch(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool) -> list[np.ndarray]:
+        """Several sessions' rows in one graph. Every item is checked before any is computed,
+        so a refused batch leaves every session as it was."""
+        return self.loop.call(lambda: self._forward(items, all_logits))
+
+    def _forward(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool) -> list[np.ndarray]:
         stage = self._require_stage()
-        entry = self._sessions.get(session_id)
-        if entry is None:
-            raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
-        cache, length = entry
-        n = self._check_input(stage, x)
-        if start_pos > length[0]:
-            raise EngineError(
-                ErrorCode.INVALID_ARGUMENT,
-                f"start_pos {start_pos} leaves a gap: the session holds {length[0]} positions",
-            )
-        if start_pos + n > cache.kv_size or start_pos + n > self.max_ctx:
-            raise EngineError(
-                ErrorCode.OUT_OF_RANGE,
-                f"positions {start_pos}..{start_pos + n - 1} are beyond the session's context of "
-                f"{min(cache.kv_size, self.max_ctx)}",
-            )
-        out = self._locked(lambda: stage.forward(cache, x, start_pos, all_logits))
+        if not items:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "an empty batch")
+        if len({sid for sid, _, _ in items}) != len(items):
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "a batch holds each session at most once")
+        work = []
+        for session_id, start_pos, x in items:
+            entry = self._sessions.get(session_id)
+            if entry is None:
+                raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+            cache, length = entry
+            n = self._check_input(stage, x)
+            if start_pos > length[0]:
+                raise EngineError(
+                    ErrorCode.INVALID_ARGUMENT,
+                    f"start_pos {start_pos} leaves a gap: the session holds {length[0]} positions",
+                )
+            if start_pos + n > cache.kv_size or start_pos + n > self.max_ctx:
+                raise EngineError(
+                    ErrorCode.OUT_OF_RANGE,
+                    f"positions {start_pos}..{start_pos + n - 1} are beyond the session's context of "
+                    f"{min(cache.kv_size, self.max_ctx)}",
+                )
+            work.append((cache, x, start_pos))
+        if sum(int(x.shape[0]) for _, _, x in items) > MAX_BATCH:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"a batch of more than {MAX_BATCH} rows")
+        out = self._locked(lambda: stage.forward_batch(work, all_logits))
         if self.release_threads:
             self._backend.release_threads()
-        length[0] = start_pos + n
+        for session_id, start_pos, x in items:
+            self._sessions[session_id][1][0] = start_pos + int(x.shape[0])
         return out
 
     def _check_input(self, stage: LayerStage, x: np.ndarray) -> int:

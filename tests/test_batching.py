@@ -1,0 +1,49 @@
+"""Several sessions in one graph: the same numbers as each session on its own."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from llmrpc.ggml.device import Backend, find_device
+from llmrpc.model.gguf_model import read_model
+from llmrpc.model.stage import LayerStage
+
+
+@pytest.mark.parametrize("layers", [(0, 4), (0, 2), (2, 4)])
+def test_a_batch_of_sessions_matches_each_alone(tiny_models: dict[str, str], layers: tuple[int, int]) -> None:
+    info = read_model(tiny_models["F32"])
+    backend = Backend(find_device("CPU"), 2)
+    stage = LayerStage(info, *layers, backend)
+    rng = np.random.default_rng(5)
+    first = layers[0] == 0
+
+    def rows(n: int) -> np.ndarray:
+        if first:
+            return rng.integers(3, 320, size=n).astype(np.int32)
+        return rng.standard_normal((n, 64)).astype(np.float32)
+
+    try:
+        histories = [rows(n) for n in (3, 9, 300)]  # the last crosses a 256-cell step
+        alone = [stage.new_cache(512) for _ in histories]
+        batched = [stage.new_cache(512) for _ in histories]
+        for h, a, b in zip(histories, alone, batched, strict=True):
+            stage.forward(a, h, 0, False)
+            stage.forward(b, h, 0, False)
+        for all_outputs in (False, True):
+            # one decode row for two sessions, four prompt rows for the third, in one graph
+            nexts = [rows(1), rows(4), rows(1)]
+            pos = [len(h) for h in histories]
+            want = [stage.forward(c, x, p, all_outputs) for c, x, p in zip(alone, nexts, pos, strict=True)]
+            got = stage.forward_batch(list(zip(batched, nexts, pos, strict=True)), all_outputs)
+            for w, g in zip(want, got, strict=True):
+                assert w.shape == g.shape
+                # as one batch against token by token: float sums in another order, nothing more
+                assert np.abs(w - g).max() <= 1e-4 * max(1.0, np.abs(w).max())
+            histories = [np.concatenate([h, x]) for h, x in zip(histories, nexts, strict=True)]
+    finally:
+        for c in alone + batched:
+            stage.forget(c)
+            c.free()
+        stage.close()
+        backend.close()
