@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import fcntl
+import functools
 import heapq
 import json
 import os
@@ -38,14 +39,23 @@ SUBNET = "10.77.0"
 DEVICE = "lan0"
 
 
+@functools.cache
 def lan_unavailable() -> str | None:
-    """Why a simulated LAN cannot be made here, or None when it can."""
+    """Why a simulated LAN cannot be made here, or None when it can (tried for real once)."""
     if os.geteuid() != 0:
         return "needs root (network namespaces and TUN devices)"
     if shutil.which("ip") is None:
         return "needs iproute2's ip command"
     if not os.path.exists("/dev/net/tun"):
         return "needs /dev/net/tun"
+    probe = f"llmrpc-probe{os.getpid()}"
+    try:
+        _ip("netns", "add", probe)
+        _ip("-n", probe, "tuntap", "add", "dev", DEVICE, "mode", "tun")
+    except RuntimeError as e:
+        return f"cannot make a namespace with a TUN device: {e}"
+    finally:
+        subprocess.run(["ip", "netns", "del", probe], capture_output=True, check=False)
     return None
 
 
