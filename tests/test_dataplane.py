@@ -232,3 +232,39 @@ def test_concurrent_decode_steps_travel_as_one_batch(
             assert np.abs(w_val - h_val).max() <= 1e-4 * np.abs(w_val).max()
             if w_val[0] - w_val[1] > 1e-3:  # a clear winner stays the winner
                 assert w_ids[0] == h_ids[0]
+
+
+def test_a_refused_step_fails_only_its_own_session(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    """Steps that shared a refused batch are retried alone: the good session gets its answer."""
+    with Farm(tiny_models["F32"], servers, ctx_size=64, max_sessions=2) as farm:
+        assert farm.pipeline is not None and farm.pipeline.coalescer is not None
+        with farm.session() as good, farm.session() as bad:
+            good.forward(prompt_tokens[:3])
+            bad.forward(prompt_tokens[:3])
+            good.forward_top_k([prompt_tokens[3]], 3)  # both now decode: the next steps wait for each other
+            bad.forward_top_k([prompt_tokens[3]], 3)
+            want = farm.logits(prompt_tokens[:5])[-1]
+            hop = bad.route[2]
+            bad.route[2] = Hop(hop.address, hop.layers, hop.data_address, hop.token, "no-such-session")
+            results: dict[str, object] = {}
+            barrier = threading.Barrier(2)
+
+            def step(name: str, s: object) -> None:
+                barrier.wait()
+                try:
+                    results[name] = s.forward_top_k([prompt_tokens[4]], 3)  # type: ignore[attr-defined]
+                except StageError as e:
+                    results[name] = e
+
+            threads = [threading.Thread(target=step, args=a) for a in (("good", good), ("bad", bad))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(timeout=60)
+            bad.route[2] = hop
+    assert isinstance(results["bad"], StageError) and results["bad"].code == grpc.StatusCode.NOT_FOUND
+    ids, values = results["good"]  # type: ignore[misc]
+    assert list(ids) == list(np.argsort(-want, kind="stable")[:3])
+    assert np.abs(values - np.sort(want)[::-1][:3]).max() <= 1e-4 * np.abs(want).max()

@@ -193,6 +193,7 @@ class Coalescer:
         self._order = 0
         self.batches = 0  # how many batches went out, and with how many steps: for tests and benches
         self.steps = 0
+        self.retried = 0  # steps sent again alone after their batch was refused
 
     def call(self, route: list[Hop], pos: int, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(ids [k], logits [k]) of the k largest logits of the last row of ``x``."""
@@ -240,6 +241,7 @@ class Coalescer:
                 for s in batch:
                     s.error = e
                 return
+            self.retried += len(batch)
             for s in batch:
                 try:
                     self._send([s])
