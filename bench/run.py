@@ -20,6 +20,7 @@ import click
 import numpy as np
 
 from bench.lan import bench_lan, lan_unavailable, print_lan
+from bench.llama_rpc import LlamaRpc, bin_dir
 from bench.load import bench_load
 from bench.models import resolve_model
 from bench.serve import ServingResult, bench_serving
@@ -46,10 +47,11 @@ def cpu_ticks() -> tuple[int, int]:
 
 
 class Config:
-    """One thing to measure: llama.cpp in this process, or a farm of local servers."""
+    """One thing to measure: llama.cpp in this process, a farm of local servers, or llama.cpp's
+    RPC backend (whose runs report their own rate: a new llama-bench process each time)."""
 
-    def __init__(self, name: str, prefill: Callable[[list[int]], None], decode: Callable[[list[int]], None],
-                 close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    def __init__(self, name: str, prefill: Callable[[list[int]], float | None],
+                 decode: Callable[[list[int]], float | None], close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.name, self.prefill, self.decode, self.close = name, prefill, decode, close
 
 
@@ -97,8 +99,9 @@ def measure_interleaved(
         for _ in range(reps):
             for c in configs:
                 t0 = time.perf_counter()
-                (c.prefill if test == "pp" else c.decode)(tokens[:n])
-                rates.setdefault((c.name, f"{test}{n}"), []).append(n / (time.perf_counter() - t0))
+                reported = (c.prefill if test == "pp" else c.decode)(tokens[:n])
+                rate = reported if reported is not None else n / (time.perf_counter() - t0)
+                rates.setdefault((c.name, f"{test}{n}"), []).append(rate)
     return [
         Result(name, test, statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, xs)
         for (name, test), xs in sorted(rates.items(), key=lambda kv: (kv[0][1][:2] != "pp", kv[0][1]))
@@ -133,6 +136,13 @@ def measure_interleaved(
     help="Also decode through 3 servers on a simulated LAN (network namespaces, 0.5 ms each way, "
     "1 Gbit/s) next to loopback; needs root, skipped with a note otherwise.",
 )
+@click.option(
+    "--llama-rpc/--no-llama-rpc",
+    default=True,
+    show_default=True,
+    help="Also run llama.cpp's RPC backend on the same number of servers, when it is built "
+    "(python -m bench.llama_rpc build).",
+)
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
 def main(
     model: str | None,
@@ -144,6 +154,7 @@ def main(
     serving: str,
     via_head: bool,
     lan: bool,
+    llama_rpc: bool,
     out: str,
 ) -> None:
     model = resolve_model(model)
@@ -158,6 +169,14 @@ def main(
         for n in [int(x) for x in servers.split(",") if x]:
             farms[n] = Farm(model, local=n, threads=threads, ctx_size=n_ctx, max_sessions=max(concurrency or [1]))
             configs.append(farm_config(farms[n], f"llmrpc x{n}"))
+        if llama_rpc and farms:
+            bins = bin_dir()
+            if bins is None:
+                print("llama.cpp RPC skipped: build it once with `python -m bench.llama_rpc build` (~15 min)")
+            else:
+                rpc = LlamaRpc(bins, model, max(farms), threads)
+                configs.append(Config(f"llama.cpp RPC x{rpc.n}", lambda t: rpc.rate(len(t), 0),
+                                      lambda t: rpc.rate(0, len(t)), rpc.close))  # fmt: skip
         if via_head and farms:
             n = max(farms)
             configs.append(farm_config(Farm(model, local=n, threads=threads, ctx_size=n_ctx, data_plane=False),
