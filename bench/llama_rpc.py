@@ -3,7 +3,7 @@ ggml-rpc-server per stage on 127.0.0.1 and llama-bench --rpc in front of them.
 
 llama-cpp-python ships neither program, so ``python -m bench.llama_rpc build`` compiles them once
 from the llama.cpp source inside the pinned llama-cpp-python sdist (from PyPI; about 15 minutes
-on 2 cores) into ~/.cache/llmrpc/llama-rpc. ``LLMRPC_LLAMA_RPC_BIN`` may name another build's
+on 2 cores) into ~/.cache/llmrpc/bench/llama-rpc. ``LLMRPC_LLAMA_RPC_BIN`` may name another build's
 bin folder. Without either, the bench says so and goes on.
 """
 

@@ -199,17 +199,17 @@ def main(
         + ("  (figures unreliable)" if steal > 0.05 else "")
     )
     print("(configurations measured in turn, rep by rep; mean ± std over repetitions)")
-    print(f"{'config':<14} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
+    print(f"{'config':<18} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
     for r in results:
         ratio = r.tok_s_mean / base[r.test]
-        print(f"{r.config:<14} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
+        print(f"{r.config:<18} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
     if concurrency:
         print("\nserving: 64 tokens per stream (temperature 0.8)")
-        print(f"{'config':<14} {'streams':>7} {'TTFT ms':>8} {'TPOT ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'tok/s':>7}")
+        print(f"{'config':<18} {'streams':>7} {'TTFT ms':>8} {'TPOT ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'tok/s':>7}")
         for n, rows in served.items():
             for s in rows:
                 print(
-                    f"{'llmrpc x' + str(n):<14} {s.concurrency:>7} {s.time_to_first_token_seconds * 1e3:>8.1f} "
+                    f"{'llmrpc x' + str(n):<18} {s.concurrency:>7} {s.time_to_first_token_seconds * 1e3:>8.1f} "
                     f"{s.time_per_output_token_seconds * 1e3:>8.1f} {s.inter_token_latency_p50_seconds * 1e3:>8.1f} "
                     f"{s.inter_token_latency_p99_seconds * 1e3:>8.1f} {s.output_tokens_per_second:>7.1f}"
                 )
