@@ -234,6 +234,24 @@ def test_concurrent_decode_steps_travel_as_one_batch(
                 assert w_ids[0] == h_ids[0]
 
 
+def test_batches_stop_waiting_for_an_idle_session(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    with Farm(tiny_models["F32"], servers[:1], ctx_size=64, max_sessions=2) as farm:
+        assert farm.pipeline is not None and farm.pipeline.coalescer is not None
+        coalescer = farm.pipeline.coalescer
+        with farm.session() as idle, farm.session() as busy:
+            idle.forward_top_k(prompt_tokens[:3], 2)
+            assert coalescer.decoding == 1
+            busy.forward_top_k(prompt_tokens[:3], 2)  # waits for the idle one once...
+            assert coalescer.decoding == 1  # ...then no more
+            busy.forward_top_k(prompt_tokens[3:4], 2)
+            assert coalescer.decoding == 1
+            idle.forward_top_k(prompt_tokens[3:4], 2)  # it comes back when it decodes again
+            assert coalescer.decoding == 1
+        assert coalescer.decoding == 0  # closed sessions are forgotten
+
+
 def test_a_refused_step_fails_only_its_own_session(
     tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
 ) -> None:

@@ -212,6 +212,11 @@ class Coalescer:
                 while len(self._queue) < len(self._active) and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
                 batch, self._queue = self._queue, []
+                if len(batch) < len(self._active):
+                    # The late ones are idle (a chat between turns, say): stop waiting for them
+                    # until they come back.
+                    here = {s.route[0].session_id for s in batch}
+                    self._active = {sid: o for sid, o in self._active.items() if sid in here}
                 batch.sort(key=lambda s: self._active.get(s.route[0].session_id, 0))
             else:
                 batch = []
@@ -226,6 +231,12 @@ class Coalescer:
             raise step.error
         assert step.result is not None
         return step.result
+
+    @property
+    def decoding(self) -> int:
+        """How many sessions a batch waits for."""
+        with self._cond:
+            return len(self._active)
 
     def forget(self, session_id: str) -> None:
         """A session stopped decoding (closed): batches no longer wait for it."""
