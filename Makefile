@@ -9,8 +9,8 @@ test:
 	$(PY) -m pytest
 
 lint:
-	$(PY) -m ruff check llmrpc tests bench
-	$(PY) -m ruff format --check llmrpc tests bench
+	$(PY) -m ruff check llmrpc tests bench examples
+	$(PY) -m ruff format --check llmrpc tests bench examples
 	$(PY) -m mypy
 
 proto:  ## regenerate llmrpc/v1 from proto/llmrpc/v1/llmrpc.proto
