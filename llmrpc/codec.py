@@ -234,15 +234,22 @@ class FrameReader:
         self.max_bytes = max_bytes
         self._buf = bytearray()
 
-    def feed(self, data: bytes) -> list[DataFrame]:
-        self._buf += data
-        frames = []
-        while len(self._buf) >= DATA_HEADER.size:
-            kind, rid, meta_len, data_len = decode_frame_header(self._buf[: DATA_HEADER.size], self.max_bytes)
-            end = DATA_HEADER.size + meta_len + data_len
-            if len(self._buf) < end:
+    def feed(self, data: bytes | memoryview) -> list[DataFrame]:
+        """Frames completed by ``data`` (which may be reused once this returns: the frames
+        hold copies)."""
+        if self._buf:
+            self._buf += data
+            data, self._buf = bytes(self._buf), bytearray()
+        view = memoryview(data)
+        frames, at, size = [], 0, len(view)
+        while size - at >= DATA_HEADER.size:
+            kind, rid, meta_len, data_len = decode_frame_header(view[at : at + DATA_HEADER.size], self.max_bytes)
+            end = at + DATA_HEADER.size + meta_len + data_len
+            if end > size:
                 break
-            body = bytes(self._buf[DATA_HEADER.size : end])
-            del self._buf[:end]
+            body = bytes(view[at + DATA_HEADER.size : end])
             frames.append(decode_frame_body(kind, rid, body[:meta_len], memoryview(body)[meta_len:]))
+            at = end
+        if at < size:
+            self._buf += view[at:]
         return frames

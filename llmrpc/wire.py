@@ -43,6 +43,7 @@ class Connection:
         self.sock = sock
         self.peer = peer
         self.reader = codec.FrameReader(max_bytes)
+        self._inbox = memoryview(bytearray(RECV_BYTES))  # reused: no 1 MiB allocation per read
         self.link = 0  # the head link id this connection answers to (0: a peer server)
         self.authenticated = False
         self.closed = False
@@ -104,15 +105,15 @@ class Connection:
     def receive(self) -> list[codec.DataFrame] | None:
         """Read what is there without waiting: whole frames (maybe none), None at the end."""
         try:
-            data = self.sock.recv(RECV_BYTES)
+            n = self.sock.recv_into(self._inbox)
         except (BlockingIOError, InterruptedError):
             return []
         except OSError as e:
             self.error = e
             return None
-        if not data:
+        if not n:
             return None
-        return self.reader.feed(data)
+        return self.reader.feed(self._inbox[:n])
 
     def close(self) -> None:
         with self._cond:
