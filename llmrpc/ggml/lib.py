@@ -149,6 +149,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]),
     "ggml_backend_buffer_free": (None, [P]),
     "ggml_backend_buffer_get_size": (c_size_t, [P]),
+    "ggml_backend_buffer_get_base": (P, [P]),
+    "ggml_backend_buffer_is_host": (c_bool, [P]),
     "ggml_backend_buffer_clear": (None, [P, ctypes.c_uint8]),
     "ggml_backend_buffer_set_usage": (None, [P, c_int]),
     "ggml_backend_tensor_set": (None, [T, c_void_p, c_size_t, c_size_t]),

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmrpc.ggml import lib as g
-from llmrpc.ggml.device import Backend
+from llmrpc.ggml.device import Backend, prefer_huge_pages
 from llmrpc.model import llama
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
 from llmrpc.model.graph import Builder, GraphInputs, LayerCache, Segment, SegmentInputs, padded_n_kv
@@ -139,6 +139,7 @@ class LayerStage:
                 f"cannot allocate {self.info.range_bytes(self.start, self.end)} bytes of weights on {self.backend.device.name}"
             )
         lib.ggml_backend_buffer_set_usage(self._wbuf, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
+        prefer_huge_pages(self._wbuf)
         for name in names:
             data = tensor_view(self.info.path, self.info.tensors[name])
             lib.ggml_backend_tensor_set(self.weights[name], data.ctypes.data, 0, data.nbytes)
