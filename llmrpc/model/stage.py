@@ -169,6 +169,7 @@ class LayerStage:
         if not buf:
             lib.ggml_free(ctx)
             raise MemoryError(f"cannot allocate the KV cache for {n_ctx} positions")
+        prefer_huge_pages(buf)  # attention reads the whole attended cache every token
         lib.ggml_backend_buffer_clear(buf, 0)  # unused cells are read (masked): keep them finite
         return SessionCache(kv_size, layers, ctx, buf, lib.ggml_backend_buffer_get_size(buf))
 
