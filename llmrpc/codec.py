@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -217,7 +218,7 @@ def decode_frame_body(
         dt, shape = _DATA_DTYPES[spec[0]], spec[1]
         if not 1 <= len(shape) <= MAX_DIMS or not all(isinstance(s, int) and s > 0 for s in shape):
             raise CodecError(f"bad array shape {shape}")
-        n = int(np.prod(shape, dtype=np.int64)) * dt.itemsize
+        n = math.prod(shape) * dt.itemsize
         if at + n > len(data):
             raise CodecError(f"frame arrays need more than its {len(data)} bytes")
         arrays.append(np.frombuffer(data, dtype=dt, count=n // dt.itemsize, offset=at).reshape(shape))
