@@ -191,6 +191,14 @@ def test_a_dead_server_fails_the_request_fast(tiny_models: dict[str, str], promp
                     s.forward(prompt_tokens[3:5])
                 assert time.monotonic() - t0 < 10
                 assert info.value.code == grpc.StatusCode.UNAVAILABLE and middle in str(info.value)
+                first = s.route[0].address
+                proc = local.processes[local.addresses.index(first)]
+                proc.kill()
+                proc.wait()
+                for _ in range(2):  # the first server is gone too: refused at once, every time
+                    with pytest.raises(StageError) as info:
+                        s.forward(prompt_tokens[3:5])
+                    assert info.value.code == grpc.StatusCode.UNAVAILABLE and first in str(info.value)
 
 
 def test_concurrent_decode_steps_travel_as_one_batch(

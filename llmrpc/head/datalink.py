@@ -91,8 +91,11 @@ class DataLinks:
         first = route[0]
         with self._cond:
             self._pending[rid] = route
+            conn = self._conns.get(first.data_address)
         try:
-            self._conns[first.data_address].send(FrameKind.FORWARD, rid, meta, [x])
+            if conn is None:
+                raise ConnectionError("its data connection was lost earlier (the server stopped or crashed)")
+            conn.send(FrameKind.FORWARD, rid, meta, [x])
         except OSError as e:
             with self._cond:
                 del self._pending[rid]
