@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 
 import click
 
+from llmrpc.head.local import read_ready
+
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
@@ -201,27 +203,13 @@ def server_cmd(host: str, threads: int, lock: str) -> list[str]:
     ]  # fmt: skip
 
 
-def wait_ready(proc: subprocess.Popen[str], timeout: float = 60) -> str:
-    from llmrpc.head.local import READY_PREFIX
-
-    assert proc.stdout is not None
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        if line.startswith(READY_PREFIX):
-            return line[len(READY_PREFIX) :].split()[0]
-    raise RuntimeError(f"server (pid {proc.pid}) did not start")
-
-
 @contextlib.contextmanager
 def _servers_on_lan(lan: Lan, n: int, threads: int, lock: str) -> Iterator[list[str]]:
     procs = []
     try:
         for i in range(1, n + 1):
             procs.append(lan.run(i, server_cmd(lan.address(i), threads, lock), stdout=subprocess.PIPE))
-            wait_ready(procs[-1])
+            read_ready(procs[-1], 60)
         yield [f"{lan.address(i)}:50052" for i in range(1, n + 1)]
     finally:
         for p in procs:

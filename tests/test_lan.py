@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.lan import Lan, lan_unavailable, server_cmd, wait_ready
+from bench.lan import Lan, lan_unavailable, server_cmd
 from llmrpc.farm import Farm
+from llmrpc.head.local import read_ready
 
 
 @pytest.mark.skipif(lan_unavailable() is not None, reason=f"no simulated LAN: {lan_unavailable()}")
@@ -25,7 +26,7 @@ def test_servers_on_a_simulated_lan_match_loopback(
     with Lan(3) as lan:
         procs = [lan.run(i, server_cmd(lan.address(i), 1, lock), stdout=subprocess.PIPE) for i in (1, 2)]
         try:
-            addresses = [wait_ready(p) for p in procs]
+            addresses = [read_ready(p, 60) for p in procs]
             head = lan.run(
                 0,
                 [sys.executable, "-c", _HEAD, path, ",".join(addresses), ",".join(map(str, prompt_tokens))],

@@ -56,7 +56,7 @@ class LocalServers:
         cmd += self.extra_args + own_args
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ.copy())
         self.processes.append(proc)
-        address = _read_ready(proc, self.startup_timeout)
+        address = read_ready(proc, self.startup_timeout)
         self.addresses.append(address)
         logger.info("started local server %s (pid %d)", address, proc.pid)
 
@@ -91,7 +91,7 @@ class LocalServers:
         self.stop()
 
 
-def _read_ready(proc: subprocess.Popen[str], timeout: float) -> str:
+def read_ready(proc: subprocess.Popen[str], timeout: float) -> str:
     """Wait for the server's ready line and return its address; keep draining stdout."""
     assert proc.stdout is not None
     result: list[str] = []
