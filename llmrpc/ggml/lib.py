@@ -203,11 +203,12 @@ class Ggml:
         # Backends built as separate modules (GGML_BACKEND_DL) register here; built-in ones
         # are already registered, and a second call is harmless.
         self.ggml_backend_load_all()
-        self.uses_openmp = _loaded("libgomp")
+        gomp_path = _mapped_path("libgomp")
+        self.uses_openmp = gomp_path is not None
         self.omp_pause_resource_all: Any = None
-        if self.uses_openmp:
+        if gomp_path is not None:
             try:
-                gomp = ctypes.CDLL(_mapped_path("libgomp") or "libgomp.so.1", mode=mode)
+                gomp = ctypes.CDLL(gomp_path, mode=mode)
                 self.omp_pause_resource_all = gomp.omp_pause_resource_all
                 self.omp_pause_resource_all.restype = ctypes.c_int
                 self.omp_pause_resource_all.argtypes = [ctypes.c_int]
@@ -218,17 +219,8 @@ class Ggml:
         raise AttributeError(f"ggml function {name!r} is not declared in llmrpc.ggml.lib")
 
 
-def _loaded(stem: str) -> bool:
-    """Whether a shared library is mapped into this process (Linux; False elsewhere)."""
-    try:
-        with open("/proc/self/maps") as f:
-            return stem in f.read()
-    except OSError:
-        return False
-
-
 def _mapped_path(stem: str) -> str | None:
-    """The file of a shared library mapped into this process, if any (Linux)."""
+    """The file of a shared library mapped into this process, if any (Linux; None elsewhere)."""
     try:
         with open("/proc/self/maps") as f:
             for line in f:

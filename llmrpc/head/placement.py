@@ -16,7 +16,7 @@ from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.planner import ModelLayout, Plan, ServerReport
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
 from llmrpc.model.slicefile import build_slice_layout
-from llmrpc.types import ServerInfo
+from llmrpc.types import ServerInfo, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def ship_slice(
     kept. Frames are checksummed (crc32); the file's bytes go out with sendfile (no copy)."""
     layout = build_slice_layout(info, start, end, model_hash, digests=False)
     port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
-    host = client.address.rsplit(":", 1)[0].strip("[]")
+    host = split_address(client.address)[0]
     with socket.create_connection((host, port), timeout=120) as sock, open(info.path, "rb") as f:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
