@@ -133,8 +133,9 @@ class DataLinks:
             m = done.meta
             code = getattr(grpc.StatusCode, str(m.get("code", "")).upper(), None)
             where = str(m.get("server", ""))
-            name = next((h.address for h in route if h.data_address == where), where)
-            raise StageError(name, str(m.get("layers", "")), code, str(m.get("message")))
+            hop = next((h for h in route if h.data_address == where), None)
+            name, layers = (hop.address, hop.layers) if hop else (where, "")
+            raise StageError(name, str(m.get("layers") or layers), code, str(m.get("message")))
         return done.arrays
 
     def _read(self, timeout: float) -> None:

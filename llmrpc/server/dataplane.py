@@ -171,15 +171,20 @@ class DataPlane:
         try:
             peer = self._peer(address, token)
         except (OSError, ValueError) as e:
-            self._fail(link, rid, "unavailable", f"cannot reach the next server {address}: {e}", here)
+            self._fail_next(link, rid, address, f"cannot reach it from {here}: {e}")
             return
         if not self._send(peer, FrameKind.FORWARD, rid, {**m, "hop": hop + 1}, outputs):
-            self._fail(link, rid, "unavailable", f"the connection to the next server {address} broke", here)
+            self._fail_next(link, rid, address, f"the connection to it from {here} broke")
 
     def _fail(self, link: Any, rid: int, code: str, message: str, here: str) -> None:
         loaded = self.engine.loaded()
         layers = f"[{loaded.layer_start}, {loaded.layer_end})" if loaded else ""
         self._answer(link, FrameKind.ERROR, rid, {"code": code, "message": message, "server": here, "layers": layers})
+
+    def _fail_next(self, link: Any, rid: int, address: str, message: str) -> None:
+        """The next server could not be reached: the error names that server (the head knows its
+        layers), as the head's own connection to it would when it closes."""
+        self._answer(link, FrameKind.ERROR, rid, {"code": "unavailable", "message": message, "server": address})
 
     def _answer(
         self, link: Any, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
