@@ -76,15 +76,8 @@ class PipelineSession:
     def forward(self, tokens: list[int], start_pos: int | None = None, *, all_logits: bool = False) -> np.ndarray:
         """Run ``tokens`` at ``start_pos`` (default: after what the session holds) through
         every stage; returns logits [n or 1, n_vocab]."""
-        links = self.pipeline.links
-        if links is not None:
-            pos = self._position(tokens, start_pos)
-            rid = links.send(
-                [self.route], [pos], [_ids(tokens)], all_logits=all_logits, f16=self.pipeline.f16_activations
-            )
-            out = links.wait(rid)[0]
-            self.tokens[pos:] = list(tokens)
-            return out
+        if self.pipeline.links is not None:
+            return self._send_chunks(tokens, self._position(tokens, start_pos), max(len(tokens), 1), all_logits)
         pos, x = self._through_all_but_last(tokens, start_pos)
         client, sid = self.pipeline.stages[-1], self.ids[-1]
         x = client.forward(sid, pos, x, all_logits=all_logits, f16=self.pipeline.f16_activations)
@@ -96,17 +89,23 @@ class PipelineSession:
         rows without waiting in between: while the second server works on the first chunk,
         the first works on the second, and so on. Returns the logits of every row
         (``all_logits``) or of the last one."""
-        links = self.pipeline.links
-        if links is None or len(tokens) <= chunk:
+        if self.pipeline.links is None:
             return self.forward(tokens, all_logits=all_logits)
-        pos = self._position(tokens, None)
+        return self._send_chunks(tokens, self._position(tokens, None), chunk, all_logits)
+
+    def _send_chunks(self, tokens: list[int], pos: int, chunk: int, all_logits: bool) -> np.ndarray:
+        """Send ``tokens`` over the data plane in chunks, all before waiting for any answer."""
+        links = self.pipeline.links
+        assert links is not None
         f16 = self.pipeline.f16_activations
         rids = [
             links.send([self.route], [pos + i], [_ids(tokens[i : i + chunk])], all_logits=all_logits, f16=f16)
-            for i in range(0, len(tokens), chunk)
+            for i in range(0, max(len(tokens), 1), chunk)
         ]
         outs = [links.wait(rid)[0] for rid in rids]  # in order: a refusal stops at its chunk
         self.tokens[pos:] = list(tokens)
+        if len(outs) == 1:
+            return outs[0]
         return np.concatenate(outs) if all_logits else outs[-1]
 
     def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
