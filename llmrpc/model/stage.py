@@ -111,6 +111,7 @@ class LayerStage:
         self.weight_bytes = 0
         self._load_weights(progress)
         self._sched = self._new_sched()
+        self._graph_mem = _graph_arena()  # the large-batch graph's, reused: one lives at a time
         self._graph: _Graph | None = None  # the last large-batch graph (on self._sched)
         self._kept: OrderedDict[GraphKey, _Graph] = OrderedDict()
 
@@ -248,9 +249,7 @@ class LayerStage:
     ) -> _Graph:
         lib, hp = g.ggml(), self.hp
         n, want_rows = sum(seg.n for seg in segments), key[1]
-        mem = ctypes.create_string_buffer(
-            lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
-        )
+        mem = _graph_arena() if own_sched else self._graph_mem
         ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
@@ -314,6 +313,14 @@ class LayerStage:
         if self._wctx:
             lib.ggml_free(self._wctx)
             self._wctx = 0
+
+
+def _graph_arena() -> ctypes.Array[ctypes.c_char]:
+    """Memory for one graph's tensor and node metadata (the data lives in the scheduler)."""
+    lib = g.ggml()
+    return ctypes.create_string_buffer(
+        lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
+    )
 
 
 def _set(tensor: g.Tensor | None, data: np.ndarray | None) -> None:
