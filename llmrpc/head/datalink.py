@@ -157,8 +157,9 @@ class DataLinks:
                     self._lost(conn)
                     continue
                 for f in frames:
-                    route = self._pending.pop(f.request_id, None)
-                    if f.kind in (FrameKind.RESULT, FrameKind.ERROR) and route is not None:
+                    answer = f.kind in (FrameKind.RESULT, FrameKind.ERROR)
+                    route = self._pending.pop(f.request_id, None) if answer else None
+                    if route is not None:
                         self._done[f.request_id] = (f, route)
                     elif f.kind != FrameKind.WELCOME:
                         logger.warning("data plane %s: unexpected %s frame %d", conn.peer, f.kind.name, f.request_id)
