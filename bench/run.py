@@ -21,11 +21,13 @@ import numpy as np
 
 from bench.lan import bench_lan, lan_unavailable, print_lan
 from bench.llama_rpc import LlamaRpc, bin_dir
-from bench.load import bench_load
+from bench.load import LoadTimes, bench_load
 from bench.models import resolve_model
 from bench.serve import ServingResult, bench_serving
 from llmrpc.farm import Farm
 from llmrpc.reference import reference_llama
+
+SERVING_TOKENS = 64  # generated per stream in the serving measurement
 
 
 @dataclass
@@ -55,8 +57,10 @@ class Config:
         self.name, self.prefill, self.decode, self.close = name, prefill, decode, close
 
 
-def llama_cpp_config(model: str, threads: int, n_ctx: int, n_batch: int) -> Config:
-    llm = reference_llama(model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads)
+def llama_cpp_config(model: str, threads: int, n_ctx: int, n_batch: int, gpu_layers: int = 0) -> Config:
+    llm = reference_llama(
+        model, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads, n_gpu_layers=gpu_layers
+    )
 
     def fresh() -> None:
         llm.reset()
@@ -143,6 +147,15 @@ def measure_interleaved(
     help="Also run llama.cpp's RPC backend on the same number of servers, when it is built "
     "(python -m bench.llama_rpc build).",
 )
+@click.option(
+    "--device",
+    default=None,
+    help="The servers' ggml device (e.g. CUDA0; default: each server's best). On a device other than "
+    "CPU, llama.cpp offloads all its layers to the same device.",
+)
+@click.option(
+    "--load/--no-load", default=True, show_default=True, help="Also time loading the model (file, shipped, cached)."
+)
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
 def main(
     model: str | None,
@@ -155,6 +168,8 @@ def main(
     via_head: bool,
     lan: bool,
     llama_rpc: bool,
+    device: str | None,
+    load: bool,
     out: str,
 ) -> None:
     model = resolve_model(model)
@@ -162,12 +177,14 @@ def main(
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
     concurrency = [int(c) for c in serving.split(",") if c]
-    n_ctx = max(pp, tg) + 16
-    configs = [llama_cpp_config(model, threads, n_ctx, pp)]
+    n_ctx = max(pp, tg, SERVING_TOKENS + 32) + 16  # the serving streams' prompt and tokens fit too
+    gpu_layers = 0 if device is None or device.upper() == "CPU" else int(os.environ.get("LLMRPC_REF_GPU_LAYERS", 999))
+    configs = [llama_cpp_config(model, threads, n_ctx, pp, gpu_layers)]
     farms: dict[int, Farm] = {}
     try:
         for n in [int(x) for x in servers.split(",") if x]:
-            farms[n] = Farm(model, local=n, threads=threads, ctx_size=n_ctx, max_sessions=max(concurrency or [1]))
+            farms[n] = Farm(model, local=n, threads=threads, device=device, ctx_size=n_ctx,
+                            max_sessions=max(concurrency or [1]))  # fmt: skip
             configs.append(farm_config(farms[n], f"llmrpc x{n}"))
         if llama_rpc and farms:
             bins = bin_dir()
@@ -179,13 +196,14 @@ def main(
                                       lambda t: rpc.rate(0, len(t)), rpc.close))  # fmt: skip
         if via_head and farms:
             n = max(farms)
-            configs.append(farm_config(Farm(model, local=n, threads=threads, ctx_size=n_ctx, data_plane=False),
-                                       f"x{n} via head"))  # fmt: skip
+            configs.append(farm_config(Farm(model, local=n, threads=threads, device=device, ctx_size=n_ctx,
+                                            data_plane=False), f"x{n} via head"))  # fmt: skip
         results = measure_interleaved(configs, [("pp", pp), ("tg", tg)], tokens, reps)
         served: dict[int, list[ServingResult]] = {}
         for n, farm in farms.items():
             served[n] = [
-                bench_serving(farm, c, 64, "Write a short story about a lighthouse keeper.") for c in concurrency
+                bench_serving(farm, c, SERVING_TOKENS, "Write a short story about a lighthouse keeper.")
+                for c in concurrency
             ]
     finally:
         for c in configs:
@@ -193,7 +211,8 @@ def main(
     ticks1 = cpu_ticks()
     steal = (ticks1[1] - ticks0[1]) / max(1, ticks1[0] - ticks0[0])
     base = {r.test: r.tok_s_mean for r in results if r.config == "llama.cpp"}
-    print(f"\nmodel: {Path(model).name}   threads/process: {threads}   reps: {reps}   host: {platform.node()}")
+    print(f"\nmodel: {Path(model).name}   threads/process: {threads}   reps: {reps}   host: {platform.node()}"
+          f"   device: {device or 'best'}")  # fmt: skip
     print(
         f"CPU time stolen by the hypervisor during the run: {steal:.0%}"
         + ("  (figures unreliable)" if steal > 0.05 else "")
@@ -204,7 +223,7 @@ def main(
         ratio = r.tok_s_mean / base[r.test]
         print(f"{r.config:<18} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
     if concurrency:
-        print("\nserving: 64 tokens per stream (temperature 0.8)")
+        print(f"\nserving: {SERVING_TOKENS} tokens per stream (temperature 0.8)")
         print(f"{'config':<18} {'streams':>7} {'TTFT ms':>8} {'TPOT ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'tok/s':>7}")
         for n, rows in served.items():
             for s in rows:
@@ -221,7 +240,25 @@ def main(
         else:
             lan_result = bench_lan(model, 3, threads, tg, min(pp, 128), reps)
             print_lan(lan_result)
-    load = bench_load(model)
+    load_times = bench_load(model) if load else None
+    if load_times is not None:
+        print_load(load_times)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "model": model, "threads": threads, "device": device, "reps": reps, "steal_fraction": steal,
+        "results": [asdict(r) for r in results],
+        "load": None if load_times is None else asdict(load_times) | {
+            "ship_rate": load_times.ship_rate, "copy_rate": load_times.copy_rate},
+        "serving": {str(n): [asdict(s) for s in rows] for n, rows in served.items()},
+        "lan": asdict(lan_result) if lan_result else None,
+    }  # fmt: skip
+    Path(out).write_text(json.dumps(payload, indent=2))
+    chart = str(Path(out).with_suffix(".png"))
+    draw_chart(results, chart)
+    print(f"\nwrote {out} and {chart}", file=sys.stderr)
+
+
+def print_load(load: LoadTimes) -> None:
     print(f"\nload of all {load.tensor_bytes / 1e6:.1f} MB of tensors into one server")
     print(f"  from a local file     {load.local_file_s:6.2f} s")
     print(
@@ -230,18 +267,6 @@ def main(
     print(f"  from its cache        {load.cached_s:6.2f} s")
     print(f"  loopback TCP file copy of the same bytes: {load.copy_rate / 1e6:.0f} MB/s; "
           f"shipping runs at {load.ship_rate / load.copy_rate:.2f}x of it")  # fmt: skip
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    payload = {
-        "model": model, "threads": threads, "reps": reps, "steal_fraction": steal,
-        "results": [asdict(r) for r in results],
-        "load": asdict(load) | {"ship_rate": load.ship_rate, "copy_rate": load.copy_rate},
-        "serving": {str(n): [asdict(s) for s in rows] for n, rows in served.items()},
-        "lan": asdict(lan_result) if lan_result else None,
-    }  # fmt: skip
-    Path(out).write_text(json.dumps(payload, indent=2))
-    chart = str(Path(out).with_suffix(".png"))
-    draw_chart(results, chart)
-    print(f"\nwrote {out} and {chart}", file=sys.stderr)
 
 
 def draw_chart(results: list[Result], path: str) -> None:

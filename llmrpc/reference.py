@@ -4,6 +4,9 @@ Extra weight buffer types (CPU repacking, AMX) are off by default: on machines w
 advertises AMX but whose hypervisor does not enable it, llama.cpp dies with SIGILL in its
 AMX kernels. With them off, llama.cpp runs the same ggml kernels that llmrpc's stages run.
 Set ``LLMRPC_REF_EXTRA_BUFTS=1`` to turn them back on where they work.
+
+On a GPU machine, ``LLMRPC_REF_GPU_LAYERS=99`` offloads the reference's layers too, so that
+servers computing on the GPU are compared with llama.cpp on the same GPU (same kernels).
 """
 
 from __future__ import annotations
@@ -37,10 +40,22 @@ def extra_bufts_enabled() -> bool:
     return os.environ.get("LLMRPC_REF_EXTRA_BUFTS", "0") == "1"
 
 
+def gpu_layers() -> int:
+    """Layers the reference offloads to a GPU (``LLMRPC_REF_GPU_LAYERS``; 0, the CPU, by default)."""
+    value = os.environ.get("LLMRPC_REF_GPU_LAYERS", "0")
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"LLMRPC_REF_GPU_LAYERS={value!r}: expected a number of layers") from None
+
+
 def reference_llama(model_path: str, **kwargs: Any) -> Any:
     """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout)."""
     import llama_cpp
 
     kwargs.setdefault("verbose", False)
+    kwargs.setdefault("n_gpu_layers", gpu_layers())
+    if kwargs["n_gpu_layers"]:  # extra buffer types are CPU ones; patching them with offload crashes (CUDA)
+        return llama_cpp.Llama(model_path, **kwargs)
     with _model_params(extra_bufts_enabled()):
         return llama_cpp.Llama(model_path, **kwargs)

@@ -11,6 +11,13 @@ from llmrpc.reference import reference_llama
 from .conftest import TINY_TYPES
 
 
+def batch_vs_rows_tolerance(farm: Farm) -> float:
+    """How far one batch's logits may be from the same rows computed one at a time. On a CPU
+    both take the same kernels; on CUDA a batch and a single row take different matmul kernels
+    (measured on an H200: 1.5e-3 of the largest logit)."""
+    return 1e-4 if all(stage.device == "CPU" for stage in farm.plan) else 5e-3
+
+
 def llama_cpp_logits(path: str, tokens: list[int]) -> np.ndarray:
     llm = reference_llama(path, n_ctx=512, logits_all=True, n_threads=2)
     llm.eval(tokens)
@@ -51,7 +58,8 @@ def test_incremental_decode_matches_one_batch(
         full = farm.logits(prompt_tokens)
         with farm.session() as s:
             rows = [s.forward([t])[-1] for t in prompt_tokens]
-    assert np.abs(np.stack(rows) - full).max() <= 1e-4 * np.abs(full).max()
+        tol = batch_vs_rows_tolerance(farm)
+    assert np.abs(np.stack(rows) - full).max() <= tol * np.abs(full).max()
 
 
 def test_rewind_replaces_the_tail(tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]) -> None:
@@ -63,7 +71,8 @@ def test_rewind_replaces_the_tail(tiny_models: dict[str, str], servers: list[str
         with farm.session() as s:
             s.forward(prompt_tokens)
             got = s.forward([5, 6, 7], start_pos=10)[-1]
-    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+        tol = batch_vs_rows_tolerance(farm)
+    assert np.abs(got - want).max() <= tol * np.abs(want).max()
 
 
 def test_f16_activations_stay_close(tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]) -> None:

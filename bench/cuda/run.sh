@@ -1,0 +1,62 @@
+#!/bin/bash
+# The CUDA check, for one run on a GPU machine (the device tool; carry .device, made by pack.sh):
+# builds llama.cpp's libraries and llama-bench with CUDA (~160 s on 16 cores), runs the core
+# logits tests with the servers on the GPU against llama.cpp on the same GPU, then benches one
+# and three CUDA servers against llama.cpp (in-process, and llama-bench) on the same GPU.
+#   bash bench/cuda/run.sh            (results under $OUT, or /tmp/cuda-check)
+#   LOCAL=1 QUICK="--reps 1 --pp 32 --tg 8" bash bench/cuda/run.sh   checks the script on this CPU
+set -u
+T0=$(date +%s)
+stamp() { echo "=== [$(($(date +%s) - T0))s] $*"; }
+OUTD=${OUT:-/tmp/cuda-check}
+mkdir -p "$OUTD"
+exec > >(tee "$OUTD/log.txt") 2>&1
+export PYTHONUNBUFFERED=1
+stamp start
+if [ -z "${LOCAL:-}" ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .device/whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+  if [ ! -e /tmp/b/bin/libllama.so ]; then
+    mkdir -p /tmp/src && tar xzf .device/llama.tar.gz -C /tmp/src || exit 1
+    cmake -S /tmp/src/llama_cpp_python-0.3.36/vendor/llama.cpp -B /tmp/b -G Ninja -DCMAKE_BUILD_TYPE=Release \
+      -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CCACHE=OFF \
+      -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON \
+      >"$OUTD/cmake.txt" 2>&1 || { tail -40 "$OUTD/cmake.txt"; exit 1; }
+    timeout 420 cmake --build /tmp/b -j "$(nproc)" --target llama llama-bench >"$OUTD/build.txt" 2>&1 \
+      || { tail -60 "$OUTD/build.txt"; exit 1; }
+    stamp built
+  fi
+  # llama-cpp-python's Python package over the libraries just built (one copy of each per process)
+  [ -d /tmp/site/llama_cpp ] || cp -r /tmp/src/llama_cpp_python-0.3.36/llama_cpp /tmp/site/llama_cpp
+  rm -rf /tmp/site/llama_cpp/lib && ln -s /tmp/b/bin /tmp/site/llama_cpp/lib
+  # With grpcio imported first, llama.cpp's model load segfaults on that image (seen with
+  # grpcio 1.85.1, CUDA 13.0): import llama_cpp first in every process.
+  echo "import llama_cpp" >/tmp/site/sitecustomize.py
+  export LLAMA_CPP_LIB_PATH=/tmp/b/bin LLMRPC_REF_GPU_LAYERS=99
+  DEVICE=CUDA0
+  BENCH=/tmp/b/bin/llama-bench
+else
+  export PATH=$PWD/.venv/bin:$PATH
+  DEVICE=CPU
+  BENCH="${LLAMA_BENCH:-}"
+fi
+python3 -c "from llmrpc.ggml.device import list_devices as l; print(*l(), sep='\n')"
+stamp tests
+timeout 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTD/junit.xml" \
+  tests/test_tiny_model.py tests/test_batching.py >"$OUTD/tests.txt" 2>&1
+grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passed\|failed\|Current thread" | tail -30
+stamp bench
+B="python3 -m bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load"
+Q=${QUICK:---reps 3 --pp 512 --tg 128}
+for m in synthetic-135m synthetic-1b; do
+  timeout 120 $B --model $m --servers 1,3 $Q --serving 4 --out "$OUTD/cuda-$m.json" 2>&1 | grep -v stopping: | tail -14
+  if [ -n "$BENCH" ]; then
+    timeout 40 "$BENCH" -m "$(ls ~/.cache/llmrpc/bench/$m-*.gguf | head -1)" -p 512 -n 128 -ngl 99 -fa 0 -r 3 -o md 2>&1 \
+      | grep "^|" | tail -3
+  fi
+  stamp "$m done"
+done
+python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 | grep "ms/token"
+stamp end

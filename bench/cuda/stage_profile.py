@@ -1,0 +1,73 @@
+"""Per-token breakdown of one stage holding a whole model, in this process (no transport):
+where a decode step's time goes, next to llama.cpp's own eval in the same process.
+    python bench/cuda/stage_profile.py MODEL.gguf CUDA0
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+import llama_cpp  # noqa: F401  (before grpc: see run.sh)
+import numpy as np
+
+from llmrpc.ggml import lib as g
+from llmrpc.ggml.device import Backend, find_device
+from llmrpc.model import stage as stage_mod
+from llmrpc.model.gguf_model import read_model
+from llmrpc.model.stage import LayerStage
+from llmrpc.reference import reference_llama
+from llmrpc.server.api import top_k_logits
+
+N = 400
+
+
+def timed(acc: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    def wrapper(*args: Any) -> Any:
+        t = time.perf_counter()
+        result = fn(*args)
+        acc[name] = acc.get(name, 0.0) + time.perf_counter() - t
+        return result
+
+    return wrapper
+
+
+def profile_stage(path: str, device: str, threads: int) -> str:
+    stage = LayerStage(read_model(path), 0, read_model(path).hparams.n_layer, Backend(find_device(device), threads))
+    cache = stage.new_cache(N + 200)
+    lib: Any = g.ggml()
+    acc: dict[str, float] = {}
+    stage_mod._set = timed(acc, "set", stage_mod._set)  # type: ignore[assignment]
+    lib.ggml_backend_sched_graph_compute = timed(acc, "compute", lib.ggml_backend_sched_graph_compute)
+    lib.ggml_backend_tensor_get = timed(acc, "get", lib.ggml_backend_tensor_get)
+    dt = 0.0
+    for _ in range(2):  # the first round warms up
+        acc.clear()
+        t0 = time.perf_counter()
+        for t in range(N):
+            top_k_logits(stage.forward(cache, np.array([5 + t % 100], dtype=np.int32), t, False), 1)
+        dt = time.perf_counter() - t0
+    parts = ", ".join(f"{k} {v / N * 1e3:.3f}" for k, v in acc.items())
+    return f"stage forward+argmax: {dt / N * 1e3:.3f} ms/token; {parts}"
+
+
+def profile_llama_cpp(path: str, device: str, threads: int) -> str:
+    llm = reference_llama(path, n_ctx=N + 200, n_gpu_layers=0 if device == "CPU" else 99, n_threads=threads)
+    dt = 0.0
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        for t in range(N):
+            llm.eval([5 + t % 100])
+        dt = time.perf_counter() - t0
+    return f"llama.cpp eval: {dt / N * 1e3:.3f} ms/token"
+
+
+if __name__ == "__main__":
+    model, dev = sys.argv[1], sys.argv[2]
+    n_threads = os.cpu_count() or 1
+    print(profile_stage(model, dev, n_threads))
+    print(profile_llama_cpp(model, dev, n_threads))
