@@ -104,7 +104,7 @@ def _logging(verbose: int) -> None:
     default=None,
     type=click.Path(dir_okay=False),
     help="A lock file shared by servers on one machine: they take turns computing instead of "
-    "fighting over the same cores (set by llmrpc-head --local).",
+    "fighting over the same cores (set by llmrpc-head --local; ignored on a GPU).",
 )
 @click.option(
     "--no-calibrate", is_flag=True, help="Skip the speed measurement at start (reports speed 0: planned as average)."
@@ -113,7 +113,7 @@ def _logging(verbose: int) -> None:
     "--release-threads",
     is_flag=True,
     help="Stop the compute threads after each batch instead of letting them spin: for servers that "
-    "share their cores with other servers (set by llmrpc-head --local).",
+    "share their cores with other servers (set by llmrpc-head --local; ignored on a GPU).",
 )
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")

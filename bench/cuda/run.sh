@@ -58,5 +58,5 @@ for m in synthetic-135m synthetic-1b; do
   fi
   stamp "$m done"
 done
-python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 | grep "ms/token"
+python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 | grep "ms/token\|prefill"
 stamp end

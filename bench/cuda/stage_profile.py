@@ -54,6 +54,45 @@ def profile_stage(path: str, device: str, threads: int) -> str:
     return f"stage forward+argmax: {dt / N * 1e3:.3f} ms/token; {parts}"
 
 
+def profile_prefill(path: str, device: str, threads: int, n: int = 512) -> str:
+    """A prompt of n tokens: with a new cache each time (what a new session pays: cache, graph
+    build, allocation) and again on the same cache (the graph reused)."""
+    info = read_model(path)
+    stage = LayerStage(info, 0, info.hparams.n_layer, Backend(find_device(device), threads))
+    x = np.arange(100, 100 + n, dtype=np.int32)
+    fresh, again, alloc = [], [], []
+    for _ in range(4):
+        t0 = time.perf_counter()
+        cache = stage.new_cache(n + 16)
+        t1 = time.perf_counter()
+        stage.forward(cache, x, 0, False)
+        t2 = time.perf_counter()
+        stage.forward(cache, x, 0, False)
+        t3 = time.perf_counter()
+        stage.forget(cache)
+        cache.free()
+        alloc.append(t1 - t0)
+        fresh.append(t2 - t1)
+        again.append(t3 - t2)
+    return (
+        f"stage prefill {n}: new cache {min(alloc) * 1e3:.2f} ms, first forward {min(fresh) * 1e3:.2f} ms, "
+        f"same cache {min(again) * 1e3:.2f} ms"
+    )
+
+
+def profile_llama_cpp_prefill(path: str, device: str, threads: int, n: int = 512) -> str:
+    llm = reference_llama(
+        path, n_ctx=n + 16, n_batch=n, n_ubatch=n, n_gpu_layers=0 if device == "CPU" else 99, n_threads=threads
+    )
+    times = []
+    for _ in range(4):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(list(range(100, 100 + n)))
+        times.append(time.perf_counter() - t0)
+    return f"llama.cpp prefill {n}: {min(times) * 1e3:.2f} ms"
+
+
 def profile_llama_cpp(path: str, device: str, threads: int) -> str:
     llm = reference_llama(path, n_ctx=N + 200, n_gpu_layers=0 if device == "CPU" else 99, n_threads=threads)
     dt = 0.0
@@ -71,3 +110,5 @@ if __name__ == "__main__":
     n_threads = os.cpu_count() or 1
     print(profile_stage(model, dev, n_threads))
     print(profile_llama_cpp(model, dev, n_threads))
+    print(profile_prefill(model, dev, n_threads))
+    print(profile_llama_cpp_prefill(model, dev, n_threads))

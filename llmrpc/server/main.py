@@ -53,6 +53,11 @@ def serve(
         print(f"llmrpc-server: {e}", file=sys.stderr)
         return 2
     n_threads = threads or os.cpu_count() or 1
+    if dev.kind != "cpu" and (host_lock or release_threads):
+        # Both exist for servers whose compute shares a machine's cores; a GPU stage's does not,
+        # and stages on GPUs should overlap (one computes while another sends).
+        logger.info("computing on %s: --host-lock and --release-threads do not apply", dev.name)
+        host_lock, release_threads = None, False
     from pathlib import Path
 
     from llmrpc.server.store import WeightStore, default_cache_dir
