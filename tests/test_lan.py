@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bench.lan import Lan, lan_unavailable, server_cmd
+from llmrpc.bench.lan import Lan, lan_unavailable, server_cmd
 from llmrpc.farm import Farm
 from llmrpc.head.local import read_ready
 

@@ -48,7 +48,7 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTD/junit.xml
   tests/test_tiny_model.py tests/test_batching.py >"$OUTD/tests.txt" 2>&1
 grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passed\|failed\|Current thread" | tail -30
 stamp bench
-B="python3 -m bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load"
+B="python3 -m llmrpc.bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load"
 Q=${QUICK:---reps 3 --pp 512 --tg 128}
 for m in synthetic-135m synthetic-1b; do
   timeout 120 $B --model $m --servers 1,3 $Q --serving 4 --out "$OUTD/cuda-$m.json" 2>&1 | grep -v stopping: | tail -14

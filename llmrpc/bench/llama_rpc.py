@@ -1,7 +1,7 @@
 """llama.cpp's own RPC backend on the same split, the baseline llmrpc means to beat: one
 ggml-rpc-server per stage on 127.0.0.1 and llama-bench --rpc in front of them.
 
-llama-cpp-python ships neither program, so ``python -m bench.llama_rpc build`` compiles them once
+llama-cpp-python ships neither program, so ``python -m llmrpc.bench.llama_rpc build`` compiles them once
 from the llama.cpp source inside the pinned llama-cpp-python sdist (from PyPI; about 15 minutes
 on 2 cores) into ~/.cache/llmrpc/bench/llama-rpc. ``LLMRPC_LLAMA_RPC_BIN`` may name another build's
 bin folder. Without either, the bench says so and goes on.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import click
 
-from bench.models import cache_dir
+from llmrpc.bench.models import cache_dir
 
 LLAMA_CPP_PYTHON = "0.3.36"  # the pinned version: its vendored llama.cpp is the one llmrpc runs on
 

@@ -1,7 +1,7 @@
 """llama-bench-style pp512 / tg128 through 1 and 3 loopback servers next to llama.cpp itself.
 
 Prints a table with ratios against llama.cpp measured in the same run, and writes JSON.
-    python -m bench.run [--reps 3] [--servers 1,3] [--threads 2] [--model M.gguf]
+    llmrpc-bench [--reps 3] [--servers 1,3] [--threads 2] [--model M.gguf]   (see --help)
 """
 
 from __future__ import annotations
@@ -19,11 +19,11 @@ from pathlib import Path
 import click
 import numpy as np
 
-from bench.lan import bench_lan, lan_unavailable, print_lan
-from bench.llama_rpc import LlamaRpc, bin_dir
-from bench.load import LoadTimes, bench_load
-from bench.models import resolve_model
-from bench.serve import ServingResult, bench_serving
+from llmrpc.bench.lan import bench_lan, lan_unavailable, print_lan
+from llmrpc.bench.llama_rpc import LlamaRpc, bin_dir
+from llmrpc.bench.load import LoadTimes, bench_load
+from llmrpc.bench.models import resolve_model
+from llmrpc.bench.serve import ServingResult, bench_serving
 from llmrpc.farm import Farm
 from llmrpc.reference import reference_llama
 
@@ -116,8 +116,8 @@ def measure_interleaved(
 @click.option(
     "--model",
     default=None,
-    help="A GGUF file, 'smollm2' (the packaged SmolLM2, default) or 'synthetic-1b' (a random 1B-class "
-    "llama in Q4_0, written once to ~/.cache/llmrpc/bench).",
+    help="A GGUF file, 'smollm2' (the packaged SmolLM2, default), 'synthetic-1b' (a random 1B-class "
+    "llama in Q4_0) or 'synthetic-135m' (SmolLM2's shape in Q4_1), written once to ~/.cache/llmrpc/bench.",
 )
 @click.option("--reps", default=3, show_default=True, type=int)
 @click.option("--servers", default="1,3", show_default=True, help="Server counts to run.")
@@ -145,7 +145,7 @@ def measure_interleaved(
     default=True,
     show_default=True,
     help="Also run llama.cpp's RPC backend on the same number of servers, when it is built "
-    "(python -m bench.llama_rpc build).",
+    "(python -m llmrpc.bench.llama_rpc build).",
 )
 @click.option(
     "--device",
@@ -172,6 +172,10 @@ def main(
     load: bool,
     out: str,
 ) -> None:
+    """llama-bench-style prefill (pp) and decode (tg) through 1 and 3 servers started on this
+    machine, next to llama.cpp itself (llama-cpp-python, same process), in one interleaved run;
+    then serving metrics for concurrent streams, a simulated LAN (as root), and load times.
+    Prints a table with ratios against llama.cpp, writes JSON and a PNG chart."""
     model = resolve_model(model)
     ticks0 = cpu_ticks()
     rng = np.random.default_rng(0)
@@ -189,7 +193,7 @@ def main(
         if llama_rpc and farms:
             bins = bin_dir()
             if bins is None:
-                print("llama.cpp RPC skipped: build it once with `python -m bench.llama_rpc build` (~15 min)")
+                print("llama.cpp RPC skipped: build it once with `python -m llmrpc.bench.llama_rpc build` (~15 min)")
             else:
                 rpc = LlamaRpc(bins, model, max(farms), threads)
                 configs.append(Config(f"llama.cpp RPC x{rpc.n}", lambda t: rpc.rate(len(t), 0),
@@ -271,8 +275,11 @@ def print_load(load: LoadTimes) -> None:
 
 def draw_chart(results: list[Result], path: str) -> None:
     """tok/s by configuration, one panel per test, error bars = std over repetitions."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no chart: matplotlib is not installed (pip install matplotlib); {path} not drawn", file=sys.stderr)
+        return
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -7,7 +7,7 @@ The kernels of these VMs have no netem qdisc, so the switch does in user space w
 serialisation time on the receiving node's link, then writes it to that node's device.
 Needs root (namespaces, TUN devices); everything is removed at the end.
 
-    python -m bench.lan [--model M] [--reps 3] [--tg 128] [--pp 128]
+    python -m llmrpc.bench.lan [--model M] [--reps 3] [--tg 128] [--pp 128]
 """
 
 from __future__ import annotations
@@ -84,7 +84,16 @@ class Lan:
                 _ip("-n", ns, "tuntap", "add", "dev", DEVICE, "mode", "tun")
                 _ip("-n", ns, "addr", "add", f"{self.address(i)}/24", "dev", DEVICE)
                 _ip("-n", ns, "link", "set", DEVICE, "up")
-            cmd = [sys.executable, "-m", "bench.lan", "switch", "--delay", str(self.delay), "--rate", str(self.rate)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "llmrpc.bench.lan",
+                "switch",
+                "--delay",
+                str(self.delay),
+                "--rate",
+                str(self.rate),
+            ]
             cmd += [self.namespace(i) for i in range(self.nodes)]
             self._switch = subprocess.Popen(cmd, stdout=subprocess.PIPE)
             assert self._switch.stdout is not None
@@ -219,7 +228,7 @@ def _servers_on_lan(lan: Lan, n: int, threads: int, lock: str) -> Iterator[list[
 
 
 def _head_in(lan: Lan | None, model: str, servers: list[str], tg: int, pp: int, reps: int) -> dict[str, list[float]]:
-    cmd = [sys.executable, "-m", "bench.lan", "head", "--model", model, "--tg", str(tg), "--pp", str(pp),
+    cmd = [sys.executable, "-m", "llmrpc.bench.lan", "head", "--model", model, "--tg", str(tg), "--pp", str(pp),
            "--reps", str(reps), *servers]  # fmt: skip
     proc = lan.run(0, cmd, stdout=subprocess.PIPE) if lan else subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
     stdout, _ = proc.communicate(timeout=1800)
@@ -295,7 +304,7 @@ def head_cmd(model: str, tg: int, pp: int, reps: int, servers: tuple[str, ...]) 
 def run_cmd(model: str | None, n: int, threads: int, reps: int, tg: int, pp: int, delay_ms: float,
             rate_gbit: float) -> None:  # fmt: skip
     """Decode and prefill through servers on a simulated LAN next to plain loopback."""
-    from bench.models import resolve_model
+    from llmrpc.bench.models import resolve_model
 
     why = lan_unavailable()
     if why:

@@ -1,0 +1,1 @@
+"""The benchmark (``llmrpc-bench``, ``make bench``): llmrpc next to llama.cpp in one run."""

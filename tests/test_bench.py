@@ -1,0 +1,31 @@
+"""llmrpc-bench end to end on a tiny model: a real run, its table and its JSON."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from llmrpc.model.synthetic import SyntheticSpec
+
+from .conftest import model_file
+
+
+def test_bench_measures_llama_cpp_and_a_server(tmp_path: Path) -> None:
+    model = model_file(tmp_path, "tiny.gguf", SyntheticSpec(weight_type="Q8_0", n_vocab=10240, seed=3))
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "llmrpc.bench.run", "--model", model, "--servers", "1", "--reps", "2",
+           "--pp", "32", "--tg", "8", "--threads", "2", "--serving", "1", "--no-lan", "--no-llama-rpc",
+           "--no-via-head", "--no-load", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "vs llama.cpp" in run.stdout
+    result = json.loads(out.read_text())
+    rows = {(r["config"], r["test"]): r for r in result["results"]}
+    assert set(rows) == {(c, t) for c in ("llama.cpp", "llmrpc x1") for t in ("pp32", "tg8")}
+    for r in rows.values():
+        assert len(r["samples"]) == 2 and all(s > 0 for s in r["samples"])
+    (serving,) = result["serving"]["1"]
+    assert serving["concurrency"] == 1 and serving["output_tokens_per_second"] > 0
+    assert out.with_suffix(".png").stat().st_size > 0
