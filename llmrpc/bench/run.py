@@ -1,4 +1,4 @@
-"""llama-bench-style pp512 / tg128 through 1 and 3 loopback servers next to llama.cpp itself.
+"""llama-bench-style pp512 / tg128 through 1, 2 and 3 loopback servers next to llama.cpp itself.
 
 Prints a table with ratios against llama.cpp measured in the same run, and writes JSON.
     llmrpc-bench [--reps 3] [--servers 1,3] [--threads 2] [--model M.gguf]   (see --help)
@@ -120,7 +120,7 @@ def measure_interleaved(
     "llama in Q4_0) or 'synthetic-135m' (SmolLM2's shape in Q4_1), written once to ~/.cache/llmrpc/bench.",
 )
 @click.option("--reps", default=3, show_default=True, type=int)
-@click.option("--servers", default="1,3", show_default=True, help="Server counts to run.")
+@click.option("--servers", default="1,2,3", show_default=True, help="Server counts to run, e.g. 1,3.")
 @click.option("--threads", default=os.cpu_count() or 1, show_default=True, type=int, help="Threads per process.")
 @click.option("--pp", default=512, show_default=True, type=int)
 @click.option("--tg", default=128, show_default=True, type=int)
@@ -172,7 +172,7 @@ def main(
     load: bool,
     out: str,
 ) -> None:
-    """llama-bench-style prefill (pp) and decode (tg) through 1 and 3 servers started on this
+    """llama-bench-style prefill (pp) and decode (tg) through 1, 2 and 3 servers started on this
     machine, next to llama.cpp itself (llama-cpp-python, same process), in one interleaved run;
     then serving metrics for concurrent streams, a simulated LAN (as root), and load times.
     Prints a table with ratios against llama.cpp, writes JSON and a PNG chart."""
