@@ -51,7 +51,8 @@ stamp bench
 B="python3 -m llmrpc.bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load"
 Q=${QUICK:---reps 3 --pp 512 --tg 128}
 for m in synthetic-135m synthetic-1b; do
-  timeout 120 $B --model $m --servers 1,3 $Q --serving 4 --out "$OUTD/cuda-$m.json" 2>&1 | grep -v stopping: | tail -14
+  timeout 120 $B --model $m --servers 1,3 $Q --serving 4 --trace /tmp/trace-$m --out "$OUTD/cuda-$m.json" 2>&1 \
+    | grep -v stopping: | tail -42
   if [ -n "$BENCH" ]; then
     timeout 40 "$BENCH" -m "$(ls ~/.cache/llmrpc/bench/$m-*.gguf | head -1)" -p 512 -n 128 -ngl 99 -fa 0 -r 3 -o md 2>&1 \
       | grep "^|" | tail -3

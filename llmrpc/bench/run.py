@@ -19,11 +19,13 @@ from pathlib import Path
 import click
 import numpy as np
 
+from llmrpc import trace
 from llmrpc.bench.lan import bench_lan, lan_unavailable, print_lan
 from llmrpc.bench.llama_rpc import LlamaRpc, bin_dir
 from llmrpc.bench.load import LoadTimes, bench_load
 from llmrpc.bench.models import resolve_model
 from llmrpc.bench.serve import ServingResult, bench_serving
+from llmrpc.bench.timeline import print_timelines, read_events, timelines
 from llmrpc.farm import Farm
 from llmrpc.reference import reference_llama
 
@@ -156,6 +158,14 @@ def measure_interleaved(
 @click.option(
     "--load/--no-load", default=True, show_default=True, help="Also time loading the model (file, shipped, cached)."
 )
+@click.option(
+    "--trace",
+    "trace_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Stamp every decode step in the head and the servers into this folder and print where a "
+    "step's time goes (LLMRPC_TRACE; python -m llmrpc.bench.timeline FOLDER reads it again).",
+)
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
 def main(
     model: str | None,
@@ -170,6 +180,7 @@ def main(
     llama_rpc: bool,
     device: str | None,
     load: bool,
+    trace_dir: str | None,
     out: str,
 ) -> None:
     """llama-bench-style prefill (pp) and decode (tg) through 1, 2 and 3 servers started on this
@@ -177,6 +188,8 @@ def main(
     then serving metrics for concurrent streams, a simulated LAN (as root), and load times.
     Prints a table with ratios against llama.cpp, writes JSON and a PNG chart."""
     model = resolve_model(model)
+    if trace_dir:
+        start_trace(trace_dir)
     ticks0 = cpu_ticks()
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
@@ -203,6 +216,7 @@ def main(
             configs.append(farm_config(Farm(model, local=n, threads=threads, device=device, ctx_size=n_ctx,
                                             data_plane=False), f"x{n} via head"))  # fmt: skip
         results = measure_interleaved(configs, [("pp", pp), ("tg", tg)], tokens, reps)
+        trace.configure(None)  # the timeline covers the steps measured above, not the serving streams
         served: dict[int, list[ServingResult]] = {}
         for n, farm in farms.items():
             served[n] = [
@@ -244,6 +258,8 @@ def main(
         else:
             lan_result = bench_lan(model, 3, threads, tg, min(pp, 128), reps)
             print_lan(lan_result)
+    if trace_dir:  # the servers wrote their stamps as they stopped
+        print_timelines(timelines(read_events(trace_dir)))
     load_times = bench_load(model) if load else None
     if load_times is not None:
         print_load(load_times)
@@ -260,6 +276,15 @@ def main(
     chart = str(Path(out).with_suffix(".png"))
     draw_chart(results, chart)
     print(f"\nwrote {out} and {chart}", file=sys.stderr)
+
+
+def start_trace(folder: str) -> None:
+    """Servers started from now on stamp into ``folder`` (emptied first), and so does the head."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    for old in Path(folder).glob("*.trace"):
+        old.unlink()
+    os.environ[trace.ENV] = folder
+    trace.configure(folder)
 
 
 def print_load(load: LoadTimes) -> None:

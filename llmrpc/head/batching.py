@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
+from llmrpc import trace
 from llmrpc.head.client import StageError
 from llmrpc.head.datalink import DataLinks, Hop
 
@@ -113,10 +114,17 @@ class Coalescer:
 
     def _send(self, batch: list[_Step]) -> None:
         k = max(s.k for s in batch)
+        started = time.perf_counter()
         rid = self.links.send(
             [s.route for s in batch], [s.pos for s in batch], [s.x for s in batch], top_k=k, f16=self.f16
         )
+        if trace.enabled():  # a decode step: the timeline follows these
+            key = trace.request_key(self.links.link_id, rid)
+            trace.stamp(key, "head.send", started)
+            trace.stamp(key, "head.sent")
         got = self.links.wait(rid)
+        if trace.enabled():
+            trace.stamp(trace.request_key(self.links.link_id, rid), "head.done")
         self.batches += 1
         self.steps += len(batch)
         values = got[0]  # one row per session: the last of its rows

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import grpc
 import numpy as np
 
-from llmrpc import codec, wire
+from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind
 from llmrpc.head.client import StageError
 from llmrpc.types import PROTOCOL_VERSION, split_address
@@ -145,6 +145,7 @@ class DataLinks:
             time.sleep(timeout)
             return
         ready, _, _ = select.select(list(socks), [], [], timeout)
+        woke = time.perf_counter()
         for sock in ready:
             conn = socks[sock]
             try:
@@ -161,6 +162,7 @@ class DataLinks:
                     route = self._pending.pop(f.request_id, None) if answer else None
                     if route is not None:
                         self._done[f.request_id] = (f, route)
+                        trace.stamp(trace.request_key(self.link_id, f.request_id), "head.recv", woke)
                     elif f.kind != FrameKind.WELCOME:
                         logger.warning("data plane %s: unexpected %s frame %d", conn.peer, f.kind.name, f.request_id)
 

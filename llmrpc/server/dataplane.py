@@ -18,12 +18,13 @@ import hmac
 import logging
 import secrets
 import socket
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from llmrpc import codec, wire
+from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind
 from llmrpc.server.api import EngineError, StageEngine, stage_outputs
 from llmrpc.server.loop import ComputeLoop
@@ -65,6 +66,7 @@ class DataPlane:
     def _on_readable(self, conn: wire.Connection) -> None:
         if conn.authenticated:
             conn.reader.max_bytes = self._frame_limit()
+        arrived = time.perf_counter()
         try:
             frames = conn.receive()
         except codec.CodecError as e:
@@ -76,9 +78,9 @@ class DataPlane:
         for frame in frames:
             if conn.closed:
                 return
-            self._handle(conn, frame)
+            self._handle(conn, frame, arrived)
 
-    def _handle(self, conn: wire.Connection, frame: codec.DataFrame) -> None:
+    def _handle(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
         if not conn.authenticated:
             token = frame.meta.get("token")
             if frame.kind != FrameKind.HELLO or not isinstance(token, str):
@@ -93,7 +95,7 @@ class DataPlane:
                 self._send(conn, FrameKind.WELCOME, frame.request_id, {"protocol": PROTOCOL_VERSION})
             return
         if frame.kind == FrameKind.FORWARD:
-            self._forward(frame)
+            self._forward(frame, arrived)
         elif frame.kind == FrameKind.ERROR:  # from a peer we push to: it could not take our frame
             logger.warning("%s: %s", conn.peer, frame.meta.get("message"))
         else:
@@ -131,7 +133,7 @@ class DataPlane:
         return self.engine.max_input_elements() * 4 + 4096
 
     # -- forwarding -----------------------------------------------------------------------
-    def _forward(self, frame: codec.DataFrame) -> None:
+    def _forward(self, frame: codec.DataFrame, arrived: float) -> None:
         m, rid = frame.meta, frame.request_id
         link = m.get("link")
         try:
@@ -151,6 +153,9 @@ class DataPlane:
             self._fail(link, rid, "invalid_argument", message, "")
             return
         here = str(route[hop][0])
+        key = trace.request_key(int(link or 0), rid) if trace.enabled() else ""
+        trace.stamp(key, f"s{hop}.arrive", arrived)
+        trace.stamp(key, f"s{hop}.start")
         parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
         try:
             outs = self.engine.forward_batch(
@@ -164,8 +169,10 @@ class DataPlane:
         except EngineError as e:
             self._fail(link, rid, e.code.value, e.message, here)
             return
+        trace.stamp(key, f"s{hop}.end")
         if not more:
             self._answer(link, FrameKind.RESULT, rid, {}, outputs)
+            trace.stamp(key, f"s{hop}.sent")
             return
         address, token = str(route[hop + 1][0]), str(route[hop + 1][1])
         try:
@@ -175,6 +182,7 @@ class DataPlane:
             return
         if not self._send(peer, FrameKind.FORWARD, rid, {**m, "hop": hop + 1}, outputs):
             self._fail_next(link, rid, address, f"the connection to it from {here} broke")
+        trace.stamp(key, f"s{hop}.sent")
 
     def _fail(self, link: Any, rid: int, code: str, message: str, here: str) -> None:
         loaded = self.engine.loaded()
