@@ -29,3 +29,13 @@ def test_bench_measures_llama_cpp_and_a_server(tmp_path: Path) -> None:
     (serving,) = result["serving"]["1"]
     assert serving["concurrency"] == 1 and serving["output_tokens_per_second"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_bench_names_a_device_this_build_lacks(tmp_path: Path) -> None:
+    model = model_file(tmp_path, "tiny.gguf", SyntheticSpec(weight_type="Q8_0", seed=3))
+    run = subprocess.run(
+        [sys.executable, "-m", "llmrpc.bench.run", "--model", model, "--device", "NoSuchGPU0", "--no-load"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert run.returncode == 2
+    assert "no device named 'NoSuchGPU0' (this build has: CPU" in run.stderr

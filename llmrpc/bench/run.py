@@ -27,6 +27,7 @@ from llmrpc.bench.models import resolve_model
 from llmrpc.bench.serve import ServingResult, bench_serving
 from llmrpc.bench.timeline import print_timelines, read_events, timelines
 from llmrpc.farm import Farm
+from llmrpc.ggml.device import find_device
 from llmrpc.reference import reference_llama
 
 SERVING_TOKENS = 64  # generated per stream in the serving measurement
@@ -188,6 +189,11 @@ def main(
     then serving metrics for concurrent streams, a simulated LAN (as root), and load times.
     Prints a table with ratios against llama.cpp, writes JSON and a PNG chart."""
     model = resolve_model(model)
+    if device is not None:
+        try:  # here, not in a server that would die at start with the same message
+            find_device(device)
+        except (ValueError, RuntimeError) as e:
+            raise click.BadParameter(str(e), param_hint="--device") from None
     if trace_dir:
         start_trace(trace_dir)
     ticks0 = cpu_ticks()
