@@ -55,7 +55,5 @@ def reference_llama(model_path: str, **kwargs: Any) -> Any:
 
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("n_gpu_layers", gpu_layers())
-    if kwargs["n_gpu_layers"]:  # extra buffer types are CPU ones; patching them with offload crashes (CUDA)
-        return llama_cpp.Llama(model_path, **kwargs)
     with _model_params(extra_bufts_enabled()):
         return llama_cpp.Llama(model_path, **kwargs)
