@@ -52,6 +52,11 @@ class _Graph:
     sched: int
     own_sched: bool  # a kept graph's scheduler is its own, freed with it
     mem: ctypes.Array[ctypes.c_char]
+    out_shape: tuple[int, int]  # rows, columns of ``out``
+    # per segment, what its inputs are made from every time: cell numbers [n_kv] and the
+    # first V cell of each of the n_embd_kv rows of the transposed V cache
+    cells: list[np.ndarray]
+    v_rows: list[np.ndarray]
 
     def free(self) -> None:
         lib = g.ggml()
@@ -183,7 +188,7 @@ class LayerStage:
     def forward_batch(self, items: list[tuple[SessionCache, np.ndarray, int]], all_outputs: bool) -> list[np.ndarray]:
         """:meth:`forward` for several sessions in one graph (each (cache, x, start_pos) a
         different session): the weights are read once for all their rows."""
-        lib, hp = g.ggml(), self.hp
+        lib = g.ggml()
         segments, offset = [], 0
         for cache, x, start_pos in items:
             n = int(x.shape[0])
@@ -195,20 +200,23 @@ class LayerStage:
         key = (tuple((c.serial, seg.n, seg.n_kv) for (c, _, _), seg in zip(items, segments, strict=True)), want_rows)
         graph = self._graph_for(key, [c for c, _, _ in items], segments)
         inp = graph.inputs
-        pos = np.concatenate(
-            [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
-        )
-        if self.first:
-            _set(inp.tokens, np.concatenate([x.astype(np.int32, copy=False) for _, x, _ in items]))
+        # (one session, the decode case, skips the joins: this runs for every token)
+        dtype = np.int32 if self.first else np.float32
+        if len(items) == 1:
+            pos = np.arange(items[0][2], items[0][2] + segments[0].n, dtype=np.int32)
+            x_all = items[0][1].astype(dtype, copy=False)
         else:
-            _set(inp.embd, np.concatenate([x.astype(np.float32, copy=False) for _, x, _ in items]))
+            pos = np.concatenate(
+                [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
+            )
+            x_all = np.concatenate([x.astype(dtype, copy=False) for _, x, _ in items])
+        _set(inp.tokens if self.first else inp.embd, x_all)
         _set(inp.pos, pos)
-        for (cache, _, _), seg, seg_inp in zip(items, segments, inp.segments, strict=True):
-            p = pos[seg.offset : seg.offset + seg.n]
-            cols = np.arange(seg.n_kv, dtype=np.int32)
-            _set(seg_inp.kq_mask, np.where(cols[None, :] <= p[:, None], np.float32(0), np.float32(-np.inf)))
-            _set(seg_inp.k_idxs, p.astype(np.int64))
-            _set(seg_inp.v_idxs, np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * cache.kv_size + p[:, None])
+        for seg, seg_inp, cells, v_rows in zip(segments, inp.segments, graph.cells, graph.v_rows, strict=True):
+            p = pos[seg.offset : seg.offset + seg.n, None]
+            _set(seg_inp.kq_mask, np.where(cells <= p, np.float32(0), np.float32(-np.inf)))
+            _set(seg_inp.k_idxs, p[:, 0].astype(np.int64))
+            _set(seg_inp.v_idxs, v_rows + p)
         if want_rows:
             _set(inp.out_ids, np.array([seg.offset + seg.n - 1 for seg in segments], dtype=np.int32))
         status = lib.ggml_backend_sched_graph_compute(graph.sched, graph.gf)
@@ -218,9 +226,8 @@ class LayerStage:
             else:
                 self._drop_graph()
             raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
-        t = graph.out.contents
-        result = np.empty((t.ne[1], t.ne[0]), dtype=np.float32)
-        lib.ggml_backend_tensor_get(graph.out, result.ctypes.data, 0, result.nbytes)
+        result = np.empty(graph.out_shape, dtype=np.float32)
+        lib.ggml_backend_tensor_get(graph.out, result.__array_interface__["data"][0], 0, result.nbytes)
         if want_rows:
             return [result[i : i + 1] for i in range(len(segments))]
         return [result[seg.offset : seg.offset + seg.n] for seg in segments]
@@ -280,7 +287,10 @@ class LayerStage:
             if own_sched:
                 lib.ggml_backend_sched_free(sched)
             raise
-        return _Graph(key, ctx, gf, inp, out, sched, own_sched, mem)
+        cells = [np.arange(seg.n_kv, dtype=np.int32)[None, :] for seg in segments]
+        v_rows = [np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * seg.kv_size for seg in segments]
+        shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
+        return _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, cells, v_rows)
 
     def _drop_graph(self) -> None:
         if self._graph is not None:
@@ -327,4 +337,5 @@ def _set(tensor: g.Tensor | None, data: np.ndarray | None) -> None:
     if tensor is None or data is None:
         return
     data = np.ascontiguousarray(data)
-    g.ggml().ggml_backend_tensor_set(tensor, data.ctypes.data, 0, data.nbytes)
+    address = data.__array_interface__["data"][0]  # cheaper than .ctypes.data, per input per token
+    g.ggml().ggml_backend_tensor_set(tensor, address, 0, data.nbytes)

@@ -70,8 +70,10 @@ def stage_outputs(loaded: LoadedRange | None, out: np.ndarray, top_k: int, f16: 
 
 def top_k_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k largest logits of each row, largest first (ties: the lower id first, as argmax)."""
-    if k == 1:
-        ids = np.argmax(logits, axis=1)[:, None]
+    if k == 1:  # greedy decoding, every token: the plain argmax is the cheap path
+        best = logits.argmax(axis=1)
+        rows = np.arange(logits.shape[0])
+        return best.astype(np.int32)[:, None], logits[rows, best][:, None]
     else:
         part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
         order = np.lexsort((part, -np.take_along_axis(logits, part, axis=1)), axis=1)
