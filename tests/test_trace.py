@@ -29,14 +29,17 @@ def test_a_decode_step_is_followed_through_every_server(
     assert len(list(folder.glob("*.trace"))) == 3  # the head and both servers
     (timeline,) = timelines(events)
     assert (timeline.servers, timeline.steps) == (2, 5)
-    assert [seg.label for seg in timeline.segments][:4] == [
-        "head: sends", "to server 0 (wake-up)", "server 0: reads the frame", "server 0: computes",
+    assert [seg.label for seg in timeline.segments] == [
+        "send to server 0 + wake-up", "server 0: reads the frame", "server 0: computes",
+        "send to server 1 + wake-up", "server 1: reads the frame", "server 1: computes",
+        "send to the head + wake-up", "head: reads the answer",
     ]  # fmt: skip
     steps = [ev for ev in events.values() if "head.send" in ev]
-    for ev in steps:  # every event of the step, each server's in the order they happen
-        assert list(sorted(ev, key=ev.__getitem__))[:3] == ["head.send", "head.sent", "s0.arrive"]
+    assert len(steps) == 5
+    for ev in steps:  # every event of a step, in the order the step makes them happen
         assert set(ev) == set(step_order(2))
-        assert ev["s0.sent"] <= ev["s1.arrive"] <= ev["s1.end"] <= ev["head.done"]
+        assert [ev[name] for name in step_order(2)] == sorted(ev.values())
+    assert all(seg.median_ms >= 0 for seg in timeline.segments)
     assert timeline.total_ms > sum(seg.median_ms for seg in timeline.segments if "computes" in seg.label)
 
 

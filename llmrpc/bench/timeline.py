@@ -1,10 +1,12 @@
 """Where a decode step's time goes, from the stamps of :mod:`llmrpc.trace`.
 
-A step's events, in the order they happen: the head sends (``head.send`` .. ``head.sent``),
-each server i receives it (``s<i>.arrive``), computes (``s<i>.start`` .. ``s<i>.end``) and
-sends on (``s<i>.sent``), the head wakes with the answer (``head.recv``) and hands it back
-(``head.done``). The timeline is the median of each gap over the steps, grouped by how many
-servers the steps went through.
+A step's events, in the order they must happen: the head starts sending (``head.send``), each
+server i wakes with the frame (``s<i>.arrive``), starts computing (``s<i>.start``) and is done
+(``s<i>.end``, then it sends on), the head wakes with the answer (``head.recv``) and hands it
+back (``head.done``). Each gap holds one thing: a send and the receiver's wake-up, reading a
+frame, computing. The timeline is the median of each gap over the steps, grouped by how many
+servers the steps went through. (The end of a send is not stamped: the receiver often runs
+before the sender's ``sendmsg`` returns.)
     python -m llmrpc.bench.timeline FOLDER        (LLMRPC_TRACE=FOLDER during the run)
 """
 
@@ -16,7 +18,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-LABELS = {"arrive": "reads the frame", "start": "computes", "end": "sends on"}
+LABELS = {"arrive": "reads the frame", "start": "computes"}
 
 
 @dataclass(frozen=True)
@@ -45,19 +47,17 @@ def read_events(folder: str | Path) -> dict[str, dict[str, float]]:
 
 
 def step_order(n_servers: int) -> list[str]:
-    hops = [f"s{i}.{e}" for i in range(n_servers) for e in ("arrive", "start", "end", "sent")]
-    return ["head.send", "head.sent", *hops, "head.recv", "head.done"]
+    hops = [f"s{i}.{e}" for i in range(n_servers) for e in ("arrive", "start", "end")]
+    return ["head.send", *hops, "head.recv", "head.done"]
 
 
 def _label(a: str, b: str) -> str:
-    if a == "head.send":
-        return "head: sends"
     if b == "head.recv":
-        return "to the head (wake-up)"
+        return "send to the head + wake-up"
     if a == "head.recv":
         return "head: reads the answer"
     if b.endswith(".arrive"):
-        return f"to server {b[1:].split('.')[0]} (wake-up)"
+        return f"send to server {b[1:].split('.')[0]} + wake-up"
     who, what = a.split(".")
     return f"server {who[1:]}: {LABELS[what]}"
 

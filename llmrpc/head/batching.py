@@ -121,7 +121,6 @@ class Coalescer:
         if trace.enabled():  # a decode step: the timeline follows these
             key = trace.request_key(self.links.link_id, rid)
             trace.stamp(key, "head.send", started)
-            trace.stamp(key, "head.sent")
         got = self.links.wait(rid)
         if trace.enabled():
             trace.stamp(trace.request_key(self.links.link_id, rid), "head.done")

@@ -172,7 +172,6 @@ class DataPlane:
         trace.stamp(key, f"s{hop}.end")
         if not more:
             self._answer(link, FrameKind.RESULT, rid, {}, outputs)
-            trace.stamp(key, f"s{hop}.sent")
             return
         address, token = str(route[hop + 1][0]), str(route[hop + 1][1])
         try:
@@ -182,7 +181,6 @@ class DataPlane:
             return
         if not self._send(peer, FrameKind.FORWARD, rid, {**m, "hop": hop + 1}, outputs):
             self._fail_next(link, rid, address, f"the connection to it from {here} broke")
-        trace.stamp(key, f"s{hop}.sent")
 
     def _fail(self, link: Any, rid: int, code: str, message: str, here: str) -> None:
         loaded = self.engine.loaded()
