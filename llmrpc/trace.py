@@ -42,8 +42,9 @@ def request_key(link: int, request_id: int) -> str:
 
 
 def stamp(request: str, event: str, at: float | None = None) -> None:
-    """Record that ``event`` happened to ``request`` now (or at ``at``, a perf_counter)."""
-    if _folder is None:
+    """Record that ``event`` happened to ``request`` now (or at ``at``, a perf_counter); an
+    empty ``request`` (a frame without a head link) is not recorded."""
+    if _folder is None or not request:
         return
     line = f"{request} {event} {time.perf_counter() if at is None else at:.7f}\n"
     with _lock:

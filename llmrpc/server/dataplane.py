@@ -153,7 +153,7 @@ class DataPlane:
             self._fail(link, rid, "invalid_argument", message, "")
             return
         here = str(route[hop][0])
-        key = trace.request_key(int(link or 0), rid) if trace.enabled() else ""
+        key = trace.request_key(link, rid) if trace.enabled() and isinstance(link, int) else ""
         trace.stamp(key, f"s{hop}.arrive", arrived)
         trace.stamp(key, f"s{hop}.start")
         parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
