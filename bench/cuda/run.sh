@@ -59,5 +59,9 @@ for m in synthetic-135m synthetic-1b; do
   fi
   stamp "$m done"
 done
+# A/B: a GPU server's CPU threads (16 above, the machine's; 4 here): do they cost per token?
+timeout 60 $B --model synthetic-135m --servers 1 $Q --serving "" --threads 4 --trace /tmp/trace-t4 \
+  --out /tmp/t4.json 2>&1 | grep -v stopping: | tail -14
+stamp "threads A/B done"
 python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 | grep "ms/token\|prefill"
 stamp end
