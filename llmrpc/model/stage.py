@@ -179,6 +179,11 @@ class LayerStage:
         lib.ggml_backend_buffer_clear(buf, 0)  # unused cells are read (masked): keep them finite
         return SessionCache(kv_size, layers, ctx, buf, lib.ggml_backend_buffer_get_size(buf))
 
+    def clear_cache(self, cache: SessionCache) -> None:
+        """Zero a cache for a new session (cells past a session's positions are read, masked:
+        they must hold finite numbers, as a new cache's do)."""
+        g.ggml().ggml_backend_buffer_clear(cache.buffer, 0)
+
     def forward(self, cache: SessionCache, x: np.ndarray, start_pos: int, all_outputs: bool) -> np.ndarray:
         """Run ``x`` (I32 token ids [n] on the first stage, F32 hidden [n, n_embd] elsewhere)
         at positions ``start_pos..start_pos+n`` and return hidden states [n, n_embd], or on the

@@ -29,6 +29,8 @@ from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
 
 logger = logging.getLogger(__name__)
 
+SPARE_CACHES = 4  # closed sessions' KV caches kept for reuse
+
 MAX_BATCH = 8192  # rows per Forward
 T = TypeVar("T")
 
@@ -67,6 +69,11 @@ class Engine:
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
+        # Caches of closed sessions, kept for the next sessions of the same size (oldest first):
+        # a new session then skips allocating and clearing device memory, and the graphs built
+        # for the cache (prefill, decode) are reused. They count as held; freed when memory is
+        # needed, when there are too many, or when the layers change.
+        self._spare: list[SessionCache] = []
         # Every ggml call and every change of state runs on the loop's one thread (see
         # loop.py): no locks, and the data plane computes without a hand-off.
         self.loop = loop or ComputeLoop()
@@ -215,11 +222,12 @@ class Engine:
         return self.loop.call(swap)
 
     def _unload(self) -> None:
-        for cache, _ in self._sessions.values():
+        for cache in [c for c, _ in self._sessions.values()] + self._spare:
             if self._stage is not None:
                 self._stage.forget(cache)
             cache.free()
         self._sessions.clear()
+        self._spare.clear()
         self._held = 0
         if self._stage is not None:
             self._stage.close()
@@ -237,18 +245,19 @@ class Engine:
         if len(self._sessions) >= self.max_sessions:
             raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first")
         want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_cells(n_ctx))
-        if self.memory_cap and self._held + want > self.memory_cap:
-            raise EngineError(
-                ErrorCode.RESOURCE_EXHAUSTED,
-                f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
-            )
-        try:
-            cache = stage.new_cache(n_ctx)
-        except MemoryError as e:
-            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
+        cache = self._reuse_spare(stage, kv_cells(n_ctx))
+        if cache is None:
+            while self._spare and self.memory_cap and self._held + want > self.memory_cap:
+                self._free_spare(stage)
+            if self.memory_cap and self._held + want > self.memory_cap:
+                raise EngineError(
+                    ErrorCode.RESOURCE_EXHAUSTED,
+                    f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
+                )
+            cache = self._new_cache(stage, n_ctx, want)
+            self._held += cache.n_bytes
         session_id = uuid.uuid4().hex
         self._sessions[session_id] = (cache, [0])
-        self._held += cache.n_bytes
         logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
         return session_id, n_ctx, cache.n_bytes
 
@@ -257,12 +266,40 @@ class Engine:
             entry = self._sessions.pop(session_id, None)
             if entry is None:
                 raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
-            if self._stage is not None:
-                self._stage.forget(entry[0])
-            entry[0].free()
-            self._held -= entry[0].n_bytes
+            stage = self._require_stage()
+            self._spare.append(entry[0])
+            while len(self._spare) > SPARE_CACHES:
+                self._free_spare(stage)
 
         self.loop.call(close)
+
+    def _new_cache(self, stage: LayerStage, n_ctx: int, want: int) -> SessionCache:
+        try:
+            return stage.new_cache(n_ctx)
+        except MemoryError as e:
+            if not self._spare:
+                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
+        while self._spare:  # the device is full: give back the spare caches and try again
+            self._free_spare(stage)
+        try:
+            return stage.new_cache(n_ctx)
+        except MemoryError as e:
+            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
+
+    def _reuse_spare(self, stage: LayerStage, kv_size: int) -> SessionCache | None:
+        """The newest spare cache of ``kv_size`` cells, cleared, if there is one."""
+        for i in range(len(self._spare) - 1, -1, -1):
+            if self._spare[i].kv_size == kv_size:
+                cache = self._spare.pop(i)
+                stage.clear_cache(cache)
+                return cache
+        return None
+
+    def _free_spare(self, stage: LayerStage) -> None:
+        cache = self._spare.pop(0)
+        stage.forget(cache)
+        cache.free()
+        self._held -= cache.n_bytes
 
     # -- forward ------------------------------------------------------------------------
     def forward(self, session_id: str, start_pos: int, x: np.ndarray, all_logits: bool) -> np.ndarray:
