@@ -6,9 +6,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from llmrpc.farm import Farm
-from llmrpc.head.client import StageClient
+from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.stage import kv_cache_bytes
@@ -54,3 +55,18 @@ def test_spare_caches_make_room_under_the_memory_cap(tiny_models: dict[str, str]
         second = client.open_session(512)  # both 512-cell caches fit
         assert first != second
         client.close()
+
+
+def test_a_session_refused_by_one_server_leaves_none_open_on_the_others(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    path = tiny_models["Q8_0"]
+    caches = [["--cache-dir", str(tmp_path / f"c{i}")] for i in range(3)]
+    caches[2] += ["--max-sessions", "1"]
+    with LocalServers(3, threads=1, extra_args=["--no-calibrate"], per_server_args=caches) as local:
+        with Farm(path, list(local.addresses), ctx_size=64) as farm, farm.session():
+            with pytest.raises(StageError) as refused:
+                farm.session()  # all three are asked at once; the third has no room
+            assert refused.value.address == local.addresses[2]
+            open_now = [StageClient(a).hello().open_sessions for a in local.addresses]
+            assert open_now == [1, 1, 1]  # the first session only: the refused one's two were closed

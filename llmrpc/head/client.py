@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import numpy as np
@@ -118,10 +118,20 @@ class StageClient:
             raise self._error(e, f"[{start}, {end})") from None
 
     def open_session(self, n_ctx: int) -> str:
-        try:
-            return str(self._stub.OpenSession(pb.OpenSessionRequest(n_ctx=n_ctx), timeout=self.timeout).session_id)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
+        return self.start_open_session(n_ctx)()
+
+    def start_open_session(self, n_ctx: int) -> Callable[[], str]:
+        """Ask for a session without waiting; the returned function waits for its id (and
+        raises :class:`StageError` if the server refused). A pipeline asks all its servers at once."""
+        future = self._stub.OpenSession.future(pb.OpenSessionRequest(n_ctx=n_ctx), timeout=self.timeout)
+
+        def session_id() -> str:
+            try:
+                return str(future.result().session_id)
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+
+        return session_id
 
     def forward(
         self,
@@ -169,10 +179,19 @@ class StageClient:
         return out, ids
 
     def close_session(self, session_id: str) -> None:
-        try:
-            self._stub.CloseSession(pb.CloseSessionRequest(session_id=session_id), timeout=30)
-        except grpc.RpcError as e:
-            raise self._error(e) from None
+        self.start_close_session(session_id)()
+
+    def start_close_session(self, session_id: str) -> Callable[[], None]:
+        """Close a session without waiting; the returned function waits for the server's answer."""
+        future = self._stub.CloseSession.future(pb.CloseSessionRequest(session_id=session_id), timeout=30)
+
+        def done() -> None:
+            try:
+                future.result()
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+
+        return done
 
     def close(self) -> None:
         with self._stream_lock:

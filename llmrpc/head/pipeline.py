@@ -62,12 +62,18 @@ class PipelineSession:
     route: list[Hop] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        try:
-            for c in self.pipeline.stages:
-                self.ids.append(c.open_session(self.n_ctx))
-        except StageError:
-            self.close()
-            raise
+        waits = [c.start_open_session(self.n_ctx) for c in self.pipeline.stages]  # all servers at once
+        opened: list[tuple[StageClient, str]] = []
+        refused: StageError | None = None
+        for client, wait in zip(self.pipeline.stages, waits, strict=True):
+            try:
+                opened.append((client, wait()))
+            except StageError as e:
+                refused = refused or e
+        if refused is not None:
+            _close_all(opened)
+            raise refused
+        self.ids = [sid for _, sid in opened]
         self.route = [
             Hop(c.address, c.layers, c.data_address, c.data_token, sid)
             for c, sid in zip(self.pipeline.stages, self.ids, strict=True)
@@ -140,11 +146,7 @@ class PipelineSession:
     def close(self) -> None:
         if self.pipeline.coalescer is not None and self.ids:
             self.pipeline.coalescer.forget(self.ids[0])
-        for client, sid in zip(self.pipeline.stages, self.ids, strict=False):
-            try:
-                client.close_session(sid)
-            except StageError as e:
-                logger.warning("closing session: %s", e)
+        _close_all(list(zip(self.pipeline.stages, self.ids, strict=False)))
         self.ids = []
 
     def __enter__(self) -> PipelineSession:
@@ -156,3 +158,13 @@ class PipelineSession:
 
 def _ids(tokens: list[int]) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int32)
+
+
+def _close_all(sessions: list[tuple[StageClient, str]]) -> None:
+    """Close sessions on their servers, all at once; a refusal is only logged."""
+    waits = [client.start_close_session(sid) for client, sid in sessions]
+    for done in waits:
+        try:
+            done()
+        except StageError as e:
+            logger.warning("closing session: %s", e)
