@@ -17,7 +17,7 @@ proto:  ## regenerate llmrpc/v1 from proto/llmrpc/v1/llmrpc.proto
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/llmrpc/v1/llmrpc.proto
 
 bench:  ## pp512/tg128 through 1, 2 and 3 loopback servers next to llama.cpp, same run; then a 1B-class model
-	$(PY) -m llmrpc.bench.run
+	$(PY) -m llmrpc.bench.run --trace bench/results/trace
 	$(PY) -m llmrpc.bench.run --model synthetic-1b --reps 3 --pp 256 --tg 64 --serving "" --no-lan \
 		--out bench/results/synthetic-1b.json
 
