@@ -222,7 +222,8 @@ def main(
             configs.append(farm_config(Farm(model, local=n, threads=threads, device=device, ctx_size=n_ctx,
                                             data_plane=False), f"x{n} via head"))  # fmt: skip
         results = measure_interleaved(configs, [("pp", pp), ("tg", tg)], tokens, reps)
-        trace.configure(None)  # the timeline covers the steps measured above, not the serving streams
+        trace.configure(None)  # the timeline covers the steps measured above, not the serving streams,
+        os.environ.pop(trace.ENV, None)  # nor the processes started later (the simulated LAN's)
         served: dict[int, list[ServingResult]] = {}
         for n, farm in farms.items():
             served[n] = [
