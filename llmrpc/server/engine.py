@@ -70,8 +70,8 @@ class Engine:
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
         # Caches of closed sessions, kept for the next sessions of the same size (oldest first):
-        # a new session then skips allocating and clearing device memory, and the graphs built
-        # for the cache (prefill, decode) are reused. They count as held; freed when memory is
+        # a new session then takes one (cleared) instead of allocating device memory, and the
+        # graphs built for that cache (prefill, decode) are reused. They count as held; freed when memory is
         # needed, when there are too many, or when the layers change.
         self._spare: list[SessionCache] = []
         # Every ggml call and every change of state runs on the loop's one thread (see
