@@ -55,6 +55,9 @@ def stamp(request: str, event: str, at: float | None = None) -> None:
 
 
 def flush() -> None:
+    """Write what was stamped (servers also do at the end of each session, not only at exit)."""
+    if not _lines:
+        return
     with _lock:
         lines, _lines[:] = list(_lines), []
     if lines and _folder is not None:

@@ -15,6 +15,7 @@ from typing import TypeVar
 
 import numpy as np
 
+from llmrpc import trace
 from llmrpc.ggml.device import Backend
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
@@ -270,6 +271,7 @@ class Engine:
             self._spare.append(entry[0])
             while len(self._spare) > SPARE_CACHES:
                 self._free_spare(stage)
+            trace.flush()  # a session's steps are on disk once it ends, whatever ends the server
 
         self.loop.call(close)
 
