@@ -10,6 +10,7 @@ import pytest
 from llmrpc import trace
 from llmrpc.bench.timeline import read_events, step_order, timelines
 from llmrpc.farm import Farm
+from llmrpc.head.local import LocalServers
 
 
 def test_a_decode_step_is_followed_through_every_server(
@@ -19,14 +20,18 @@ def test_a_decode_step_is_followed_through_every_server(
     monkeypatch.setenv(trace.ENV, str(folder))  # the servers started below stamp too
     trace.configure(folder)
     try:
-        with Farm(tiny_models["Q8_0"], local=2, threads=1, ctx_size=64) as farm, farm.session() as s:
-            s.forward([1, 5, 9])  # a prompt: stamped by the servers only
-            for t in range(5):
-                s.forward_top_k([10 + t], 1)
+        with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+            pids = [proc.pid for proc in local.processes]
+            with Farm(tiny_models["Q8_0"], list(local.addresses), ctx_size=64) as farm, farm.session() as s:
+                assert len(farm.plan) == 2
+                s.forward([1, 5, 9])  # a prompt: stamped by the servers only
+                for t in range(5):
+                    s.forward_top_k([10 + t], 1)
     finally:
         trace.configure(None)
     events = read_events(folder)
-    assert len(list(folder.glob("*.trace"))) == 3  # the head and both servers
+    written = sorted(int(f.stem) for f in folder.glob("*.trace"))
+    assert written == sorted([os.getpid(), *pids])  # the head and both servers
     (timeline,) = timelines(events)
     assert (timeline.servers, timeline.steps) == (2, 5)
     assert [seg.label for seg in timeline.segments] == [
