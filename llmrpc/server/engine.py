@@ -72,8 +72,9 @@ class Engine:
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
         # Caches of closed sessions, kept for the next sessions of the same size (oldest first):
         # a new session then takes one (cleared) instead of allocating device memory, and the
-        # graphs built for that cache (prefill, decode) are reused. They count as held; freed when memory is
-        # needed, when there are too many, or when the layers change.
+        # graphs built for that cache (prefill, decode) are reused. They count as held, and are
+        # freed before any new cache is allocated, when there are too many, or when the layers
+        # change: the memory held never exceeds what open sessions held at their peak.
         self._spare: list[SessionCache] = []
         # Every ggml call and every change of state runs on the loop's one thread (see
         # loop.py): no locks, and the data plane computes without a hand-off.
@@ -248,14 +249,20 @@ class Engine:
         want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_cells(n_ctx))
         cache = self._reuse_spare(stage, kv_cells(n_ctx))
         if cache is None:
-            while self._spare and self.memory_cap and self._held + want > self.memory_cap:
+            # No spare of this size: give the spares back before taking more memory, so that
+            # idle caches never add to what the open sessions hold (on a CPU, where allocations
+            # do not fail but the machine swaps, this matters most).
+            while self._spare:
                 self._free_spare(stage)
             if self.memory_cap and self._held + want > self.memory_cap:
                 raise EngineError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
                 )
-            cache = self._new_cache(stage, n_ctx, want)
+            try:
+                cache = stage.new_cache(n_ctx)
+            except MemoryError as e:
+                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
             self._held += cache.n_bytes
         session_id = uuid.uuid4().hex
         self._sessions[session_id] = (cache, [0])
@@ -274,19 +281,6 @@ class Engine:
             trace.flush()  # a session's steps are on disk once it ends, whatever ends the server
 
         self.loop.call(close)
-
-    def _new_cache(self, stage: LayerStage, n_ctx: int, want: int) -> SessionCache:
-        try:
-            return stage.new_cache(n_ctx)
-        except MemoryError as e:
-            if not self._spare:
-                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
-        while self._spare:  # the device is full: give back the spare caches and try again
-            self._free_spare(stage)
-        try:
-            return stage.new_cache(n_ctx)
-        except MemoryError as e:
-            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
 
     def _reuse_spare(self, stage: LayerStage, kv_size: int) -> SessionCache | None:
         """The newest spare cache of ``kv_size`` cells, cleared, if there is one."""
