@@ -4,7 +4,8 @@ token's time goes (``llmrpc-bench``'s timeline reads them).
 Off unless ``LLMRPC_TRACE`` names a folder (or :func:`configure` is called): then every process
 appends ``<request> <event> <seconds>`` lines to ``<folder>/<pid>.trace``. The clock is
 ``time.perf_counter`` (CLOCK_MONOTONIC on Linux), so the stamps of processes on one machine
-line up. A stamp costs a list append; lines are written every few thousand stamps and at exit.
+line up. A stamp costs a list append; lines are written every few thousand stamps, when a
+server's session ends, and at exit.
 """
 
 from __future__ import annotations
@@ -36,17 +37,13 @@ def enabled() -> bool:
     return _folder is not None
 
 
-def request_key(link: int, request_id: int) -> str:
-    """A request's name in the traces: the head's link id (one per head) and its request id."""
-    return f"{link:x}.{request_id}"
-
-
-def stamp(request: str, event: str, at: float | None = None) -> None:
-    """Record that ``event`` happened to ``request`` now (or at ``at``, a perf_counter); an
-    empty ``request`` (a frame without a head link) is not recorded."""
-    if _folder is None or not request:
+def stamp(link: object, request_id: int, event: str, at: float | None = None) -> None:
+    """Record that ``event`` happened now (or at ``at``, a perf_counter) to request
+    ``request_id`` of the head whose link id is ``link``; named ``<link hex>.<id>`` in the traces.
+    A request without a head link (not a positive number) is not recorded."""
+    if _folder is None or not isinstance(link, int) or link <= 0:
         return
-    line = f"{request} {event} {time.perf_counter() if at is None else at:.7f}\n"
+    line = f"{link:x}.{request_id} {event} {time.perf_counter() if at is None else at:.7f}\n"
     with _lock:
         _lines.append(line)
         full = len(_lines) >= _FLUSH_EVERY

@@ -51,9 +51,9 @@ def test_a_decode_step_is_followed_through_every_server(
 def test_stamps_stop_when_tracing_stops(tmp_path: Path) -> None:
     folder = tmp_path / "trace"
     trace.configure(folder)
-    trace.stamp("1.1", "head.send")
+    trace.stamp(1, 1, "head.send")
     trace.configure(None)  # writes what was stamped, then stamps nothing
-    trace.stamp("1.2", "head.send")
+    trace.stamp(1, 2, "head.send")
     trace.flush()
     lines = (folder / f"{os.getpid()}.trace").read_text().splitlines()
     assert [line.split()[:2] for line in lines] == [["1.1", "head.send"]]

@@ -118,12 +118,9 @@ class Coalescer:
         rid = self.links.send(
             [s.route for s in batch], [s.pos for s in batch], [s.x for s in batch], top_k=k, f16=self.f16
         )
-        if trace.enabled():  # a decode step: the timeline follows these
-            key = trace.request_key(self.links.link_id, rid)
-            trace.stamp(key, "head.send", started)
+        trace.stamp(self.links.link_id, rid, "head.send", started)  # a decode step: the timeline follows these
         got = self.links.wait(rid)
-        if trace.enabled():
-            trace.stamp(trace.request_key(self.links.link_id, rid), "head.done")
+        trace.stamp(self.links.link_id, rid, "head.done")
         self.batches += 1
         self.steps += len(batch)
         values = got[0]  # one row per session: the last of its rows

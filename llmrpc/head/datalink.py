@@ -162,8 +162,7 @@ class DataLinks:
                     route = self._pending.pop(f.request_id, None) if answer else None
                     if route is not None:
                         self._done[f.request_id] = (f, route)
-                        if trace.enabled():
-                            trace.stamp(trace.request_key(self.link_id, f.request_id), "head.recv", woke)
+                        trace.stamp(self.link_id, f.request_id, "head.recv", woke)
                     elif f.kind != FrameKind.WELCOME:
                         logger.warning("data plane %s: unexpected %s frame %d", conn.peer, f.kind.name, f.request_id)
 

@@ -153,9 +153,8 @@ class DataPlane:
             self._fail(link, rid, "invalid_argument", message, "")
             return
         here = str(route[hop][0])
-        key = trace.request_key(link, rid) if trace.enabled() and isinstance(link, int) else ""
-        trace.stamp(key, f"s{hop}.arrive", arrived)
-        trace.stamp(key, f"s{hop}.start")
+        trace.stamp(link, rid, f"s{hop}.arrive", arrived)
+        trace.stamp(link, rid, f"s{hop}.start")
         parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
         try:
             outs = self.engine.forward_batch(
@@ -169,7 +168,7 @@ class DataPlane:
         except EngineError as e:
             self._fail(link, rid, e.code.value, e.message, here)
             return
-        trace.stamp(key, f"s{hop}.end")
+        trace.stamp(link, rid, f"s{hop}.end")
         if not more:
             self._answer(link, FrameKind.RESULT, rid, {}, outputs)
             return
