@@ -40,9 +40,10 @@ def extra_bufts_enabled() -> bool:
     return os.environ.get("LLMRPC_REF_EXTRA_BUFTS", "0") == "1"
 
 
-def gpu_layers() -> int:
-    """Layers the reference offloads to a GPU (``LLMRPC_REF_GPU_LAYERS``; 0, the CPU, by default)."""
-    value = os.environ.get("LLMRPC_REF_GPU_LAYERS", "0")
+def gpu_layers(default: int = 0) -> int:
+    """Layers the reference offloads to a GPU (``LLMRPC_REF_GPU_LAYERS``; ``default`` when unset:
+    0, the CPU)."""
+    value = os.environ.get("LLMRPC_REF_GPU_LAYERS", str(default))
     try:
         return int(value)
     except ValueError:

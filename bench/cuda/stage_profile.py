@@ -36,7 +36,8 @@ def timed(acc: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[
 
 
 def profile_stage(path: str, device: str, threads: int) -> str:
-    stage = LayerStage(read_model(path), 0, read_model(path).hparams.n_layer, Backend(find_device(device), threads))
+    info = read_model(path)
+    stage = LayerStage(info, 0, info.hparams.n_layer, Backend(find_device(device), threads))
     cache = stage.new_cache(N + 200)
     lib: Any = g.ggml()
     acc: dict[str, float] = {}

@@ -28,6 +28,7 @@ from llmrpc.bench.serve import ServingResult, bench_serving
 from llmrpc.bench.timeline import print_timelines, read_events, timelines
 from llmrpc.farm import Farm
 from llmrpc.ggml.device import find_device
+from llmrpc.reference import gpu_layers as reference_gpu_layers
 from llmrpc.reference import reference_llama
 
 SERVING_TOKENS = 64  # generated per stream in the serving measurement
@@ -201,7 +202,7 @@ def main(
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(pp, tg))]
     concurrency = [int(c) for c in serving.split(",") if c]
     n_ctx = max(pp, tg, SERVING_TOKENS + 32) + 16  # the serving streams' prompt and tokens fit too
-    gpu_layers = 0 if device is None or device.upper() == "CPU" else int(os.environ.get("LLMRPC_REF_GPU_LAYERS", 999))
+    gpu_layers = 0 if device is None or device.upper() == "CPU" else reference_gpu_layers(default=999)
     configs = [llama_cpp_config(model, threads, n_ctx, pp, gpu_layers)]
     farms: dict[int, Farm] = {}
     try:

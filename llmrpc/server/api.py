@@ -74,8 +74,7 @@ def top_k_logits(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         best = logits.argmax(axis=1)
         rows = np.arange(logits.shape[0])
         return best.astype(np.int32)[:, None], logits[rows, best][:, None]
-    else:
-        part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
-        order = np.lexsort((part, -np.take_along_axis(logits, part, axis=1)), axis=1)
-        ids = np.take_along_axis(part, order, axis=1)
+    part = np.argpartition(-logits, k - 1, axis=1)[:, :k]
+    order = np.lexsort((part, -np.take_along_axis(logits, part, axis=1)), axis=1)
+    ids = np.take_along_axis(part, order, axis=1)
     return ids.astype(np.int32), np.take_along_axis(logits, ids, axis=1)
