@@ -154,6 +154,10 @@ class FrameKind(enum.IntEnum):
     FORWARD = 3  # {"route", "hop", "link", "pos", "all_logits", "top_k", "f16"} + the input array
     RESULT = 4  # the last hop's output arrays (logits, or top-k values then ids)
     ERROR = 5  # {"code", "message", "server", "layers"}
+    # A FORWARD with "gen" generates on its own: the last server samples each token, reports
+    # it to the head (TOKEN) and sends it straight back to the first server as the next step.
+    TOKEN = 6  # {"token", "step", "end"}: end is null, or why the generation stopped after it
+    CANCEL = 7  # head -> the last server of a generation: stop after the step in flight
 
 
 _DATA_DTYPES: dict[str, np.dtype] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4")}

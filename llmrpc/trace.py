@@ -37,13 +37,15 @@ def enabled() -> bool:
     return _folder is not None
 
 
-def stamp(link: object, request_id: int, event: str, at: float | None = None) -> None:
+def stamp(link: object, request_id: int, event: str, at: float | None = None, step: int | None = None) -> None:
     """Record that ``event`` happened now (or at ``at``, a perf_counter) to request
-    ``request_id`` of the head whose link id is ``link``; named ``<link hex>.<id>`` in the traces.
-    A request without a head link (not a positive number) is not recorded."""
+    ``request_id`` of the head whose link id is ``link``; named ``<link hex>.<id>`` in the traces
+    (``<link hex>.<id>.<step>`` for a step of a generation). A request without a head link (not
+    a positive number) is not recorded."""
     if _folder is None or not isinstance(link, int) or link <= 0:
         return
-    line = f"{link:x}.{request_id} {event} {time.perf_counter() if at is None else at:.7f}\n"
+    name = f"{link:x}.{request_id}" if step is None else f"{link:x}.{request_id}.{step}"
+    line = f"{name} {event} {time.perf_counter() if at is None else at:.7f}\n"
     with _lock:
         _lines.append(line)
         full = len(_lines) >= _FLUSH_EVERY

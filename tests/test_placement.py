@@ -16,9 +16,9 @@ from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
 from llmrpc.head.placement import model_layout, slice_chunks
 from llmrpc.head.planner import PlanError, ServerReport, plan
-from llmrpc.head.sampler import SamplingParams
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.reference import reference_llama
+from llmrpc.sampling import SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 MB = 10**6

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from llmrpc.farm import Farm
-from llmrpc.head.sampler import SamplingParams
 from llmrpc.reference import reference_llama
+from llmrpc.sampling import SamplingParams
 
 PROMPTS = [
     "The capital of France is",

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 
 from llmrpc import trace
-from llmrpc.bench.timeline import read_events, step_order, timelines
+from llmrpc.bench.timeline import read_events, ring_order, ring_timelines, step_order, timelines
 from llmrpc.farm import Farm
 from llmrpc.head.local import LocalServers
+from llmrpc.sampling import SamplingParams
 
 
 def test_a_decode_step_is_followed_through_every_server(
@@ -27,6 +28,7 @@ def test_a_decode_step_is_followed_through_every_server(
                 s.forward([1, 5, 9])  # a prompt: stamped by the servers only
                 for t in range(5):
                     s.forward_top_k([10 + t], 1)
+                generated = list(s.generate([20], 6, SamplingParams(temperature=0)))  # the servers on their own
     finally:
         trace.configure(None)
     events = read_events(folder)
@@ -46,6 +48,21 @@ def test_a_decode_step_is_followed_through_every_server(
         assert [ev[name] for name in step_order(2)] == sorted(ev.values())
     assert all(seg.median_ms >= 0 for seg in timeline.segments)
     assert timeline.total_ms > sum(seg.median_ms for seg in timeline.segments if "computes" in seg.label)
+
+    # the generation: six steps, each followed from server 0 through server 1 and back
+    assert len(generated) == 6
+    gen_steps = sorted((name for name in events if name.count(".") == 2), key=lambda n: int(n.split(".")[2]))
+    assert [int(name.split(".")[2]) for name in gen_steps] == list(range(6))
+    for name, nxt in zip(gen_steps, gen_steps[1:], strict=False):  # each step starts after the last one ended
+        assert events[name]["s1.end"] < events[nxt]["s0.arrive"] < events[nxt]["s0.start"]
+    (ring,) = ring_timelines(events)
+    assert (ring.servers, ring.steps) == (2, 5)  # the last step has no next one to end it
+    assert [seg.label for seg in ring.segments] == [
+        "server 0: computes", "send to server 1 + wake-up", "server 1: reads the frame", "server 1: computes",
+        "back to server 0 + wake-up", "server 0: reads the frame", "(off the path) the head's token",
+    ]  # fmt: skip
+    assert len(ring.segments) == len(ring_order(2)) - 2 + 1
+    assert ring.total_ms > sum(seg.median_ms for seg in ring.segments if "computes" in seg.label)
 
 
 def test_stamps_stop_when_tracing_stops(tmp_path: Path) -> None:

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from llmrpc import codec
-from llmrpc.head.sampler import Sampler, SamplingParams
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.graph import padded_n_kv
+from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 

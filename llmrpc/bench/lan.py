@@ -196,17 +196,17 @@ def head_run(model: str, servers: list[str], tg: int, pp: int, reps: int) -> dic
     import numpy as np
 
     from llmrpc.farm import Farm
+    from llmrpc.sampling import SamplingParams
 
     rng = np.random.default_rng(0)
     tokens = [1] + [int(t) for t in rng.integers(100, 10000, size=max(tg, pp))]
     out: dict[str, list[float]] = {"tg": [], "pp": []}
     with Farm(model, servers, ctx_size=max(tg, pp) + 16, share_path=True) as farm:
         for rep in range(reps + 1):  # the first is a warm-up
-            with farm.session() as s:
+            with farm.session() as s:  # greedy generation, the servers on their own
                 t0 = time.perf_counter()
-                for t in tokens[:tg]:
-                    s.forward_top_k([t], 1)
-                tg_rate = tg / (time.perf_counter() - t0)
+                generated = sum(1 for _ in s.generate(tokens[:1], tg, SamplingParams(temperature=0)))
+                tg_rate = generated / (time.perf_counter() - t0)
             with farm.session() as s:
                 t0 = time.perf_counter()
                 farm.prefill(s, tokens[:pp])

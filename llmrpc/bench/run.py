@@ -25,13 +25,15 @@ from llmrpc.bench.llama_rpc import LlamaRpc, bin_dir
 from llmrpc.bench.load import LoadTimes, bench_load
 from llmrpc.bench.models import resolve_model
 from llmrpc.bench.serve import ServingResult, bench_serving
-from llmrpc.bench.timeline import print_timelines, read_events, timelines
+from llmrpc.bench.timeline import print_timelines, read_events, ring_timelines, timelines
 from llmrpc.farm import Farm
 from llmrpc.ggml.device import find_device
 from llmrpc.reference import gpu_layers as reference_gpu_layers
 from llmrpc.reference import reference_llama
+from llmrpc.sampling import SamplingParams
 
 SERVING_TOKENS = 64  # generated per stream in the serving measurement
+GREEDY = SamplingParams(temperature=0)
 
 
 @dataclass
@@ -82,15 +84,23 @@ def llama_cpp_config(model: str, threads: int, n_ctx: int, n_batch: int, gpu_lay
     return Config("llama.cpp", prefill, decode)
 
 
-def farm_config(farm: Farm, name: str) -> Config:
+def farm_config(farm: Farm, name: str, head_samples: bool = False) -> Config:
     def prefill(tokens: list[int]) -> None:
         with farm.session() as s:
             s.forward(tokens)
 
-    def decode(tokens: list[int]) -> None:  # the greedy generation path: the last stage sends the top logit
+    def decode(tokens: list[int]) -> None:
+        """Greedy generation as Farm.generate runs it: len(tokens) forwards of one token each,
+        the servers on their own (or the head sending each token, the last server returning
+        the top logit)."""
         with farm.session() as s:
-            for t in tokens:
-                s.forward_top_k([t], 1)
+            if head_samples or s.pipeline.links is None:
+                for t in tokens:
+                    s.forward_top_k([t], 1)
+                return
+            generated = sum(1 for _ in s.generate(tokens[:1], len(tokens), GREEDY))
+            if generated != len(tokens):
+                raise RuntimeError(f"the servers generated {generated} of {len(tokens)} tokens")
 
     return Config(name, prefill, decode, farm.close)
 
@@ -138,6 +148,13 @@ def measure_interleaved(
     help="Also run the largest farm the old way: activations through the head over gRPC.",
 )
 @click.option(
+    "--head-sampled",
+    default="max",
+    show_default=True,
+    help="Server counts to also decode the old way, the head sampling and sending every token "
+    "(by default the servers generate on their own); 'max' is the largest count, '' none.",
+)
+@click.option(
     "--lan/--no-lan",
     default=True,
     show_default=True,
@@ -178,6 +195,7 @@ def main(
     tg: int,
     serving: str,
     via_head: bool,
+    head_sampled: str,
     lan: bool,
     llama_rpc: bool,
     device: str | None,
@@ -210,6 +228,9 @@ def main(
             farms[n] = Farm(model, local=n, threads=threads, device=device, ctx_size=n_ctx,
                             max_sessions=max(concurrency or [1]))  # fmt: skip
             configs.append(farm_config(farms[n], f"llmrpc x{n}"))
+        counts = [str(max(farms))] if head_sampled == "max" and farms else head_sampled.split(",")
+        for n in [int(x) for x in counts if x and int(x) in farms]:
+            configs.append(farm_config(farms[n], f"x{n} head-sampled", head_samples=True))
         if llama_rpc and farms:
             bins = bin_dir()
             if bins is None:
@@ -267,7 +288,8 @@ def main(
             lan_result = bench_lan(model, 3, threads, tg, min(pp, 128), reps)
             print_lan(lan_result)
     if trace_dir:  # the servers wrote their stamps as they stopped
-        print_timelines(timelines(read_events(trace_dir)))
+        found = read_events(trace_dir)
+        print_timelines(timelines(found), ring_timelines(found))
     load_times = bench_load(model) if load else None
     if load_times is not None:
         print_load(load_times)

@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 
 from llmrpc.farm import Farm
-from llmrpc.head.sampler import SamplingParams
+from llmrpc.sampling import SamplingParams
 
 
 @dataclass

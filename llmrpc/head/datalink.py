@@ -3,7 +3,8 @@
 A forward goes to the first server of its route and comes back, as a RESULT or an ERROR,
 from whichever server ends it; the servers pass activations among themselves. Any thread may
 wait for its request: one of the waiting threads reads the sockets for all of them (no reader
-thread, so a single stream pays no hand-off between threads).
+thread, so a single stream pays no hand-off between threads). A generation (a forward that
+generates on its own, see the servers' data plane) answers with a stream of TOKEN frames.
 """
 
 from __future__ import annotations
@@ -14,7 +15,10 @@ import secrets
 import select
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import numpy as np
@@ -49,6 +53,7 @@ class DataLinks:
         self._ids = itertools.count(1)
         self._pending: dict[int, list[Hop]] = {}  # request id -> its route
         self._done: dict[int, tuple[codec.DataFrame | StageError, list[Hop]]] = {}
+        self._streams: dict[int, deque[codec.DataFrame | StageError]] = {}  # generations' frames
 
     def connect(self, address: str, layers: str, data_address: str, token: str) -> None:
         if data_address in self._conns:
@@ -74,10 +79,12 @@ class DataLinks:
         all_logits: bool = False,
         top_k: int = 0,
         f16: bool = False,
+        gen: dict[str, Any] | None = None,
     ) -> int:
         """Start one forward of one or more sessions (``routes[j]`` is session j's, through the
         same servers; its rows ``xs[j]`` go at ``positions[j]``) in one batch; returns the
-        request id for :meth:`wait`, whose rows come in the same order."""
+        request id for :meth:`wait`, whose rows come in the same order. With ``gen`` (one
+        session) it generates: read its tokens with :meth:`stream`."""
         rid = next(self._ids)
         route = routes[0]
         meta = {
@@ -87,10 +94,14 @@ class DataLinks:
             "hop": 0, "link": self.link_id, "pos": positions, "rows": [int(x.shape[0]) for x in xs],
             "all_logits": all_logits, "top_k": top_k, "f16": f16,
         }  # fmt: skip
+        if gen is not None:
+            meta["gen"] = gen
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         first = route[0]
         with self._cond:
             self._pending[rid] = route
+            if gen is not None:
+                self._streams[rid] = deque()
             conn = self._conns.get(first.data_address)
         try:
             if conn is None:
@@ -99,19 +110,68 @@ class DataLinks:
         except OSError as e:
             with self._cond:
                 del self._pending[rid]
+                self._streams.pop(rid, None)
             raise StageError(first.address, first.layers, grpc.StatusCode.UNAVAILABLE, f"data plane: {e}") from None
         return rid
 
     def wait(self, rid: int) -> list[np.ndarray]:
         """The arrays of request ``rid``'s answer; a server's refusal raises :class:`StageError`."""
+        self._wait_for(rid, lambda: rid in self._done)
+        with self._cond:
+            done, route = self._done.pop(rid)
+        if isinstance(done, StageError):
+            raise done
+        if done.kind == FrameKind.ERROR:
+            raise _refusal(done, route)
+        return done.arrays
+
+    def stream(self, rid: int) -> list[dict[str, Any]]:
+        """The TOKEN reports of generation ``rid`` that came since the last call (waiting for at
+        least one): each {"token", "step", "end"}. The one whose ``end`` is set is the last; a
+        server's refusal raises :class:`StageError`. Either ends the stream."""
+        self._wait_for(rid, lambda: bool(self._streams.get(rid, True)))
+        with self._cond:
+            frames = self._streams.get(rid) or deque()
+            route = self._pending.get(rid, [])
+            out: list[dict[str, Any]] = []
+            while frames:
+                f = frames.popleft()
+                if isinstance(f, StageError) or f.kind == FrameKind.ERROR:
+                    self._end_stream(rid)
+                    raise f if isinstance(f, StageError) else _refusal(f, route)
+                out.append(f.meta)
+                if f.meta.get("end") is not None:
+                    self._end_stream(rid)
+                    break
+        return out
+
+    def cancel(self, rid: int) -> None:
+        """Ask generation ``rid`` to stop (after the step in flight): its stream then ends with
+        ``end`` "cancelled", unless it ended on its own first."""
+        with self._cond:
+            route = self._pending.get(rid)
+            conn = self._conns.get(route[-1].data_address) if route else None
+        if conn is not None:
+            try:
+                conn.send(FrameKind.CANCEL, rid, {})
+            except OSError as e:
+                logger.warning("cancelling generation %d: %s", rid, e)
+
+    def _end_stream(self, rid: int) -> None:
+        self._streams.pop(rid, None)
+        self._pending.pop(rid, None)
+
+    def _wait_for(self, rid: int, ready: Callable[[], bool]) -> None:
+        """Read the sockets (or let another waiting thread read them) until ``ready()``."""
         deadline = time.monotonic() + self.timeout
         while True:
             with self._cond:
-                if rid in self._done:
-                    return self._take(rid)
+                if ready():
+                    return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     route = self._pending.pop(rid, [])
+                    self._streams.pop(rid, None)
                     names = ", ".join(h.address for h in route)
                     raise StageError(names, "", grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {self.timeout:.0f} s")
                 if self._reading:
@@ -124,19 +184,6 @@ class DataLinks:
                 with self._cond:
                     self._reading = False
                     self._cond.notify_all()
-
-    def _take(self, rid: int) -> list[np.ndarray]:
-        done, route = self._done.pop(rid)
-        if isinstance(done, StageError):
-            raise done
-        if done.kind == FrameKind.ERROR:
-            m = done.meta
-            code = getattr(grpc.StatusCode, str(m.get("code", "")).upper(), None)
-            where = str(m.get("server", ""))
-            hop = next((h for h in route if h.data_address == where), None)
-            name, layers = (hop.address, hop.layers) if hop else (where, "")
-            raise StageError(name, str(m.get("layers") or layers), code, str(m.get("message")))
-        return done.arrays
 
     def _read(self, timeout: float) -> None:
         """Read whatever the servers sent (waiting up to ``timeout``) and file it by request."""
@@ -158,6 +205,11 @@ class DataLinks:
                     self._lost(conn)
                     continue
                 for f in frames:
+                    stream = self._streams.get(f.request_id)
+                    if stream is not None and f.kind in (FrameKind.TOKEN, FrameKind.ERROR):
+                        stream.append(f)
+                        trace.stamp(self.link_id, f.request_id, "head.recv", woke, f.meta.get("step"))
+                        continue
                     answer = f.kind in (FrameKind.RESULT, FrameKind.ERROR)
                     route = self._pending.pop(f.request_id, None) if answer else None
                     if route is not None:
@@ -173,13 +225,26 @@ class DataLinks:
         for rid, route in list(self._pending.items()):
             hop = next((h for h in route if h.data_address == conn.peer), None)
             if hop is not None:
-                del self._pending[rid]
                 lost = StageError(
                     hop.address, hop.layers, grpc.StatusCode.UNAVAILABLE, "the server closed its data connection"
                 )
+                if rid in self._streams:
+                    self._streams[rid].append(lost)
+                    continue
+                del self._pending[rid]
                 self._done[rid] = (lost, route)
 
     def close(self) -> None:
         for conn in self._conns.values():
             conn.close()
         self._conns.clear()
+
+
+def _refusal(frame: codec.DataFrame, route: list[Hop]) -> StageError:
+    """The error a server's ERROR frame stands for, naming that server and its layers."""
+    m = frame.meta
+    code = getattr(grpc.StatusCode, str(m.get("code", "")).upper(), None)
+    where = str(m.get("server", ""))
+    hop = next((h for h in route if h.data_address == where), None)
+    name, layers = (hop.address, hop.layers) if hop else (where, "")
+    return StageError(name, str(m.get("layers") or layers), code, str(m.get("message")))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -10,6 +11,7 @@ import numpy as np
 from llmrpc.head.batching import Coalescer
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.datalink import DataLinks, Hop
+from llmrpc.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -113,6 +115,51 @@ class PipelineSession:
         if len(outs) == 1:
             return outs[0]
         return np.concatenate(outs) if all_logits else outs[-1]
+
+    def generate(
+        self, tokens: list[int], max_tokens: int, sampling: SamplingParams, eog: Iterable[int] = ()
+    ) -> Generator[int, None, None]:
+        """Feed ``tokens`` and generate up to ``max_tokens`` after them, the servers on their own:
+        the last samples each token and sends it straight back to the first (the head only reads
+        the reports). Stops after a token of ``eog`` (which is yielded) or when the context is
+        full. Closing the iterator early stops the servers after the step in flight. Needs the
+        data plane (:attr:`Pipeline.links`)."""
+        links = self.pipeline.links
+        if links is None:
+            raise RuntimeError("generating on the servers needs their data plane")
+        if max_tokens < 1:
+            return
+        pos = self._position(tokens, None)
+        p = sampling
+        gen = {
+            "n": max_tokens, "step": 0, "limit": self.n_ctx, "eog": sorted(set(eog)),
+            "sampling": [p.temperature, p.top_k, p.top_p, p.seed],
+        }  # fmt: skip
+        rid = links.send([self.route], [pos], [_ids(tokens)], f16=self.pipeline.f16_activations, gen=gen)
+        self.tokens[pos:] = list(tokens)
+        last: int | None = None  # the newest token: in the cache once the next one comes
+        ended = False
+        try:
+            while not ended:
+                for report in links.stream(rid):
+                    if last is not None:
+                        self.tokens.append(last)
+                    last = int(report["token"])
+                    ended = report["end"] is not None
+                    if report["end"] == "context":
+                        logger.warning("stopping: the context of %d positions is full", self.n_ctx)
+                    yield last
+        except StageError:  # the stream has ended
+            ended = True
+            raise
+        finally:
+            if not ended:  # the caller stopped early: stop the servers before the session is reused
+                links.cancel(rid)
+                try:
+                    while not any(r["end"] is not None for r in links.stream(rid)):
+                        pass
+                except StageError as e:
+                    logger.warning("cancelling a generation: %s", e)
 
     def forward_top_k(self, tokens: list[int], k: int) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`forward` for the last row only, returning (ids [k], logits [k]) of its k

@@ -20,6 +20,7 @@ class Tokenizer:
         meta = self._llm.metadata
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
+        self._eog: list[int] | None = None
 
     def encode(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
         bos = self.add_bos if add_bos is None else add_bos
@@ -33,6 +34,12 @@ class Tokenizer:
 
     def is_eog(self, token: int) -> bool:
         return bool(self._llama_cpp.llama_vocab_is_eog(self._llm._model.vocab, token))
+
+    def eog_ids(self) -> list[int]:
+        """Every end-of-generation token (what a server that generates on its own stops at)."""
+        if self._eog is None:
+            self._eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
+        return self._eog
 
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render messages with the GGUF's own chat template (Jinja2, as llama-cpp-python does)."""

@@ -10,6 +10,12 @@ thread hand-off on the way.
 Connections authenticate with the server's data token (given by Hello over gRPC) in their
 first frame. A head connection names its link id, so a server can answer that head (a
 result, or an error of any hop) on the head's own connection.
+
+A FORWARD that carries ``gen`` generates on its own: the last server samples the next token,
+sends it straight back to the first server as the next step (through one server, the step is
+queued on its own loop) and reports it to the head in a TOKEN frame. The head is off the
+token's path: per token, one message fewer through any number of servers, and through one
+server none at all but the report.
 """
 
 from __future__ import annotations
@@ -19,13 +25,16 @@ import logging
 import secrets
 import socket
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind
+from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.server.api import EngineError, StageEngine, stage_outputs
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.types import PROTOCOL_VERSION, split_address
@@ -33,6 +42,55 @@ from llmrpc.types import PROTOCOL_VERSION, split_address
 logger = logging.getLogger(__name__)
 
 HELLO_LIMIT = 1 << 16  # bytes a connection may send before it has authenticated
+MAX_GENERATIONS = 1024  # generations one server samples for at once (their samplers' states)
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A FORWARD's ``gen``: ``n`` tokens still to generate, this step's number, the positions
+    the session may fill (``limit``), the tokens that end it, and how to sample."""
+
+    n: int
+    step: int
+    limit: int
+    eog: frozenset[int]
+    sampling: SamplingParams
+
+    @staticmethod
+    def parse(gen: Any) -> Generation:
+        """Checked: a bad ``gen`` raises ValueError (or KeyError, TypeError)."""
+        temperature, top_k, top_p, seed = gen["sampling"]
+        out = Generation(
+            int(gen["n"]), int(gen["step"]), int(gen["limit"]), frozenset(int(t) for t in gen["eog"]),
+            SamplingParams(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed)),
+        )  # fmt: skip
+        if out.n < 1 or out.step < 0 or out.limit < 1 or not 0 < out.sampling.top_p <= 1:
+            raise ValueError
+        return out
+
+
+@dataclass
+class _Step:
+    """One FORWARD frame, checked: its rows per session, and where it goes next."""
+
+    m: dict[str, Any]
+    rid: int
+    route: list[Any]
+    hop: int
+    items: list[tuple[str, int, np.ndarray]]  # (session, position, rows)
+    gen: Generation | None
+
+    @property
+    def link(self) -> Any:
+        return self.m.get("link")
+
+    @property
+    def here(self) -> str:
+        return str(self.route[self.hop][0])
+
+    @property
+    def step(self) -> int | None:
+        return None if self.gen is None else self.gen.step
 
 
 class DataPlane:
@@ -50,6 +108,10 @@ class DataPlane:
         self._conns: set[wire.Connection] = set()
         self._links: dict[int, wire.Connection] = {}  # head link id -> that head's connection
         self._peers: dict[str, wire.Connection] = {}  # next server's data address -> connection
+        # generations this server samples for (it is their last): (link, request) -> sampler
+        self._samplers: OrderedDict[tuple[int, int], Sampler] = OrderedDict()
+        self._cancelled: set[tuple[int, int]] = set()
+        self._ready: list[_Step] = []  # generation steps to compute at the end of this loop turn
         loop.watch(self._listener, self._accept)
 
     # -- connections (all on the loop thread) ---------------------------------------------
@@ -96,6 +158,9 @@ class DataPlane:
             return
         if frame.kind == FrameKind.FORWARD:
             self._forward(frame, arrived)
+        elif frame.kind == FrameKind.CANCEL:  # ends after the step in flight (if it is ours)
+            if (conn.link, frame.request_id) in self._samplers:
+                self._cancelled.add((conn.link, frame.request_id))
         elif frame.kind == FrameKind.ERROR:  # from a peer we push to: it could not take our frame
             logger.warning("%s: %s", conn.peer, frame.meta.get("message"))
         else:
@@ -114,6 +179,8 @@ class DataPlane:
         self._conns.discard(conn)
         if self._links.get(conn.link) is conn:
             del self._links[conn.link]
+            for key in [k for k in self._samplers if k[0] == conn.link]:  # nobody to report to
+                self._end_generation(key)
         for address, peer in list(self._peers.items()):
             if peer is conn:
                 del self._peers[address]
@@ -134,52 +201,141 @@ class DataPlane:
 
     # -- forwarding -----------------------------------------------------------------------
     def _forward(self, frame: codec.DataFrame, arrived: float) -> None:
+        step = self._parse(frame)
+        if step is None:
+            return
+        trace.stamp(step.link, step.rid, f"s{step.hop}.arrive", arrived, step.step)
+        if step.gen is None:
+            self._compute([step])
+            return
+        # Generation steps wait for the end of this turn of the loop: the steps of every
+        # generation that are ready then are computed in one batch (weights read once).
+        self._ready.append(step)
+        if len(self._ready) == 1:
+            self.loop.soon(self._compute_ready)
+
+    def _parse(self, frame: codec.DataFrame) -> _Step | None:
+        """A FORWARD frame, checked; None (and an answer to the head) when it is malformed."""
         m, rid = frame.meta, frame.request_id
-        link = m.get("link")
         try:
             route, hop = m["route"], int(m["hop"])
             sessions = [str(sid) for sid in route[hop][2]]
             positions = [int(p) for p in m["pos"]]
             rows = [int(n) for n in m["rows"]]
             (x,) = frame.arrays
+            gen = Generation.parse(m["gen"]) if "gen" in m else None
             if not (
                 isinstance(route, list) and 0 <= hop < len(route)
                 and len(sessions) == len(positions) == len(rows) > 0
                 and min(rows) > 0 and sum(rows) == x.shape[0]
+                and (gen is None or (len(sessions) == 1 and not m.get("all_logits")))
             ):  # fmt: skip
                 raise ValueError
         except (KeyError, ValueError, TypeError, IndexError):
-            message = "a FORWARD frame needs route, hop, pos and rows (one per session) and one array of all rows"
-            self._fail(link, rid, "invalid_argument", message, "")
-            return
-        here = str(route[hop][0])
-        trace.stamp(link, rid, f"s{hop}.arrive", arrived)
-        trace.stamp(link, rid, f"s{hop}.start")
+            message = (
+                "a FORWARD frame needs route, hop, pos and rows (one per session) and one array of all rows; "
+                "one that generates (gen: n, step, limit, eog, sampling) holds one session and no all_logits"
+            )
+            self._fail(m.get("link"), rid, "invalid_argument", message, "")
+            return None
         parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
+        return _Step(m, rid, route, hop, list(zip(sessions, positions, parts, strict=True)), gen)
+
+    def _compute_ready(self) -> None:
+        steps, self._ready = self._ready, []
+        self._compute(steps)
+
+    def _compute(self, steps: list[_Step]) -> None:
+        """Run the steps' rows through the layers in one batch, then send each on."""
+        for s in steps:
+            trace.stamp(s.link, s.rid, f"s{s.hop}.start", None, s.step)
         try:
             outs = self.engine.forward_batch(
-                list(zip(sessions, positions, parts, strict=True)), bool(m.get("all_logits"))
-            )
-            more = hop + 1 < len(route)
-            out = outs[0] if len(outs) == 1 else np.concatenate(outs)
-            outputs = stage_outputs(
-                self.engine.loaded(), out, 0 if more else int(m.get("top_k") or 0), bool(m.get("f16"))
+                [item for s in steps for item in s.items], bool(steps[0].m.get("all_logits"))
             )
         except EngineError as e:
-            self._fail(link, rid, e.code.value, e.message, here)
+            if len(steps) > 1:  # one refused step must not fail the others
+                for s in steps:
+                    self._compute([s])
+                return
+            self._fail(steps[0].link, steps[0].rid, e.code.value, e.message, steps[0].here)
             return
-        trace.stamp(link, rid, f"s{hop}.end")
+        at = 0
+        for s in steps:
+            self._finish(s, outs[at : at + len(s.items)])
+            at += len(s.items)
+
+    def _finish(self, s: _Step, outs: list[np.ndarray]) -> None:
+        trace.stamp(s.link, s.rid, f"s{s.hop}.end", None, s.step)
+        more = s.hop + 1 < len(s.route)
+        out = outs[0] if len(outs) == 1 else np.concatenate(outs)
+        if s.gen is not None and not more:
+            _, pos, x = s.items[0]
+            self._generated(s, s.gen, out, pos + int(x.shape[0]))
+            return
+        m = s.m
+        outputs = stage_outputs(self.engine.loaded(), out, 0 if more else int(m.get("top_k") or 0), bool(m.get("f16")))
         if not more:
-            self._answer(link, FrameKind.RESULT, rid, {}, outputs)
+            self._answer(s.link, FrameKind.RESULT, s.rid, {}, outputs)
             return
-        address, token = str(route[hop + 1][0]), str(route[hop + 1][1])
+        nxt = s.route[s.hop + 1]
+        self._pass_on(s, str(nxt[0]), str(nxt[1]), {**m, "hop": s.hop + 1}, outputs)
+
+    def _pass_on(self, s: _Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> bool:
+        """Send a FORWARD on to the server at ``address``; a failure is the head's answer."""
         try:
             peer = self._peer(address, token)
         except (OSError, ValueError) as e:
-            self._fail_next(link, rid, address, f"cannot reach it from {here}: {e}")
-            return
-        if not self._send(peer, FrameKind.FORWARD, rid, {**m, "hop": hop + 1}, outputs):
-            self._fail_next(link, rid, address, f"the connection to it from {here} broke")
+            self._fail_next(s.link, s.rid, address, f"cannot reach it from {s.here}: {e}")
+            return False
+        if not self._send(peer, FrameKind.FORWARD, s.rid, meta, arrays):
+            self._fail_next(s.link, s.rid, address, f"the connection to it from {s.here} broke")
+            return False
+        return True
+
+    def _generated(self, s: _Step, gen: Generation, logits: np.ndarray, fed: int) -> None:
+        """The last server of a generation: sample, start the next step, report the token."""
+        key = (s.link if isinstance(s.link, int) else 0, s.rid)
+        sampler = self._samplers.get(key)
+        if sampler is None:
+            sampler = self._samplers[key] = Sampler(gen.sampling)
+            while len(self._samplers) > MAX_GENERATIONS:
+                self._end_generation(next(iter(self._samplers)))
+        token = sampler(logits[-1])
+        if key in self._cancelled:
+            end = "cancelled"
+        elif token in gen.eog:
+            end = "eog"
+        elif gen.n <= 1:
+            end = "length"
+        elif fed + 1 > gen.limit:
+            end = "context"
+        elif key[0] not in self._links:
+            end = "gone"  # the head's connection closed: nobody would read on
+        else:
+            end = None
+        if end is None:  # the next step first: it is the token's path, the report is not
+            nxt = {
+                **s.m,
+                "hop": 0,
+                "pos": [fed],
+                "rows": [1],
+                "gen": {**s.m["gen"], "n": gen.n - 1, "step": gen.step + 1},
+            }
+            x = np.array([token], dtype=np.int32)
+            first = s.route[0]
+            if str(first[0]) == s.here:  # through this server alone: no socket on the way
+                self._forward(codec.DataFrame(FrameKind.FORWARD, s.rid, nxt, [x]), time.perf_counter())
+            elif not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
+                self._end_generation(key)
+                return
+        else:
+            self._end_generation(key)
+        self._answer(s.link, FrameKind.TOKEN, s.rid, {"token": token, "step": gen.step, "end": end})
+
+    def _end_generation(self, key: tuple[int, int]) -> None:
+        self._samplers.pop(key, None)
+        self._cancelled.discard(key)
 
     def _fail(self, link: Any, rid: int, code: str, message: str, here: str) -> None:
         loaded = self.engine.loaded()

@@ -31,6 +31,7 @@ class ComputeLoop:
         self._wake_w.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._jobs: deque[tuple[Callable[[], object], Future[object]]] = deque()
+        self._soon: deque[Callable[[], None]] = deque()  # the loop's own follow-up work
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -56,6 +57,11 @@ class ComputeLoop:
             pass
         return future
 
+    def soon(self, fn: Callable[[], None]) -> None:
+        """From the loop thread: run ``fn`` on its next turn, after what the sockets brought
+        (a generation through one server steps this way, and other sessions get their turns)."""
+        self._soon.append(fn)
+
     def watch(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
         """Call ``on_readable`` on the loop thread whenever ``sock`` has data (or closes)."""
         self.call(lambda: self._selector.register(sock, selectors.EVENT_READ, on_readable))
@@ -71,7 +77,7 @@ class ComputeLoop:
 
     def _run(self) -> None:
         while not self._stopping:
-            for key, _ in self._selector.select():
+            for key, _ in self._selector.select(0 if self._soon else None):
                 callback = key.data
                 if callback is None:
                     self._drain_wake()
@@ -88,6 +94,11 @@ class ComputeLoop:
                     future.set_result(fn())
                 except BaseException as e:  # handed back to the caller
                     future.set_exception(e)
+            for _ in range(len(self._soon)):
+                try:
+                    self._soon.popleft()()
+                except Exception:
+                    logger.exception("compute-loop step failed")
         while self._jobs:
             self._jobs.popleft()[1].set_exception(RuntimeError("the compute loop has stopped"))
 

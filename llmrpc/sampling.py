@@ -1,4 +1,5 @@
-"""Sampling at the head: greedy, or temperature with top-k and top-p, seeded."""
+"""Sampling: greedy, or temperature with top-k and top-p, seeded (at the head, or on the last
+server when it generates on its own: see the data plane)."""
 
 from __future__ import annotations
 

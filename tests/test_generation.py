@@ -1,0 +1,117 @@
+"""Generation on the servers: the last server samples and sends each token straight back to the
+first, the head only reads the reports."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from llmrpc import codec
+from llmrpc.codec import FrameKind
+from llmrpc.farm import Farm
+from llmrpc.head.client import StageClient
+from llmrpc.sampling import SamplingParams
+from llmrpc.types import split_address
+
+GREEDY = SamplingParams(temperature=0)
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=5)
+
+
+@pytest.mark.parametrize("n_servers", [1, 3])
+def test_servers_generate_what_the_head_would(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int], n_servers: int
+) -> None:
+    """Greedy and seeded sampling give the same tokens whether the head samples every token or
+    the last server does (the same sampler, the same seed)."""
+    with Farm(tiny_models["Q8_0"], servers[:n_servers], ctx_size=128) as farm:
+        for sampling in (GREEDY, SAMPLED):
+            farm.server_generation = False
+            by_head = list(farm.generate_tokens(prompt_tokens, 24, sampling, stop_at_eog=False))
+            farm.server_generation = True
+            by_servers = list(farm.generate_tokens(prompt_tokens, 24, sampling, stop_at_eog=False))
+            assert len(by_head) == 24
+            assert by_servers == by_head
+        assert len(set(by_head)) > 3  # sampling, not a stuck token
+
+
+def test_a_generation_stopped_early_leaves_a_usable_session(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    """Closing the iterator stops the servers (they may have run a step further); the session
+    holds what the head took, and goes on as if it had never run ahead."""
+    with Farm(tiny_models["Q8_0"], servers, ctx_size=128) as farm:
+        want = list(farm.generate_tokens(prompt_tokens, 15, GREEDY, stop_at_eog=False))
+        with farm.session() as s:
+            tokens = s.generate(prompt_tokens, 40, GREEDY)
+            first = [next(tokens) for _ in range(5)]
+            tokens.close()
+            assert s.tokens == prompt_tokens + first[:4]
+            rest = list(s.generate([first[4]], 10, GREEDY))
+            assert first + rest == want
+            # and the last server has forgotten the cancelled generation: a new one runs to its end
+            assert len(list(s.generate([rest[-1]], 3, GREEDY))) == 3
+
+
+def test_generation_stops_at_the_context_and_at_an_end_token(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    prompt = prompt_tokens[:10]
+    with Farm(tiny_models["F32"], servers[:2], ctx_size=24) as farm:
+        farm.server_generation = False
+        by_head = list(farm.generate_tokens(prompt, 100, GREEDY, stop_at_eog=False))
+        with farm.session() as s:
+            got = list(s.generate(prompt, 100, GREEDY))
+            assert len(s.tokens) == 24  # every position filled, none beyond
+        assert got == by_head and len(got) == 24 - 10 + 1
+        with farm.session() as s:
+            got = list(s.generate(prompt, 100, GREEDY, eog=[by_head[2]]))
+        assert got == by_head[: by_head.index(by_head[2]) + 1]  # the end token is the last one
+
+
+def test_concurrent_generations_get_their_own_tokens(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    """Several generations through the same servers at once (their steps computed in shared
+    batches when they are ready together) each get the tokens they get alone."""
+    prompts = [prompt_tokens[i : i + 8] for i in range(3)]
+    with Farm(tiny_models["F32"], servers[:2], ctx_size=64, max_sessions=3) as farm:
+        alone = [list(farm.generate_tokens(p, 16, GREEDY, stop_at_eog=False)) for p in prompts]
+        got: list[list[int] | None] = [None] * 3
+        barrier = threading.Barrier(3)
+
+        def run(i: int) -> None:
+            barrier.wait()
+            got[i] = list(farm.generate_tokens(prompts[i], 16, GREEDY, stop_at_eog=False))
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+    assert got == alone
+
+
+def test_a_malformed_generation_is_refused(servers: list[str]) -> None:
+    info = StageClient(servers[0]).hello()
+    host, _ = split_address(servers[0])
+    data = f"{host}:{info.data_port}"
+    reader = codec.FrameReader(1 << 20)
+    with socket.create_connection((host, info.data_port), timeout=10) as sock:
+
+        def exchange(kind: FrameKind, meta: dict[str, object], arrays: list[np.ndarray]) -> codec.DataFrame:
+            sock.sendall(b"".join(codec.encode_frame(kind, 9, meta, arrays)))
+            while True:
+                frames = reader.feed(sock.recv(1 << 16))
+                if frames:
+                    return frames[0]
+
+        assert exchange(FrameKind.HELLO, {"token": info.data_token, "link": 77}, []).kind == FrameKind.WELCOME
+        gen = {"n": 0, "step": 0, "limit": 64, "eog": [], "sampling": [0.0, 1, 1.0, None]}
+        meta = {"route": [[data, info.data_token, ["s"]]], "hop": 0, "link": 77, "pos": [0], "rows": [1], "gen": gen}
+        reply = exchange(FrameKind.FORWARD, meta, [np.zeros(1, np.int32)])
+        assert reply.kind == FrameKind.ERROR and reply.meta["code"] == "invalid_argument"
+        assert "gen" in reply.meta["message"]
+    assert StageClient(servers[0]).hello().data_port == info.data_port  # still serving
