@@ -41,6 +41,13 @@ def test_a_batch_of_sessions_matches_each_alone(tiny_models: dict[str, str], lay
                 # as one batch against token by token: float sums in another order, nothing more
                 assert np.abs(w - g).max() <= 1e-4 * max(1.0, np.abs(w).max())
             histories = [np.concatenate([h, x]) for h, x in zip(histories, nexts, strict=True)]
+        if stage.last:  # greedy: the device's argmax of each session's last row, as I32 [1]
+            nexts = [rows(1), rows(4), rows(1)]
+            pos = [len(h) for h in histories]
+            logits = [stage.forward(c, x, p, False) for c, x, p in zip(alone, nexts, pos, strict=True)]
+            top1 = stage.forward_batch(list(zip(batched, nexts, pos, strict=True)), False, top1=True)
+            assert [t.dtype for t in top1] == [np.int32] * 3
+            assert [int(t[0]) for t in top1] == [int(w[-1].argmax()) for w in logits]
     finally:
         for c in alone + batched:
             stage.forget(c)

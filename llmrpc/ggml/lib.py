@@ -105,6 +105,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_set_output": (None, [T]),
     # ops
     "ggml_get_rows": (T, [P, T, T]),
+    "ggml_argmax": (T, [P, T]),
     "ggml_set_rows": (T, [P, T, T, T]),
     "ggml_rms_norm": (T, [P, T, c_float]),
     "ggml_mul": (T, [P, T, T]),

@@ -38,8 +38,8 @@ class ComputeError(RuntimeError):
     pass
 
 
-# ((cache serial, rows, attended cells) for each session in the batch, last rows only)
-GraphKey = tuple[tuple[tuple[int, int, int], ...], bool]
+# ((cache serial, rows, attended cells) for each session in the batch, last rows only, argmax)
+GraphKey = tuple[tuple[tuple[int, int, int], ...], bool, bool]
 
 
 @dataclass
@@ -53,6 +53,7 @@ class _Graph:
     own_sched: bool  # a kept graph's scheduler is its own, freed with it
     mem: ctypes.Array[ctypes.c_char]
     out_shape: tuple[int, int]  # rows, columns of ``out``
+    out_dtype: type  # of ``out``: float32 (hidden states, logits) or int32 (argmax)
     # per segment, what its inputs are made from every time: cell numbers [n_kv] and the
     # first V cell of each of the n_embd_kv rows of the transposed V cache
     cells: list[np.ndarray]
@@ -190,9 +191,13 @@ class LayerStage:
         last stage logits [n or 1, n_vocab] (every row when ``all_outputs``, else the last)."""
         return self.forward_batch([(cache, x, start_pos)], all_outputs)[0]
 
-    def forward_batch(self, items: list[tuple[SessionCache, np.ndarray, int]], all_outputs: bool) -> list[np.ndarray]:
+    def forward_batch(
+        self, items: list[tuple[SessionCache, np.ndarray, int]], all_outputs: bool, top1: bool = False
+    ) -> list[np.ndarray]:
         """:meth:`forward` for several sessions in one graph (each (cache, x, start_pos) a
-        different session): the weights are read once for all their rows."""
+        different session): the weights are read once for all their rows. ``top1`` (last stage):
+        each session's largest logit's id, I32 [1], found on the device (greedy decoding reads
+        4 bytes back instead of the vocabulary's logits)."""
         lib = g.ggml()
         segments, offset = [], 0
         for cache, x, start_pos in items:
@@ -202,7 +207,12 @@ class LayerStage:
             segments.append(Segment(offset, n, padded_n_kv(start_pos + n, cache.kv_size), cache.kv_size))
             offset += n
         want_rows = self.last and not all_outputs and any(seg.n > 1 for seg in segments)
-        key = (tuple((c.serial, seg.n, seg.n_kv) for (c, _, _), seg in zip(items, segments, strict=True)), want_rows)
+        top1 = top1 and self.last and not all_outputs
+        key = (
+            tuple((c.serial, seg.n, seg.n_kv) for (c, _, _), seg in zip(items, segments, strict=True)),
+            want_rows,
+            top1,
+        )
         graph = self._graph_for(key, [c for c, _, _ in items], segments)
         inp = graph.inputs
         # (one session, the decode case, skips the joins: this runs for every token)
@@ -231,8 +241,10 @@ class LayerStage:
             else:
                 self._drop_graph()
             raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
-        result = np.empty(graph.out_shape, dtype=np.float32)
+        result: np.ndarray = np.empty(graph.out_shape, dtype=graph.out_dtype)
         lib.ggml_backend_tensor_get(graph.out, result.__array_interface__["data"][0], 0, result.nbytes)
+        if top1:
+            return [result[0, i : i + 1] for i in range(len(segments))]
         if want_rows:
             return [result[i : i + 1] for i in range(len(segments))]
         return [result[seg.offset : seg.offset + seg.n] for seg in segments]
@@ -260,7 +272,7 @@ class LayerStage:
         self, key: GraphKey, caches: list[SessionCache], segments: list[Segment], sched: int, own_sched: bool
     ) -> _Graph:
         lib, hp = g.ggml(), self.hp
-        n, want_rows = sum(seg.n for seg in segments), key[1]
+        n, want_rows, top1 = sum(seg.n for seg in segments), key[1], key[2]
         mem = _graph_arena() if own_sched else self._graph_mem
         ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
@@ -282,6 +294,8 @@ class LayerStage:
             )
             layers = [c.layers for c in caches]
             out = self._build_fn(b, self.weights, layers, inp, self.start, self.end, self.info.arch.rope_type)
+            if top1:
+                out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
             lib.ggml_backend_sched_reset(sched)
@@ -295,7 +309,8 @@ class LayerStage:
         cells = [np.arange(seg.n_kv, dtype=np.int32)[None, :] for seg in segments]
         v_rows = [np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * seg.kv_size for seg in segments]
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
-        return _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, cells, v_rows)
+        dtype = np.int32 if top1 else np.float32
+        return _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, cells, v_rows)
 
     def _drop_graph(self) -> None:
         if self._graph is not None:

@@ -249,9 +249,11 @@ class DataPlane:
         """Run the steps' rows through the layers in one batch, then send each on."""
         for s in steps:
             trace.stamp(s.link, s.rid, f"s{s.hop}.start", None, s.step)
+        # greedy generation steps at their last server: the device finds the token
+        greedy = all(s.gen is not None and s.gen.sampling.temperature <= 0 and s.hop + 1 == len(s.route) for s in steps)
         try:
             outs = self.engine.forward_batch(
-                [item for s in steps for item in s.items], bool(steps[0].m.get("all_logits"))
+                [item for s in steps for item in s.items], bool(steps[0].m.get("all_logits")), greedy
             )
         except EngineError as e:
             if len(steps) > 1:  # one refused step must not fail the others
@@ -293,15 +295,16 @@ class DataPlane:
             return False
         return True
 
-    def _generated(self, s: _Step, gen: Generation, logits: np.ndarray, fed: int) -> None:
-        """The last server of a generation: sample, start the next step, report the token."""
+    def _generated(self, s: _Step, gen: Generation, out: np.ndarray, fed: int) -> None:
+        """The last server of a generation: sample (or take the greedy token the device found,
+        I32 ``out``), start the next step, report the token."""
         key = (s.link if isinstance(s.link, int) else 0, s.rid)
         sampler = self._samplers.get(key)
         if sampler is None:
             sampler = self._samplers[key] = Sampler(gen.sampling)
             while len(self._samplers) > MAX_GENERATIONS:
                 self._end_generation(next(iter(self._samplers)))
-        token = sampler(logits[-1])
+        token = int(out[-1]) if out.dtype == np.int32 else sampler(out[-1])
         if key in self._cancelled:
             end = "cancelled"
         elif token in gen.eog:

@@ -302,12 +302,15 @@ class Engine:
         """Run a batch through the loaded layers (on the compute loop; inline when called there)."""
         return self.forward_batch([(session_id, start_pos, x)], all_logits)[0]
 
-    def forward_batch(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool) -> list[np.ndarray]:
+    def forward_batch(
+        self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False
+    ) -> list[np.ndarray]:
         """Several sessions' rows in one graph. Every item is checked before any is computed,
-        so a refused batch leaves every session as it was."""
-        return self.loop.call(lambda: self._forward(items, all_logits))
+        so a refused batch leaves every session as it was. ``top1`` (the last layers): each
+        session's greedy token id, I32 [1], instead of its logits."""
+        return self.loop.call(lambda: self._forward(items, all_logits, top1))
 
-    def _forward(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool) -> list[np.ndarray]:
+    def _forward(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool) -> list[np.ndarray]:
         stage = self._require_stage()
         if not items:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, "an empty batch")
@@ -334,7 +337,7 @@ class Engine:
             work.append((cache, x, start_pos))
         if sum(int(x.shape[0]) for _, _, x in items) > MAX_BATCH:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"a batch of more than {MAX_BATCH} rows")
-        out = self._locked(lambda: stage.forward_batch(work, all_logits))
+        out = self._locked(lambda: stage.forward_batch(work, all_logits, top1))
         # Release before the output leaves: released after the send instead, our threads met the
         # next stage's on the same cores (3 servers on 2 cores: 17 -> 28 ms per token).
         if self.release_threads:
