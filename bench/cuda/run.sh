@@ -1,8 +1,9 @@
 #!/bin/bash
 # The CUDA check, for one run on a GPU machine (the device tool; carry .device, made by pack.sh):
-# builds llama.cpp's libraries and llama-bench with CUDA (~160 s on 16 cores), runs the core
-# logits tests with the servers on the GPU against llama.cpp on the same GPU, then benches one
-# and three CUDA servers against llama.cpp (in-process, and llama-bench) on the same GPU.
+# builds llama.cpp's libraries and llama-bench with CUDA (~160 s on 16 cores), benches one CUDA
+# server against llama.cpp (in-process, and llama-bench) on the same GPU, runs the core logits
+# and generation tests with the servers on the GPU against llama.cpp on the same GPU, then
+# benches the 1B-class model and profiles one stage in-process.
 #   bash bench/cuda/run.sh            (results under $OUT, or /tmp/cuda-check)
 #   LOCAL=1 QUICK="--reps 1 --pp 32 --tg 8" bash bench/cuda/run.sh   checks the script on this CPU
 set -u
@@ -43,25 +44,28 @@ else
   BENCH="${LLAMA_BENCH:-}"
 fi
 python3 -c "from llmrpc.ggml.device import list_devices as l; print(*l(), sep='\n')"
+B="python3 -m llmrpc.bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load --servers 1 --head-sampled 1"
+Q=${QUICK:---reps 3 --pp 512 --tg 128}
+lbench() {
+  [ -n "$BENCH" ] && timeout 40 "$BENCH" -m "$(ls ~/.cache/llmrpc/bench/$1-*.gguf | head -1)" -p 512 -n 128 -ngl 99 \
+    -fa 0 -r 3 -o md 2>&1 | grep "^|" | tail -3
+}
+# 1. decode through one CUDA server (the servers generating, and the head sampling) against
+#    llama.cpp on the same GPU, traced; then llama-bench
+stamp bench synthetic-135m
+timeout 150 $B --model synthetic-135m $Q --serving 1,4 --trace /tmp/trace-135m --out "$OUTD/cuda-synthetic-135m.json" 2>&1 \
+  | grep -v stopping: | tail -40
+lbench synthetic-135m
+# 2. the core logits tests and generation on the GPU (servers on CUDA, llama.cpp too)
 stamp tests
 timeout 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTD/junit.xml" \
-  tests/test_tiny_model.py tests/test_batching.py >"$OUTD/tests.txt" 2>&1
+  tests/test_tiny_model.py tests/test_batching.py tests/test_generation.py >"$OUTD/tests.txt" 2>&1
 grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passed\|failed\|Current thread" | tail -30
-stamp bench
-B="python3 -m llmrpc.bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load"
-Q=${QUICK:---reps 3 --pp 512 --tg 128}
-for m in synthetic-135m synthetic-1b; do
-  timeout 120 $B --model $m --servers 1,3 $Q --serving 4 --trace /tmp/trace-$m --out "$OUTD/cuda-$m.json" 2>&1 \
-    | grep -v stopping: | tail -42
-  if [ -n "$BENCH" ]; then
-    timeout 40 "$BENCH" -m "$(ls ~/.cache/llmrpc/bench/$m-*.gguf | head -1)" -p 512 -n 128 -ngl 99 -fa 0 -r 3 -o md 2>&1 \
-      | grep "^|" | tail -3
-  fi
-  stamp "$m done"
-done
-# A/B: a GPU server's CPU threads (16 above, the machine's; 4 here): do they cost per token?
-timeout 60 $B --model synthetic-135m --servers 1 $Q --serving "" --threads 4 --trace /tmp/trace-t4 \
-  --out /tmp/t4.json 2>&1 | grep -v stopping: | tail -14
-stamp "threads A/B done"
-python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 | grep "ms/token\|prefill"
+# 3. the 1B-class model
+stamp bench synthetic-1b
+timeout 120 $B --model synthetic-1b $Q --serving 4 --out "$OUTD/cuda-synthetic-1b.json" 2>&1 | grep -v stopping: | tail -24
+lbench synthetic-1b
+stamp profile
+timeout 60 python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 \
+  | grep "ms/token\|prefill"
 stamp end

@@ -44,15 +44,22 @@ def profile_stage(path: str, device: str, threads: int) -> str:
     stage_mod._set = timed(acc, "set", stage_mod._set)  # type: ignore[assignment]
     lib.ggml_backend_sched_graph_compute = timed(acc, "compute", lib.ggml_backend_sched_graph_compute)
     lib.ggml_backend_tensor_get = timed(acc, "get", lib.ggml_backend_tensor_get)
-    dt = 0.0
-    for _ in range(2):  # the first round warms up
-        acc.clear()
-        t0 = time.perf_counter()
-        for t in range(N):
-            top_k_logits(stage.forward(cache, np.array([5 + t % 100], dtype=np.int32), t, False), 1)
-        dt = time.perf_counter() - t0
-    parts = ", ".join(f"{k} {v / N * 1e3:.3f}" for k, v in acc.items())
-    return f"stage forward+argmax: {dt / N * 1e3:.3f} ms/token; {parts}"
+    lines = []
+    for label, top1 in (("forward+argmax", False), ("forward, argmax on the device", True)):
+        dt = 0.0
+        for _ in range(2):  # the first round warms up
+            acc.clear()
+            t0 = time.perf_counter()
+            for t in range(N):
+                x = np.array([5 + t % 100], dtype=np.int32)
+                if top1:
+                    stage.forward_batch([(cache, x, t)], False, top1=True)
+                else:
+                    top_k_logits(stage.forward(cache, x, t, False), 1)
+            dt = time.perf_counter() - t0
+        parts = ", ".join(f"{k} {v / N * 1e3:.3f}" for k, v in acc.items())
+        lines.append(f"stage {label}: {dt / N * 1e3:.3f} ms/token; {parts}")
+    return "\n".join(lines)
 
 
 def profile_prefill(path: str, device: str, threads: int, n: int = 512) -> str:

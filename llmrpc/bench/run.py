@@ -56,10 +56,11 @@ def cpu_ticks() -> tuple[int, int]:
 
 class Config:
     """One thing to measure: llama.cpp in this process, a farm of local servers, or llama.cpp's
-    RPC backend (whose runs report their own rate: a new llama-bench process each time)."""
+    RPC backend (a new llama-bench process each time). Each run returns its own tok/s, timing
+    only the tokens' work (as llama-bench: not the context's clearing or the session's opening)."""
 
-    def __init__(self, name: str, prefill: Callable[[list[int]], float | None],
-                 decode: Callable[[list[int]], float | None], close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
+    def __init__(self, name: str, prefill: Callable[[list[int]], float],
+                 decode: Callable[[list[int]], float], close: Callable[[], None] = lambda: None) -> None:  # fmt: skip
         self.name, self.prefill, self.decode, self.close = name, prefill, decode, close
 
 
@@ -72,35 +73,45 @@ def llama_cpp_config(model: str, threads: int, n_ctx: int, n_batch: int, gpu_lay
         llm.reset()
         llm._ctx.kv_cache_clear() if hasattr(llm._ctx, "kv_cache_clear") else None
 
-    def prefill(tokens: list[int]) -> None:
-        fresh()
+    def prefill(tokens: list[int]) -> float:
+        fresh()  # not timed, as llama-bench clears its context outside the timing
+        t0 = time.perf_counter()
         llm.eval(tokens)
+        return len(tokens) / (time.perf_counter() - t0)
 
-    def decode(tokens: list[int]) -> None:
+    def decode(tokens: list[int]) -> float:
         fresh()
+        t0 = time.perf_counter()
         for t in tokens:
             llm.eval([t])
+        return len(tokens) / (time.perf_counter() - t0)
 
     return Config("llama.cpp", prefill, decode)
 
 
 def farm_config(farm: Farm, name: str, head_samples: bool = False) -> Config:
-    def prefill(tokens: list[int]) -> None:
+    # Opening and closing the session is not timed, as llama.cpp's context clearing is not
+    # (both are per request, and a few ms over gRPC: on a GPU, as long as a whole pp512).
+    def prefill(tokens: list[int]) -> float:
         with farm.session() as s:
+            t0 = time.perf_counter()
             s.forward(tokens)
+            return len(tokens) / (time.perf_counter() - t0)
 
-    def decode(tokens: list[int]) -> None:
+    def decode(tokens: list[int]) -> float:
         """Greedy generation as Farm.generate runs it: len(tokens) forwards of one token each,
         the servers on their own (or the head sending each token, the last server returning
         the top logit)."""
         with farm.session() as s:
+            t0 = time.perf_counter()
             if head_samples or s.pipeline.links is None:
                 for t in tokens:
                     s.forward_top_k([t], 1)
-                return
-            generated = sum(1 for _ in s.generate(tokens[:1], len(tokens), GREEDY))
-            if generated != len(tokens):
-                raise RuntimeError(f"the servers generated {generated} of {len(tokens)} tokens")
+            else:
+                generated = sum(1 for _ in s.generate(tokens[:1], len(tokens), GREEDY))
+                if generated != len(tokens):
+                    raise RuntimeError(f"the servers generated {generated} of {len(tokens)} tokens")
+            return len(tokens) / (time.perf_counter() - t0)
 
     return Config(name, prefill, decode, farm.close)
 
@@ -116,9 +127,7 @@ def measure_interleaved(
             (c.prefill if test == "pp" else c.decode)(tokens[:n])
         for _ in range(reps):
             for c in configs:
-                t0 = time.perf_counter()
-                reported = (c.prefill if test == "pp" else c.decode)(tokens[:n])
-                rate = reported if reported is not None else n / (time.perf_counter() - t0)
+                rate = (c.prefill if test == "pp" else c.decode)(tokens[:n])
                 rates.setdefault((c.name, f"{test}{n}"), []).append(rate)
     return [
         Result(name, test, statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0, xs)
