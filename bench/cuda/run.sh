@@ -65,7 +65,11 @@ grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passe
 stamp bench synthetic-1b
 timeout 120 $B --model synthetic-1b $Q --serving 4 --out "$OUTD/cuda-synthetic-1b.json" 2>&1 | grep -v stopping: | tail -24
 lbench synthetic-1b
-stamp profile
-timeout 60 python3 bench/cuda/stage_profile.py "$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)" $DEVICE 2>&1 \
-  | grep "ms/token\|prefill"
+# 4. one stage in-process next to llama.cpp; then with ggml-cuda's fusions off (does llama.cpp's
+#    graph get fusions ours misses?) and with its concurrent-stream graph optimization on
+M135=$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)
+for env in "" GGML_CUDA_DISABLE_FUSION=1 GGML_CUDA_GRAPH_OPT=1; do
+  stamp "profile $env"
+  env $env timeout 60 python3 bench/cuda/stage_profile.py "$M135" $DEVICE 2>&1 | grep "ms/token\|prefill"
+done
 stamp end
