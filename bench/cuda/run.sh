@@ -46,30 +46,38 @@ fi
 python3 -c "from llmrpc.ggml.device import list_devices as l; print(*l(), sep='\n')"
 B="python3 -m llmrpc.bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load --servers 1 --head-sampled 1"
 Q=${QUICK:---reps 3 --pp 512 --tg 128}
+PARTS=${PARTS:-"bench135 tests bench1b profile"}
 lbench() {
   [ -n "$BENCH" ] && timeout 40 "$BENCH" -m "$(ls ~/.cache/llmrpc/bench/$1-*.gguf | head -1)" -p 512 -n 128 -ngl 99 \
     -fa 0 -r 3 -o md 2>&1 | grep "^|" | tail -3
 }
-# 1. decode through one CUDA server (the servers generating, and the head sampling) against
-#    llama.cpp on the same GPU, traced; then llama-bench
-stamp bench synthetic-135m
-timeout 150 $B --model synthetic-135m $Q --serving 1,4 --trace /tmp/trace-135m --out "$OUTD/cuda-synthetic-135m.json" 2>&1 \
-  | grep -v stopping: | tail -40
-lbench synthetic-135m
-# 2. the core logits tests and generation on the GPU (servers on CUDA, llama.cpp too)
-stamp tests
-timeout 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTD/junit.xml" \
-  tests/test_tiny_model.py tests/test_batching.py tests/test_generation.py >"$OUTD/tests.txt" 2>&1
-grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passed\|failed\|Current thread" | tail -30
-# 3. the 1B-class model
-stamp bench synthetic-1b
-timeout 120 $B --model synthetic-1b $Q --serving 4 --out "$OUTD/cuda-synthetic-1b.json" 2>&1 | grep -v stopping: | tail -24
-lbench synthetic-1b
-# 4. one stage in-process next to llama.cpp; then with ggml-cuda's fusions off (does llama.cpp's
-#    graph get fusions ours misses?) and with its concurrent-stream graph optimization on
-M135=$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)
-for env in "" GGML_CUDA_DISABLE_FUSION=1 GGML_CUDA_GRAPH_OPT=1; do
-  stamp "profile $env"
-  env $env timeout 60 python3 bench/cuda/stage_profile.py "$M135" $DEVICE 2>&1 | grep "ms/token\|prefill"
+for part in $PARTS; do
+  stamp "$part"
+  case $part in
+  # decode through one CUDA server (the servers generating, and the head sampling) against
+  # llama.cpp on the same GPU, traced; then llama-bench
+  bench135) timeout 150 $B --model synthetic-135m $Q --serving 1,4 --trace /tmp/trace-135m \
+      --out "$OUTD/cuda-synthetic-135m.json" 2>&1 | grep -v "stopping:\|CUDA Graph id" | tail -40
+    lbench synthetic-135m ;;
+  # the same with ggml-cuda's graph optimization (concurrent streams) on, in every process
+  opt135) GGML_CUDA_GRAPH_OPT=1 timeout 150 $B --model synthetic-135m $Q --serving "" \
+      --out "$OUTD/cuda-synthetic-135m-opt.json" 2>&1 | grep -v "stopping:\|CUDA Graph id" | tail -12 ;;
+  # the core logits tests and generation on the GPU (servers on CUDA, llama.cpp too)
+  tests) timeout 150 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUTD/junit.xml" \
+      tests/test_tiny_model.py tests/test_batching.py tests/test_generation.py >"$OUTD/tests.txt" 2>&1
+    grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passed\|failed\|Current thread" | tail -30 ;;
+  opttests) GGML_CUDA_GRAPH_OPT=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_tiny_model.py \
+      tests/test_batching.py tests/test_generation.py 2>&1 | tail -3 ;;
+  bench1b) timeout 120 $B --model synthetic-1b $Q --serving 4 --out "$OUTD/cuda-synthetic-1b.json" 2>&1 \
+      | grep -v "stopping:\|CUDA Graph id" | tail -24
+    lbench synthetic-1b ;;
+  # one stage in-process next to llama.cpp; then with ggml-cuda's fusions off (does llama.cpp's
+  # graph get fusions ours misses?) and with its concurrent-stream graph optimization on
+  profile) M135=$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)
+    for env in "" GGML_CUDA_DISABLE_FUSION=1 GGML_CUDA_GRAPH_OPT=1; do
+      echo "-- profile $env"
+      env $env timeout 60 python3 bench/cuda/stage_profile.py "$M135" $DEVICE 2>&1 | grep "ms/token\|prefill"
+    done ;;
+  esac
 done
 stamp end
