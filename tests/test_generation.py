@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
+import grpc
 import numpy as np
 import pytest
 
 from llmrpc import codec
 from llmrpc.codec import FrameKind
 from llmrpc.farm import Farm
-from llmrpc.head.client import StageClient
+from llmrpc.head.client import StageClient, StageError
+from llmrpc.head.local import LocalServers
 from llmrpc.sampling import SamplingParams
 from llmrpc.types import split_address
 
@@ -115,3 +118,25 @@ def test_a_malformed_generation_is_refused(servers: list[str]) -> None:
         assert reply.kind == FrameKind.ERROR and reply.meta["code"] == "invalid_argument"
         assert "gen" in reply.meta["message"]
     assert StageClient(servers[0]).hello().data_port == info.data_port  # still serving
+
+
+@pytest.mark.parametrize("victim", [0, 1])
+def test_a_server_lost_mid_generation_fails_it_fast(
+    tiny_models: dict[str, str], prompt_tokens: list[int], victim: int
+) -> None:
+    """The head hears of a lost server within seconds, named, whichever of the two it was."""
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+        with Farm(tiny_models["F32"], local.addresses, ctx_size=2048) as farm, farm.session() as s:
+            tokens = s.generate(prompt_tokens, 2000, GREEDY)
+            for _ in range(3):
+                next(tokens)
+            address = s.route[victim].address
+            proc = local.processes[local.addresses.index(address)]
+            proc.kill()
+            proc.wait()
+            t0 = time.monotonic()
+            with pytest.raises(StageError) as info:
+                for _ in tokens:
+                    pass
+            assert time.monotonic() - t0 < 10
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and address in str(info.value)
