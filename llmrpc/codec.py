@@ -158,6 +158,7 @@ class FrameKind(enum.IntEnum):
     # it to the head (TOKEN) and sends it straight back to the first server as the next step.
     TOKEN = 6  # {"token", "step", "end"}: end is null, or why the generation stopped after it
     CANCEL = 7  # head -> the last server of a generation: stop after the step in flight
+    ENDED = 8  # the last server -> the first: a generation ended, its steps come no more
 
 
 _DATA_DTYPES: dict[str, np.dtype] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4")}

@@ -21,6 +21,7 @@ server none at all but the report.
 from __future__ import annotations
 
 import hmac
+import itertools
 import logging
 import secrets
 import socket
@@ -35,7 +36,7 @@ import numpy as np
 from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind
 from llmrpc.sampling import Sampler, SamplingParams
-from llmrpc.server.api import EngineError, StageEngine, stage_outputs
+from llmrpc.server.api import EngineError, StageEngine, stage_outputs, top_k_logits
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.types import PROTOCOL_VERSION, split_address
 
@@ -43,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 HELLO_LIMIT = 1 << 16  # bytes a connection may send before it has authenticated
 MAX_GENERATIONS = 1024  # generations one server samples for at once (their samplers' states)
+HOLD_MAX = 0.25  # seconds a first server may wait for other generations' steps to share a batch
+BATCH_WAIT = 0.005  # seconds a server waits for the rest of a batch the previous one sent on
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class _Step:
     hop: int
     items: list[tuple[str, int, np.ndarray]]  # (session, position, rows)
     gen: Generation | None
+    arrived: float = 0.0
 
     @property
     def link(self) -> Any:
@@ -112,6 +116,10 @@ class DataPlane:
         self._samplers: OrderedDict[tuple[int, int], Sampler] = OrderedDict()
         self._cancelled: set[tuple[int, int]] = set()
         self._ready: list[_Step] = []  # generation steps to compute at the end of this loop turn
+        # at the first server: generations whose steps come round, (last arrival, period)
+        self._rounds: dict[tuple[int, int], tuple[float, float]] = {}
+        self._batches = itertools.count(1)
+        self._batch_tag: list[Any] | None = None  # the batch being sent on: [id, steps]
         loop.watch(self._listener, self._accept)
 
     # -- connections (all on the loop thread) ---------------------------------------------
@@ -158,6 +166,8 @@ class DataPlane:
             return
         if frame.kind == FrameKind.FORWARD:
             self._forward(frame, arrived)
+        elif frame.kind == FrameKind.ENDED:  # from the last server: do not wait for its steps
+            self._rounds.pop((int(frame.meta.get("link") or 0), frame.request_id), None)
         elif frame.kind == FrameKind.CANCEL:  # ends after the step in flight (if it is ours)
             if (conn.link, frame.request_id) in self._samplers:
                 self._cancelled.add((conn.link, frame.request_id))
@@ -204,15 +214,17 @@ class DataPlane:
         step = self._parse(frame)
         if step is None:
             return
+        step.arrived = arrived
         trace.stamp(step.link, step.rid, f"s{step.hop}.arrive", arrived, step.step)
         if step.gen is None:
             self._compute([step])
             return
         # Generation steps wait for the end of this turn of the loop: the steps of every
         # generation that are ready then are computed in one batch (weights read once).
+        if step.hop == 0:
+            self._arrived(step, arrived)
         self._ready.append(step)
-        if len(self._ready) == 1:
-            self.loop.soon(self._compute_ready)
+        self.loop.soon(self._compute_ready)
 
     def _parse(self, frame: codec.DataFrame) -> _Step | None:
         """A FORWARD frame, checked; None (and an answer to the head) when it is malformed."""
@@ -241,7 +253,40 @@ class DataPlane:
         parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
         return _Step(m, rid, route, hop, list(zip(sessions, positions, parts, strict=True)), gen)
 
+    def _arrived(self, step: _Step, now: float) -> None:
+        """Note when a generation's step came back to the first server, and its period."""
+        key = (step.link if isinstance(step.link, int) else 0, step.rid)
+        last = self._rounds.pop(key, None)
+        self._rounds[key] = (now, now - last[0] if last else 0.0)
+        for k in [k for k, (t, period) in self._rounds.items() if now - t > (2 * period + 0.01 if period else 1.0)]:
+            del self._rounds[k]  # stalled: not waited for
+
     def _compute_ready(self) -> None:
+        """Compute the ready steps; at the first server, first wait for the other generations
+        that are on their way round (at most about one of their periods): rings that started
+        apart would otherwise never share a batch, each step computed alone (4 streams through
+        3 servers: 34 tok/s instead of 80). Once together they stay together, their frames sent
+        on and back one after the other; the last server says when one ends (ENDED)."""
+        if not self._ready:
+            return
+        now = time.perf_counter()
+        # steps one server computed in one batch come as separate frames: wait for them all
+        tags: dict[str, list[int]] = {}
+        for s in self._ready:
+            tag = s.m.get("batch")
+            if isinstance(tag, list) and len(tag) == 2:
+                tags.setdefault(str(tag[0]), [0, int(tag[1])])[0] += 1
+        if any(got < want for got, want in tags.values()) and now - self._ready[0].arrived < BATCH_WAIT:
+            self.loop.soon(self._compute_ready, BATCH_WAIT / 10)
+            return
+        if all(s.hop == 0 and s.gen is not None for s in self._ready):
+            ready = {(s.link if isinstance(s.link, int) else 0, s.rid) for s in self._ready}
+            first = min(self._rounds.get(k, (now, 0.0))[0] for k in ready)
+            due = [period for k, (t, period) in self._rounds.items() if k not in ready and period > 0]
+            hold = min(HOLD_MAX, max(due)) if due else 0.0
+            if now - first < hold:
+                self.loop.soon(self._compute_ready, first + hold - now)
+                return
         steps, self._ready = self._ready, []
         self._compute(steps)
 
@@ -262,6 +307,9 @@ class DataPlane:
                 return
             self._fail(steps[0].link, steps[0].rid, e.code.value, e.message, steps[0].here)
             return
+        # generation steps that go on together are marked so, for the next server to keep them together
+        gens = len(steps) > 1 and all(s.gen is not None and s.hop + 1 < len(s.route) for s in steps)
+        self._batch_tag = [f"{self.port}.{next(self._batches)}", len(steps)] if gens else None
         at = 0
         for s in steps:
             self._finish(s, outs[at : at + len(s.items)])
@@ -281,7 +329,11 @@ class DataPlane:
             self._answer(s.link, FrameKind.RESULT, s.rid, {}, outputs)
             return
         nxt = s.route[s.hop + 1]
-        self._pass_on(s, str(nxt[0]), str(nxt[1]), {**m, "hop": s.hop + 1}, outputs)
+        meta = {**m, "hop": s.hop + 1}
+        meta.pop("batch", None)
+        if self._batch_tag is not None:
+            meta["batch"] = self._batch_tag
+        self._pass_on(s, str(nxt[0]), str(nxt[1]), meta, outputs)
 
     def _pass_on(self, s: _Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> bool:
         """Send a FORWARD on to the server at ``address``; a failure is the head's answer."""
@@ -304,7 +356,7 @@ class DataPlane:
             sampler = self._samplers[key] = Sampler(gen.sampling)
             while len(self._samplers) > MAX_GENERATIONS:
                 self._end_generation(next(iter(self._samplers)))
-        token = int(out[-1]) if out.dtype == np.int32 else sampler(out[-1])
+        token = int(out[-1]) if out.dtype == np.int32 else _sample(sampler, out[-1:])
         if key in self._cancelled:
             end = "cancelled"
         elif token in gen.eog:
@@ -325,6 +377,7 @@ class DataPlane:
                 "rows": [1],
                 "gen": {**s.m["gen"], "n": gen.n - 1, "step": gen.step + 1},
             }
+            nxt.pop("batch", None)  # the first server gathers these itself (see _compute_ready)
             x = np.array([token], dtype=np.int32)
             first = s.route[0]
             if str(first[0]) == s.here:  # through this server alone: no socket on the way
@@ -334,7 +387,19 @@ class DataPlane:
                 return
         else:
             self._end_generation(key)
+            self._ended(s, key)
         self._answer(s.link, FrameKind.TOKEN, s.rid, {"token": token, "step": gen.step, "end": end})
+
+    def _ended(self, s: _Step, key: tuple[int, int]) -> None:
+        """Tell the first server that a generation's steps come no more (it waits for them)."""
+        first = s.route[0]
+        if str(first[0]) == s.here:
+            self._rounds.pop(key, None)
+            return
+        try:
+            self._send(self._peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": key[0]})
+        except (OSError, ValueError):
+            pass  # it is gone: nothing waits there
 
     def _end_generation(self, key: tuple[int, int]) -> None:
         self._samplers.pop(key, None)
@@ -387,3 +452,14 @@ class DataPlane:
             self._listener.close()
 
         self.loop.call(shut)
+
+
+def _sample(sampler: Sampler, logits: np.ndarray) -> int:
+    """A token from one row of logits [1, n_vocab], picked exactly as the head picks it: from
+    the candidates the sampler can choose among (the top k, largest first), when it has fewer
+    than all of them (a sort of 40 logits instead of a pass over the whole vocabulary)."""
+    k = sampler.candidates()
+    if not k:
+        return sampler(logits[0])
+    ids, values = top_k_logits(logits, min(k, logits.shape[1]))
+    return sampler(values[0], ids[0])

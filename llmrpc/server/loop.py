@@ -9,10 +9,13 @@ hand-off between threads; work from gRPC handlers arrives through :meth:`call`.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import logging
 import selectors
 import socket
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -32,6 +35,8 @@ class ComputeLoop:
         self._selector.register(self._wake_r, selectors.EVENT_READ, None)
         self._jobs: deque[tuple[Callable[[], object], Future[object]]] = deque()
         self._soon: deque[Callable[[], None]] = deque()  # the loop's own follow-up work
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []  # (when, order, fn), a heap
+        self._order = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
@@ -57,10 +62,14 @@ class ComputeLoop:
             pass
         return future
 
-    def soon(self, fn: Callable[[], None]) -> None:
+    def soon(self, fn: Callable[[], None], delay: float = 0.0) -> None:
         """From the loop thread: run ``fn`` on its next turn, after what the sockets brought
-        (a generation through one server steps this way, and other sessions get their turns)."""
-        self._soon.append(fn)
+        (a generation through one server steps this way, and other sessions get their turns),
+        or ``delay`` seconds from now."""
+        if delay > 0:
+            heapq.heappush(self._timers, (time.perf_counter() + delay, next(self._order), fn))
+        else:
+            self._soon.append(fn)
 
     def watch(self, sock: socket.socket, on_readable: Callable[[], None]) -> None:
         """Call ``on_readable`` on the loop thread whenever ``sock`` has data (or closes)."""
@@ -77,7 +86,12 @@ class ComputeLoop:
 
     def _run(self) -> None:
         while not self._stopping:
-            for key, _ in self._selector.select(0 if self._soon else None):
+            timeout = None
+            if self._soon:
+                timeout = 0.0
+            elif self._timers:
+                timeout = max(0.0, self._timers[0][0] - time.perf_counter())
+            for key, _ in self._selector.select(timeout):
                 callback = key.data
                 if callback is None:
                     self._drain_wake()
@@ -94,6 +108,9 @@ class ComputeLoop:
                     future.set_result(fn())
                 except BaseException as e:  # handed back to the caller
                     future.set_exception(e)
+            now = time.perf_counter()
+            while self._timers and self._timers[0][0] <= now:
+                self._soon.append(heapq.heappop(self._timers)[2])
             for _ in range(len(self._soon)):
                 try:
                     self._soon.popleft()()
