@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ from llmrpc.bench.timeline import read_events, ring_order, ring_timelines, step_
 from llmrpc.farm import Farm
 from llmrpc.head.local import LocalServers
 from llmrpc.sampling import SamplingParams
+
+GREEDY = SamplingParams(temperature=0)
 
 
 def test_a_decode_step_is_followed_through_every_server(
@@ -75,3 +79,43 @@ def test_stamps_stop_when_tracing_stops(tmp_path: Path) -> None:
     lines = (folder / f"{os.getpid()}.trace").read_text().splitlines()
     assert [line.split()[:2] for line in lines] == [["1.1", "head.send"]]
     assert not trace.enabled()
+
+
+def test_concurrent_generations_are_computed_together(
+    smollm2: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, prompt_tokens: list[int]
+) -> None:
+    """Three generations started apart through two servers: after a few steps the servers
+    compute their steps in shared batches (stamped as one compute, microseconds apart). On a
+    model whose steps take milliseconds: a tiny one's queue up together anyway."""
+    folder = tmp_path / "trace"
+    monkeypatch.setenv(trace.ENV, str(folder))
+    trace.configure(folder)
+    try:
+        with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+            with Farm(smollm2, list(local.addresses), ctx_size=256, max_sessions=3) as farm:
+
+                def run(i: int) -> None:
+                    time.sleep(0.03 * i)  # apart on purpose
+                    list(farm.generate_tokens(prompt_tokens[i : i + 6], 40, GREEDY, stop_at_eog=False))
+
+                threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout=120)
+    finally:
+        trace.configure(None)
+    events = read_events(folder)
+    for server in ("s0", "s1"):
+        starts = sorted(
+            (ev[f"{server}.start"], name.split(".")[1])
+            for name, ev in events.items()
+            if name.count(".") == 2 and int(name.split(".")[2]) >= 10 and f"{server}.start" in ev
+        )
+        assert len({rid for _, rid in starts}) == 3
+        shared = sum(
+            1
+            for i, (t, rid) in enumerate(starts)
+            if any(abs(t - t2) < 1e-3 and rid2 != rid for t2, rid2 in starts[max(0, i - 3) : i + 4])
+        )
+        assert shared >= 0.8 * len(starts), f"{server}: {shared} of {len(starts)} steps shared a batch"
