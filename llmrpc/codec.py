@@ -7,12 +7,13 @@ import json
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from llmrpc.model.slicefile import IncomingSlice, SliceLayout, SliceTensor
+from llmrpc.sampling import SamplingParams
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerInfo
 from llmrpc.v1 import llmrpc_pb2 as pb
 
@@ -163,6 +164,40 @@ class FrameKind(enum.IntEnum):
 
 _DATA_DTYPES: dict[str, np.dtype] = {"f32": np.dtype("<f4"), "f16": np.dtype("<f2"), "i32": np.dtype("<i4")}
 _DATA_NAMES = {dt: name for name, dt in _DATA_DTYPES.items()}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A FORWARD's ``gen``: ``n`` tokens still to generate, this step's number, the positions
+    the session may fill (``limit``), the tokens that end it, and how to sample."""
+
+    n: int
+    step: int
+    limit: int
+    eog: frozenset[int]
+    sampling: SamplingParams
+
+    def to_meta(self) -> dict[str, Any]:
+        p = self.sampling
+        return {
+            "n": self.n, "step": self.step, "limit": self.limit, "eog": sorted(self.eog),
+            "sampling": [p.temperature, p.top_k, p.top_p, p.seed],
+        }  # fmt: skip
+
+    def next_step(self) -> Generation:
+        return replace(self, n=self.n - 1, step=self.step + 1)
+
+    @staticmethod
+    def parse(gen: Any) -> Generation:
+        """Checked: a bad ``gen`` raises ValueError (or KeyError, TypeError)."""
+        temperature, top_k, top_p, seed = gen["sampling"]
+        out = Generation(
+            int(gen["n"]), int(gen["step"]), int(gen["limit"]), frozenset(int(t) for t in gen["eog"]),
+            SamplingParams(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed)),
+        )  # fmt: skip
+        if out.n < 1 or out.step < 0 or out.limit < 1 or not 0 < out.sampling.top_p <= 1:
+            raise ValueError
+        return out
 
 
 @dataclass

@@ -129,3 +129,21 @@ def test_sampling_from_candidates_equals_sampling_from_all() -> None:
         assert k in (1, 20)
         ids = order[:k]
         assert [full(logits) for _ in range(30)] == [cand(logits[ids], ids) for _ in range(30)]
+
+
+def test_a_generation_crosses_the_wire_and_bad_ones_are_refused() -> None:
+    gen = codec.Generation(12, 3, 512, frozenset({2, 0}), SamplingParams(0.7, 40, 0.9, 11))
+    assert codec.Generation.parse(gen.to_meta()) == gen
+    assert gen.next_step() == codec.Generation(11, 4, 512, frozenset({0, 2}), gen.sampling)
+    good = gen.to_meta()
+    for bad in (
+        {**good, "n": 0},
+        {**good, "step": -1},
+        {**good, "limit": 0},
+        {**good, "sampling": [0.7, 40, 0.0, None]},
+        {**good, "sampling": [0.7, 40]},
+        {**good, "eog": ["x"]},
+        {k: v for k, v in good.items() if k != "limit"},
+    ):
+        with pytest.raises((ValueError, KeyError, TypeError)):
+            codec.Generation.parse(bad)

@@ -79,7 +79,7 @@ class DataLinks:
         all_logits: bool = False,
         top_k: int = 0,
         f16: bool = False,
-        gen: dict[str, Any] | None = None,
+        gen: codec.Generation | None = None,
     ) -> int:
         """Start one forward of one or more sessions (``routes[j]`` is session j's, through the
         same servers; its rows ``xs[j]`` go at ``positions[j]``) in one batch; returns the
@@ -95,7 +95,7 @@ class DataLinks:
             "all_logits": all_logits, "top_k": top_k, "f16": f16,
         }  # fmt: skip
         if gen is not None:
-            meta["gen"] = gen
+            meta["gen"] = gen.to_meta()
         x = xs[0] if len(xs) == 1 else np.concatenate(xs)
         first = route[0]
         with self._cond:

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from llmrpc.codec import Generation
 from llmrpc.head.batching import Coalescer
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.datalink import DataLinks, Hop
@@ -130,11 +131,7 @@ class PipelineSession:
         if max_tokens < 1:
             return
         pos = self._position(tokens, None)
-        p = sampling
-        gen = {
-            "n": max_tokens, "step": 0, "limit": self.n_ctx, "eog": sorted(set(eog)),
-            "sampling": [p.temperature, p.top_k, p.top_p, p.seed],
-        }  # fmt: skip
+        gen = Generation(max_tokens, 0, self.n_ctx, frozenset(eog), sampling)
         rid = links.send([self.route], [pos], [_ids(tokens)], f16=self.pipeline.f16_activations, gen=gen)
         self.tokens[pos:] = list(tokens)
         last: int | None = None  # the newest token: in the cache once the next one comes

@@ -34,8 +34,8 @@ from typing import Any
 import numpy as np
 
 from llmrpc import codec, trace, wire
-from llmrpc.codec import FrameKind
-from llmrpc.sampling import Sampler, SamplingParams
+from llmrpc.codec import FrameKind, Generation
+from llmrpc.sampling import Sampler
 from llmrpc.server.api import EngineError, StageEngine, stage_outputs, top_k_logits
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.types import PROTOCOL_VERSION, split_address
@@ -46,30 +46,6 @@ HELLO_LIMIT = 1 << 16  # bytes a connection may send before it has authenticated
 MAX_GENERATIONS = 1024  # generations one server samples for at once (their samplers' states)
 HOLD_MAX = 0.25  # seconds a first server may wait for other generations' steps to share a batch
 BATCH_WAIT = 0.005  # seconds a server waits for the rest of a batch the previous one sent on
-
-
-@dataclass(frozen=True)
-class Generation:
-    """A FORWARD's ``gen``: ``n`` tokens still to generate, this step's number, the positions
-    the session may fill (``limit``), the tokens that end it, and how to sample."""
-
-    n: int
-    step: int
-    limit: int
-    eog: frozenset[int]
-    sampling: SamplingParams
-
-    @staticmethod
-    def parse(gen: Any) -> Generation:
-        """Checked: a bad ``gen`` raises ValueError (or KeyError, TypeError)."""
-        temperature, top_k, top_p, seed = gen["sampling"]
-        out = Generation(
-            int(gen["n"]), int(gen["step"]), int(gen["limit"]), frozenset(int(t) for t in gen["eog"]),
-            SamplingParams(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed)),
-        )  # fmt: skip
-        if out.n < 1 or out.step < 0 or out.limit < 1 or not 0 < out.sampling.top_p <= 1:
-            raise ValueError
-        return out
 
 
 @dataclass
@@ -375,7 +351,7 @@ class DataPlane:
                 "hop": 0,
                 "pos": [fed],
                 "rows": [1],
-                "gen": {**s.m["gen"], "n": gen.n - 1, "step": gen.step + 1},
+                "gen": gen.next_step().to_meta(),
             }
             nxt.pop("batch", None)  # the first server gathers these itself (see _compute_ready)
             x = np.array([token], dtype=np.int32)
