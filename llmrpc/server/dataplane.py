@@ -257,7 +257,7 @@ class DataPlane:
             return
         if all(s.hop == 0 and s.gen is not None for s in self._ready):
             ready = {(s.link if isinstance(s.link, int) else 0, s.rid) for s in self._ready}
-            first = min(self._rounds.get(k, (now, 0.0))[0] for k in ready)
+            first = min(s.arrived for s in self._ready)
             due = [period for k, (t, period) in self._rounds.items() if k not in ready and period > 0]
             hold = min(HOLD_MAX, max(due)) if due else 0.0
             if now - first < hold:
