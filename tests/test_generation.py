@@ -3,9 +3,13 @@ first, the head only reads the reports."""
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -140,3 +144,48 @@ def test_a_server_lost_mid_generation_fails_it_fast(
                     pass
             assert time.monotonic() - t0 < 10
             assert info.value.code == grpc.StatusCode.UNAVAILABLE and address in str(info.value)
+
+
+HEAD_SCRIPT = """
+import sys
+from llmrpc.farm import Farm
+from llmrpc.sampling import SamplingParams
+model, servers = sys.argv[1], sys.argv[2].split(",")
+farm = Farm(model, servers, ctx_size=2048)
+s = farm.session()
+tokens = s.generate([1, 5, 9], 2000, SamplingParams(temperature=0))
+for _ in range(3):
+    next(tokens)
+print("generating", flush=True)
+sys.stdin.read()  # until killed
+"""
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_servers_stop_generating_for_a_head_that_died(tiny_models: dict[str, str]) -> None:
+    """A head killed in the middle of a long generation: the servers stop within a step (its
+    connection is gone) instead of computing the rest for nobody."""
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+        head = subprocess.Popen(
+            [sys.executable, "-c", HEAD_SCRIPT, tiny_models["F32"], ",".join(local.addresses)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            assert head.stdout is not None and head.stdout.readline().strip() == "generating"
+            busy = [_cpu_seconds(p.pid) for p in local.processes]
+            time.sleep(0.3)
+            assert sum(_cpu_seconds(p.pid) for p in local.processes) - sum(busy) > 0.1  # it is running
+        finally:
+            head.kill()
+            head.wait()
+        time.sleep(0.5)  # the servers see the connection close
+        idle = [_cpu_seconds(p.pid) for p in local.processes]
+        time.sleep(1.0)
+        assert sum(_cpu_seconds(p.pid) for p in local.processes) - sum(idle) < 0.1
+        # and they serve the next head
+        with Farm(tiny_models["F32"], local.addresses, ctx_size=64) as farm:
+            assert len(list(farm.generate_tokens([1, 5, 9], 4, GREEDY, stop_at_eog=False))) == 4
