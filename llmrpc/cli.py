@@ -196,14 +196,20 @@ def server(
     help="Send activations through the head over gRPC instead of server to server (slower; for comparison).",
 )
 @click.option(
+    "--head-samples",
+    is_flag=True,
+    help="Sample every token at the head and send it to the first server (by default the servers "
+    "generate on their own: the last samples each token and sends it straight back to the first).",
+)
+@click.option(
     "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
 )
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
     n_predict: int, temp: float, top_k: int, top_p: float, seed: int | None, ctx_size: int,
-    connect_timeout: float, f16_activations: bool, micro_batch: int | None, via_head: bool, shared_path: bool,
-    verbose: int,
+    connect_timeout: float, f16_activations: bool, micro_batch: int | None, via_head: bool, head_samples: bool,
+    shared_path: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.farm import Farm
@@ -217,7 +223,7 @@ def head(
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, connect_timeout=connect_timeout,
                   progress=sys.stderr.isatty(), share_path=True if shared_path else None,
                   f16_activations=f16_activations, micro_batch=micro_batch,
-                  data_plane=not via_head) as farm:  # fmt: skip
+                  data_plane=not via_head, server_generation=not head_samples) as farm:  # fmt: skip
             text = farm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)

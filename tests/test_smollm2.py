@@ -77,11 +77,15 @@ def test_text_and_streaming(smollm2: str, servers: list[str]) -> None:
 
 
 def test_head_cli_default_model_with_local_servers() -> None:
-    """`llmrpc-head --prompt ...` needs nothing else: packaged model, local servers."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "llmrpc.cli", "head", "--prompt", "The capital of France is", "-n", "6",
-         "--temp", "0", "--local", "2", "--threads", "1"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert "Paris" in proc.stdout
+    """`llmrpc-head --prompt ...` needs nothing else: packaged model, local servers; the head
+    sampling every token (--head-samples) writes the same text as the servers generating."""
+    outs = []
+    for extra in ([], ["--head-samples"]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "llmrpc.cli", "head", "--prompt", "The capital of France is", "-n", "6",
+             "--temp", "0", "--local", "2", "--threads", "1", *extra],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        outs.append(proc.stdout)
+    assert "Paris" in outs[0] and outs[1] == outs[0]
