@@ -64,27 +64,34 @@ def profile_stage(path: str, device: str, threads: int) -> str:
 
 def profile_prefill(path: str, device: str, threads: int, n: int = 512) -> str:
     """A prompt of n tokens: with a new cache each time (what a new session pays: cache, graph
-    build, allocation) and again on the same cache (the graph reused)."""
+    build, allocation), then on the same cache again and again (the graph reused: on CUDA its
+    second run is captured as a CUDA graph, the later ones replay it); and how many splits the
+    scheduler made of the graph (one per run of nodes on one backend: more than one on a GPU
+    means some op runs on the CPU, its inputs copied both ways)."""
     info = read_model(path)
     stage = LayerStage(info, 0, info.hparams.n_layer, Backend(find_device(device), threads))
     x = np.arange(100, 100 + n, dtype=np.int32)
-    fresh, again, alloc = [], [], []
-    for _ in range(4):
+    fresh, alloc, again = [], [], []
+    splits = 0
+    for rep in range(3):
         t0 = time.perf_counter()
         cache = stage.new_cache(n + 16)
         t1 = time.perf_counter()
         stage.forward(cache, x, 0, False)
         t2 = time.perf_counter()
-        stage.forward(cache, x, 0, False)
-        t3 = time.perf_counter()
+        splits = g.ggml().ggml_backend_sched_get_n_splits(stage._sched)
+        for _ in range(6 if rep == 0 else 0):
+            t = time.perf_counter()
+            stage.forward(cache, x, 0, False)
+            again.append(time.perf_counter() - t)
         stage.forget(cache)
         cache.free()
         alloc.append(t1 - t0)
         fresh.append(t2 - t1)
-        again.append(t3 - t2)
+    runs = ", ".join(f"{t * 1e3:.2f}" for t in again)
     return (
-        f"stage prefill {n}: new cache {min(alloc) * 1e3:.2f} ms, first forward {min(fresh) * 1e3:.2f} ms, "
-        f"same cache {min(again) * 1e3:.2f} ms"
+        f"stage prefill {n}: new cache {min(alloc) * 1e3:.2f} ms, first forward {min(fresh) * 1e3:.2f} ms "
+        f"({splits} scheduler splits); on the same cache, run by run: {runs} ms"
     )
 
 
@@ -93,12 +100,12 @@ def profile_llama_cpp_prefill(path: str, device: str, threads: int, n: int = 512
         path, n_ctx=n + 16, n_batch=n, n_ubatch=n, n_gpu_layers=0 if device == "CPU" else 99, n_threads=threads
     )
     times = []
-    for _ in range(4):
+    for _ in range(6):
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(list(range(100, 100 + n)))
         times.append(time.perf_counter() - t0)
-    return f"llama.cpp prefill {n}: {min(times) * 1e3:.2f} ms"
+    return f"llama.cpp prefill {n}, run by run: {', '.join(f'{t * 1e3:.2f}' for t in times)} ms"
 
 
 def profile_llama_cpp(path: str, device: str, threads: int) -> str:
