@@ -68,8 +68,8 @@ for part in $PARTS; do
     grep -v "site-packages" "$OUTD/tests.txt" | grep -A25 "short test summary\|passed\|failed\|Current thread" | tail -30 ;;
   opttests) GGML_CUDA_GRAPH_OPT=1 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_tiny_model.py \
       tests/test_batching.py tests/test_generation.py 2>&1 | tail -3 ;;
-  bench1b) timeout 120 $B --model synthetic-1b $Q --serving 4 --out "$OUTD/cuda-synthetic-1b.json" 2>&1 \
-      | grep -v "stopping:\|CUDA Graph id" | tail -24
+  bench1b) timeout 120 $B --model synthetic-1b $Q --serving 4 --trace /tmp/trace-1b --out "$OUTD/cuda-synthetic-1b.json" 2>&1 \
+      | grep -v "stopping:\|CUDA Graph id" | tail -40
     lbench synthetic-1b ;;
   # one stage in-process next to llama.cpp; then with ggml-cuda's fusions off (does llama.cpp's
   # graph get fusions ours misses?) and with its concurrent-stream graph optimization on
@@ -77,7 +77,10 @@ for part in $PARTS; do
     for env in "" GGML_CUDA_DISABLE_FUSION=1 GGML_CUDA_GRAPH_OPT=1; do
       echo "-- profile $env"
       env $env timeout 60 python3 bench/cuda/stage_profile.py "$M135" $DEVICE 2>&1 | grep "ms/token\|prefill"
-    done ;;
+    done
+    M1B=$(ls ~/.cache/llmrpc/bench/synthetic-1b-*.gguf 2>/dev/null | head -1)
+    [ -n "$M1B" ] && echo "-- profile synthetic-1b" && timeout 60 python3 bench/cuda/stage_profile.py "$M1B" $DEVICE 2>&1 \
+      | grep "ms/token\|prefill" ;;
   esac
 done
 stamp end
