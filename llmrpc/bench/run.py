@@ -218,7 +218,9 @@ def main(
     """llama-bench-style prefill (pp) and decode (tg) through 1, 2 and 3 servers started on this
     machine, next to llama.cpp itself (llama-cpp-python, same process), in one interleaved run;
     then serving metrics for concurrent streams, a simulated LAN (as root), and load times.
-    Prints a table with ratios against llama.cpp, writes JSON and a PNG chart."""
+    Decode is greedy generation as Farm.generate runs it (the servers on their own); as in
+    llama-bench only the tokens' work is timed. Prints a table with ratios against llama.cpp,
+    writes JSON and a PNG chart."""
     model = resolve_model(model)
     if device is not None:
         try:  # here, not in a server that would die at start with the same message
