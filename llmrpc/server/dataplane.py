@@ -72,6 +72,21 @@ class _Step:
     def step(self) -> int | None:
         return None if self.gen is None else self.gen.step
 
+    @property
+    def key(self) -> tuple[int, int]:
+        """(head link, request): names a generation on every server."""
+        return (self.link if isinstance(self.link, int) else 0, self.rid)
+
+    @property
+    def last(self) -> bool:
+        """This server is the route's last."""
+        return self.hop + 1 == len(self.route)
+
+    @property
+    def alone(self) -> bool:
+        """This server is also the route's first: a generation goes round without a socket."""
+        return str(self.route[0][0]) == self.here
+
 
 class DataPlane:
     def __init__(
@@ -95,7 +110,6 @@ class DataPlane:
         # at the first server: generations whose steps come round, (last arrival, period)
         self._rounds: dict[tuple[int, int], tuple[float, float]] = {}
         self._batches = itertools.count(1)
-        self._batch_tag: list[Any] | None = None  # the batch being sent on: [id, steps]
         loop.watch(self._listener, self._accept)
 
     # -- connections (all on the loop thread) ---------------------------------------------
@@ -231,9 +245,8 @@ class DataPlane:
 
     def _arrived(self, step: _Step, now: float) -> None:
         """Note when a generation's step came back to the first server, and its period."""
-        key = (step.link if isinstance(step.link, int) else 0, step.rid)
-        last = self._rounds.pop(key, None)
-        self._rounds[key] = (now, now - last[0] if last else 0.0)
+        last = self._rounds.pop(step.key, None)
+        self._rounds[step.key] = (now, now - last[0] if last else 0.0)
         for k in [k for k, (t, period) in self._rounds.items() if now - t > (2 * period + 0.01 if period else 1.0)]:
             del self._rounds[k]  # stalled: not waited for
 
@@ -256,7 +269,7 @@ class DataPlane:
             self.loop.soon(self._compute_ready, BATCH_WAIT / 10)
             return
         if all(s.hop == 0 and s.gen is not None for s in self._ready):
-            ready = {(s.link if isinstance(s.link, int) else 0, s.rid) for s in self._ready}
+            ready = {s.key for s in self._ready}
             first = min(s.arrived for s in self._ready)
             due = [period for k, (t, period) in self._rounds.items() if k not in ready and period > 0]
             hold = min(HOLD_MAX, max(due)) if due else 0.0
@@ -271,7 +284,7 @@ class DataPlane:
         for s in steps:
             trace.stamp(s.link, s.rid, f"s{s.hop}.start", None, s.step)
         # greedy generation steps at their last server: the device finds the token
-        greedy = all(s.gen is not None and s.gen.sampling.temperature <= 0 and s.hop + 1 == len(s.route) for s in steps)
+        greedy = all(s.gen is not None and s.gen.sampling.temperature <= 0 and s.last for s in steps)
         try:
             outs = self.engine.forward_batch(
                 [item for s in steps for item in s.items], bool(steps[0].m.get("all_logits")), greedy
@@ -284,31 +297,34 @@ class DataPlane:
             self._fail(steps[0].link, steps[0].rid, e.code.value, e.message, steps[0].here)
             return
         # generation steps that go on together are marked so, for the next server to keep them together
-        gens = len(steps) > 1 and all(s.gen is not None and s.hop + 1 < len(s.route) for s in steps)
-        self._batch_tag = [f"{self.port}.{next(self._batches)}", len(steps)] if gens else None
+        gens = len(steps) > 1 and all(s.gen is not None and not s.last for s in steps)
+        tag = [f"{self.port}.{next(self._batches)}", len(steps)] if gens else None
         at = 0
         for s in steps:
-            self._finish(s, outs[at : at + len(s.items)])
+            self._finish(s, outs[at : at + len(s.items)], tag)
             at += len(s.items)
 
-    def _finish(self, s: _Step, outs: list[np.ndarray]) -> None:
+    def _finish(self, s: _Step, outs: list[np.ndarray], tag: list[Any] | None) -> None:
+        """Send a computed step on (marked with its batch's ``tag``), or answer or generate at
+        the last server."""
         trace.stamp(s.link, s.rid, f"s{s.hop}.end", None, s.step)
-        more = s.hop + 1 < len(s.route)
         out = outs[0] if len(outs) == 1 else np.concatenate(outs)
-        if s.gen is not None and not more:
+        if s.gen is not None and s.last:
             _, pos, x = s.items[0]
             self._generated(s, s.gen, out, pos + int(x.shape[0]))
             return
         m = s.m
-        outputs = stage_outputs(self.engine.loaded(), out, 0 if more else int(m.get("top_k") or 0), bool(m.get("f16")))
-        if not more:
+        outputs = stage_outputs(
+            self.engine.loaded(), out, int(m.get("top_k") or 0) if s.last else 0, bool(m.get("f16"))
+        )
+        if s.last:
             self._answer(s.link, FrameKind.RESULT, s.rid, {}, outputs)
             return
         nxt = s.route[s.hop + 1]
         meta = {**m, "hop": s.hop + 1}
         meta.pop("batch", None)
-        if self._batch_tag is not None:
-            meta["batch"] = self._batch_tag
+        if tag is not None:
+            meta["batch"] = tag
         self._pass_on(s, str(nxt[0]), str(nxt[1]), meta, outputs)
 
     def _pass_on(self, s: _Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> bool:
@@ -326,7 +342,7 @@ class DataPlane:
     def _generated(self, s: _Step, gen: Generation, out: np.ndarray, fed: int) -> None:
         """The last server of a generation: sample (or take the greedy token the device found,
         I32 ``out``), start the next step, report the token."""
-        key = (s.link if isinstance(s.link, int) else 0, s.rid)
+        key = s.key
         sampler = self._samplers.get(key)
         if sampler is None:
             sampler = self._samplers[key] = Sampler(gen.sampling)
@@ -356,24 +372,24 @@ class DataPlane:
             nxt.pop("batch", None)  # the first server gathers these itself (see _compute_ready)
             x = np.array([token], dtype=np.int32)
             first = s.route[0]
-            if str(first[0]) == s.here:  # through this server alone: no socket on the way
+            if s.alone:  # through this server alone: no socket on the way
                 self._forward(codec.DataFrame(FrameKind.FORWARD, s.rid, nxt, [x]), time.perf_counter())
             elif not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
                 self._end_generation(key)
                 return
         else:
             self._end_generation(key)
-            self._ended(s, key)
+            self._ended(s)
         self._answer(s.link, FrameKind.TOKEN, s.rid, {"token": token, "step": gen.step, "end": end})
 
-    def _ended(self, s: _Step, key: tuple[int, int]) -> None:
+    def _ended(self, s: _Step) -> None:
         """Tell the first server that a generation's steps come no more (it waits for them)."""
         first = s.route[0]
-        if str(first[0]) == s.here:
-            self._rounds.pop(key, None)
+        if s.alone:
+            self._rounds.pop(s.key, None)
             return
         try:
-            self._send(self._peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": key[0]})
+            self._send(self._peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": s.key[0]})
         except (OSError, ValueError):
             pass  # it is gone: nothing waits there
 
