@@ -101,6 +101,47 @@ def test_concurrent_generations_get_their_own_tokens(
     assert got == alone
 
 
+def test_servers_that_work_while_the_device_computes_generate_the_same(
+    tiny_models: dict[str, str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GPU server starts each batch and goes on (reports the last token, reads its sockets)
+    before it takes the outputs. The CPU computes as a batch starts, so the servers here are
+    told to take that path anyway (LLMRPC_OVERLAP=1): through one server (the report sent while
+    the next step computes) and two, alone and three at once, and cancelled early, the tokens
+    are those the head picks."""
+    monkeypatch.setenv("LLMRPC_OVERLAP", "1")
+    prompts = [prompt_tokens[i : i + 8] for i in range(3)]
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+        for n in (1, 2):
+            with Farm(tiny_models["Q8_0"], local.addresses[:n], ctx_size=64, max_sessions=3) as farm:
+                farm.server_generation = False
+                want = [list(farm.generate_tokens(p, 12, sampling, stop_at_eog=False)) for p in prompts
+                        for sampling in (GREEDY, SAMPLED)]  # fmt: skip
+                farm.server_generation = True
+                got = [list(farm.generate_tokens(p, 12, sampling, stop_at_eog=False)) for p in prompts
+                       for sampling in (GREEDY, SAMPLED)]  # fmt: skip
+                assert got == want
+                together: list[list[int] | None] = [None] * 3
+                barrier = threading.Barrier(3)
+
+                def run(i: int, farm: Farm = farm) -> None:
+                    barrier.wait()
+                    together[i] = list(farm.generate_tokens(prompts[i], 12, GREEDY, stop_at_eog=False))
+
+                threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join(timeout=120)
+                assert together == want[::2]
+                with farm.session() as s:
+                    tokens = s.generate(prompts[0], 40, GREEDY)
+                    first = [next(tokens) for _ in range(4)]
+                    tokens.close()
+                    rest = list(s.generate([first[3]], 8, GREEDY))
+                assert first + rest == want[0]
+
+
 def test_a_malformed_generation_is_refused(servers: list[str]) -> None:
     info = StageClient(servers[0]).hello()
     host, _ = split_address(servers[0])

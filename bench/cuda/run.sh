@@ -24,9 +24,9 @@ if [ -z "${LOCAL:-}" ]; then
       -DBUILD_SHARED_LIBS=ON -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_CUDA_FA=OFF -DGGML_CCACHE=OFF \
       -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
       -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF -DLLAMA_BUILD_COMMON=ON -DLLAMA_BUILD_TOOLS=ON \
-      >"$OUTD/cmake.txt" 2>&1 || { tail -40 "$OUTD/cmake.txt"; exit 1; }
-    timeout 420 cmake --build /tmp/b -j "$(nproc)" --target llama llama-bench >"$OUTD/build.txt" 2>&1 \
-      || { tail -60 "$OUTD/build.txt"; exit 1; }
+      >/tmp/cmake.txt 2>&1 || { tail -40 /tmp/cmake.txt; exit 1; }
+    timeout 420 cmake --build /tmp/b -j "$(nproc)" --target llama llama-bench >/tmp/build.txt 2>&1 \
+      || { tail -60 /tmp/build.txt; exit 1; }
     stamp built
   fi
   # llama-cpp-python's Python package over the libraries just built (one copy of each per process)
@@ -47,6 +47,8 @@ python3 -c "from llmrpc.ggml.device import list_devices as l; print(*l(), sep='\
 B="python3 -m llmrpc.bench.run --device $DEVICE --no-lan --no-llama-rpc --no-via-head --no-load --servers 1 --head-sampled 1"
 Q=${QUICK:---reps 3 --pp 512 --tg 128}
 PARTS=${PARTS:-"bench135 tests bench1b profile"}
+model() { python3 -c "from llmrpc.bench.models import resolve_model as r; print(r('$1'))" 2>/dev/null | tail -1; }
+model1b() { model synthetic-1b; }
 lbench() {
   [ -n "$BENCH" ] && timeout 40 "$BENCH" -m "$(ls ~/.cache/llmrpc/bench/$1-*.gguf | head -1)" -p 512 -n 128 -ngl 99 \
     -fa 0 -r 3 -o md 2>&1 | grep "^|" | tail -3
@@ -73,14 +75,35 @@ for part in $PARTS; do
     lbench synthetic-1b ;;
   # one stage in-process next to llama.cpp; then with ggml-cuda's fusions off (does llama.cpp's
   # graph get fusions ours misses?) and with its concurrent-stream graph optimization on
+  # one server waiting for each batch as it starts (as before session 5) next to one that starts
+  # the next step and reports the token while the device computes, and llama.cpp; the second's
+  # Python sampled by py-spy (raw stacks)
+  ab1b) timeout 100 python3 bench/cuda/overlap_ab.py "$(model1b)" $DEVICE 5 "$OUTD/spy-1b.txt" 2>&1 \
+      | grep "tok/s\|py-spy\|Error" ;;
+  ab135) timeout 100 python3 bench/cuda/overlap_ab.py "$(model synthetic-135m)" $DEVICE 5 2>&1 | grep "tok/s\|Error" ;;
+  # (on the 135m)
   profile) M135=$(ls ~/.cache/llmrpc/bench/synthetic-135m-*.gguf | head -1)
     for env in "" GGML_CUDA_DISABLE_FUSION=1 GGML_CUDA_GRAPH_OPT=1; do
       echo "-- profile $env"
       env $env timeout 60 python3 bench/cuda/stage_profile.py "$M135" $DEVICE 2>&1 | grep "ms/token\|prefill"
     done
-    M1B=$(ls ~/.cache/llmrpc/bench/synthetic-1b-*.gguf 2>/dev/null | head -1)
-    [ -n "$M1B" ] && echo "-- profile synthetic-1b" && timeout 60 python3 bench/cuda/stage_profile.py "$M1B" $DEVICE 2>&1 \
-      | grep "ms/token\|prefill" ;;
+    ;;
+  profile1b) timeout 60 python3 bench/cuda/stage_profile.py "$(model1b)" $DEVICE 2>&1 | grep "ms/token\|prefill"
+    echo "-- profile synthetic-1b, GGML_CUDA_DISABLE_GRAPHS=1"
+    GGML_CUDA_DISABLE_GRAPHS=1 LLMRPC_PROFILE_N=200 timeout 40 python3 bench/cuda/stage_profile.py "$(model1b)" $DEVICE ours
+    GGML_CUDA_DISABLE_GRAPHS=1 LLMRPC_PROFILE_N=200 timeout 40 python3 bench/cuda/stage_profile.py "$(model1b)" $DEVICE llama \
+      2>&1 | grep "ms/token" ;;
+  # the 1B's decode loop alone, ours and llama.cpp's, 2 x 6 steps under Nsight Compute (kernels
+  # inside CUDA graphs one by one): the GPU time by kernel per step
+  ncu) NCU=$(command -v ncu || ls /usr/local/cuda*/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    [ -z "$NCU" ] && { echo "no ncu here"; continue; }
+    for who in ours llama; do
+      LLMRPC_PROFILE_N=6 timeout 100 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv \
+        --print-kernel-base function --print-units base python3 bench/cuda/stage_profile.py "$(model1b)" $DEVICE $who \
+        >/tmp/ncu-$who.csv 2>&1
+      echo "-- ncu $who"; grep "ms/token\|ERR" /tmp/ncu-$who.csv | head -5
+      python3 bench/cuda/ncu_sum.py /tmp/ncu-$who.csv 12
+    done ;;
   esac
 done
 stamp end

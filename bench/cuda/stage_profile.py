@@ -1,6 +1,7 @@
 """Per-token breakdown of one stage holding a whole model, in this process (no transport):
 where a decode step's time goes, next to llama.cpp's own eval in the same process.
     python bench/cuda/stage_profile.py MODEL.gguf CUDA0
+    python bench/cuda/stage_profile.py MODEL.gguf CUDA0 ours|llama   only that decode loop (under nsys)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from llmrpc.model.stage import LayerStage
 from llmrpc.reference import reference_llama
 from llmrpc.server.api import top_k_logits
 
-N = 400
+N = int(os.environ.get("LLMRPC_PROFILE_N", "400"))  # decode steps per round (two rounds)
 
 
 def timed(acc: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -35,7 +36,7 @@ def timed(acc: dict[str, float], name: str, fn: Callable[..., Any]) -> Callable[
     return wrapper
 
 
-def profile_stage(path: str, device: str, threads: int) -> str:
+def profile_stage(path: str, device: str, threads: int, host_argmax: bool = True) -> str:
     info = read_model(path)
     stage = LayerStage(info, 0, info.hparams.n_layer, Backend(find_device(device), threads))
     cache = stage.new_cache(N + 200)
@@ -45,7 +46,8 @@ def profile_stage(path: str, device: str, threads: int) -> str:
     lib.ggml_backend_sched_graph_compute = timed(acc, "compute", lib.ggml_backend_sched_graph_compute)
     lib.ggml_backend_tensor_get = timed(acc, "get", lib.ggml_backend_tensor_get)
     lines = []
-    for label, top1 in (("forward+argmax", False), ("forward, argmax on the device", True)):
+    variants = (("forward+argmax", False), ("forward, argmax on the device", True))
+    for label, top1 in variants if host_argmax else variants[1:]:
         dt = 0.0
         for _ in range(2):  # the first round warms up
             acc.clear()
@@ -123,6 +125,13 @@ def profile_llama_cpp(path: str, device: str, threads: int) -> str:
 if __name__ == "__main__":
     model, dev = sys.argv[1], sys.argv[2]
     n_threads = os.cpu_count() or 1
+    only = sys.argv[3] if len(sys.argv) > 3 else ""
+    if only == "ours":
+        print(profile_stage(model, dev, n_threads, host_argmax=False))
+        sys.exit(0)
+    if only == "llama":
+        print(profile_llama_cpp(model, dev, n_threads))
+        sys.exit(0)
     print(profile_stage(model, dev, n_threads))
     print(profile_llama_cpp(model, dev, n_threads))
     print(profile_prefill(model, dev, n_threads))

@@ -162,6 +162,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_sched_reset": (None, [P]),
     "ggml_backend_sched_alloc_graph": (c_bool, [P, P]),
     "ggml_backend_sched_graph_compute": (c_int, [P, P]),
+    "ggml_backend_sched_graph_compute_async": (c_int, [P, P]),
+    "ggml_backend_sched_synchronize": (None, [P]),
     "ggml_backend_sched_get_buffer_size": (c_size_t, [P, P]),
     "ggml_backend_sched_get_n_splits": (c_int, [P]),
     # CPU threadpool (used when libggml-cpu is built without OpenMP)

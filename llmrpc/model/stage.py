@@ -198,6 +198,15 @@ class LayerStage:
         different session): the weights are read once for all their rows. ``top1`` (last stage):
         each session's largest logit's id, I32 [1], found on the device (greedy decoding reads
         4 bytes back instead of the vocabulary's logits)."""
+        return self.launch(items, all_outputs, top1)()
+
+    def launch(
+        self, items: list[tuple[SessionCache, np.ndarray, int]], all_outputs: bool, top1: bool = False
+    ) -> Callable[[], list[np.ndarray]]:
+        """:meth:`forward_batch` in two halves: the inputs set and the graph started (on a GPU
+        it runs while the caller goes on; on the CPU it has run when this returns), then the
+        returned function waits for it and reads the outputs. Call that before starting
+        another graph on this stage."""
         lib = g.ggml()
         segments, offset = [], 0
         for cache, x, start_pos in items:
@@ -234,20 +243,26 @@ class LayerStage:
             _set(seg_inp.v_idxs, v_rows + p)
         if want_rows:
             _set(inp.out_ids, np.array([seg.offset + seg.n - 1 for seg in segments], dtype=np.int32))
-        status = lib.ggml_backend_sched_graph_compute(graph.sched, graph.gf)
+        status = lib.ggml_backend_sched_graph_compute_async(graph.sched, graph.gf)
         if status != 0:
+            lib.ggml_backend_sched_synchronize(graph.sched)
             if self._kept.pop(graph.key, None) is not None:
                 graph.free()
             else:
                 self._drop_graph()
             raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
-        result: np.ndarray = np.empty(graph.out_shape, dtype=graph.out_dtype)
-        lib.ggml_backend_tensor_get(graph.out, result.__array_interface__["data"][0], 0, result.nbytes)
-        if top1:
-            return [result[0, i : i + 1] for i in range(len(segments))]
-        if want_rows:
-            return [result[i : i + 1] for i in range(len(segments))]
-        return [result[seg.offset : seg.offset + seg.n] for seg in segments]
+
+        def collect() -> list[np.ndarray]:
+            lib.ggml_backend_sched_synchronize(graph.sched)
+            result: np.ndarray = np.empty(graph.out_shape, dtype=graph.out_dtype)
+            lib.ggml_backend_tensor_get(graph.out, result.__array_interface__["data"][0], 0, result.nbytes)
+            if top1:
+                return [result[0, i : i + 1] for i in range(len(segments))]
+            if want_rows:
+                return [result[i : i + 1] for i in range(len(segments))]
+            return [result[seg.offset : seg.offset + seg.n] for seg in segments]
+
+        return collect
 
     def _graph_for(self, key: GraphKey, caches: list[SessionCache], segments: list[Segment]) -> _Graph:
         """The built and allocated graph for this batch's shape and caches; rebuilt only when

@@ -6,7 +6,7 @@ The handler (transport) sees only this module; the engine (compute) implements i
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 import numpy as np
@@ -34,9 +34,26 @@ class EngineError(Exception):
         self.message = message
 
 
+class Launched:
+    """A batch started on the device. :meth:`result` waits for it and reads its outputs (once);
+    ``ready``: it has run already (the CPU computes as it starts), nothing would be waited for."""
+
+    def __init__(self, collect: Callable[[], list[np.ndarray]], ready: bool) -> None:
+        self._collect: Callable[[], list[np.ndarray]] | None = collect
+        self._outs: list[np.ndarray] = []
+        self.ready = ready
+
+    def result(self) -> list[np.ndarray]:
+        if self._collect is not None:
+            collect, self._collect = self._collect, None
+            self._outs = collect()
+        return self._outs
+
+
 class StageEngine(Protocol):
     device: DeviceInfo
     threads: int
+    overlaps: bool  # launch_batch returns before the device is done (a GPU)
 
     def loaded(self) -> LoadedRange | None: ...
     def open_sessions(self) -> int: ...
@@ -55,6 +72,9 @@ class StageEngine(Protocol):
     def forward_batch(
         self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False
     ) -> list[np.ndarray]: ...
+    def launch_batch(
+        self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False
+    ) -> Launched: ...
     def close_session(self, session_id: str) -> None: ...
     def max_input_elements(self) -> int: ...
 

@@ -36,7 +36,7 @@ import numpy as np
 from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind, Generation
 from llmrpc.sampling import Sampler
-from llmrpc.server.api import EngineError, StageEngine, stage_outputs, top_k_logits
+from llmrpc.server.api import EngineError, Launched, StageEngine, stage_outputs, top_k_logits
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.types import PROTOCOL_VERSION, split_address
 
@@ -202,11 +202,15 @@ class DataPlane:
     # -- forwarding -----------------------------------------------------------------------
     def _forward(self, frame: codec.DataFrame, arrived: float) -> None:
         step = self._parse(frame)
-        if step is None:
-            return
+        if step is not None:
+            self._take(step, arrived)
+
+    def _take(self, step: _Step, arrived: float, at_once: bool = False) -> None:
         step.arrived = arrived
         trace.stamp(step.link, step.rid, f"s{step.hop}.arrive", arrived, step.step)
-        if step.gen is None:
+        if step.gen is None or at_once:
+            if step.hop == 0 and step.gen is not None:
+                self._arrived(step, arrived)
             self._compute([step])
             return
         # Generation steps wait for the end of this turn of the loop: the steps of every
@@ -286,7 +290,7 @@ class DataPlane:
         # greedy generation steps at their last server: the device finds the token
         greedy = all(s.gen is not None and s.gen.sampling.temperature <= 0 and s.last for s in steps)
         try:
-            outs = self.engine.forward_batch(
+            launched = self.engine.launch_batch(
                 [item for s in steps for item in s.items], bool(steps[0].m.get("all_logits")), greedy
             )
         except EngineError as e:
@@ -296,6 +300,13 @@ class DataPlane:
                 return
             self._fail(steps[0].link, steps[0].rid, e.code.value, e.message, steps[0].here)
             return
+        if launched.ready:
+            self._complete(steps, launched)
+        else:  # the device computes while this loop goes on (a token's report, the sockets)
+            self.loop.soon(lambda: self._complete(steps, launched))
+
+    def _complete(self, steps: list[_Step], launched: Launched) -> None:
+        outs = launched.result()
         # generation steps that go on together are marked so, for the next server to keep them together
         gens = len(steps) > 1 and all(s.gen is not None and not s.last for s in steps)
         tag = [f"{self.port}.{next(self._batches)}", len(steps)] if gens else None
@@ -362,18 +373,17 @@ class DataPlane:
         else:
             end = None
         if end is None:  # the next step first: it is the token's path, the report is not
-            nxt = {
-                **s.m,
-                "hop": 0,
-                "pos": [fed],
-                "rows": [1],
-                "gen": gen.next_step().to_meta(),
-            }
+            then = gen.next_step()
+            nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1], "gen": then.to_meta()}
             nxt.pop("batch", None)  # the first server gathers these itself (see _compute_ready)
             x = np.array([token], dtype=np.int32)
             first = s.route[0]
-            if s.alone:  # through this server alone: no socket on the way
-                self._forward(codec.DataFrame(FrameKind.FORWARD, s.rid, nxt, [x]), time.perf_counter())
+            if s.alone:  # through this server alone: no socket on the way, nothing to parse
+                nxt_step = _Step(nxt, s.rid, s.route, 0, [(s.items[0][0], fed, x)], then)
+                # on a GPU with no other generation to batch it with, the next step starts
+                # now and the token is reported while the device computes it
+                at_once = self.engine.overlaps and not self._ready and set(self._rounds) <= {key}
+                self._take(nxt_step, time.perf_counter(), at_once)
             elif not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
                 self._end_generation(key)
                 return

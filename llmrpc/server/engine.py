@@ -22,13 +22,15 @@ from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes
-from llmrpc.server.api import EngineError, ErrorCode
+from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.store import TransferError, WeightStore
 from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
 
 logger = logging.getLogger(__name__)
+
+OVERLAP_ENV = "LLMRPC_OVERLAP"  # "0": wait for every batch as it starts; "1": never (also on the CPU, for tests)
 
 SPARE_CACHES = 4  # closed sessions' KV caches kept for reuse
 
@@ -70,6 +72,9 @@ class Engine:
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
+        self._inflight: Launched | None = None  # a batch started on the device, not waited for yet
+        # the data plane works while the device computes (a GPU; the CPU computes as it starts)
+        self.overlaps = {"1": True, "0": False}.get(os.environ.get(OVERLAP_ENV, ""), device.kind != "cpu")
         # Caches of closed sessions, kept for the next sessions of the same size (oldest first):
         # a new session then takes one (cleared) instead of allocating device memory, and the
         # graphs built for that cache (prefill, decode) are reused. They count as held, and are
@@ -208,6 +213,7 @@ class Engine:
             )
 
         def swap() -> LoadedRange:
+            self._settle()
             self._unload()
             try:
                 self._stage = LayerStage(info, layer_start, layer_end, self._backend)
@@ -224,6 +230,7 @@ class Engine:
         return self.loop.call(swap)
 
     def _unload(self) -> None:
+        self._settle()
         for cache in [c for c, _ in self._sessions.values()] + self._spare:
             if self._stage is not None:
                 self._stage.forget(cache)
@@ -240,6 +247,7 @@ class Engine:
         return self.loop.call(lambda: self._open_session(n_ctx))
 
     def _open_session(self, n_ctx: int) -> tuple[str, int, int]:
+        self._settle()
         stage = self._require_stage()
         limit = min(self.max_ctx, stage.hp.n_ctx_train)
         if not 1 <= n_ctx <= limit:
@@ -271,6 +279,7 @@ class Engine:
 
     def close_session(self, session_id: str) -> None:
         def close() -> None:
+            self._settle()
             entry = self._sessions.pop(session_id, None)
             if entry is None:
                 raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
@@ -308,9 +317,24 @@ class Engine:
         """Several sessions' rows in one graph. Every item is checked before any is computed,
         so a refused batch leaves every session as it was. ``top1`` (the last layers): each
         session's greedy token id, I32 [1], instead of its logits."""
-        return self.loop.call(lambda: self._forward(items, all_logits, top1))
+        return self.loop.call(lambda: self._launch(items, all_logits, top1).result())
 
-    def _forward(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool) -> list[np.ndarray]:
+    def launch_batch(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False) -> Launched:
+        """:meth:`forward_batch` started, for the compute loop's own thread: on a GPU the caller
+        goes on (sends the last token's report, reads sockets) while the device computes, then
+        takes the outputs from :meth:`Launched.result`. Whatever the engine does next on its
+        layers waits for this batch first."""
+        assert self.loop.on_loop(), "launch_batch runs on the compute loop"
+        return self._launch(items, all_logits, top1)
+
+    def _settle(self) -> None:
+        """Wait for the batch in flight, if any (its outputs stay with its Launched)."""
+        if self._inflight is not None:
+            launched, self._inflight = self._inflight, None
+            launched.result()
+
+    def _launch(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool) -> Launched:
+        self._settle()
         stage = self._require_stage()
         if not items:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, "an empty batch")
@@ -337,14 +361,15 @@ class Engine:
             work.append((cache, x, start_pos))
         if sum(int(x.shape[0]) for _, _, x in items) > MAX_BATCH:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"a batch of more than {MAX_BATCH} rows")
-        out = self._locked(lambda: stage.forward_batch(work, all_logits, top1))
+        collect = self._locked(lambda: stage.launch(work, all_logits, top1))
         # Release before the output leaves: released after the send instead, our threads met the
         # next stage's on the same cores (3 servers on 2 cores: 17 -> 28 ms per token).
         if self.release_threads:
             self._backend.release_threads()
         for session_id, start_pos, x in items:
             self._sessions[session_id][1][0] = start_pos + int(x.shape[0])
-        return out
+        self._inflight = Launched(collect, ready=not self.overlaps)
+        return self._inflight
 
     def _check_input(self, stage: LayerStage, x: np.ndarray) -> int:
         hp = stage.hp
