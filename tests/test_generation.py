@@ -86,19 +86,24 @@ def test_concurrent_generations_get_their_own_tokens(
     prompts = [prompt_tokens[i : i + 8] for i in range(3)]
     with Farm(tiny_models["F32"], servers[:2], ctx_size=64, max_sessions=3) as farm:
         alone = [list(farm.generate_tokens(p, 16, GREEDY, stop_at_eog=False)) for p in prompts]
-        got: list[list[int] | None] = [None] * 3
-        barrier = threading.Barrier(3)
+        assert generate_together(farm, prompts, 16) == alone
 
-        def run(i: int) -> None:
-            barrier.wait()
-            got[i] = list(farm.generate_tokens(prompts[i], 16, GREEDY, stop_at_eog=False))
 
-        threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-    assert got == alone
+def generate_together(farm: Farm, prompts: list[list[int]], n: int) -> list[list[int] | None]:
+    """Greedy generations of ``n`` tokens after each prompt, all started at once."""
+    got: list[list[int] | None] = [None] * len(prompts)
+    barrier = threading.Barrier(len(prompts))
+
+    def run(i: int) -> None:
+        barrier.wait()
+        got[i] = list(farm.generate_tokens(prompts[i], n, GREEDY, stop_at_eog=False))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return got
 
 
 def test_servers_that_work_while_the_device_computes_generate_the_same(
@@ -121,19 +126,7 @@ def test_servers_that_work_while_the_device_computes_generate_the_same(
                 got = [list(farm.generate_tokens(p, 12, sampling, stop_at_eog=False)) for p in prompts
                        for sampling in (GREEDY, SAMPLED)]  # fmt: skip
                 assert got == want
-                together: list[list[int] | None] = [None] * 3
-                barrier = threading.Barrier(3)
-
-                def run(i: int, farm: Farm = farm) -> None:
-                    barrier.wait()
-                    together[i] = list(farm.generate_tokens(prompts[i], 12, GREEDY, stop_at_eog=False))
-
-                threads = [threading.Thread(target=run, args=(i,)) for i in range(3)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join(timeout=120)
-                assert together == want[::2]
+                assert generate_together(farm, prompts, 12) == want[::2]
                 with farm.session() as s:
                     tokens = s.generate(prompts[0], 40, GREEDY)
                     first = [next(tokens) for _ in range(4)]
