@@ -115,18 +115,25 @@ def _logging(verbose: int) -> None:
     help="Stop the compute threads after each batch instead of letting them spin: for servers that "
     "share their cores with other servers (set by llmrpc-head --local; ignored on a GPU).",
 )
+@click.option(
+    "--pin-threads",
+    is_flag=True,
+    help="Keep compute thread i on core i (OpenMP places): for servers that share a machine and take "
+    "turns (set by llmrpc-head --local; OMP_PROC_BIND in the environment wins).",
+)
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
     host: str, port: int, data_port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
     memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
-    host_lock: str | None, release_threads: bool, no_calibrate: bool, list_devices: bool, verbose: int,
+    host_lock: str | None, release_threads: bool, pin_threads: bool, no_calibrate: bool, list_devices: bool,
+    verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.server.main import prepare_threads_env, serve
 
     if list_devices:
-        prepare_threads_env(omp_spin)
+        prepare_threads_env(omp_spin, pin_threads)
         from llmrpc.ggml.device import list_devices as devices
 
         for d in devices():
@@ -139,7 +146,7 @@ def server(
             host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx,
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
             omp_spin=omp_spin, host_lock=host_lock, data_port=data_port,
-            release_threads=release_threads,
+            release_threads=release_threads, pin_threads=pin_threads,
         )
     )  # fmt: skip
 

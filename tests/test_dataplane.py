@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -303,3 +305,29 @@ def test_a_refused_step_fails_only_its_own_session(
     ids, values = results["good"]  # type: ignore[misc]
     assert list(ids) == list(np.argsort(-want, kind="stable")[:3])
     assert np.abs(values - np.sort(want)[::-1][:3]).max() <= 1e-4 * np.abs(want).max()
+
+
+def _pinned_threads(pid: int) -> list[str]:
+    """The CPU lists of a process's threads that may run on one CPU only."""
+    lists = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("Cpus_allowed_list:"):
+                cpus = line.split(":", 1)[1].strip()
+                if cpus.isdigit():
+                    lists.append(cpus)
+    return lists
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2 or not Path("/proc/self/task").exists(), reason="needs 2 CPUs, /proc")
+def test_servers_that_share_a_machine_keep_their_compute_threads_on_cores(
+    tiny_models: dict[str, str], prompt_tokens: list[int]
+) -> None:
+    """Servers started together take turns on the machine's cores; each keeps its compute
+    thread on one core (OpenMP places), a server started alone does not pin anything."""
+    with LocalServers(2, threads=2, extra_args=["--no-calibrate"]) as together, LocalServers(1, threads=2) as alone:
+        for addresses in (together.addresses, alone.addresses):
+            with Farm(tiny_models["F32"], addresses, ctx_size=64) as farm:
+                farm.generate(" ".join(["w"] * 4), 4)
+        assert all(_pinned_threads(p.pid) for p in together.processes)
+        assert not _pinned_threads(alone.processes[0].pid)

@@ -220,7 +220,7 @@ def head_run(model: str, servers: list[str], tg: int, pp: int, reps: int) -> dic
 def server_cmd(host: str, threads: int, lock: str) -> list[str]:
     return [
         sys.executable, "-m", "llmrpc.cli", "server", "--host", host, "--port", "50052", "--threads", str(threads),
-        "--no-calibrate", "--release-threads", "--host-lock", lock,
+        "--no-calibrate", "--release-threads", "--pin-threads", "--host-lock", lock,
     ]  # fmt: skip
 
 

@@ -48,6 +48,8 @@ class LocalServers:
             cmd += ["--host-lock", self._lock_path()]
         if self.count > 1 and "--release-threads" not in self.extra_args:
             cmd += ["--release-threads"]  # they share this machine's cores
+        if self.count > 1 and "--pin-threads" not in self.extra_args:
+            cmd += ["--pin-threads"]  # ... and take turns on them
         calibrate = self.count == 1 if self.calibrate is None else self.calibrate
         if not calibrate and "--no-calibrate" not in self.extra_args:
             # Same device, measured at the same moment: the figures would only differ by the

@@ -14,14 +14,20 @@ import grpc
 logger = logging.getLogger(__name__)
 
 
-def prepare_threads_env(spin: int | None = None) -> None:
+def prepare_threads_env(spin: int | None = None, pin: bool = False) -> None:
     """ggml's CPU threads (OpenMP in llama-cpp-python's build) spin while they wait: between
     ops (ggml's barrier is an OpenMP barrier, so sleeping there costs milliseconds per token)
     and after a graph. libgomp's default (~3 ms) suits a server alone on its machine, and
     servers that share one end their threads after each batch instead (``--release-threads``);
-    ``spin`` overrides it. Must run before libggml is loaded."""
+    ``spin`` overrides it. ``pin``: compute thread i stays on core i (OpenMP's places), so that
+    servers taking turns on one machine's cores each find their threads where they left them
+    (3 servers on 2 cores: 0.77 -> 0.84x of llama.cpp, and 0.79 -> 0.83x in another run).
+    Must run before libggml is loaded; the environment's own OMP_* settings win."""
     if spin is not None and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(spin)
+    if pin and "OMP_PROC_BIND" not in os.environ:
+        os.environ["OMP_PROC_BIND"] = "true"
+        os.environ.setdefault("OMP_PLACES", "cores")
 
 
 def serve(
@@ -40,8 +46,9 @@ def serve(
     host_lock: str | None = None,
     data_port: int = 0,
     release_threads: bool = False,
+    pin_threads: bool = False,
 ) -> int:
-    prepare_threads_env(omp_spin)
+    prepare_threads_env(omp_spin, pin_threads)
     from llmrpc.ggml.device import find_device
     from llmrpc.server.engine import Engine
     from llmrpc.server.service import GRPC_OPTIONS, StageService
