@@ -21,7 +21,7 @@ def prepare_threads_env(spin: int | None = None, pin: bool = False) -> None:
     servers that share one end their threads after each batch instead (``--release-threads``);
     ``spin`` overrides it. ``pin``: compute thread i stays on core i (OpenMP's places), so that
     servers taking turns on one machine's cores each find their threads where they left them
-    (3 servers on 2 cores: 0.77 -> 0.84x of llama.cpp, and 0.79 -> 0.83x in another run).
+    (3 servers on 2 cores: 0.77 -> 0.84x of llama.cpp, and 0.78 -> 0.82x in another run).
     Must run before libggml is loaded; the environment's own OMP_* settings win."""
     if spin is not None and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(spin)
