@@ -384,6 +384,10 @@ class DataPlane:
                 # now and the token is reported while the device computes it
                 at_once = self.engine.overlaps and not self._ready and set(self._rounds) <= {key}
                 self._take(nxt_step, time.perf_counter(), at_once)
+                if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
+                    report = {"token": token, "step": gen.step, "end": None}
+                    self.loop.soon(lambda: self._answer(s.link, FrameKind.TOKEN, s.rid, report))
+                    return
             elif not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
                 self._end_generation(key)
                 return
