@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 
 import click
 
-from llmrpc.head.local import read_ready
+from llmrpc.head.local import SHARED_CORES_FLAGS, read_ready
 
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
@@ -220,7 +220,7 @@ def head_run(model: str, servers: list[str], tg: int, pp: int, reps: int) -> dic
 def server_cmd(host: str, threads: int, lock: str) -> list[str]:
     return [
         sys.executable, "-m", "llmrpc.cli", "server", "--host", host, "--port", "50052", "--threads", str(threads),
-        "--no-calibrate", "--release-threads", "--pin-threads", "--host-lock", lock,
+        "--no-calibrate", *SHARED_CORES_FLAGS, "--host-lock", lock,
     ]  # fmt: skip
 
 

@@ -25,7 +25,7 @@ from llmrpc.bench.llama_rpc import LlamaRpc, bin_dir
 from llmrpc.bench.load import LoadTimes, bench_load
 from llmrpc.bench.models import resolve_model
 from llmrpc.bench.serve import ServingResult, bench_serving
-from llmrpc.bench.timeline import print_timelines, read_events, ring_timelines, timelines
+from llmrpc.bench.timeline import print_folder
 from llmrpc.farm import Farm
 from llmrpc.ggml.device import find_device
 from llmrpc.reference import gpu_layers as reference_gpu_layers
@@ -302,8 +302,7 @@ def main(
             lan_result = bench_lan(model, 3, threads, tg, min(pp, 128), reps)
             print_lan(lan_result)
     if trace_dir:  # the servers wrote their stamps as they stopped
-        found = read_events(trace_dir)
-        print_timelines(timelines(found), ring_timelines(found))
+        print_folder(trace_dir)
     load_times = bench_load(model) if load else None
     if load_times is not None:
         print_load(load_times)

@@ -139,6 +139,11 @@ def print_timelines(items: list[Timeline], ring: Sequence[Timeline] = ()) -> Non
             print(f"  {s.label:<32} {s.median_ms:8.3f} ms")
 
 
-if __name__ == "__main__":
-    found = read_events(sys.argv[1])
+def print_folder(folder: str | Path) -> None:
+    """The timelines of the traces in ``folder``: head-driven steps, then generation steps."""
+    found = read_events(folder)
     print_timelines(timelines(found), ring_timelines(found))
+
+
+if __name__ == "__main__":
+    print_folder(sys.argv[1])

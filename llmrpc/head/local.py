@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 logger = logging.getLogger(__name__)
 
 READY_PREFIX = "llmrpc-server listening on "
+# servers on one machine's cores: end their OpenMP threads after each batch (idle workers spin
+# ~3 ms on the cores the next stage needs) and keep thread i on core i (they take turns)
+SHARED_CORES_FLAGS = ("--release-threads", "--pin-threads")
 
 
 @dataclass
@@ -46,10 +49,8 @@ class LocalServers:
             cmd += ["--device", self.device]
         if self.count > 1 and "--host-lock" not in self.extra_args:
             cmd += ["--host-lock", self._lock_path()]
-        if self.count > 1 and "--release-threads" not in self.extra_args:
-            cmd += ["--release-threads"]  # they share this machine's cores
-        if self.count > 1 and "--pin-threads" not in self.extra_args:
-            cmd += ["--pin-threads"]  # ... and take turns on them
+        if self.count > 1:  # they share this machine's cores and take turns on them
+            cmd += [flag for flag in SHARED_CORES_FLAGS if flag not in self.extra_args]
         calibrate = self.count == 1 if self.calibrate is None else self.calibrate
         if not calibrate and "--no-calibrate" not in self.extra_args:
             # Same device, measured at the same moment: the figures would only differ by the

@@ -208,15 +208,13 @@ class DataPlane:
     def _take(self, step: _Step, arrived: float, at_once: bool = False) -> None:
         step.arrived = arrived
         trace.stamp(step.link, step.rid, f"s{step.hop}.arrive", arrived, step.step)
+        if step.hop == 0 and step.gen is not None:
+            self._arrived(step, arrived)
         if step.gen is None or at_once:
-            if step.hop == 0 and step.gen is not None:
-                self._arrived(step, arrived)
             self._compute([step])
             return
         # Generation steps wait for the end of this turn of the loop: the steps of every
         # generation that are ready then are computed in one batch (weights read once).
-        if step.hop == 0:
-            self._arrived(step, arrived)
         self._ready.append(step)
         self.loop.soon(self._compute_ready)
 
@@ -372,6 +370,7 @@ class DataPlane:
             end = "gone"  # the head's connection closed: nobody would read on
         else:
             end = None
+        report = {"token": token, "step": gen.step, "end": end}
         if end is None:  # the next step first: it is the token's path, the report is not
             then = gen.next_step()
             nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1], "gen": then.to_meta()}
@@ -385,7 +384,6 @@ class DataPlane:
                 at_once = self.engine.overlaps and not self._ready and set(self._rounds) <= {key}
                 self._take(nxt_step, time.perf_counter(), at_once)
                 if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
-                    report = {"token": token, "step": gen.step, "end": None}
                     self.loop.soon(lambda: self._answer(s.link, FrameKind.TOKEN, s.rid, report))
                     return
             elif not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
@@ -394,7 +392,7 @@ class DataPlane:
         else:
             self._end_generation(key)
             self._ended(s)
-        self._answer(s.link, FrameKind.TOKEN, s.rid, {"token": token, "step": gen.step, "end": end})
+        self._answer(s.link, FrameKind.TOKEN, s.rid, report)
 
     def _ended(self, s: _Step) -> None:
         """Tell the first server that a generation's steps come no more (it waits for them)."""
