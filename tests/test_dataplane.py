@@ -49,6 +49,14 @@ def test_frames_round_trip_and_refuse_damage() -> None:
         codec.FrameReader(1 << 20).feed(header + meta + bytes(8))
     with pytest.raises(codec.CodecError, match="cannot be sent"):
         codec.encode_frame(FrameKind.RESULT, 1, {}, [np.zeros(2, dtype=np.float64)])
+    # big-endian and strided arrays arrive as the same numbers
+    odd = [x.astype(">f4"), x[:, ::2], ids.astype(">i4")[::-1]]
+    (frame,) = codec.FrameReader(1 << 20).feed(
+        b"".join(bytes(p) for p in codec.encode_frame(FrameKind.RESULT, 1, {}, odd))
+    )
+    assert all(
+        np.array_equal(got, sent) and got.dtype.byteorder in "<=|" for got, sent in zip(frame.arrays, odd, strict=True)
+    )
 
 
 def test_data_plane_and_grpc_paths_agree(

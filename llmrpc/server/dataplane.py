@@ -203,7 +203,16 @@ class DataPlane:
     def _forward(self, frame: codec.DataFrame, arrived: float) -> None:
         step = self._parse(frame)
         if step is not None:
-            self._take(step, arrived)
+            self._take(step, arrived, at_once=self._lone(step))
+
+    def _lone(self, step: _Step) -> bool:
+        """A generation step that arrived with nothing to batch it with: computed at once, not
+        at the end of the loop's turn (a hop's work runs cold after the others' compute, where
+        a loop turn costs ~0.1 ms). Steps a server computed together come tagged (see
+        :meth:`_compute_ready`); the first server may wait for other generations' steps."""
+        if step.gen is None or self._ready or "batch" in step.m:
+            return False
+        return step.hop > 0 or set(self._rounds) <= {step.key}
 
     def _take(self, step: _Step, arrived: float, at_once: bool = False) -> None:
         step.arrived = arrived
@@ -371,7 +380,7 @@ class DataPlane:
         else:
             end = None
         report = {"token": token, "step": gen.step, "end": end}
-        if end is None:  # the next step first: it is the token's path, the report is not
+        if end is None:
             then = gen.next_step()
             nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1], "gen": then.to_meta()}
             nxt.pop("batch", None)  # the first server gathers these itself (see _compute_ready)
@@ -386,9 +395,20 @@ class DataPlane:
                 if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
                     self.loop.soon(lambda: self._answer(s.link, FrameKind.TOKEN, s.rid, report))
                     return
-            elif not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
-                self._end_generation(key)
-                return
+            else:
+                # The next step is the token's path, the report is not; but on the CPU the
+                # report goes first: this server's compute threads are gone, so the head reads
+                # it on a free core while the first server reads the step. Sent after, on cores
+                # the servers share, it came while the first server computed and took a core
+                # from it (3 servers on 2 vCPUs: +2% tok/s, paired runs).
+                report_first = not self.engine.overlaps
+                if report_first:
+                    self._answer(s.link, FrameKind.TOKEN, s.rid, report)
+                if not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
+                    self._end_generation(key)
+                    return
+                if report_first:
+                    return
         else:
             self._end_generation(key)
             self._ended(s)
