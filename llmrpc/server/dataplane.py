@@ -206,10 +206,11 @@ class DataPlane:
             self._take(step, arrived, at_once=self._lone(step))
 
     def _lone(self, step: _Step) -> bool:
-        """A generation step that arrived with nothing to batch it with: computed at once, not
-        at the end of the loop's turn (a hop's work runs cold after the others' compute, where
-        a loop turn costs ~0.1 ms). Steps a server computed together come tagged (see
-        :meth:`_compute_ready`); the first server may wait for other generations' steps."""
+        """A generation step with nothing to batch it with, which need not wait for the end of
+        the loop's turn: one that arrived (a hop's work runs cold after the others' compute,
+        where a loop turn costs ~0.1 ms), or the next step a GPU server alone queues itself.
+        Steps a server computed together come tagged (see :meth:`_compute_ready`); the first
+        server waits for other generations' steps."""
         if step.gen is None or self._ready or "batch" in step.m:
             return False
         return step.hop > 0 or set(self._rounds) <= {step.key}
@@ -390,7 +391,7 @@ class DataPlane:
                 nxt_step = _Step(nxt, s.rid, s.route, 0, [(s.items[0][0], fed, x)], then)
                 # on a GPU with no other generation to batch it with, the next step starts
                 # now and the token is reported while the device computes it
-                at_once = self.engine.overlaps and not self._ready and set(self._rounds) <= {key}
+                at_once = self.engine.overlaps and self._lone(nxt_step)
                 self._take(nxt_step, time.perf_counter(), at_once)
                 if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
                     self.loop.soon(lambda: self._answer(s.link, FrameKind.TOKEN, s.rid, report))
