@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -57,4 +58,36 @@ def reference_llama(model_path: str, **kwargs: Any) -> Any:
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("n_gpu_layers", gpu_layers())
     with _model_params(extra_bufts_enabled()):
-        return llama_cpp.Llama(model_path, **kwargs)
+        llm = llama_cpp.Llama(model_path, **kwargs)
+    _attach_threadpool(llm, int(kwargs.get("n_threads") or llm.n_threads))
+    return llm
+
+
+def _attach_threadpool(llm: Any, n_threads: int) -> None:
+    """Where ggml is built without OpenMP, give the reference a thread pool as llama.cpp's own
+    tools do (llama-cli, llama-bench: ggml's defaults, workers polling before they sleep):
+    without one, ggml starts and ends its threads for every graph. OpenMP keeps its own."""
+    import ctypes
+
+    import llama_cpp
+
+    from llmrpc.ggml import lib as g
+
+    ggml = g.ggml()
+    if ggml.uses_openmp:
+        return
+    params = ggml.ggml_threadpool_params_default(n_threads)
+    pool = ggml.ggml_threadpool_new(ctypes.byref(params))
+    attach = llama_cpp.llama_cpp._lib.llama_attach_threadpool
+    attach.restype, attach.argtypes = None, [ctypes.c_void_p] * 3
+    detach = llama_cpp.llama_cpp._lib.llama_detach_threadpool
+    detach.restype, detach.argtypes = None, [ctypes.c_void_p]
+    ctx = llm._ctx
+    attach(ctx.ctx, pool, pool)
+
+    def free() -> None:
+        if ctx.ctx:
+            detach(ctx.ctx)
+        ggml.ggml_threadpool_free(pool)
+
+    weakref.finalize(llm, free)

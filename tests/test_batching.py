@@ -54,3 +54,28 @@ def test_a_batch_of_sessions_matches_each_alone(tiny_models: dict[str, str], lay
             c.free()
         stage.close()
         backend.close()
+
+
+def test_decode_steps_attend_to_their_own_position_after_a_rewind(tiny_models: dict[str, str]) -> None:
+    """A one-row graph keeps its position inputs and changes them in place from step to step:
+    a step back at an earlier position (a rewind) must attend to the cells before it and no
+    further, and the steps after it again one cell more each."""
+    info = read_model(tiny_models["F32"])
+    backend = Backend(find_device("CPU"), 2)
+    stage = LayerStage(info, 0, 4, backend)
+    tokens = np.random.default_rng(7).integers(3, 320, size=12).astype(np.int32)
+    stepped, fresh = stage.new_cache(512), stage.new_cache(512)
+    try:
+        for p in range(len(tokens)):
+            stage.forward(stepped, tokens[p : p + 1], p, False)
+        again = np.array([99, 100, 101], dtype=np.int32)
+        got = [stage.forward(stepped, again[i : i + 1], 5 + i, False)[-1] for i in range(3)]
+        want = stage.forward(fresh, np.concatenate([tokens[:5], again]), 0, True)[5:]
+        for g, w in zip(got, want, strict=True):
+            assert np.abs(g - w).max() <= 1e-4 * np.abs(w).max()
+    finally:
+        for c in (stepped, fresh):
+            stage.forget(c)
+            c.free()
+        stage.close()
+        backend.close()

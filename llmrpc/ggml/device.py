@@ -85,7 +85,7 @@ def prefer_huge_pages(buffer: int) -> None:
 class Backend:
     """An initialised ggml backend on one device, plus the CPU backend the scheduler needs."""
 
-    def __init__(self, device: DeviceInfo, n_threads: int) -> None:
+    def __init__(self, device: DeviceInfo, n_threads: int, share_cores: bool = False) -> None:
         lib = g.ggml()
         self.device = device
         self.n_threads = n_threads
@@ -103,11 +103,14 @@ class Backend:
             self._set_threads(cpu, self.cpu_backend, n_threads)
         self._set_threads(self.dev, self.backend, n_threads)
         if not lib.uses_openmp:
-            # ggml's own threads: without a pool it starts new ones for every graph. Poll 0:
-            # workers sleep as soon as a graph is done (an idle stage leaves the cores to the
-            # busy one) while the barriers inside a graph still spin.
+            # ggml's own threads: without a pool it starts new ones for every graph. A server
+            # alone keeps ggml's default (workers poll a while for the next graph, as in
+            # llama.cpp's tools); servers that share cores poll 0: workers sleep as soon as a
+            # graph is done (an idle stage leaves the cores to the busy one) while the barriers
+            # inside a graph still spin.
             params = lib.ggml_threadpool_params_default(n_threads)
-            params.poll = 0
+            if share_cores:
+                params.poll = 0
             self.threadpool = lib.ggml_threadpool_new(ctypes.byref(params))
             lib.ggml_backend_cpu_set_threadpool(self.cpu_backend or self.backend, self.threadpool)
 

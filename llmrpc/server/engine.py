@@ -84,7 +84,7 @@ class Engine:
         # Every ggml call and every change of state runs on the loop's one thread (see
         # loop.py): no locks, and the data plane computes without a hand-off.
         self.loop = loop or ComputeLoop()
-        self._backend = self.loop.call(lambda: Backend(device, threads))
+        self._backend = self.loop.call(lambda: Backend(device, threads, share_cores=release_threads))
         self.calibration = (
             self.loop.call(lambda: calibrate(self._backend)) if calibrate_device else Calibration(0.0, 0.0)
         )
