@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: STEP frames on the data plane
 KV_PAD = 256  # llama.cpp pads KV cells (and the attended length) to this, so graphs keep their shape
 
 

@@ -56,7 +56,11 @@ class Connection:
     def send(
         self, kind: codec.FrameKind, request_id: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
     ) -> None:
-        views = [memoryview(p).cast("B") for p in codec.encode_frame(kind, request_id, meta, arrays)]
+        self.send_encoded(codec.encode_frame(kind, request_id, meta, arrays))
+
+    def send_encoded(self, pieces: Sequence[bytes | memoryview]) -> None:
+        """Send a frame the codec has encoded (:func:`codec.encode_frame`, :func:`codec.encode_step`)."""
+        views = [memoryview(p).cast("B") for p in pieces]
         with self._cond:
             if self.error is not None or self.closed:
                 raise self.error or ConnectionError(f"connection to {self.peer} is closed")

@@ -133,6 +133,42 @@ def test_errors_come_back_from_the_server_that_refused(
             assert len(s.tokens) == 6
 
 
+def test_step_frames_round_trip_and_refuse_damage() -> None:
+    """A generation's next step crosses each server as a STEP: a fixed binary description."""
+    x = np.arange(6, dtype=np.float32).reshape(1, 6)
+    for arr in (x, x.astype(np.float16), np.array([42], dtype=np.int32), x.astype(">f4"), x.reshape(2, 3)[:, ::2]):
+        wire = b"".join(bytes(p) for p in codec.encode_step(9, 3, 2, 120, 7, 50, arr))
+        (frame,) = codec.FrameReader(1 << 20).feed(wire)
+        assert frame.kind == FrameKind.STEP and frame.request_id == 9
+        assert frame.meta == {"link": 3, "hop": 2, "pos": 120, "step": 7, "n": 50}
+        assert np.array_equal(frame.arrays[0], arr) and frame.arrays[0].shape == arr.shape
+    with pytest.raises(codec.CodecError, match="STEP carries"):
+        codec.encode_step(1, 1, 0, 0, 0, 1, np.zeros(2, dtype=np.float64))
+    meta = codec.STEP_META.pack(3, 1, 5, 1, 1, 0, 2, 1, 6)
+    for bad_meta, data, message in (
+        (meta[:-1], bytes(24), "description"),
+        (meta, bytes(20), "not its 20 bytes"),
+        (codec.STEP_META.pack(3, 1, 5, 1, 1, 7, 2, 1, 6), bytes(24), "bad STEP array"),
+        (codec.STEP_META.pack(3, 1, 5, 1, 1, 0, 1, 1, 6), bytes(24), "bad STEP array"),
+    ):
+        header = codec.DATA_HEADER.pack(codec.DATA_MAGIC, FrameKind.STEP, 1, len(bad_meta), len(data))
+        with pytest.raises(codec.CodecError, match=message):
+            codec.FrameReader(1 << 20).feed(header + bad_meta + data)
+
+
+def test_a_step_for_a_generation_never_introduced_is_refused(servers: list[str]) -> None:
+    info = StageClient(servers[0]).hello()
+    with _raw_connection(servers[0]) as sock:
+        sock.sendall(b"".join(codec.encode_frame(FrameKind.HELLO, 1, {"token": info.data_token, "link": 77})))
+        welcome = _read_frame(sock)
+        assert welcome is not None and welcome.kind == FrameKind.WELCOME
+        sock.sendall(b"".join(codec.encode_step(5, 77, 0, 10, 3, 20, np.array([7], dtype=np.int32))))
+        reply = _read_frame(sock)
+        assert reply is not None and reply.kind == FrameKind.ERROR and reply.request_id == 5
+        assert reply.meta["code"] == "invalid_argument" and "carried no FORWARD" in reply.meta["message"]
+    assert StageClient(servers[0]).hello().data_port == info.data_port  # still serving
+
+
 def _raw_connection(address: str) -> socket.socket:
     info = StageClient(address).hello()
     host, _ = split_address(address)

@@ -14,6 +14,7 @@ import pytest
 from llmrpc.codec import tensor_to_proto
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
+from llmrpc.types import PROTOCOL_VERSION
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
@@ -114,10 +115,11 @@ def test_forward_errors(fresh_server: str, tiny_models: dict[str, str]) -> None:
 
 
 def test_protocol_version_is_checked(fresh_server: str) -> None:
-    code, msg = status_of(fresh_server, "Hello", pb.HelloRequest(protocol_version=99))
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "99" in msg
+    for old in (99, 1):  # 1: before STEP frames
+        code, msg = status_of(fresh_server, "Hello", pb.HelloRequest(protocol_version=old))
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and str(old) in msg
     info = StageClient(fresh_server).hello()
-    assert info.protocol_version == 1 and info.device.kind == "cpu" and info.device.memory_total > 0
+    assert info.protocol_version == PROTOCOL_VERSION == 2 and info.device.kind == "cpu" and info.device.memory_total > 0
 
 
 def _closed_port() -> int:

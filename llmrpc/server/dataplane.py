@@ -28,7 +28,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -110,6 +110,11 @@ class DataPlane:
         # at the first server: generations whose steps come round, (last arrival, period)
         self._rounds: dict[tuple[int, int], tuple[float, float]] = {}
         self._batches = itertools.count(1)
+        # Generations whose FORWARD (no batch tag) went out on a connection, and came in on one:
+        # their next steps on it are STEP frames. Both sides touch a key per frame, in the
+        # frames' order, so the receiver, keeping twice as many, has every key the sender has.
+        self._sent: dict[wire.Connection, OrderedDict[tuple[int, int], None]] = {}
+        self._known: dict[wire.Connection, OrderedDict[tuple[int, int], _Step]] = {}
         loop.watch(self._listener, self._accept)
 
     # -- connections (all on the loop thread) ---------------------------------------------
@@ -155,7 +160,9 @@ class DataPlane:
                 self._send(conn, FrameKind.WELCOME, frame.request_id, {"protocol": PROTOCOL_VERSION})
             return
         if frame.kind == FrameKind.FORWARD:
-            self._forward(frame, arrived)
+            self._forward(conn, frame, arrived)
+        elif frame.kind == FrameKind.STEP:
+            self._step(conn, frame, arrived)
         elif frame.kind == FrameKind.ENDED:  # from the last server: do not wait for its steps
             self._rounds.pop((int(frame.meta.get("link") or 0), frame.request_id), None)
         elif frame.kind == FrameKind.CANCEL:  # ends after the step in flight (if it is ours)
@@ -184,6 +191,8 @@ class DataPlane:
         for address, peer in list(self._peers.items()):
             if peer is conn:
                 del self._peers[address]
+        self._sent.pop(conn, None)
+        self._known.pop(conn, None)
 
     def _send(
         self, conn: wire.Connection, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
@@ -200,10 +209,35 @@ class DataPlane:
         return self.engine.max_input_elements() * 4 + 4096
 
     # -- forwarding -----------------------------------------------------------------------
-    def _forward(self, frame: codec.DataFrame, arrived: float) -> None:
+    def _forward(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
         step = self._parse(frame)
-        if step is not None:
-            self._take(step, arrived, at_once=self._lone(step))
+        if step is None:
+            return
+        if step.gen is not None and "batch" not in step.m:  # its next steps on conn are STEPs
+            known = self._known.setdefault(conn, OrderedDict())
+            known[step.key] = step
+            known.move_to_end(step.key)
+            while len(known) > 2 * MAX_GENERATIONS:
+                known.popitem(last=False)
+        self._take(step, arrived, at_once=self._lone(step))
+
+    def _step(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
+        """A STEP frame: the generation's last FORWARD on this connection, with what changed."""
+        f, rid = frame.meta, frame.request_id
+        known = self._known.get(conn)
+        base = known.get((f["link"], rid)) if known is not None else None
+        if base is None or base.gen is None or not 0 <= f["hop"] < len(base.route):
+            message = "a STEP frame for a generation this connection carried no FORWARD of (or a hop off its route)"
+            self._fail(f["link"], rid, "invalid_argument", message, "")
+            return
+        known.move_to_end((f["link"], rid))  # type: ignore[union-attr]
+        (x,) = frame.arrays
+        hop, pos = f["hop"], f["pos"]
+        m = {**base.m, "hop": hop, "pos": [pos], "rows": [int(x.shape[0])]}
+        m.pop("gen", None)  # the step's Generation is the one truth (a FORWARD sent on rebuilds it)
+        gen = replace(base.gen, n=f["n"], step=f["step"])
+        step = _Step(m, rid, base.route, hop, [(str(base.route[hop][2][0]), pos, x)], gen)
+        self._take(step, arrived, at_once=self._lone(step))
 
     def _lone(self, step: _Step) -> bool:
         """A generation step with nothing to batch it with, which need not wait for the end of
@@ -344,16 +378,37 @@ class DataPlane:
         meta.pop("batch", None)
         if tag is not None:
             meta["batch"] = tag
-        self._pass_on(s, str(nxt[0]), str(nxt[1]), meta, outputs)
+        self._pass_on(s, str(nxt[0]), str(nxt[1]), meta, outputs, s.gen)
 
-    def _pass_on(self, s: _Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray]) -> bool:
-        """Send a FORWARD on to the server at ``address``; a failure is the head's answer."""
+    def _pass_on(
+        self, s: _Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray],
+        gen: Generation | None = None,
+    ) -> bool:  # fmt: skip
+        """Send a FORWARD (of generation step ``gen``, if one) on to the server at ``address``,
+        or a STEP where that connection carried one of the generation's FORWARDs; a failure is
+        the head's answer."""
         try:
             peer = self._peer(address, token)
         except (OSError, ValueError) as e:
             self._fail_next(s.link, s.rid, address, f"cannot reach it from {s.here}: {e}")
             return False
-        if not self._send(peer, FrameKind.FORWARD, s.rid, meta, arrays):
+        sent = self._sent.setdefault(peer, OrderedDict()) if gen is not None and "batch" not in meta else None
+        try:
+            if sent is not None and s.key in sent and len(arrays) == 1:
+                sent.move_to_end(s.key)
+                x = arrays[0]
+                peer.send_encoded(codec.encode_step(s.rid, s.key[0], meta["hop"], meta["pos"][0], gen.step, gen.n, x))  # type: ignore[union-attr]
+            else:
+                if gen is not None:
+                    meta["gen"] = gen.to_meta()
+                peer.send(FrameKind.FORWARD, s.rid, meta, arrays)
+                if sent is not None:
+                    sent[s.key] = None
+                    while len(sent) > MAX_GENERATIONS:
+                        sent.popitem(last=False)
+        except OSError as e:
+            logger.warning("sending to %s: %s", peer.peer, e)
+            self._drop(peer)
             self._fail_next(s.link, s.rid, address, f"the connection to it from {s.here} broke")
             return False
         return True
@@ -405,7 +460,7 @@ class DataPlane:
                 report_first = not self.engine.overlaps
                 if report_first:
                     self._answer(s.link, FrameKind.TOKEN, s.rid, report)
-                if not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x]):
+                if not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x], then):
                     self._end_generation(key)
                     return
                 if report_first:
