@@ -195,7 +195,9 @@ def measure_interleaved(
     default=None,
     type=click.Path(file_okay=False),
     help="Stamp every decode step in the head and the servers into this folder and print where a "
-    "step's time goes (LLMRPC_TRACE; python -m llmrpc.bench.timeline FOLDER reads it again).",
+    "step's time goes (LLMRPC_TRACE; python -m llmrpc.bench.timeline FOLDER reads it again). "
+    "The stamps cost the servers time (~2% of a token through three): make bench traces a "
+    "short run of its own.",
 )
 @click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
 def main(

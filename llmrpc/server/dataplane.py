@@ -215,7 +215,7 @@ class DataPlane:
             return
         if step.gen is not None and "batch" not in step.m:  # its next steps on conn are STEPs
             known = self._known.setdefault(conn, OrderedDict())
-            known[step.key] = step
+            known[step.key] = replace(step, items=[])  # not its rows (a prompt's, the first time)
             known.move_to_end(step.key)
             while len(known) > 2 * MAX_GENERATIONS:
                 known.popitem(last=False)
