@@ -224,13 +224,14 @@ class DataPlane:
     def _step(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
         """A STEP frame: the generation's last FORWARD on this connection, with what changed."""
         f, rid = frame.meta, frame.request_id
+        key = (f["link"], rid)
         known = self._known.get(conn)
-        base = known.get((f["link"], rid)) if known is not None else None
-        if base is None or base.gen is None or not 0 <= f["hop"] < len(base.route):
+        base = known.get(key) if known is not None else None
+        if known is None or base is None or base.gen is None or not 0 <= f["hop"] < len(base.route):
             message = "a STEP frame for a generation this connection carried no FORWARD of (or a hop off its route)"
             self._fail(f["link"], rid, "invalid_argument", message, "")
             return
-        known.move_to_end((f["link"], rid))  # type: ignore[union-attr]
+        known.move_to_end(key)
         (x,) = frame.arrays
         hop, pos = f["hop"], f["pos"]
         m = {**base.m, "hop": hop, "pos": [pos], "rows": [int(x.shape[0])]}
@@ -394,10 +395,10 @@ class DataPlane:
             return False
         sent = self._sent.setdefault(peer, OrderedDict()) if gen is not None and "batch" not in meta else None
         try:
-            if sent is not None and s.key in sent and len(arrays) == 1:
+            if gen is not None and sent is not None and s.key in sent and len(arrays) == 1:
                 sent.move_to_end(s.key)
-                x = arrays[0]
-                peer.send_encoded(codec.encode_step(s.rid, s.key[0], meta["hop"], meta["pos"][0], gen.step, gen.n, x))  # type: ignore[union-attr]
+                pieces = codec.encode_step(s.rid, s.key[0], meta["hop"], meta["pos"][0], gen.step, gen.n, arrays[0])
+                peer.send_encoded(pieces)
             else:
                 if gen is not None:
                     meta["gen"] = gen.to_meta()
@@ -438,8 +439,9 @@ class DataPlane:
         report = {"token": token, "step": gen.step, "end": end}
         if end is None:
             then = gen.next_step()
-            nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1], "gen": then.to_meta()}
+            nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1]}
             nxt.pop("batch", None)  # the first server gathers these itself (see _compute_ready)
+            nxt.pop("gen", None)  # ``then`` (a FORWARD sent on describes it, a STEP needs none)
             x = np.array([token], dtype=np.int32)
             first = s.route[0]
             if s.alone:  # through this server alone: no socket on the way, nothing to parse
