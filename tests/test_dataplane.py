@@ -169,6 +169,19 @@ def test_a_step_for_a_generation_never_introduced_is_refused(servers: list[str])
     assert StageClient(servers[0]).hello().data_port == info.data_port  # still serving
 
 
+def test_a_negative_position_is_refused_not_fatal(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int]
+) -> None:
+    """gRPC's start_pos is unsigned; a data-plane frame's is not (ggml aborted on it)."""
+    with Farm(tiny_models["F32"], servers[:1], ctx_size=64) as farm:
+        with farm.session() as s:
+            s.forward(prompt_tokens[:3])
+            with pytest.raises(StageError) as info:
+                s.forward(prompt_tokens[3:4], start_pos=-1)
+            assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT and "negative" in str(info.value)
+            assert s.forward(prompt_tokens[3:4], start_pos=3).shape[0] == 1  # the server lives on
+
+
 def _raw_connection(address: str) -> socket.socket:
     info = StageClient(address).hello()
     host, _ = split_address(address)

@@ -70,9 +70,9 @@ class _Graph:
 class _RowInputs:
     """The position inputs of a graph that computes one row of one session (decoding), kept
     from step to step and changed in place: the row's position, its KV cell and V cells, and
-    its mask row, whose allowed cells only grow by one a step. A hop's work runs cold (the
-    layers' compute has just flushed the caches), where building the mask anew with np.where
-    costs ~150 us and each new array ~20-40."""
+    its mask row, whose allowed cells grow by one a step (and shrink on a rewind). A hop's work
+    runs cold (the layers' compute has just flushed the caches), where building the mask anew
+    with np.where costs ~150 us and each new array ~20-40."""
 
     def __init__(self, inputs: SegmentInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray) -> None:
         self.pos = np.zeros(1, dtype=np.int32)

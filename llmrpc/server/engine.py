@@ -347,6 +347,8 @@ class Engine:
                 raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
             cache, length = entry
             n = self._check_input(stage, x)
+            if start_pos < 0:  # (ggml would abort the process on the KV cell it names)
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, f"start_pos {start_pos} is negative")
             if start_pos > length[0]:
                 raise EngineError(
                     ErrorCode.INVALID_ARGUMENT,
