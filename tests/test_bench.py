@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from llmrpc.bench.run import Result, paired_ratios
 from llmrpc.model.synthetic import SyntheticSpec
 
 from .conftest import model_file
@@ -20,13 +23,15 @@ def test_bench_measures_llama_cpp_and_a_server(tmp_path: Path) -> None:
            "--no-via-head", "--no-load", "--out", str(out)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "vs llama.cpp" in run.stdout
+    assert "vs llama.cpp" in run.stdout and "paired" in run.stdout
     result = json.loads(out.read_text())
     rows = {(r["config"], r["test"]): r for r in result["results"]}
     configs = ("llama.cpp", "llmrpc x1", "x1 head-sampled")  # decode: the servers generating, or the head
     assert set(rows) == {(c, t) for c in configs for t in ("pp32", "tg8")}
     for r in rows.values():
         assert len(r["samples"]) == 2 and all(s > 0 for s in r["samples"])
+        ref = rows[("llama.cpp", r["test"])]["samples"]
+        assert r["paired_ratios"] == pytest.approx([x / b for x, b in zip(r["samples"], ref, strict=True)])
     (serving,) = result["serving"]["1"]
     assert serving["concurrency"] == 1 and serving["output_tokens_per_second"] > 0
     assert out.with_suffix(".png").stat().st_size > 0
@@ -40,3 +45,23 @@ def test_bench_names_a_device_this_build_lacks(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 2
     assert "no device named 'NoSuchGPU0' (this build has: " in run.stderr
+
+
+@pytest.mark.parametrize(
+    ("llama", "ours", "paired"),
+    [
+        ([100.0, 50.0], [90.0, 45.0], [0.9, 0.9]),  # the machine slowed down: both alike
+        ([100.0, 50.0], [50.0, 100.0], [0.5, 2.0]),  # a ratio of means would say 1.0x
+        ([80.0], [88.0], [1.1]),
+    ],
+)
+def test_paired_ratios_compare_within_a_repetition(llama: list[float], ours: list[float], paired: list[float]) -> None:
+    results = [
+        Result("llama.cpp", "tg8", 0.0, 0.0, llama),
+        Result("llmrpc x1", "tg8", 0.0, 0.0, ours),
+        Result("llmrpc x1", "pp8", 0.0, 0.0, ours),  # no llama.cpp figure for this test: no ratio
+    ]
+    got = paired_ratios(results)
+    assert set(got) == {("llama.cpp", "tg8"), ("llmrpc x1", "tg8")}
+    assert got[("llama.cpp", "tg8")] == [1.0] * len(llama)
+    assert got[("llmrpc x1", "tg8")] == pytest.approx(paired)

@@ -116,6 +116,19 @@ def farm_config(farm: Farm, name: str, head_samples: bool = False) -> Config:
     return Config(name, prefill, decode, farm.close)
 
 
+def paired_ratios(results: list[Result]) -> dict[tuple[str, str], list[float]]:
+    """Each configuration's tok/s over llama.cpp's in the same repetition, repetition by
+    repetition: within one the configurations run in turn, so a drift of the machine's speed
+    from one repetition to the next (tens of percent here) cancels out of these, not out of a
+    ratio of means."""
+    base = {r.test: r.samples for r in results if r.config == "llama.cpp"}
+    return {
+        (r.config, r.test): [x / b for x, b in zip(r.samples, base[r.test], strict=True)]
+        for r in results
+        if r.test in base
+    }
+
+
 def measure_interleaved(
     configs: list[Config], tests: list[tuple[str, int]], tokens: list[int], reps: int
 ) -> list[Result]:
@@ -280,11 +293,17 @@ def main(
         f"CPU time stolen by the hypervisor during the run: {steal:.0%}"
         + ("  (figures unreliable)" if steal > 0.05 else "")
     )
-    print("(configurations measured in turn, rep by rep; mean ± std over repetitions)")
-    print(f"{'config':<18} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}")
+    print("(configurations measured in turn, rep by rep; mean ± std over repetitions; paired: the mean")
+    print(" and range of each repetition's ratio to llama.cpp's figure in the same repetition)")
+    print(f"{'config':<18} {'test':<7} {'tok/s':>18} {'vs llama.cpp':>13}  {'paired':>17}")
+    paired = paired_ratios(results)
     for r in results:
         ratio = r.tok_s_mean / base[r.test]
-        print(f"{r.config:<18} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x")
+        p = paired[(r.config, r.test)]
+        print(
+            f"{r.config:<18} {r.test:<7} {r.tok_s_mean:>10.1f} ± {r.tok_s_std:<5.1f} {ratio:>12.2f}x  "
+            f"{statistics.mean(p):>5.2f}x ({min(p):.2f}-{max(p):.2f})"
+        )
     if concurrency:
         print(f"\nserving: {SERVING_TOKENS} tokens per stream (temperature 0.8)")
         print(f"{'config':<18} {'streams':>7} {'TTFT ms':>8} {'TPOT ms':>8} {'ITL p50':>8} {'ITL p99':>8} {'tok/s':>7}")
@@ -311,7 +330,7 @@ def main(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model, "threads": threads, "device": device, "reps": reps, "steal_fraction": steal,
-        "results": [asdict(r) for r in results],
+        "results": [asdict(r) | {"paired_ratios": paired[(r.config, r.test)]} for r in results],
         "load": None if load_times is None else asdict(load_times) | {
             "ship_rate": load_times.ship_rate, "copy_rate": load_times.copy_rate},
         "serving": {str(n): [asdict(s) for s in rows] for n, rows in served.items()},
