@@ -259,21 +259,18 @@ class LayerStage:
         )
         graph = self._graph_for(key, [c for c, _, _ in items], segments)
         inp = graph.inputs
-        # (one session, the decode case, skips the joins: this runs for every token)
         dtype = np.int32 if self.first else np.float32
-        if graph.row is not None:  # one session, one row: decoding
+        if graph.row is not None:  # one session, one row: decoding (this runs for every token)
             _set(inp.tokens if self.first else inp.embd, items[0][1].astype(dtype, copy=False))
             graph.row.write(items[0][2])
-        elif len(items) == 1:
-            pos = np.arange(items[0][2], items[0][2] + segments[0].n, dtype=np.int32)
-            x_all = items[0][1].astype(dtype, copy=False)
         else:
             pos = np.concatenate(
                 [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
             )
-            x_all = np.concatenate([x.astype(dtype, copy=False) for _, x, _ in items])
-        if graph.row is None:
-            _set(inp.tokens if self.first else inp.embd, x_all)
+            _set(
+                inp.tokens if self.first else inp.embd,
+                np.concatenate([x.astype(dtype, copy=False) for _, x, _ in items]),
+            )
             _set(inp.pos, pos)
             for seg, seg_inp, cells, v_rows in zip(segments, inp.segments, graph.cells, graph.v_rows, strict=True):
                 p = pos[seg.offset : seg.offset + seg.n, None]
