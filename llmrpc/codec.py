@@ -173,7 +173,7 @@ _JSON = json.JSONEncoder(separators=(",", ":"))
 # A generation's step crosses every server and runs cold there (after the layers' compute
 # has flushed the caches), where JSON costs ~100 us each way and a struct ~20.
 STEP_META = struct.Struct("<qIiiiBB2xII")
-_STEP_DTYPES = (np.dtype("<f4"), np.dtype("<f2"), np.dtype("<i4"))
+_STEP_DTYPES = tuple(_DATA_DTYPES.values())
 
 
 @dataclass(frozen=True)
@@ -223,16 +223,11 @@ def encode_frame(
 ) -> list[bytes | memoryview]:
     """The pieces of one frame, ready for ``socket.sendmsg`` (array bytes are not copied)."""
     specs, views = [], []
-    for a in arrays:
-        name = _DATA_NAMES.get(a.dtype)
-        if name is None and a.dtype.newbyteorder("<") in _DATA_NAMES:  # big-endian: sent as little
-            a = a.astype(a.dtype.newbyteorder("<"))
-            name = _DATA_NAMES[a.dtype]
-        if name is None:
-            raise CodecError(f"dtype {a.dtype} cannot be sent (f32, f16, i32 can)")
-        if not a.flags.c_contiguous:
-            a = np.ascontiguousarray(a)
-        specs.append([name, list(a.shape)])
+    for given in arrays:
+        a = _sendable(given)
+        if a is None:
+            raise CodecError(f"dtype {given.dtype} cannot be sent (f32, f16, i32 can)")
+        specs.append([_DATA_NAMES[a.dtype], list(a.shape)])
         views.append(a.data)
     # (a generation's steps cross every server: its hop runs cold, after the layers' compute
     # has flushed the caches, where each numpy or json call costs ~10x its warm time; one
@@ -242,17 +237,25 @@ def encode_frame(
     return [DATA_HEADER.pack(DATA_MAGIC, kind, request_id, len(body), size), body, *views]
 
 
+def _sendable(a: np.ndarray) -> np.ndarray | None:
+    """``a`` as the wire carries it: little-endian (a big-endian array converted) and
+    contiguous; None for a dtype the wire does not carry."""
+    if a.dtype not in _DATA_NAMES:
+        if a.dtype.newbyteorder("<") not in _DATA_NAMES:
+            return None
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return a if a.flags.c_contiguous else np.ascontiguousarray(a)
+
+
 def encode_step(
     request_id: int, link: int, hop: int, pos: int, step: int, n: int, x: np.ndarray
 ) -> list[bytes | memoryview]:
     """The pieces of a STEP frame: a generation's step ``step`` (``n`` tokens still to come) at
     position ``pos`` for ``hop``, its rows ``x`` ([rows] or [rows, cols] of f32, f16 or i32)."""
-    if x.dtype not in _STEP_DTYPES:
-        x = x.astype(x.dtype.newbyteorder("<"))
-    if x.dtype not in _STEP_DTYPES or x.ndim not in (1, 2):
+    a = _sendable(x)
+    if a is None or a.ndim not in (1, 2):
         raise CodecError(f"a STEP carries [rows] or [rows, cols] of f32, f16 or i32, not {x.dtype} {list(x.shape)}")
-    if not x.flags.c_contiguous:
-        x = np.ascontiguousarray(x)
+    x = a
     dims = (x.shape[0], x.shape[1] if x.ndim == 2 else 0)
     meta = STEP_META.pack(link, hop, pos, step, n, _STEP_DTYPES.index(x.dtype), x.ndim, *dims)
     return [DATA_HEADER.pack(DATA_MAGIC, FrameKind.STEP, request_id, len(meta), x.nbytes), meta, x.data]
