@@ -197,8 +197,12 @@ class DataPlane:
     def _send(
         self, conn: wire.Connection, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
     ) -> bool:
+        return self._send_encoded(conn, codec.encode_frame(kind, rid, meta, arrays))
+
+    def _send_encoded(self, conn: wire.Connection, pieces: Sequence[bytes | memoryview]) -> bool:
+        """Send an encoded frame; a broken connection is dropped (False)."""
         try:
-            conn.send(kind, rid, meta, arrays)
+            conn.send_encoded(pieces)
             return True
         except OSError as e:
             logger.warning("sending to %s: %s", conn.peer, e)
@@ -213,9 +217,12 @@ class DataPlane:
         step = self._parse(frame)
         if step is None:
             return
-        if step.gen is not None and "batch" not in step.m:  # its next steps on conn are STEPs
+        if _introduces(step.gen, step.m):  # its next steps on conn are STEPs
             known = self._known.setdefault(conn, OrderedDict())
-            known[step.key] = replace(step, items=[])  # not its rows (a prompt's, the first time)
+            # not its rows (a prompt's, the first time), nor its "gen": a step's Generation is
+            # the one truth (a FORWARD sent on describes it anew)
+            m = {k: v for k, v in step.m.items() if k != "gen"}
+            known[step.key] = replace(step, m=m, items=[])
             known.move_to_end(step.key)
             while len(known) > 2 * MAX_GENERATIONS:
                 known.popitem(last=False)
@@ -235,7 +242,6 @@ class DataPlane:
         (x,) = frame.arrays
         hop, pos = f["hop"], f["pos"]
         m = {**base.m, "hop": hop, "pos": [pos], "rows": [int(x.shape[0])]}
-        m.pop("gen", None)  # the step's Generation is the one truth (a FORWARD sent on rebuilds it)
         gen = replace(base.gen, n=f["n"], step=f["step"])
         step = _Step(m, rid, base.route, hop, [(str(base.route[hop][2][0]), pos, x)], gen)
         self._take(step, arrived, at_once=self._lone(step))
@@ -393,25 +399,21 @@ class DataPlane:
         except (OSError, ValueError) as e:
             self._fail_next(s.link, s.rid, address, f"cannot reach it from {s.here}: {e}")
             return False
-        sent = self._sent.setdefault(peer, OrderedDict()) if gen is not None and "batch" not in meta else None
-        try:
-            if gen is not None and sent is not None and s.key in sent and len(arrays) == 1:
-                sent.move_to_end(s.key)
-                pieces = codec.encode_step(s.rid, s.key[0], meta["hop"], meta["pos"][0], gen.step, gen.n, arrays[0])
-                peer.send_encoded(pieces)
-            else:
-                if gen is not None:
-                    meta["gen"] = gen.to_meta()
-                peer.send(FrameKind.FORWARD, s.rid, meta, arrays)
-                if sent is not None:
-                    sent[s.key] = None
-                    while len(sent) > MAX_GENERATIONS:
-                        sent.popitem(last=False)
-        except OSError as e:
-            logger.warning("sending to %s: %s", peer.peer, e)
-            self._drop(peer)
+        sent = self._sent.setdefault(peer, OrderedDict()) if _introduces(gen, meta) else None
+        if gen is not None and sent is not None and s.key in sent and len(arrays) == 1:
+            pieces = codec.encode_step(s.rid, s.key[0], meta["hop"], meta["pos"][0], gen.step, gen.n, arrays[0])
+        else:
+            if gen is not None:
+                meta["gen"] = gen.to_meta()
+            pieces = codec.encode_frame(FrameKind.FORWARD, s.rid, meta, arrays)
+        if not self._send_encoded(peer, pieces):
             self._fail_next(s.link, s.rid, address, f"the connection to it from {s.here} broke")
             return False
+        if sent is not None:  # touched per frame, as the receiver does (see __init__)
+            sent[s.key] = None
+            sent.move_to_end(s.key)
+            while len(sent) > MAX_GENERATIONS:
+                sent.popitem(last=False)
         return True
 
     def _generated(self, s: _Step, gen: Generation, out: np.ndarray, fed: int) -> None:
@@ -534,6 +536,13 @@ class DataPlane:
             self._listener.close()
 
         self.loop.call(shut)
+
+
+def _introduces(gen: Generation | None, meta: dict[str, Any]) -> bool:
+    """Whether a FORWARD introduces its generation to the connection it crosses (both ends
+    decide with this): a generation's step not tagged as part of a batch. Its next untagged
+    steps on that connection go as STEP frames."""
+    return gen is not None and "batch" not in meta
 
 
 def _sample(sampler: Sampler, logits: np.ndarray) -> int:
