@@ -112,8 +112,9 @@ def _logging(verbose: int) -> None:
 @click.option(
     "--release-threads",
     is_flag=True,
-    help="Stop the compute threads after each batch instead of letting them spin: for servers that "
-    "share their cores with other servers (set by llmrpc-head --local; ignored on a GPU).",
+    help="Put the compute threads to sleep after each batch instead of letting them spin (parked "
+    "until the next frame arrives where the OpenMP runtime is libgomp, ended elsewhere): for servers "
+    "that share their cores with other servers (set by llmrpc-head --local; ignored on a GPU).",
 )
 @click.option(
     "--pin-threads",

@@ -7,6 +7,7 @@ import logging
 import sys
 
 from llmrpc.ggml import lib as g
+from llmrpc.ggml.openmp import parked_team
 from llmrpc.types import DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -97,6 +98,8 @@ class Backend:
         self.buffer_type = lib.ggml_backend_dev_buffer_type(self.dev)
         self.cpu_backend: int | None = None
         self.threadpool = 0
+        # servers that share cores park their OpenMP workers between graphs (see openmp.py)
+        self._team = parked_team(lib.gomp_path, n_threads) if share_cores else None
         if device.kind != "cpu":
             cpu = next(dev for dev, info in _devices() if info.kind == "cpu")
             self.cpu_backend = lib.ggml_backend_dev_init(cpu, None)
@@ -125,17 +128,34 @@ class Backend:
     def release_threads(self) -> None:
         """Let the CPU compute threads go until the next graph. OpenMP's idle workers spin
         for ~3 ms after a parallel region (and its barriers, which ggml uses between ops,
-        need that spin); ending the pool (OpenMP 5.0 pause) frees the cores at once, for
-        ~0.1 ms of thread start-up at the next graph. ggml's own pool already sleeps (poll 0)."""
+        need that spin). Where they can be parked (libgomp, a backend that shares cores) they
+        sleep in a region of our own until :meth:`claim_threads`; elsewhere the pool ends
+        (OpenMP 5.0 pause), for a new thread at the next graph. ggml's own pool already
+        sleeps (poll 0)."""
+        if self._team is not None:
+            self._team.park()
+            return
         lib = g.ggml()
         if lib.omp_pause_resource_all is not None:
             lib.omp_pause_resource_all(OMP_PAUSE_SOFT)
+
+    def wake_threads(self) -> None:
+        """Work has arrived: parked workers start waking while the caller reads it."""
+        if self._team is not None:
+            self._team.wake()
+
+    def claim_threads(self) -> None:
+        """Before every graph on a backend that releases its threads: parked workers are
+        back (without this, the graph would run on the calling thread alone)."""
+        if self._team is not None:
+            self._team.claim()
 
     def backends(self) -> list[int]:
         """The scheduler's backend list: the device first, the CPU last."""
         return [self.backend] if self.cpu_backend is None else [self.backend, self.cpu_backend]
 
     def close(self) -> None:
+        self.claim_threads()  # the thread may end after this: no region of ours left open
         lib = g.ggml()
         for b in (self.cpu_backend, self.backend):
             if b:

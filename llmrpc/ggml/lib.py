@@ -209,6 +209,7 @@ class Ggml:
         self.ggml_backend_load_all()
         gomp_path = _mapped_path("libgomp")
         self.uses_openmp = gomp_path is not None
+        self.gomp_path = gomp_path
         self.omp_pause_resource_all: Any = None
         if gomp_path is not None:
             try:

@@ -38,6 +38,9 @@ class ComputeLoop:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []  # (when, order, fn), a heap
         self._order = itertools.count()
         self._stopping = False
+        # called on the loop thread whenever it wakes for work (sockets, calls), before it
+        # handles any: an engine wakes its parked compute threads (ggml/openmp.py)
+        self.on_wake: Callable[[], None] | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -91,7 +94,10 @@ class ComputeLoop:
                 timeout = 0.0
             elif self._timers:
                 timeout = max(0.0, self._timers[0][0] - time.perf_counter())
-            for key, _ in self._selector.select(timeout):
+            events = self._selector.select(timeout)
+            if events and self.on_wake is not None:
+                self.on_wake()
+            for key, _ in events:
                 callback = key.data
                 if callback is None:
                     self._drain_wake()

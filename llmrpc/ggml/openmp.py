@@ -1,0 +1,94 @@
+"""Keeping a thread's OpenMP workers asleep between graphs, without ending them.
+
+ggml's CPU backend computes a graph in one OpenMP parallel region, and its barriers between
+ops are OpenMP barriers: they need the workers to spin. Between two graphs the same spin takes
+a core from whatever else runs on the machine, which matters where servers share cores (each
+computes a pipeline stage in turn). Ending the workers after each graph (OpenMP 5.0's
+``omp_pause_resource_all``) frees the cores, but every graph then starts a new thread, and the
+kernel cleans up the last one (~0.1 ms of each stage's turn).
+
+A :class:`ParkedTeam` instead opens a parallel region of its own after a graph, in which each
+worker waits on a semaphore (asleep in the kernel, its core free) while the calling thread goes
+on: libgomp's ``GOMP_parallel_start`` returns to the caller before the region's end, and
+``GOMP_parallel_end`` closes it. :meth:`wake` posts the semaphore as soon as work arrives, so
+the workers wake while the caller reads its input; :meth:`claim` closes the region before the
+next graph, whose region then finds the same workers awake. Between :meth:`park` and
+:meth:`claim` the calling thread is inside that region: any OpenMP work it started would run
+on one thread (correct, but slow), so every graph must be preceded by :meth:`claim`.
+
+Linux and libgomp only (the GCC OpenMP runtime llama-cpp-python's Linux builds use); elsewhere
+:func:`parked_team` gives None and the caller ends its workers instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import sys
+
+logger = logging.getLogger(__name__)
+
+_SEM_BYTES = 64  # sizeof(sem_t) is 32 on 64-bit Linux; room to spare
+
+
+class ParkedTeam:
+    def __init__(self, gomp: ctypes.CDLL, libc: ctypes.CDLL, n_threads: int) -> None:
+        self._start = gomp.GOMP_parallel_start
+        self._start.restype = None
+        self._start.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint]
+        self._end = gomp.GOMP_parallel_end
+        self._end.restype = None
+        self._end.argtypes = []
+        self._post = libc.sem_post
+        self._trywait = libc.sem_trywait
+        for fn in (self._post, self._trywait):
+            fn.restype = ctypes.c_int
+            fn.argtypes = [ctypes.c_void_p]
+        self._sem = ctypes.create_string_buffer(_SEM_BYTES)
+        self._sem_address = ctypes.addressof(self._sem)
+        libc.sem_init.restype = ctypes.c_int
+        libc.sem_init.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint]
+        if libc.sem_init(self._sem_address, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "sem_init failed")
+        # the region's body, run by each worker: sem_wait(&sem) (its int result is dropped)
+        self._body = ctypes.cast(libc.sem_wait, ctypes.c_void_p).value
+        self.n_threads = n_threads
+        self.parked = False  # a region of ours is open: its workers wait (or were woken)
+        self._woken = False
+
+    def park(self) -> None:
+        """Right after a graph: the workers go to sleep (the caller returns at once)."""
+        if not self.parked:
+            self._start(self._body, self._sem_address, self.n_threads)
+            self.parked, self._woken = True, False
+
+    def wake(self) -> None:
+        """Work has arrived: let the workers wake while the caller prepares it."""
+        if self.parked and not self._woken:
+            for _ in range(self.n_threads - 1):
+                self._post(self._sem_address)
+            self._woken = True
+
+    def claim(self) -> None:
+        """Before a graph (or before the thread ends): close the region, workers awake."""
+        if not self.parked:
+            return
+        self.wake()
+        self._end()
+        self.parked = False
+        # a worker whose wait a signal cut short left a post unused: drop it, so the next
+        # park's workers sleep
+        while self._trywait(self._sem_address) == 0:
+            pass
+
+
+def parked_team(gomp_path: str | None, n_threads: int) -> ParkedTeam | None:
+    """A :class:`ParkedTeam` for this thread's OpenMP workers, or None where the runtime is
+    not libgomp on Linux (or there are no workers to park)."""
+    if n_threads < 2 or gomp_path is None or not sys.platform.startswith("linux") or "libgomp" not in gomp_path:
+        return None
+    try:
+        return ParkedTeam(ctypes.CDLL(gomp_path), ctypes.CDLL(None, use_errno=True), n_threads)
+    except (OSError, AttributeError) as e:
+        logger.debug("OpenMP workers cannot be parked here (%s): they end after each graph instead", e)
+        return None
