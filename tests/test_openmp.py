@@ -23,12 +23,18 @@ def _tasks() -> set[str]:
     return set(os.listdir("/proc/self/task"))
 
 
+def _skip_where_workers_are_not_parked() -> None:
+    probe = Backend(find_device("CPU"), 2, share_cores=True)
+    parks = probe._team is not None
+    probe.close()
+    if not parks:
+        pytest.skip("OpenMP workers are parked only with libgomp on Linux (elsewhere they end)")
+
+
 def test_parked_workers_sleep_are_kept_and_compute_the_next_graph(tiny_models: dict[str, str]) -> None:
+    _skip_where_workers_are_not_parked()
     info = read_model(tiny_models["Q8_0"])
     shared = Backend(find_device("CPU"), 2, share_cores=True)
-    if shared._team is None:
-        shared.close()
-        pytest.skip("OpenMP workers are parked only with libgomp on Linux (elsewhere they end)")
     alone = Backend(find_device("CPU"), 2)
     omp_get_level = ctypes.CDLL(g.ggml().gomp_path).omp_get_level
     stages = [LayerStage(info, 0, 4, b) for b in (shared, alone)]
@@ -62,11 +68,7 @@ def test_parked_workers_sleep_are_kept_and_compute_the_next_graph(tiny_models: d
 
 def test_a_process_that_exits_with_its_workers_parked_ends(tiny_models: dict[str, str]) -> None:
     """A server stopped between two tokens ends at once (its workers wait inside a region)."""
-    probe = Backend(find_device("CPU"), 2, share_cores=True)
-    parks = probe._team is not None
-    probe.close()
-    if not parks:
-        pytest.skip("OpenMP workers are parked only with libgomp on Linux (elsewhere they end)")
+    _skip_where_workers_are_not_parked()
     script = textwrap.dedent(f"""
         import numpy as np
         from llmrpc.ggml.device import Backend, find_device

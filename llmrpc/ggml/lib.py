@@ -208,8 +208,7 @@ class Ggml:
         # are already registered, and a second call is harmless.
         self.ggml_backend_load_all()
         gomp_path = _mapped_path("libgomp")
-        self.uses_openmp = gomp_path is not None
-        self.gomp_path = gomp_path
+        self.gomp_path = gomp_path  # libgomp (GCC's OpenMP runtime), where ggml's CPU code uses it
         self.omp_pause_resource_all: Any = None
         if gomp_path is not None:
             try:
@@ -219,6 +218,10 @@ class Ggml:
                 self.omp_pause_resource_all.argtypes = [ctypes.c_int]
             except (OSError, AttributeError):  # an OpenMP runtime without OpenMP 5.0 pause
                 pass
+
+    @property
+    def uses_openmp(self) -> bool:
+        return self.gomp_path is not None
 
     def __getattr__(self, name: str) -> Any:  # only reached for undeclared names
         raise AttributeError(f"ggml function {name!r} is not declared in llmrpc.ggml.lib")

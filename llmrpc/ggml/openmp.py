@@ -85,7 +85,7 @@ class ParkedTeam:
 def parked_team(gomp_path: str | None, n_threads: int) -> ParkedTeam | None:
     """A :class:`ParkedTeam` for this thread's OpenMP workers, or None where the runtime is
     not libgomp on Linux (or there are no workers to park)."""
-    if n_threads < 2 or gomp_path is None or not sys.platform.startswith("linux") or "libgomp" not in gomp_path:
+    if n_threads < 2 or gomp_path is None or not sys.platform.startswith("linux"):
         return None
     try:
         return ParkedTeam(ctypes.CDLL(gomp_path), ctypes.CDLL(None, use_errno=True), n_threads)
