@@ -9,8 +9,12 @@ import numpy as np
 import pytest
 
 from llmrpc.farm import Farm
+from llmrpc.ggml.device import Backend, find_device
+from llmrpc.model.gguf_model import read_model
+from llmrpc.model.stage import CPU_ATTEND_PAD, LayerStage
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
+from llmrpc.types import KV_PAD
 
 PROMPTS = [
     "The capital of France is",
@@ -55,6 +59,34 @@ def test_greedy_continuations_match_llama_cpp(
 
 def _first_difference(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
+def test_cpu_attends_fewer_cells_with_llama_cpps_numbers(smollm2: str) -> None:
+    """On the CPU a batch attends to its cells rounded up to 64, not llama.cpp's 256: a prompt,
+    then 180 decode steps whose graph is rebuilt as they cross 64, 128 and 192 cells give the
+    same logits, bit for bit, as llama.cpp's padding; each rebuilt decode graph takes the place
+    (scheduler and memory) of the one it supersedes."""
+    info = read_model(smollm2)
+    backend = Backend(find_device("CPU"), 2)
+    stage = LayerStage(info, 0, info.hparams.n_layer, backend)
+    assert stage.attend_pad == CPU_ATTEND_PAD < KV_PAD
+    tokens = np.random.default_rng(1).integers(100, info.hparams.n_vocab, size=200).astype(np.int32)
+    logits = {}
+    try:
+        for pad in (KV_PAD, CPU_ATTEND_PAD):
+            stage.attend_pad = pad
+            cache = stage.new_cache(512)
+            rows = [stage.forward(cache, tokens[:20], 0, True)]
+            rows += [stage.forward(cache, tokens[p : p + 1], p, False) for p in range(20, len(tokens))]
+            assert len(stage._kept) == 1  # one decode graph per session: superseded ones recycled
+            logits[pad] = np.concatenate(rows)
+            stage.forget(cache)
+            cache.free()
+    finally:
+        stage.close()
+        backend.close()
+    assert logits[KV_PAD].shape == (len(tokens), info.hparams.n_vocab)
+    np.testing.assert_array_equal(logits[CPU_ATTEND_PAD], logits[KV_PAD])
 
 
 def test_split_logits_identical(smollm2: str, servers: list[str]) -> None:

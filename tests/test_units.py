@@ -15,11 +15,22 @@ from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 
-def test_padded_n_kv_follows_llama_cpp() -> None:
-    assert padded_n_kv(1, 512) == 256
-    assert padded_n_kv(256, 512) == 256
-    assert padded_n_kv(257, 512) == 512
-    assert padded_n_kv(300, 256) == 256
+@pytest.mark.parametrize(
+    ("used", "kv_size", "pad", "n_kv"),
+    [
+        (1, 512, 256, 256),  # llama.cpp's get_n_kv
+        (256, 512, 256, 256),
+        (257, 512, 256, 512),
+        (300, 256, 256, 256),  # never past the cache
+        (1, 512, 32, 32),  # the CPU's pad
+        (32, 512, 32, 32),
+        (33, 512, 32, 64),
+        (500, 512, 32, 512),
+        (511, 512, 32, 512),
+    ],
+)
+def test_padded_n_kv(used: int, kv_size: int, pad: int, n_kv: int) -> None:
+    assert padded_n_kv(used, kv_size, pad) == n_kv
 
 
 def test_greedy_and_seeded_sampling() -> None:

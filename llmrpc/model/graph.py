@@ -14,9 +14,11 @@ from llmrpc.model.gguf_model import HParams
 from llmrpc.types import KV_PAD
 
 
-def padded_n_kv(used: int, kv_size: int) -> int:
-    """llama.cpp's ``get_n_kv``: how many cache cells a batch attends to."""
-    return min(kv_size, max(KV_PAD, -(-used // KV_PAD) * KV_PAD))
+def padded_n_kv(used: int, kv_size: int, pad: int = KV_PAD) -> int:
+    """How many cache cells a batch attends to: the ``used`` ones rounded up to ``pad``, within
+    the cache. With llama.cpp's pad (``get_n_kv``, 256) a decode graph keeps its shape for 256
+    tokens; a smaller one attends to fewer masked cells and rebuilds the graph more often."""
+    return min(kv_size, max(pad, -(-used // pad) * pad))
 
 
 @dataclass(frozen=True)
