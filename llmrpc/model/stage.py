@@ -35,9 +35,9 @@ KV_TYPE = g.GGML_TYPE_F16
 # Cells a batch attends to are padded to this on the CPU (llama.cpp's 256 elsewhere). Every
 # padded cell is computed, then masked: at 256, that was ~8% of a SmolLM2 token at short
 # contexts. The decode graph is rebuilt every 64 positions instead (~1.2 ms per 10 layers, its
-# scheduler and arena recycled). 64 keeps llama.cpp's numbers bit for bit: ggml's f16 dot
-# products sum 64 (AVX-512) or 32 values a step, and the masked cells add exact zeros (at 32,
-# AVX-512 sums the row in its scalar tail, and the last bits differ).
+# scheduler and arena recycled). 64 keeps llama.cpp's numbers bit for bit where ggml's f16 dot
+# products take 64 values a step or fewer (AVX-512 64, AVX2 and NEON 32): the masked cells add
+# exact zeros. (At 32, AVX-512 sums the row in its scalar tail and the last bits differ.)
 CPU_ATTEND_PAD = 64
 
 
