@@ -3,6 +3,8 @@ each way): the data plane works across real (non-loopback) links and gives loopb
 
 from __future__ import annotations
 
+import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +43,49 @@ def test_servers_on_a_simulated_lan_match_loopback(
     got = np.frombuffer(bytes.fromhex(out.strip()), dtype=np.float32).reshape(want.shape)
     assert np.array_equal(got, want)
 
+
+@pytest.mark.skipif(lan_unavailable() is not None, reason=f"no simulated LAN: {lan_unavailable()}")
+def test_the_switch_holds_each_packet_for_the_delay() -> None:
+    """A TCP round trip between two nodes takes the two one-way delays, and not much more: the
+    switch stands in for the kernel's netem."""
+    delay = 0.002
+    with Lan(2, delay=delay) as lan:
+        echo = lan.run(1, [sys.executable, "-c", _ECHO, lan.address(1)], stdout=subprocess.PIPE)
+        try:
+            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
+            ping = lan.run(0, [sys.executable, "-c", _PING, lan.address(1)], stdout=subprocess.PIPE)
+            out, _ = ping.communicate(timeout=60)
+            assert ping.returncode == 0
+        finally:
+            echo.terminate()
+            echo.wait(timeout=10)
+    rtts = json.loads(out)
+    assert min(rtts) >= 2 * delay  # every packet held, each way
+    assert statistics.median(rtts) < 2 * delay + 0.0015
+
+
+_ECHO = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 50060))
+print("ready", flush=True)
+conn, _ = server.accept()
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+while data := conn.recv(64):
+    conn.sendall(data)
+"""
+
+_PING = """
+import json, socket, sys, time
+conn = socket.create_connection((sys.argv[1], 50060))
+conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+rtts = []
+for _ in range(30):
+    t0 = time.perf_counter()
+    conn.sendall(b"x")
+    conn.recv(64)
+    rtts.append(time.perf_counter() - t0)
+print(json.dumps(rtts))
+"""
 
 _HEAD = """
 import sys
