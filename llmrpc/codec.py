@@ -157,7 +157,7 @@ class FrameKind(enum.IntEnum):
     ERROR = 5  # {"code", "message", "server", "layers"}
     # A FORWARD with "gen" generates on its own: the last server samples each token, reports
     # it to the head (TOKEN) and sends it straight back to the first server as the next step.
-    TOKEN = 6  # {"token", "step", "end"}: end is null, or why the generation stopped after it
+    TOKEN = 6  # {"token", "step", "end"}: end is None, or why the generation stopped after it (TOKEN_META)
     CANCEL = 7  # head -> the last server of a generation: stop after the step in flight
     ENDED = 8  # the last server -> the first: a generation ended, its steps come no more
     # A generation's next step on a connection that already carried a FORWARD of it (with no
@@ -174,6 +174,10 @@ _JSON = json.JSONEncoder(separators=(",", ":"))
 # has flushed the caches), where JSON costs ~100 us each way and a struct ~20.
 STEP_META = struct.Struct("<qIiiiBB2xII")
 _STEP_DTYPES = tuple(_DATA_DTYPES.values())
+# A TOKEN report: token id, step, why the generation ended (an index in TOKEN_ENDS). The last
+# server sends it before the token goes on, on the CPU (see the data plane): a struct, not JSON.
+TOKEN_META = struct.Struct("<iiB3x")
+TOKEN_ENDS: tuple[str | None, ...] = (None, "eog", "length", "context", "cancelled", "gone")
 
 
 @dataclass(frozen=True)
@@ -276,6 +280,21 @@ def decode_step_body(request_id: int, meta: bytes | memoryview, data: bytes | me
     return DataFrame(FrameKind.STEP, request_id, fields, [np.frombuffer(data, dtype=dt).reshape(shape)])
 
 
+def encode_token(request_id: int, token: int, step: int, end: str | None) -> list[bytes]:
+    """The pieces of a TOKEN frame (``end``: None or one of TOKEN_ENDS)."""
+    meta = TOKEN_META.pack(token, step, TOKEN_ENDS.index(end))
+    return [DATA_HEADER.pack(DATA_MAGIC, FrameKind.TOKEN, request_id, len(meta), 0), meta]
+
+
+def decode_token_body(request_id: int, meta: bytes | memoryview, data: bytes | memoryview) -> DataFrame:
+    if len(meta) != TOKEN_META.size or len(data):
+        raise CodecError(f"a TOKEN frame is {TOKEN_META.size} bytes of description, not {len(meta)} and {len(data)}")
+    token, step, end = TOKEN_META.unpack(meta)
+    if end >= len(TOKEN_ENDS):
+        raise CodecError(f"a TOKEN frame's end {end} is none of {len(TOKEN_ENDS)}")
+    return DataFrame(FrameKind.TOKEN, request_id, {"token": token, "step": step, "end": TOKEN_ENDS[end]})
+
+
 def decode_frame_header(header: bytes | bytearray | memoryview, max_bytes: int) -> tuple[FrameKind, int, int, int]:
     """(kind, request id, JSON bytes, array bytes) of a frame header, checked against limits."""
     magic, kind, request_id, meta_len, data_len = DATA_HEADER.unpack(header)
@@ -342,6 +361,8 @@ class FrameReader:
             body = bytes(view[at + DATA_HEADER.size : end])
             if kind == FrameKind.STEP:
                 frames.append(decode_step_body(rid, body[:meta_len], memoryview(body)[meta_len:]))
+            elif kind == FrameKind.TOKEN:
+                frames.append(decode_token_body(rid, body[:meta_len], memoryview(body)[meta_len:]))
             else:
                 frames.append(decode_frame_body(kind, rid, body[:meta_len], memoryview(body)[meta_len:]))
             at = end

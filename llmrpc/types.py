@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-PROTOCOL_VERSION = 2  # 2: STEP frames on the data plane
+PROTOCOL_VERSION = 3  # 2: STEP frames on the data plane; 3: binary TOKEN frames
 KV_PAD = 256  # llama.cpp pads KV cells (and the attended length) to this, so graphs keep their shape
 
 

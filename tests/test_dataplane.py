@@ -156,6 +156,28 @@ def test_step_frames_round_trip_and_refuse_damage() -> None:
             codec.FrameReader(1 << 20).feed(header + bad_meta + data)
 
 
+@pytest.mark.parametrize("end", codec.TOKEN_ENDS)
+def test_token_frames_round_trip_and_refuse_damage(end: str | None) -> None:
+    """The last server reports each token to the head in a fixed binary description."""
+    wire = b"".join(codec.encode_token(11, 49151, 300, end))
+    (frame,) = codec.FrameReader(1 << 20).feed(wire)
+    assert (frame.kind, frame.request_id, frame.meta) == (
+        FrameKind.TOKEN,
+        11,
+        {"token": 49151, "step": 300, "end": end},
+    )
+    with pytest.raises(ValueError):
+        codec.encode_token(11, 1, 1, "bored")
+    for bad_meta, data, message in (
+        (codec.TOKEN_META.pack(1, 2, 0)[:-1], b"", "description"),
+        (codec.TOKEN_META.pack(1, 2, 0), bytes(4), "description"),
+        (codec.TOKEN_META.pack(1, 2, len(codec.TOKEN_ENDS)), b"", "end"),
+    ):
+        header = codec.DATA_HEADER.pack(codec.DATA_MAGIC, FrameKind.TOKEN, 1, len(bad_meta), len(data))
+        with pytest.raises(codec.CodecError, match=message):
+            codec.FrameReader(1 << 20).feed(header + bad_meta + data)
+
+
 def test_a_step_for_a_generation_never_introduced_is_refused(servers: list[str]) -> None:
     info = StageClient(servers[0]).hello()
     with _raw_connection(servers[0]) as sock:

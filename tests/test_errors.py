@@ -119,7 +119,7 @@ def test_protocol_version_is_checked(fresh_server: str) -> None:
         code, msg = status_of(fresh_server, "Hello", pb.HelloRequest(protocol_version=old))
         assert code == grpc.StatusCode.FAILED_PRECONDITION and str(old) in msg
     info = StageClient(fresh_server).hello()
-    assert info.protocol_version == PROTOCOL_VERSION == 2 and info.device.kind == "cpu" and info.device.memory_total > 0
+    assert info.protocol_version == PROTOCOL_VERSION == 3 and info.device.kind == "cpu" and info.device.memory_total > 0
 
 
 def _closed_port() -> int:
