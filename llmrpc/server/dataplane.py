@@ -453,7 +453,7 @@ class DataPlane:
                 at_once = self.engine.overlaps and self._lone(nxt_step)
                 self._take(nxt_step, time.perf_counter(), at_once)
                 if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
-                    self.loop.soon(lambda: self._report(s.link, s.rid, report))
+                    self.loop.soon(lambda: self._to_head(s.link, s.rid, report))
                     return
             else:
                 # The next step is the token's path, the report is not; but on the CPU the
@@ -463,7 +463,7 @@ class DataPlane:
                 # from it (3 servers on 2 vCPUs: +2% tok/s, paired runs).
                 report_first = not self.engine.overlaps
                 if report_first:
-                    self._report(s.link, s.rid, report)
+                    self._to_head(s.link, s.rid, report)
                 if not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x], then):
                     self._end_generation(key)
                     return
@@ -472,7 +472,7 @@ class DataPlane:
         else:
             self._end_generation(key)
             self._ended(s)
-        self._report(s.link, s.rid, report)
+        self._to_head(s.link, s.rid, report)
 
     def _ended(self, s: _Step) -> None:
         """Tell the first server that a generation's steps come no more (it waits for them)."""
@@ -502,19 +502,13 @@ class DataPlane:
     def _answer(
         self, link: Any, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
     ) -> None:
-        conn = self._links.get(link) if isinstance(link, int) else None
-        if conn is None:
-            logger.warning(
-                "no connection to head link %s for request %d (%s)", link, rid, meta.get("message", kind.name)
-            )
-            return
-        self._send(conn, kind, rid, meta, arrays)
+        self._to_head(link, rid, codec.encode_frame(kind, rid, meta, arrays), str(meta.get("message", kind.name)))
 
-    def _report(self, link: Any, rid: int, pieces: Sequence[bytes | memoryview]) -> None:
-        """Send a TOKEN frame (codec.encode_token) to the head on ``link``."""
+    def _to_head(self, link: Any, rid: int, pieces: Sequence[bytes | memoryview], what: str = "a token") -> None:
+        """Send an encoded frame (a TOKEN report: codec.encode_token) to the head on ``link``."""
         conn = self._links.get(link) if isinstance(link, int) else None
         if conn is None:
-            logger.warning("no connection to head link %s for request %d (a token)", link, rid)
+            logger.warning("no connection to head link %s for request %d (%s)", link, rid, what)
             return
         self._send_encoded(conn, pieces)
 
