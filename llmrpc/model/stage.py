@@ -68,10 +68,13 @@ class _Graph:
     row: _RowInputs | None = None  # a one-row decode graph's inputs, kept and updated in place
 
     def free(self) -> None:
-        lib = g.ggml()
-        lib.ggml_free(self.ctx)
+        self.free_graph()
         if self.own_sched:
-            lib.ggml_backend_sched_free(self.sched)
+            g.ggml().ggml_backend_sched_free(self.sched)
+
+    def free_graph(self) -> None:
+        """Free the graph itself; its scheduler and arena stay, for a graph that supersedes it."""
+        g.ggml().ggml_free(self.ctx)
 
 
 class _RowInputs:
@@ -327,7 +330,7 @@ class LayerStage:
                 self._kept.popitem(last=False)[1].free()
             return graph
         self._drop_graph()
-        self._graph = self._build(key, caches, segments, self._sched, own_sched=False)
+        self._graph = self._build(key, caches, segments, self._sched, own_sched=False, mem=self._graph_mem)
         return self._graph
 
     def _recycled(self, key: GraphKey) -> tuple[int, ctypes.Array[ctypes.c_char]]:
@@ -339,17 +342,16 @@ class LayerStage:
         for old_key in self._kept:
             if _shape(old_key) == shape:
                 old = self._kept.pop(old_key)
-                g.ggml().ggml_free(old.ctx)
+                old.free_graph()
                 return old.sched, old.mem
         return self._new_sched(), _graph_arena()
 
     def _build(
         self, key: GraphKey, caches: list[SessionCache], segments: list[Segment], sched: int, own_sched: bool,
-        mem: ctypes.Array[ctypes.c_char] | None = None,
+        mem: ctypes.Array[ctypes.c_char],
     ) -> _Graph:  # fmt: skip
         lib, hp = g.ggml(), self.hp
         n, want_rows, top1 = sum(seg.n for seg in segments), key[1], key[2]
-        mem = mem if mem is not None else _graph_arena() if own_sched else self._graph_mem
         ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
