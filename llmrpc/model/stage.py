@@ -342,11 +342,11 @@ class LayerStage:
         return collect
 
     def row_graph(self, cache: SessionCache, pos: int) -> RowGraph | None:
-        """The kept graph that decodes the row at ``pos`` of ``cache``'s session, if it is built:
-        to hidden states, or on the last layers to the greedy token (top1). None otherwise."""
+        """The kept graph that decodes the row at ``pos`` of ``cache``'s session to hidden states
+        (not the last layers), if it is built; None otherwise."""
         n_kv = padded_n_kv(pos + 1, cache.kv_size, self.attend_pad)
-        graph = self._kept.get((((cache.serial, 1, n_kv),), False, self.last))
-        if graph is None or graph.row is None:
+        graph = self._kept.get((((cache.serial, 1, n_kv),), False, False))
+        if graph is None or graph.row is None or self.last:
             return None
         inp, seg, row = graph.inputs, graph.inputs.segments[0], graph.row
         data = [a.__array_interface__["data"][0] for a in (row.pos, row.k_idx, row.v_rows, row.v_idx, row.mask)]

@@ -38,7 +38,7 @@ from llmrpc.codec import FrameKind, Generation
 from llmrpc.sampling import Sampler
 from llmrpc.server.api import EngineError, ErrorCode, Launched, StageEngine, stage_outputs, top_k_logits
 from llmrpc.server.loop import ComputeLoop
-from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_ENDED, HOP_NOTHING, HOP_REPORT_LEFT, NativeHop
+from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_NOTHING, NativeHop
 from llmrpc.types import PROTOCOL_VERSION, split_address
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,7 @@ class _Native:
     key: tuple[int, int]  # the generation
     hop_index: int  # this server's place on its route
     peer: wire.Connection  # the next server's connection
-    step: _Step  # the step it was armed after (the generation, its route)
-    head: wire.Connection | None  # at the last server: the head's, for the tokens' reports
+    here: str  # this server, as the route names it
 
 
 class DataPlane:
@@ -451,20 +450,15 @@ class DataPlane:
         """After a generation's step came as a STEP and went on as one: its next steps on that
         connection may take the native hop (server/hop.c), which reads, computes and sends a
         step in one C call instead of ~0.5 ms of cold Python."""
-        conn, gen = s.stepped, s.gen
-        if conn is None or gen is None or conn.closed or trace.enabled() or len(s.items) != 1:
+        conn = s.stepped
+        if conn is None or conn.closed or trace.enabled() or len(s.items) != 1:
             return
-        head = self._links.get(s.key[0]) if s.last else None
-        hop = None
-        if not s.last or (head is not None and gen.sampling.temperature <= 0):  # greedy: the device's token
-            hop = self.engine.native_hop(s.items[0][0])
+        hop = self.engine.native_hop(s.items[0][0])
         if hop is None:
             self._native.pop(conn, None)
             return
         hop.route(conn.sock.fileno(), peer.sock.fileno(), s.key[0], s.rid, s.hop)
-        if head is not None:
-            hop.generate(head.sock.fileno(), gen.eog, gen.limit)
-        self._native[conn] = _Native(hop, s.key, s.hop, peer, s, head)
+        self._native[conn] = _Native(hop, s.key, s.hop, peer, s.here)
 
     def _native_step(self, conn: wire.Connection, native: _Native, arrived: float) -> bool:
         """Let the native hop take the next frame on ``conn``; False (and the hop disarmed)
@@ -472,28 +466,21 @@ class DataPlane:
         if (
             conn.reader.holds_part or not native.peer.idle() or self._ready or not native.hop.valid()
             or (native.hop_index == 0 and not set(self._rounds) <= {native.key})
-            or (native.head is not None and (not native.head.idle() or native.key in self._cancelled))
         ):  # fmt: skip
             del self._native[conn]
             return False
         result = native.hop.run()
         if result == HOP_NOTHING:
             return True
-        h = native.hop.hop
         if result != HOP_DONE:
             del self._native[conn]
-            if result in (HOP_ENDED, HOP_REPORT_LEFT):  # the token (the last server) is Python's to send on
-                base = native.step
-                assert base.gen is not None
-                gen = Generation(int(h.n), int(h.step), base.gen.limit, base.gen.eog, base.gen.sampling)
-                reported = int(h.sent) if result == HOP_REPORT_LEFT else 0
-                self._after_token(base, gen, int(h.token), int(h.pos) + 1, reported)
-                return True
             if result != HOP_COMPUTE_FAILED:
                 return False
+            h = native.hop.hop
             message = f"graph compute failed: ggml status {h.status}"
-            self._fail(native.key[0], native.key[1], ErrorCode.INTERNAL.value, message, native.step.here)
+            self._fail(native.key[0], native.key[1], ErrorCode.INTERNAL.value, message, native.here)
             return True
+        h = native.hop.hop
         if h.err:
             self._drop(native.peer)
             self._fail_next(native.key[0], native.key[1], native.peer.peer, f"sending to it failed (errno {h.err})")
@@ -520,15 +507,7 @@ class DataPlane:
             while len(self._samplers) > MAX_GENERATIONS:
                 self._end_generation(next(iter(self._samplers)))
         token = int(out[-1]) if out.dtype == np.int32 else _sample(sampler, out[-1:])
-        self._after_token(s, gen, token, fed)
-
-    def _after_token(self, s: _Step, gen: Generation, token: int, fed: int, reported: int = 0) -> None:
-        """Report ``token`` (the first ``reported`` bytes of its report are sent already: then
-        the generation goes on, as they say) and start the next step, or end the generation."""
-        key = s.key
-        if reported:
-            end = None
-        elif key in self._cancelled:
+        if key in self._cancelled:
             end = "cancelled"
         elif token in gen.eog:
             end = "eog"
@@ -540,9 +519,7 @@ class DataPlane:
             end = "gone"  # the head's connection closed: nobody would read on
         else:
             end = None
-        report: Sequence[bytes] = codec.encode_token(s.rid, token, gen.step, end)
-        if reported:
-            report = [b"".join(report)[reported:]]
+        report = codec.encode_token(s.rid, token, gen.step, end)
         if end is None:
             then = gen.next_step()
             nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1]}

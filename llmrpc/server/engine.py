@@ -334,13 +334,13 @@ class Engine:
         return self._launch(items, all_logits, top1)
 
     def native_hop(self, session_id: str) -> NativeHop | None:
-        """The session's next decode step, set up for the native hop (server/hop.c): its kept
-        one-row graph and inputs (on the last layers, the greedy token's), this host's lock and
-        the parked team. None where the step must go through :meth:`launch_batch`: a GPU (its
-        steps overlap), no native hop here, or no graph built for the session's next position
-        yet (the step that builds it goes through Python)."""
+        """The session's next decode step, set up for the native hop (server/hop.c), where these
+        layers are not the last: its kept one-row graph and inputs, this host's lock and the
+        parked team. None where the step must go through :meth:`launch_batch`: a GPU (its
+        steps overlap), the last layers, no native hop here, or no graph built for the
+        session's next position yet (the step that builds it goes through Python)."""
         stage, entry = self._stage, self._sessions.get(session_id)
-        if self.overlaps or stage is None or entry is None:
+        if self.overlaps or stage is None or stage.last or entry is None:
             return None
         lib = hop_library()
         team = self._backend.parked_team()

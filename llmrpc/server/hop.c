@@ -1,10 +1,7 @@
-/* A generation's step through a server, in one call: the STEP frame read from its connection,
- * the row's inputs set, the kept one-row graph computed, and the hidden state sent on as the
- * next hop's STEP. At the last server of a greedy generation the graph ends in the argmax: the
- * token is reported to the head (TOKEN) and sent back to the first server as the next step,
- * or, when it ends the generation, left to Python (HOP_ENDED). Built on first use (native.py)
- * and called from the compute loop when a connection that carries a generation's steps
- * becomes readable.
+/* A generation's step through a server that is not its last, in one call: the STEP frame read
+ * from its connection, the row's inputs set, the kept one-row graph computed, and the hidden
+ * state sent on as the next hop's STEP. Built on first use (native.py) and called from the
+ * compute loop when a connection that carries a generation's steps becomes readable.
  *
  * The same work in Python runs cold after every stage's compute (the layers' weights have
  * flushed the caches): ~0.6 ms a hop where this takes tens of microseconds. Whatever is not the
@@ -24,18 +21,11 @@
 
 #define HEADER_BYTES 28
 #define META_BYTES 36
-#define KIND_TOKEN 6
 #define KIND_STEP 9
-#define TOKEN_BYTES 12
 #define CODE_F32 0
 #define CODE_I32 2
 
-/* HOP_ENDED: the token (``token``) ends the generation, Python reports it; HOP_REPORT_LEFT: the
- * head's socket took ``sent`` bytes of the report, Python sends the rest and the next step */
-enum {
-    HOP_DONE = 0, HOP_NOT_MINE = 1, HOP_NOTHING = 2, HOP_ENDED = 3, HOP_REPORT_LEFT = 4,
-    HOP_BROKEN = -1, HOP_COMPUTE_FAILED = -2,
-};
+enum { HOP_DONE = 0, HOP_NOT_MINE = 1, HOP_NOTHING = 2, HOP_BROKEN = -1, HOP_COMPUTE_FAILED = -2 };
 
 typedef struct {
     /* the connection the steps come on, the next server's, this host's compute lock (-1: none) */
@@ -64,58 +54,12 @@ typedef struct {
     void (*gomp_start)(void *, void *, unsigned);
     void (*gomp_end)(void);
     uint8_t *buf;                  /* HEADER_BYTES + META_BYTES + n_embd * 4 bytes */
-    /* the last server of a greedy generation: the head's connection, the tokens that end the
-     * generation, the positions it may fill (Generation.limit) */
-    int64_t last, head_fd, n_eog, gen_limit;
-    int32_t *eog;
     /* what the last call did */
-    int64_t pos, step, n, sent, status, err, token;
+    int64_t pos, step, n, sent, status, err;
 } Hop;
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 static void put64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
-
-static void put_header(uint8_t *o, uint8_t kind, int64_t rid, uint32_t meta_len, uint64_t data_len) {
-    memcpy(o, "LRD1", 4);
-    o[4] = kind;
-    o[5] = o[6] = o[7] = 0;
-    put64(o + 8, (uint64_t)rid);
-    put32(o + 16, meta_len);
-    put64(o + 20, data_len);
-}
-
-/* A STEP frame at o: its header, description and ``data_len`` bytes of data already at o + 64. */
-static size_t put_step(uint8_t *o, const Hop *h, uint32_t hop, int32_t pos, int32_t step, int32_t n, int first) {
-    size_t data_len = first ? 4 : (size_t)h->n_embd * 4;
-    put_header(o, KIND_STEP, h->rid, META_BYTES, data_len);
-    uint8_t *om = o + HEADER_BYTES;
-    put64(om, (uint64_t)h->link);
-    put32(om + 8, hop);
-    put32(om + 12, (uint32_t)pos);
-    put32(om + 16, (uint32_t)step);
-    put32(om + 20, (uint32_t)n);
-    om[24] = first ? CODE_I32 : CODE_F32;
-    om[25] = first ? 1 : 2;
-    om[26] = om[27] = 0;
-    put32(om + 28, 1);
-    put32(om + 32, first ? 0 : (uint32_t)h->n_embd);
-    return HEADER_BYTES + META_BYTES + data_len;
-}
-
-/* Send what the socket takes now; the bytes sent (an error other than a full socket: err). */
-static size_t send_now(int fd, const uint8_t *p, size_t len, int64_t *err) {
-    size_t sent = 0;
-    while (sent < len) {
-        ssize_t s = send(fd, p + sent, len - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
-        if (s < 0) {
-            if (errno == EINTR) continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK) *err = errno;
-            break;
-        }
-        sent += (size_t)s;
-    }
-    return sent;
-}
 
 int llmrpc_hop(Hop *h) {
     uint8_t *b = h->buf;
@@ -214,30 +158,38 @@ int llmrpc_hop(Hop *h) {
         return HOP_COMPUTE_FAILED;
     }
 
-    h->err = 0;
+    /* the hidden state on, as the next hop's STEP */
+    size_t out_data = (size_t)h->n_embd * 4;
     uint8_t *o = h->buf;
-    if (!h->last) { /* the hidden state on, as the next hop's STEP */
-        h->tensor_get(h->out, o + HEADER_BYTES + META_BYTES, 0, (size_t)h->n_embd * 4);
-        size_t len = put_step(o, h, (uint32_t)(h->hop + 1), pos, step, n, 0);
-        h->sent = (int64_t)send_now((int)h->out_fd, o, len, &h->err);
-        return HOP_DONE;
+    h->tensor_get(h->out, o + HEADER_BYTES + META_BYTES, 0, out_data);
+    memcpy(o, "LRD1", 4);
+    o[4] = KIND_STEP;
+    o[5] = o[6] = o[7] = 0;
+    put64(o + 8, (uint64_t)h->rid);
+    put32(o + 16, META_BYTES);
+    put64(o + 20, out_data);
+    uint8_t *om = o + HEADER_BYTES;
+    put64(om, (uint64_t)h->link);
+    put32(om + 8, (uint32_t)(h->hop + 1));
+    put32(om + 12, (uint32_t)pos);
+    put32(om + 16, (uint32_t)step);
+    put32(om + 20, (uint32_t)n);
+    om[24] = CODE_F32;
+    om[25] = 2;
+    om[26] = om[27] = 0;
+    put32(om + 28, 1);
+    put32(om + 32, (uint32_t)h->n_embd);
+    size_t out_total = HEADER_BYTES + META_BYTES + out_data, sent = 0;
+    h->err = 0;
+    while (sent < out_total) {
+        ssize_t s = send((int)h->out_fd, o + sent, out_total - sent, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (s < 0) {
+            if (errno == EINTR) continue;
+            if (errno != EAGAIN && errno != EWOULDBLOCK) h->err = errno;
+            break;
+        }
+        sent += (size_t)s;
     }
-    /* the token (the graph's argmax), reported, and on to the first server as the next step */
-    int32_t token;
-    h->tensor_get(h->out, &token, 0, 4);
-    h->token = token;
-    int ends = n <= 1 || pos + 2 > h->gen_limit;
-    for (int64_t i = 0; i < h->n_eog && !ends; i++) ends = token == h->eog[i];
-    if (ends) return HOP_ENDED;
-    uint8_t report[HEADER_BYTES + TOKEN_BYTES];
-    put_header(report, KIND_TOKEN, h->rid, TOKEN_BYTES, 0);
-    put32(report + HEADER_BYTES, (uint32_t)token);
-    put32(report + HEADER_BYTES + 4, (uint32_t)step);
-    memset(report + HEADER_BYTES + 8, 0, 4); /* end: none (codec.TOKEN_ENDS[0]) */
-    memcpy(o + HEADER_BYTES + META_BYTES, &token, 4);
-    size_t len = put_step(o, h, 0, pos + 1, step + 1, n - 1, 1);
-    h->sent = (int64_t)send_now((int)h->out_fd, o, len, &h->err);
-    int64_t head_err = 0;
-    if (send_now((int)h->head_fd, report, sizeof report, &head_err) != sizeof report) h->err = head_err ? head_err : 11;
+    h->sent = (int64_t)sent;
     return HOP_DONE;
 }

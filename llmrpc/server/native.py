@@ -20,8 +20,7 @@ logger = logging.getLogger(__name__)
 ENV = "LLMRPC_NATIVE_HOP"  # "0": never use the native hop
 SOURCE = Path(__file__).with_name("hop.c")
 
-HOP_DONE, HOP_NOT_MINE, HOP_NOTHING, HOP_ENDED, HOP_REPORT_LEFT = 0, 1, 2, 3, 4
-HOP_BROKEN, HOP_COMPUTE_FAILED = -1, -2
+HOP_DONE, HOP_NOT_MINE, HOP_NOTHING, HOP_BROKEN, HOP_COMPUTE_FAILED = 0, 1, 2, -1, -2
 
 _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
@@ -42,9 +41,7 @@ class Hop(ctypes.Structure):
         ("tensor_set", _p), ("tensor_get", _p), ("compute", _p), ("synchronize", _p),
         ("gomp_start", _p), ("gomp_end", _p),
         ("buf", _p),
-        ("last", _i64), ("head_fd", _i64), ("n_eog", _i64), ("gen_limit", _i64), ("eog", _p),
         ("pos", _i64), ("step", _i64), ("n", _i64), ("sent", _i64), ("status", _i64), ("err", _i64),
-        ("token", _i64),
     ]  # fmt: skip
 
 
@@ -121,23 +118,14 @@ class NativeHop:
         h = self.hop
         h.in_fd, h.out_fd, h.link, h.rid, h.hop = in_fd, out_fd, link, rid, hop
 
-    def generate(self, head_fd: int, eog: frozenset[int], limit: int) -> None:
-        """At the last server of a greedy generation: where its tokens are reported, which end
-        it, the positions it may fill."""
-        h = self.hop
-        self._eog = (ctypes.c_int32 * max(1, len(eog)))(*sorted(eog))
-        h.last, h.head_fd, h.n_eog, h.gen_limit = 1, head_fd, len(eog), limit
-        h.eog = ctypes.addressof(self._eog)
-
     def run(self) -> int:
         """Take the next STEP on the connection and send it on, or leave it (HOP_NOT_MINE)."""
         result = int(self._call(self._ref))
-        if result in (HOP_DONE, HOP_ENDED, HOP_REPORT_LEFT, HOP_COMPUTE_FAILED):  # a step computed
+        if result in (HOP_DONE, HOP_COMPUTE_FAILED):
             self._done(self.hop)
         return result
 
     def unsent(self) -> bytes:
         """What the last step's send left for later (the socket took only part of it)."""
-        total = FRAME_BYTES + (4 if self.hop.last else 4 * int(self.hop.n_embd))
-        sent = int(self.hop.sent)
-        return b"" if sent >= total else self._buf.raw[sent:total]
+        total = FRAME_BYTES + 4 * int(self.hop.n_embd)
+        return self._buf.raw[int(self.hop.sent) : total]
