@@ -61,7 +61,6 @@ class StageEngine(Protocol):
 
     memory_cap: int
     bytes_received: int
-    native_steps: int  # generation steps computed through the native hop (server/hop.c)
 
     def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None: ...
     def open_upload(self, head: IncomingSlice) -> tuple[int, bytes]: ...

@@ -69,7 +69,6 @@ class Engine:
         # spin (as OpenMP's do for ~3 ms) takes a core from the stage that computes now.
         self.release_threads = release_threads
         self.bytes_received = 0
-        self.native_steps = 0
         self.threads = threads
         self.max_sessions = max_sessions
         self.max_ctx = max_ctx
@@ -372,7 +371,6 @@ class Engine:
 
         def done(h: Hop) -> None:
             length[0], row.row.allowed = int(h.length), int(h.allowed)
-            self.native_steps += 1
 
         return NativeHop(lib, h, valid, done, row)
 
