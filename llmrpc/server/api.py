@@ -12,7 +12,6 @@ from typing import Protocol
 import numpy as np
 
 from llmrpc.model.slicefile import IncomingSlice
-from llmrpc.server.native import NativeHop
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
 
 
@@ -77,7 +76,6 @@ class StageEngine(Protocol):
         self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False
     ) -> Launched: ...
     def close_session(self, session_id: str) -> None: ...
-    def native_hop(self, session_id: str) -> NativeHop | None: ...
     def max_input_elements(self) -> int: ...
 
 
