@@ -51,6 +51,8 @@ def build() -> Path:
             check=True,
         )  # fmt: skip
     src = root / "src"
+    if src.is_symlink() and not src.exists():  # a link to a copy that is gone: unpack our own
+        src.unlink()
     if not src.exists():
         with tarfile.open(sdist) as tar:
             tar.extractall(root / "unpacked", filter="data")
