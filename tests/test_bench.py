@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
 
+from llmrpc.bench.llama_rpc import unpacked_source
 from llmrpc.bench.run import Result, paired_ratios
 from llmrpc.model.synthetic import SyntheticSpec
 
@@ -65,3 +67,22 @@ def test_paired_ratios_compare_within_a_repetition(llama: list[float], ours: lis
     assert set(got) == {("llama.cpp", "tg8"), ("llmrpc x1", "tg8")}
     assert got[("llama.cpp", "tg8")] == [1.0] * len(llama)
     assert got[("llmrpc x1", "tg8")] == pytest.approx(paired)
+
+
+def test_llama_rpc_source_is_unpacked_once_and_past_a_dangling_link(tmp_path: Path) -> None:
+    """The llama.cpp RPC build's source comes out of the sdist once; a ``src`` that is a link to
+    a copy gone since (a cleared /tmp) is replaced instead of failing the build."""
+    tree = tmp_path / "tree" / "llama_cpp_python-9.9.9" / "vendor" / "llama.cpp"
+    tree.mkdir(parents=True)
+    (tree / "CMakeLists.txt").write_text("project(llama.cpp)\n")
+    sdist = tmp_path / "root" / "llama_cpp_python-9.9.9.tar.gz"
+    sdist.parent.mkdir()
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(tmp_path / "tree" / "llama_cpp_python-9.9.9", arcname="llama_cpp_python-9.9.9")
+    root = sdist.parent
+    (root / "src").symlink_to(tmp_path / "gone" / "llama.cpp")
+    src = unpacked_source(root, sdist)
+    assert src == root / "src" and not src.is_symlink()
+    assert (src / "CMakeLists.txt").read_text() == "project(llama.cpp)\n"
+    (src / "built").write_text("kept")  # a second call leaves what is there
+    assert (unpacked_source(root, sdist) / "built").read_text() == "kept"

@@ -39,6 +39,19 @@ def bin_dir() -> Path | None:
     return None
 
 
+def unpacked_source(root: Path, sdist: Path) -> Path:
+    """llama.cpp's source from the sdist, at ``root/src`` (unpacked once; a ``src`` left as a
+    link to a copy that is gone is replaced)."""
+    src = root / "src"
+    if src.is_symlink() and not src.exists():
+        src.unlink()
+    if not src.exists():
+        with tarfile.open(sdist) as tar:
+            tar.extractall(root / "unpacked", filter="data")
+        shutil.move(str(root / "unpacked" / sdist.name.removesuffix(".tar.gz") / "vendor" / "llama.cpp"), src)
+    return src
+
+
 def build() -> Path:
     """Download the sdist, configure with GGML_RPC, build the two programs."""
     root = build_dir()
@@ -50,13 +63,7 @@ def build() -> Path:
              "--no-binary", ":all:", "-d", str(root)],
             check=True,
         )  # fmt: skip
-    src = root / "src"
-    if src.is_symlink() and not src.exists():  # a link to a copy that is gone: unpack our own
-        src.unlink()
-    if not src.exists():
-        with tarfile.open(sdist) as tar:
-            tar.extractall(root / "unpacked", filter="data")
-        shutil.move(str(root / "unpacked" / f"llama_cpp_python-{LLAMA_CPP_PYTHON}" / "vendor" / "llama.cpp"), src)
+    src = unpacked_source(root, sdist)
     subprocess.run(
         ["cmake", "-B", "build", "-DGGML_RPC=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_BUILD_TESTS=OFF",
          "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF", "-DCMAKE_BUILD_TYPE=Release"],
