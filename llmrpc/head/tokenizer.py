@@ -41,16 +41,31 @@ class Tokenizer:
             self._eog = [t for t in range(self.n_vocab) if self.is_eog(t)]
         return self._eog
 
+    def bos_text(self) -> str:
+        """The BOS token as text (what a chat template writes for it)."""
+        return self._text(self._llm.token_bos())
+
+    def _text(self, token: int) -> str:
+        if token < 0:  # the model has no such token
+            return ""
+        return bytes(self._llm.detokenize([token], special=True)).decode("utf-8", "replace")
+
     def apply_chat_template(self, messages: list[dict[str, str]]) -> str:
         """Render messages with the GGUF's own chat template (Jinja2, as llama-cpp-python does)."""
         if not self.chat_template:
             raise ValueError("this model has no chat template (tokenizer.chat_template)")
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode("utf-8", "replace")
-        eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode("utf-8", "replace")
-        fmt = Jinja2ChatFormatter(template=self.chat_template, eos_token=eos, bos_token=bos)
+        fmt = Jinja2ChatFormatter(template=self.chat_template, eos_token=self._text(self._llm.token_eos()),
+                                  bos_token=self.bos_text())  # fmt: skip
         return str(fmt(messages=messages).prompt)  # type: ignore[arg-type]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Messages rendered with the chat template, as tokens: the template's special tokens are
+        tokens (not their text), and no second BOS where the template wrote one."""
+        text = self.apply_chat_template(messages)
+        bos = self.bos_text()
+        return self.encode(text, add_bos=False if bos and text.startswith(bos) else None, special=True)
 
 
 class TextStream:

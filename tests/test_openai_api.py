@@ -1,0 +1,266 @@
+"""The OpenAI-compatible HTTP API: `llmrpc-head serve` as a real process on 127.0.0.1, driven by
+OpenAI's own Python client, answering what llama.cpp answers."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from llmrpc.head.tokenizer import Tokenizer
+from llmrpc.openai_api import ApiError, StopText, parse_request
+from llmrpc.reference import reference_llama
+
+KEY = "test-key"
+PREFIX = "llmrpc-head serve listening on "
+CTX = 256
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+# -- pure parts -------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("stops", "pieces", "given", "stopped"),
+    [
+        ((), ["Hello", " world"], ["Hello", " world"], False),
+        (("\n",), ["Hello", " world\nmore"], ["Hello", " world"], True),
+        ((".",), ["Paris", ".", " It"], ["Paris", "", ""], True),
+        (("END",), ["abc E", "N", "D tail"], ["abc ", "", ""], True),  # held back while it may be a stop
+        (("END",), ["abc E", "N", "x"], ["abc ", "", "ENx"], False),  # given out once it cannot
+        (("ab", "b c"), ["xa", "b c"], ["x", ""], True),  # the earliest stop wins
+        (("stop",), ["st", "op", "after"], ["", "", ""], True),
+    ],
+)
+def test_stop_sequences_cut_the_text(
+    stops: tuple[str, ...], pieces: list[str], given: list[str], stopped: bool
+) -> None:
+    s = StopText(stops)
+    assert [s.push(p) for p in pieces] == given
+    assert s.stopped == stopped
+
+
+def test_stop_text_gives_out_what_it_held_at_the_end() -> None:
+    s = StopText(("END",))
+    assert s.push("the E") == "the "
+    assert s.flush() == "E"
+    assert not s.stopped
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2: str) -> Tokenizer:
+    return Tokenizer(smollm2)
+
+
+@pytest.mark.parametrize(
+    ("chat", "body", "param", "words"),
+    [
+        (False, [], None, "JSON object"),
+        (False, {"prompt": 5}, "prompt", "must be a string"),
+        (False, {"prompt": [1, 99999999]}, "prompt", "outside the vocabulary"),
+        (False, {"prompt": ""}, "prompt", "empty"),
+        (False, {"prompt": "hi", "max_tokens": 0}, "max_tokens", "at least 1"),
+        (False, {"prompt": "hi", "max_tokens": CTX}, "max_tokens", "context holds 256"),
+        (False, {"prompt": "hi", "temperature": 3}, "temperature", "within [0, 2]"),
+        (False, {"prompt": "hi", "temperature": "hot"}, "temperature", "must be a number"),
+        (False, {"prompt": "hi", "top_p": 0}, "top_p", "greater than 0"),
+        (False, {"prompt": "hi", "n": 2}, "n", "only n=1"),
+        (False, {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, "stop", "at most 4"),
+        (False, {"prompt": "hi", "stop": 3}, "stop", "string or a list"),
+        (False, {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
+        (False, {"prompt": "hi", "seed": 1.5}, "seed", "integer"),
+        (False, {"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
+        (True, {"messages": []}, "messages", "non-empty list"),
+        (True, {"messages": [{"content": "hi"}]}, "messages[0]", "'role'"),
+        (True, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "messages[0]", "only text"),
+        (True, {"messages": QUESTION, "max_completion_tokens": 10_000}, "max_completion_tokens", "context"),
+        (True, {"messages": [{"role": "user", "content": "word " * 400}]}, "messages", "context holds"),
+    ],
+)
+def test_bad_requests_are_refused_with_openais_error_fields(
+    tokenizer: Tokenizer, chat: bool, body: object, param: str | None, words: str
+) -> None:
+    with pytest.raises(ApiError) as info:
+        parse_request(body, tokenizer, CTX, chat=chat)
+    assert info.value.status == 400
+    assert info.value.param == param
+    assert words in str(info.value)
+    assert info.value.body()["error"]["type"] == "invalid_request_error"
+
+
+def test_requests_take_openais_defaults(tokenizer: Tokenizer) -> None:
+    completion = parse_request({"prompt": "Hello"}, tokenizer, CTX, chat=False)
+    assert completion.max_tokens == 16 and completion.sampling.temperature == 1.0 and completion.sampling.top_p == 1.0
+    assert completion.prompt_tokens == tokenizer.encode("Hello")
+    chat = parse_request({"messages": QUESTION, "stop": "."}, tokenizer, CTX, chat=True)
+    assert chat.max_tokens == CTX - len(chat.prompt_tokens)  # up to the context
+    assert chat.stop == (".",)
+    # the template's special tokens are single tokens, not their text spelled out
+    im_start = tokenizer.encode("<|im_start|>", add_bos=False, special=True)
+    assert len(im_start) == 1 and chat.prompt_tokens[0] == im_start[0]
+    assert chat.prompt_tokens.count(im_start[0]) == 3  # system, user, assistant
+    assert parse_request({"prompt": [1, 2, 3]}, tokenizer, CTX, chat=False).prompt_tokens == [1, 2, 3]
+
+
+# -- the server, for real ---------------------------------------------------------------------------
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        out += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+@pytest.fixture(scope="module")
+def api(smollm2: str) -> Iterator[str]:
+    cmd = [sys.executable, "-m", "llmrpc.cli", "serve", "--model", smollm2, "--port", "0", "--local", "2",
+           "--threads", "1", "--parallel", "2", "--ctx-size", str(CTX), "--api-key", KEY]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(PREFIX), f"no ready line: {line!r}"
+        servers = _children(proc.pid)
+        assert len(servers) == 2  # the two local llmrpc-servers it started
+        yield line[len(PREFIX) :].split()[0]
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0  # a clean stop on SIGTERM
+    for pid in servers:  # and it stopped the servers it started
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+@pytest.fixture(scope="module")
+def client(api: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=api, api_key=KEY, max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def llama(smollm2: str) -> Any:
+    return reference_llama(smollm2, n_ctx=CTX, n_threads=2)
+
+
+def _llama_completion(llama: Any, prompt: str, n: int, stop: list[str] | None = None) -> tuple[str, str]:
+    llama.reset()
+    out = llama.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, repeat_penalty=1.0, stop=stop)
+    return out["choices"][0]["text"], out["choices"][0]["finish_reason"]
+
+
+def test_models_lists_the_model(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["SmolLM2-135M-Instruct.Q4_1"]
+
+
+def test_greedy_completion_is_llama_cpps(client: openai.OpenAI, llama: Any) -> None:
+    prompt = "Once upon a time, in a small village by the sea,"
+    want, reason = _llama_completion(llama, prompt, 40)
+    got = client.completions.create(model="any", prompt=prompt, max_tokens=40, temperature=0)
+    assert got.choices[0].text == want and len(want) > 50
+    assert got.choices[0].finish_reason == reason == "length"
+    assert got.usage is not None and got.usage.completion_tokens == 40
+    assert got.usage.prompt_tokens == len(llama.tokenize(prompt.encode(), add_bos=True))
+
+
+def test_greedy_chat_is_llama_cpps_whole_and_streamed(client: openai.OpenAI, llama: Any) -> None:
+    llama.reset()
+    want = llama.create_chat_completion(QUESTION, max_tokens=48, temperature=0.0, top_k=1, repeat_penalty=1.0)
+    want_text = want["choices"][0]["message"]["content"]
+    assert len(want_text) > 40  # (the 135M model answers oddly, but as llama.cpp does)
+    got = client.chat.completions.create(model="any", messages=QUESTION, max_tokens=48, temperature=0)  # type: ignore[arg-type]
+    assert got.choices[0].message.content == want_text
+    assert got.choices[0].message.role == "assistant"
+    assert got.choices[0].finish_reason == want["choices"][0]["finish_reason"]
+    chunks = list(
+        client.chat.completions.create(
+            model="any", messages=QUESTION, max_tokens=48, temperature=0,  # type: ignore[arg-type]
+            stream=True, stream_options={"include_usage": True},
+        )
+    )  # fmt: skip
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want_text
+    assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) > 3  # really streamed
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == got.choices[0].finish_reason
+    assert chunks[-1].usage is not None and got.usage is not None
+    assert chunks[-1].usage.completion_tokens == got.usage.completion_tokens
+
+
+def test_stop_sequences_end_the_text_as_llama_cpp_does(client: openai.OpenAI, llama: Any) -> None:
+    prompt = "The capital of France is"
+    want, reason = _llama_completion(llama, prompt, 40, stop=["."])
+    assert reason == "stop" and "." not in want
+    got = client.completions.create(model="any", prompt=prompt, max_tokens=40, temperature=0, stop=["."])
+    assert (got.choices[0].text, got.choices[0].finish_reason) == (want, "stop")
+    streamed = client.completions.create(
+        model="any", prompt=prompt, max_tokens=40, temperature=0, stop=["."], stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == want
+
+
+def test_requests_at_once_get_the_answers_they_get_alone(client: openai.OpenAI) -> None:
+    """Five requests, two generated at a time (--parallel 2): each answer is the one it gets alone."""
+    prompts = ["def fibonacci(n):", "The capital of France is", "Once upon a time", "1, 2, 3, 4,", "Hello, my name"]
+
+    def ask(p: str) -> str:
+        return client.completions.create(model="any", prompt=p, max_tokens=24, temperature=0).choices[0].text or ""
+
+    alone = [ask(p) for p in prompts]
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        together = list(pool.map(ask, prompts))
+    assert together == alone
+
+
+def test_sampling_follows_the_seed(client: openai.OpenAI) -> None:
+    def ask(seed: int) -> str:
+        return client.completions.create(
+            model="any", prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=seed
+        ).choices[0].text or ""  # fmt: skip
+
+    assert ask(5) == ask(5)
+    assert len({ask(5), ask(6), ask(7)}) > 1
+
+
+def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict[str, Any]]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    req = urllib.request.Request(url, data=body, headers=headers)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(api: str, client: openai.OpenAI) -> None:
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=api, api_key="wrong", max_retries=0).models.list()
+    status, body = _post(api + "/completions", b'{"prompt": "hi"}', key=None)
+    assert status == 401 and "API key" in body["error"]["message"]
+    status, body = _post(api + "/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = _post(api + "/embeddings", b"{}")
+    assert status == 404 and "no such route" in body["error"]["message"]
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model="any", prompt="hi", max_tokens=10_000)
+    assert "context holds 256" in str(info.value)
+    # a client that goes away in the middle of a stream frees its slot
+    stream = client.completions.create(model="any", prompt="Once upon a time", max_tokens=200, stream=True)
+    next(iter(stream))
+    stream.close()
+    time.sleep(0.2)
+    results: list[str] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(
+            client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text))
+        for _ in range(2)
+    ]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(results) == 2 and results[0] == results[1]
