@@ -345,6 +345,11 @@ class FrameReader:
         self.max_bytes = max_bytes
         self._buf = bytearray()
 
+    @property
+    def holds_part(self) -> bool:
+        """Part of a frame has come, the rest has not."""
+        return bool(self._buf)
+
     def feed(self, data: bytes | memoryview) -> list[DataFrame]:
         """Frames completed by ``data`` (which may be reused once this returns: the frames
         hold copies)."""

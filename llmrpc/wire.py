@@ -73,6 +73,10 @@ class Connection:
                     self._writer.start()
                 self._cond.notify()
 
+    def idle(self) -> bool:
+        """Open, and nothing queued: a frame written to the socket now goes out in order."""
+        return not (self._pending or self._writing or self.closed) and self.error is None
+
     def _send_now(self, views: list[memoryview]) -> list[memoryview]:
         """Send what the socket takes without waiting; returns the rest."""
         while views:

@@ -22,6 +22,8 @@ from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.sampling import SamplingParams
 from llmrpc.types import split_address
+from llmrpc.v1 import llmrpc_pb2 as pb
+from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=5)
@@ -133,6 +135,34 @@ def test_servers_that_work_while_the_device_computes_generate_the_same(
                     tokens.close()
                     rest = list(s.generate([first[3]], 8, GREEDY))
                 assert first + rest == want[0]
+
+
+def native_steps(address: str) -> int:
+    with grpc.insecure_channel(address) as channel:
+        return int(pb_grpc.StageStub(channel).Health(pb.HealthRequest(), timeout=10).native_steps)
+
+
+def test_the_native_hop_computes_the_steps_and_changes_no_token(
+    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through three servers, each takes a generation's steps in C (server/hop.c), and leaves to
+    Python the ones it does not handle: the first steps, those where the decode graph is
+    rebuilt (every 64 positions on the CPU; 150 tokens cross two), and at the last server a
+    sampled generation's (the sampler is Python's; a greedy token is the device's argmax). The
+    tokens are those of servers that take every step in Python (LLMRPC_NATIVE_HOP=0)."""
+    before = [native_steps(a) for a in servers]
+    with Farm(tiny_models["Q8_0"], servers, ctx_size=256) as farm:
+        native = [list(farm.generate_tokens(prompt_tokens, 150, p, stop_at_eog=False)) for p in (GREEDY, SAMPLED)]
+    steps = [native_steps(a) - b for a, b in zip(servers, before, strict=True)]
+    assert 2 * 150 - 12 <= steps[0] < 2 * 150 and 2 * 150 - 12 <= steps[1] < 2 * 150, steps
+    assert 150 - 6 <= steps[2] <= 150, steps
+    monkeypatch.setenv("LLMRPC_NATIVE_HOP", "0")
+    with LocalServers(3, threads=2, extra_args=["--no-calibrate"]) as local:
+        with Farm(tiny_models["Q8_0"], local.addresses, ctx_size=256) as farm:
+            python = [list(farm.generate_tokens(prompt_tokens, 150, p, stop_at_eog=False)) for p in (GREEDY, SAMPLED)]
+        assert [native_steps(a) for a in local.addresses] == [0, 0, 0]
+    assert native == python
+    assert len(set(native[1])) > 10
 
 
 def test_a_malformed_generation_is_refused(servers: list[str]) -> None:

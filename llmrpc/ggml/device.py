@@ -7,7 +7,7 @@ import logging
 import sys
 
 from llmrpc.ggml import lib as g
-from llmrpc.ggml.openmp import parked_team
+from llmrpc.ggml.openmp import ParkedTeam, parked_team
 from llmrpc.types import DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -143,6 +143,10 @@ class Backend:
         """Work has arrived: parked workers start waking while the caller reads it."""
         if self._team is not None:
             self._team.wake()
+
+    def parked_team(self) -> ParkedTeam | None:
+        """The team of workers this backend parks between graphs, if it parks them."""
+        return self._team
 
     def claim_threads(self) -> None:
         """Before every graph on a backend that releases its threads: parked workers are

@@ -53,29 +53,41 @@ class ParkedTeam:
         # the region's body, run by each worker: sem_wait(&sem) (its int result is dropped)
         self._body = ctypes.cast(libc.sem_wait, ctypes.c_void_p).value
         self.n_threads = n_threads
-        self.parked = False  # a region of ours is open: its workers wait (or were woken)
-        self._woken = False
+        # [parked, woken]: a region of ours is open and its workers wait (or were woken). In
+        # memory C can reach: the native hop (server/hop.c) claims and parks this team too.
+        self._state = (ctypes.c_int64 * 2)()
+
+    @property
+    def parked(self) -> bool:
+        return bool(self._state[0])
+
+    def native_fields(self) -> tuple[int, int, int, int, int, int]:
+        """For C code that claims and parks this team as :meth:`claim` and :meth:`park` do:
+        addresses of the state and the semaphore, the threads, the region's body, and
+        GOMP_parallel_start and GOMP_parallel_end."""
+        start, end = (int(ctypes.cast(fn, ctypes.c_void_p).value or 0) for fn in (self._start, self._end))
+        return ctypes.addressof(self._state), self._sem_address, self.n_threads, int(self._body or 0), start, end
 
     def park(self) -> None:
         """Right after a graph: the workers go to sleep (the caller returns at once)."""
-        if not self.parked:
+        if not self._state[0]:
             self._start(self._body, self._sem_address, self.n_threads)
-            self.parked, self._woken = True, False
+            self._state[0], self._state[1] = 1, 0
 
     def wake(self) -> None:
         """Work has arrived: let the workers wake while the caller prepares it."""
-        if self.parked and not self._woken:
+        if self._state[0] and not self._state[1]:
             for _ in range(self.n_threads - 1):
                 self._post(self._sem_address)
-            self._woken = True
+            self._state[1] = 1
 
     def claim(self) -> None:
         """Before a graph (or before the thread ends): close the region, workers awake."""
-        if not self.parked:
+        if not self._state[0]:
             return
         self.wake()
         self._end()
-        self.parked = False
+        self._state[0] = 0
         # a worker whose wait a signal cut short left a post unused: drop it, so the next
         # park's workers sleep
         while self._trywait(self._sem_address) == 0:

@@ -111,6 +111,34 @@ class _RowInputs:
             tensor_set(tensor, address, 0, nbytes)
 
 
+@dataclass(frozen=True)
+class RowGraph:
+    """A kept one-row decode graph as C code that computes it sees it (server/hop.c): the
+    addresses of its scheduler, graph, output and inputs, and of the row's input buffers, which
+    that code fills as :meth:`_RowInputs.write` does."""
+
+    graph: _Graph
+    row: _RowInputs
+    n_kv: int
+    sched: int
+    gf: int
+    out: int
+    inp_x: int  # token ids (the first layers) or hidden states
+    inp_pos: int
+    inp_k: int
+    inp_v: int
+    inp_mask: int
+    pos_buf: int
+    k_buf: int
+    v_rows: int
+    v_buf: int
+    mask_buf: int
+
+
+def _address(t: g.Tensor | None) -> int:
+    return 0 if t is None else int(ctypes.cast(t, ctypes.c_void_p).value or 0)
+
+
 _SERIALS = itertools.count(1)
 
 
@@ -312,6 +340,25 @@ class LayerStage:
             return [result[seg.offset : seg.offset + seg.n] for seg in segments]
 
         return collect
+
+    def row_graph(self, cache: SessionCache, pos: int) -> RowGraph | None:
+        """The kept graph that decodes the row at ``pos`` of ``cache``'s session, if it is built:
+        to hidden states, or on the last layers to the greedy token (top1). None otherwise."""
+        n_kv = padded_n_kv(pos + 1, cache.kv_size, self.attend_pad)
+        graph = self._kept.get((((cache.serial, 1, n_kv),), False, self.last))
+        if graph is None or graph.row is None:
+            return None
+        inp, seg, row = graph.inputs, graph.inputs.segments[0], graph.row
+        data = [a.__array_interface__["data"][0] for a in (row.pos, row.k_idx, row.v_rows, row.v_idx, row.mask)]
+        return RowGraph(
+            graph, row, n_kv, graph.sched, graph.gf, _address(graph.out),
+            _address(inp.tokens if self.first else inp.embd), _address(inp.pos), _address(seg.k_idxs),
+            _address(seg.v_idxs), _address(seg.kq_mask), *data,
+        )  # fmt: skip
+
+    def holds(self, graph: _Graph) -> bool:
+        """Whether ``graph`` is still kept (not freed)."""
+        return self._kept.get(graph.key) is graph
 
     def _graph_for(self, key: GraphKey, caches: list[SessionCache], segments: list[Segment]) -> _Graph:
         """The built and allocated graph for this batch's shape and caches; rebuilt only when

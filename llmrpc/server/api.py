@@ -12,6 +12,7 @@ from typing import Protocol
 import numpy as np
 
 from llmrpc.model.slicefile import IncomingSlice
+from llmrpc.server.native import NativeHop
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
 
 
@@ -60,6 +61,7 @@ class StageEngine(Protocol):
 
     memory_cap: int
     bytes_received: int
+    native_steps: int  # generation steps computed through the native hop (server/hop.c)
 
     def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None: ...
     def open_upload(self, head: IncomingSlice) -> tuple[int, bytes]: ...
@@ -76,6 +78,7 @@ class StageEngine(Protocol):
         self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False
     ) -> Launched: ...
     def close_session(self, session_id: str) -> None: ...
+    def native_hop(self, session_id: str) -> NativeHop | None: ...
     def max_input_elements(self) -> int: ...
 
 

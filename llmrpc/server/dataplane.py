@@ -36,8 +36,9 @@ import numpy as np
 from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind, Generation
 from llmrpc.sampling import Sampler
-from llmrpc.server.api import EngineError, Launched, StageEngine, stage_outputs, top_k_logits
+from llmrpc.server.api import EngineError, ErrorCode, Launched, StageEngine, stage_outputs, top_k_logits
 from llmrpc.server.loop import ComputeLoop
+from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_ENDED, HOP_NOTHING, HOP_REPORT_LEFT, NativeHop
 from llmrpc.types import PROTOCOL_VERSION, split_address
 
 logger = logging.getLogger(__name__)
@@ -59,6 +60,7 @@ class _Step:
     items: list[tuple[str, int, np.ndarray]]  # (session, position, rows)
     gen: Generation | None
     arrived: float = 0.0
+    stepped: wire.Connection | None = None  # the connection it came on as a STEP frame
 
     @property
     def link(self) -> Any:
@@ -88,6 +90,18 @@ class _Step:
         return str(self.route[0][0]) == self.here
 
 
+@dataclass
+class _Native:
+    """A connection's next generation steps, armed for the native hop."""
+
+    hop: NativeHop
+    key: tuple[int, int]  # the generation
+    hop_index: int  # this server's place on its route
+    peer: wire.Connection  # the next server's connection
+    step: _Step  # the step it was armed after (the generation, its route)
+    head: wire.Connection | None  # at the last server: the head's, for the tokens' reports
+
+
 class DataPlane:
     def __init__(
         self, engine: StageEngine, loop: ComputeLoop, host: str, port: int = 0, connect_timeout: float = 5.0
@@ -115,6 +129,8 @@ class DataPlane:
         # frames' order, so the receiver, keeping twice as many, has every key the sender has.
         self._sent: dict[wire.Connection, OrderedDict[tuple[int, int], None]] = {}
         self._known: dict[wire.Connection, OrderedDict[tuple[int, int], _Step]] = {}
+        # connections whose next STEP the native hop may take (see _native_step)
+        self._native: dict[wire.Connection, _Native] = {}
         loop.watch(self._listener, self._accept)
 
     # -- connections (all on the loop thread) ---------------------------------------------
@@ -129,9 +145,12 @@ class DataPlane:
         self.loop.watch(sock, lambda: self._on_readable(conn))
 
     def _on_readable(self, conn: wire.Connection) -> None:
+        arrived = time.perf_counter()
+        native = self._native.get(conn)
+        if native is not None and self._native_step(conn, native, arrived):
+            return
         if conn.authenticated:
             conn.reader.max_bytes = self._frame_limit()
-        arrived = time.perf_counter()
         try:
             frames = conn.receive()
         except codec.CodecError as e:
@@ -193,6 +212,9 @@ class DataPlane:
                 del self._peers[address]
         self._sent.pop(conn, None)
         self._known.pop(conn, None)
+        for c, native in list(self._native.items()):
+            if conn in (c, native.peer):
+                del self._native[c]
 
     def _send(
         self, conn: wire.Connection, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
@@ -243,7 +265,7 @@ class DataPlane:
         hop, pos = f["hop"], f["pos"]
         m = {**base.m, "hop": hop, "pos": [pos], "rows": [int(x.shape[0])]}
         gen = replace(base.gen, n=f["n"], step=f["step"])
-        step = _Step(m, rid, base.route, hop, [(str(base.route[hop][2][0]), pos, x)], gen)
+        step = _Step(m, rid, base.route, hop, [(str(base.route[hop][2][0]), pos, x)], gen, stepped=conn)
         self._take(step, arrived, at_once=self._lone(step))
 
     def _lone(self, step: _Step) -> bool:
@@ -258,6 +280,9 @@ class DataPlane:
 
     def _take(self, step: _Step, arrived: float, at_once: bool = False) -> None:
         step.arrived = arrived
+        if self._native and step.gen is not None:  # steps of others go through here: batch them
+            for c in [c for c, native in self._native.items() if native.key != step.key]:
+                del self._native[c]
         trace.stamp(step.link, step.rid, f"s{step.hop}.arrive", arrived, step.step)
         if step.hop == 0 and step.gen is not None:
             self._arrived(step, arrived)
@@ -297,9 +322,12 @@ class DataPlane:
         return _Step(m, rid, route, hop, list(zip(sessions, positions, parts, strict=True)), gen)
 
     def _arrived(self, step: _Step, now: float) -> None:
+        self._arrived_key(step.key, now)
+
+    def _arrived_key(self, key: tuple[int, int], now: float) -> None:
         """Note when a generation's step came back to the first server, and its period."""
-        last = self._rounds.pop(step.key, None)
-        self._rounds[step.key] = (now, now - last[0] if last else 0.0)
+        last = self._rounds.pop(key, None)
+        self._rounds[key] = (now, now - last[0] if last else 0.0)
         for k in [k for k, (t, period) in self._rounds.items() if now - t > (2 * period + 0.01 if period else 1.0)]:
             del self._rounds[k]  # stalled: not waited for
 
@@ -414,6 +442,72 @@ class DataPlane:
             sent.move_to_end(s.key)
             while len(sent) > MAX_GENERATIONS:
                 sent.popitem(last=False)
+            if s.stepped is not None and "batch" not in meta:
+                self._arm(s, peer)
+        return True
+
+    # -- the native hop --------------------------------------------------------------------
+    def _arm(self, s: _Step, peer: wire.Connection) -> None:
+        """After a generation's step came as a STEP and went on as one: its next steps on that
+        connection may take the native hop (server/hop.c), which reads, computes and sends a
+        step in one C call instead of ~0.5 ms of cold Python."""
+        conn, gen = s.stepped, s.gen
+        if conn is None or gen is None or conn.closed or trace.enabled() or len(s.items) != 1:
+            return
+        head = self._links.get(s.key[0]) if s.last else None
+        hop = None
+        if not s.last or (head is not None and gen.sampling.temperature <= 0):  # greedy: the device's token
+            hop = self.engine.native_hop(s.items[0][0])
+        if hop is None:
+            self._native.pop(conn, None)
+            return
+        hop.route(conn.sock.fileno(), peer.sock.fileno(), s.key[0], s.rid, s.hop)
+        if head is not None:
+            hop.generate(head.sock.fileno(), gen.eog, gen.limit)
+        self._native[conn] = _Native(hop, s.key, s.hop, peer, s, head)
+
+    def _native_step(self, conn: wire.Connection, native: _Native, arrived: float) -> bool:
+        """Let the native hop take the next frame on ``conn``; False (and the hop disarmed)
+        when the frame is for Python: not the generation's plain next step, or not whole yet."""
+        if (
+            conn.reader.holds_part or not native.peer.idle() or self._ready or not native.hop.valid()
+            or (native.hop_index == 0 and not set(self._rounds) <= {native.key})
+            or (native.head is not None and (not native.head.idle() or native.key in self._cancelled))
+        ):  # fmt: skip
+            del self._native[conn]
+            return False
+        result = native.hop.run()
+        if result == HOP_NOTHING:
+            return True
+        h = native.hop.hop
+        if result != HOP_DONE:
+            del self._native[conn]
+            if result in (HOP_ENDED, HOP_REPORT_LEFT):  # the token (the last server) is Python's to send on
+                base = native.step
+                assert base.gen is not None
+                gen = Generation(int(h.n), int(h.step), base.gen.limit, base.gen.eog, base.gen.sampling)
+                reported = int(h.sent) if result == HOP_REPORT_LEFT else 0
+                self._after_token(base, gen, int(h.token), int(h.pos) + 1, reported)
+                return True
+            if result != HOP_COMPUTE_FAILED:
+                return False
+            message = f"graph compute failed: ggml status {h.status}"
+            self._fail(native.key[0], native.key[1], ErrorCode.INTERNAL.value, message, native.step.here)
+            return True
+        if h.err:
+            self._drop(native.peer)
+            self._fail_next(native.key[0], native.key[1], native.peer.peer, f"sending to it failed (errno {h.err})")
+            return True
+        unsent = native.hop.unsent()
+        if unsent and not self._send_encoded(native.peer, [unsent]):
+            self._fail_next(native.key[0], native.key[1], native.peer.peer, "the connection to it broke")
+            return True
+        # what the Python path does per step, after the step has gone on
+        if native.hop_index == 0:
+            self._arrived_key(native.key, arrived)
+        for lru in (self._known.get(conn), self._sent.get(native.peer)):
+            if lru is not None and native.key in lru:
+                lru.move_to_end(native.key)
         return True
 
     def _generated(self, s: _Step, gen: Generation, out: np.ndarray, fed: int) -> None:
@@ -426,7 +520,15 @@ class DataPlane:
             while len(self._samplers) > MAX_GENERATIONS:
                 self._end_generation(next(iter(self._samplers)))
         token = int(out[-1]) if out.dtype == np.int32 else _sample(sampler, out[-1:])
-        if key in self._cancelled:
+        self._after_token(s, gen, token, fed)
+
+    def _after_token(self, s: _Step, gen: Generation, token: int, fed: int, reported: int = 0) -> None:
+        """Report ``token`` (the first ``reported`` bytes of its report are sent already: then
+        the generation goes on, as they say) and start the next step, or end the generation."""
+        key = s.key
+        if reported:
+            end = None
+        elif key in self._cancelled:
             end = "cancelled"
         elif token in gen.eog:
             end = "eog"
@@ -438,7 +540,9 @@ class DataPlane:
             end = "gone"  # the head's connection closed: nobody would read on
         else:
             end = None
-        report = codec.encode_token(s.rid, token, gen.step, end)
+        report: Sequence[bytes] = codec.encode_token(s.rid, token, gen.step, end)
+        if reported:
+            report = [b"".join(report)[reported:]]
         if end is None:
             then = gen.next_step()
             nxt = {**s.m, "hop": 0, "pos": [fed], "rows": [1]}

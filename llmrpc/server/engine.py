@@ -6,6 +6,7 @@ and refused with an :class:`EngineError` that names the problem.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import os
@@ -17,6 +18,7 @@ import numpy as np
 
 from llmrpc import trace
 from llmrpc.ggml.device import Backend
+from llmrpc.ggml.lib import ggml
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import content_hash, read_model
@@ -24,6 +26,7 @@ from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes
 from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
+from llmrpc.server.native import Hop, NativeHop, hop_library
 from llmrpc.server.store import TransferError, WeightStore
 from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
@@ -66,6 +69,7 @@ class Engine:
         # spin (as OpenMP's do for ~3 ms) takes a core from the stage that computes now.
         self.release_threads = release_threads
         self.bytes_received = 0
+        self.native_steps = 0
         self.threads = threads
         self.max_sessions = max_sessions
         self.max_ctx = max_ctx
@@ -328,6 +332,49 @@ class Engine:
         layers waits for this batch first."""
         assert self.loop.on_loop(), "launch_batch runs on the compute loop"
         return self._launch(items, all_logits, top1)
+
+    def native_hop(self, session_id: str) -> NativeHop | None:
+        """The session's next decode step, set up for the native hop (server/hop.c): its kept
+        one-row graph and inputs (on the last layers, the greedy token's), this host's lock and
+        the parked team. None where the step must go through :meth:`launch_batch`: a GPU (its
+        steps overlap), no native hop here, or no graph built for the session's next position
+        yet (the step that builds it goes through Python)."""
+        stage, entry = self._stage, self._sessions.get(session_id)
+        if self.overlaps or stage is None or entry is None:
+            return None
+        lib = hop_library()
+        team = self._backend.parked_team()
+        if lib is None or (self.release_threads and team is None):
+            return None
+        cache, length = entry
+        row = stage.row_graph(cache, length[0])
+        if row is None:
+            return None
+        self._settle()
+        lib_ggml, hp = ggml(), stage.hp
+        h = Hop(lock_fd=self._host_lock.fileno() if self._host_lock else -1, first=int(stage.first))
+        h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, hp.n_embd_kv
+        h.length, h.limit, h.n_kv, h.allowed = length[0], min(row.n_kv, self.max_ctx), row.n_kv, row.row.allowed
+        for name in ("pos_buf", "k_buf", "v_rows", "v_buf", "mask_buf", "sched", "gf", "out", "inp_x", "inp_pos",
+                     "inp_k", "inp_v", "inp_mask"):  # fmt: skip
+            setattr(h, name, getattr(row, name))
+        if self.release_threads and team is not None:
+            h.team_state, h.sem, h.n_threads, h.sem_wait_fn, h.gomp_start, h.gomp_end = team.native_fields()
+        for field, fn in (
+            ("tensor_set", lib_ggml.ggml_backend_tensor_set), ("tensor_get", lib_ggml.ggml_backend_tensor_get),
+            ("compute", lib_ggml.ggml_backend_sched_graph_compute_async),
+            ("synchronize", lib_ggml.ggml_backend_sched_synchronize),
+        ):  # fmt: skip
+            setattr(h, field, ctypes.cast(fn, ctypes.c_void_p).value)
+
+        def valid() -> bool:
+            return self._stage is stage and self._sessions.get(session_id) is entry and stage.holds(row.graph)
+
+        def done(h: Hop) -> None:
+            length[0], row.row.allowed = int(h.length), int(h.allowed)
+            self.native_steps += 1
+
+        return NativeHop(lib, h, valid, done, row)
 
     def _settle(self) -> None:
         """Wait for the batch in flight, if any (its outputs stay with its Launched)."""

@@ -81,7 +81,9 @@ class StageService(pb_grpc.StageServicer):
         return reply
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:  # noqa: N802
-        return pb.HealthReply(serving=True, open_sessions=self.engine.open_sessions())
+        return pb.HealthReply(
+            serving=True, open_sessions=self.engine.open_sessions(), native_steps=self.engine.native_steps
+        )
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802
         def run() -> pb.LoadReply:

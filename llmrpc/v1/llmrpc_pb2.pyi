@@ -123,12 +123,14 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "open_sessions")
+    __slots__ = ("serving", "open_sessions", "native_steps")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    NATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     open_sessions: int
-    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ...) -> None: ...
+    native_steps: int
+    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model_path", "layer_start", "layer_end", "model_hash")
