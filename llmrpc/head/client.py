@@ -12,6 +12,7 @@ import grpc
 import numpy as np
 
 from llmrpc import codec
+from llmrpc.auth import ClientSecurity
 from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerInfo, join_address, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
@@ -37,15 +38,18 @@ class StageError(RuntimeError):
 
 
 class StageClient:
-    def __init__(self, address: str, *, timeout: float = 600.0, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, address: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
+        security: ClientSecurity = ClientSecurity(),  # noqa: B008 (frozen)
+    ) -> None:  # fmt: skip
         self.address = address
         self.timeout = timeout
         self.connect_timeout = connect_timeout
         self.loaded: LoadedRange | None = None
         self.data_address = ""  # host:port of its data plane (from Hello; "" when it has none)
         self.data_token = ""
-        self._channel = grpc.insecure_channel(address, options=_OPTIONS)
-        self._stub = pb_grpc.StageStub(self._channel)
+        self._channel = security.channel(address, _OPTIONS)
+        self._stub = pb_grpc.StageStub(security.intercept(self._channel))
         self._stream: _ForwardStream | None = None
         self._stream_lock = threading.Lock()
 

@@ -28,6 +28,7 @@ class LocalServers:
     per_server_args: list[list[str]] = field(default_factory=list)  # server i also gets per_server_args[i]
     calibrate: bool | None = None  # None: only a server alone on this machine measures its speed
     startup_timeout: float = 60.0
+    env: dict[str, str] = field(default_factory=dict)  # added to the servers' environment (e.g. LLMRPC_TOKEN)
     processes: list[subprocess.Popen[str]] = field(default_factory=list)
     addresses: list[str] = field(default_factory=list)
     _lock_file: str = ""
@@ -57,7 +58,7 @@ class LocalServers:
             # noise of measuring side by side, and skew the plan. Equal speeds split evenly.
             cmd += ["--no-calibrate"]
         cmd += self.extra_args + own_args
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ.copy())
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=os.environ | self.env)
         self.processes.append(proc)
         address = read_ready(proc, self.startup_timeout)
         self.addresses.append(address)

@@ -47,8 +47,18 @@ def serve(
     data_port: int = 0,
     release_threads: bool = False,
     pin_threads: bool = False,
+    token: str | None = None,
+    tls_cert: str | None = None,
+    tls_key: str | None = None,
 ) -> int:
     prepare_threads_env(omp_spin, pin_threads)
+    from llmrpc.auth import TokenChecker, server_credentials
+
+    try:
+        credentials = server_credentials(tls_cert, tls_key) if tls_cert and tls_key else None
+    except ValueError as e:
+        print(f"llmrpc-server: {e}", file=sys.stderr)
+        return 2
     from llmrpc.ggml.device import find_device
     from llmrpc.server.engine import Engine
     from llmrpc.server.service import GRPC_OPTIONS, StageService
@@ -85,9 +95,15 @@ def serve(
         print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
         engine.close()
         return 2
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
+        interceptors=[TokenChecker(token)] if token else [],
+    )  # fmt: skip
     pb_grpc.add_StageServicer_to_server(StageService(engine, data.port, data.token), server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if credentials is not None:
+        bound = server.add_secure_port(f"{host}:{port}", credentials)
+    else:
+        bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         print(f"llmrpc-server: cannot listen on {host}:{port} (in use or not permitted)", file=sys.stderr)
         data.close()
@@ -99,7 +115,9 @@ def serve(
         signal.signal(sig, lambda *_: stop.set())
     # The ready line: tests and `llmrpc-head --local` read the bound port from it.
     print(
-        f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}", flush=True
+        f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}"
+        f" tls={'on' if credentials else 'off'} token={'on' if token else 'off'}",
+        flush=True,
     )
     logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
     stop.wait()

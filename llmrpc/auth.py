@@ -1,0 +1,121 @@
+"""Who may talk to a server, and how: a shared token on every gRPC call, and TLS on the gRPC link.
+
+The server (``llmrpc-server --token T --tls-cert C --tls-key K``) refuses any call without
+``authorization: Bearer T`` (UNAUTHENTICATED, before the call reaches the engine). The data plane's
+token and a weight transfer's one-time token are handed out by calls (Hello, BeginUpload), so
+they only reach a head that has the server's token. The head (``--token T --tls-ca CA``) adds the
+token to every call and checks the server's certificate against CA.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+logger = logging.getLogger(__name__)
+
+ENV_TOKEN = "LLMRPC_TOKEN"  # where servers and heads also read the token (kept off command lines)
+_HEADER = "authorization"
+
+
+@dataclass(frozen=True)
+class ClientSecurity:
+    """What a head presents to its servers."""
+
+    token: str | None = None
+    tls_ca: str | None = None  # PEM file of the CA (or the self-signed certificate) servers' certificates chain to
+
+    def channel(self, address: str, options: list[tuple[str, Any]]) -> grpc.Channel:
+        if self.tls_ca:
+            creds = grpc.ssl_channel_credentials(root_certificates=_read(self.tls_ca, "--tls-ca"))
+            return grpc.secure_channel(address, creds, options=options)
+        return grpc.insecure_channel(address, options=options)
+
+    def intercept(self, channel: grpc.Channel) -> grpc.Channel:
+        """The channel with the token added to every call (the channel itself when there is none)."""
+        if not self.token:
+            return channel
+        return grpc.intercept_channel(channel, _TokenAdder(self.token))
+
+
+def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
+    return grpc.ssl_server_credentials([(_read(key, "--tls-key"), _read(cert, "--tls-cert"))])
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ValueError(f"{what} {path}: {e.strerror}") from e
+
+
+class _CallDetails(grpc.ClientCallDetails):  # type: ignore[misc]
+    def __init__(self, details: grpc.ClientCallDetails, metadata: tuple[tuple[str, str | bytes], ...]) -> None:
+        self.method = details.method
+        self.timeout = details.timeout
+        self.metadata = metadata
+        self.credentials = details.credentials
+        self.wait_for_ready = getattr(details, "wait_for_ready", None)
+        self.compression = getattr(details, "compression", None)
+
+
+class _TokenAdder(
+    grpc.UnaryUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.UnaryStreamClientInterceptor,  # type: ignore[misc]
+    grpc.StreamUnaryClientInterceptor,  # type: ignore[misc]
+    grpc.StreamStreamClientInterceptor,  # type: ignore[misc]
+):
+    def __init__(self, token: str) -> None:
+        self._entry = (_HEADER, f"Bearer {token}")
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        return _CallDetails(details, (*(details.metadata or ()), self._entry))
+
+    def intercept_unary_unary(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Callable[..., Any], details: Any, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+    def intercept_stream_stream(self, continuation: Callable[..., Any], details: Any, requests: Any) -> Any:
+        return continuation(self._details(details), requests)
+
+
+class TokenChecker(grpc.ServerInterceptor):  # type: ignore[misc]
+    """Refuses every call that does not carry the server's token."""
+
+    def __init__(self, token: str) -> None:
+        self._want = f"Bearer {token}".encode()
+
+    def intercept_service(self, continuation: Callable[..., Any], details: Any) -> Any:
+        given = dict(details.invocation_metadata or ()).get(_HEADER, "")
+        if hmac.compare_digest(str(given).encode(), self._want):
+            return continuation(details)
+        handler = continuation(details)
+        if handler is None:
+            return None
+        why = "a token is needed (llmrpc-head --token, or LLMRPC_TOKEN)" if not given else "wrong token"
+        logger.warning("refused %s: %s", details.method, why)
+
+        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+
+        kinds = (
+            ("unary_unary", grpc.unary_unary_rpc_method_handler),
+            ("unary_stream", grpc.unary_stream_rpc_method_handler),
+            ("stream_unary", grpc.stream_unary_rpc_method_handler),
+            ("stream_stream", grpc.stream_stream_rpc_method_handler),
+        )
+        for attr, make in kinds:
+            if getattr(handler, attr) is not None:
+                return make(refuse, handler.request_deserializer, handler.response_serializer)
+        return None
