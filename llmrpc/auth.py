@@ -1,16 +1,19 @@
-"""Who may talk to a server, and how: a shared token on every gRPC call, and TLS on the gRPC link.
+"""Who may talk to a server, and how: a shared token on every gRPC call, and TLS on every link.
 
 The server (``llmrpc-server --token T --tls-cert C --tls-key K``) refuses any call without
 ``authorization: Bearer T`` (UNAUTHENTICATED, before the call reaches the engine). The data plane's
 token and a weight transfer's one-time token are handed out by calls (Hello, BeginUpload), so
 they only reach a head that has the server's token. The head (``--token T --tls-ca CA``) adds the
-token to every call and checks the server's certificate against CA.
+token to every call and checks the server's certificate against CA. With TLS, the data plane
+(head to server, server to server) and weight shipping run over TLS too (``ssl`` contexts below):
+a server checks the next server's certificate against its own ``--tls-ca``.
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +40,10 @@ class ClientSecurity:
             return grpc.secure_channel(address, creds, options=options)
         return grpc.insecure_channel(address, options=options)
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """For the head's TCP links (data plane, weight shipping); None without TLS."""
+        return client_context(self.tls_ca) if self.tls_ca else None
+
     def intercept(self, channel: grpc.Channel) -> grpc.Channel:
         """The channel with the token added to every call (the channel itself when there is none)."""
         if not self.token:
@@ -46,6 +53,27 @@ class ClientSecurity:
 
 def server_credentials(cert: str, key: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(_read(key, "--tls-key"), _read(cert, "--tls-cert"))])
+
+
+def server_context(cert: str, key: str) -> ssl.SSLContext:
+    """What a server's TCP ports (data plane, uploads) accept connections with."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        ctx.load_cert_chain(cert, key)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--tls-cert {cert} / --tls-key {key}: {e}") from e
+    return ctx
+
+
+def client_context(ca: str) -> ssl.SSLContext:
+    """What connects to a server's TCP ports: the certificate must chain to ``ca`` and name the host."""
+    try:
+        ctx = ssl.create_default_context(cafile=ca)
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"--tls-ca {ca}: {e}") from e
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
 
 
 def _read(path: str, what: str) -> bytes:

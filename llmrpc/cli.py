@@ -129,13 +129,16 @@ def _logging(verbose: int) -> None:
     "--tls-cert", default=None, type=click.Path(dir_okay=False), help="PEM certificate: TLS on the gRPC port."
 )
 @click.option("--tls-key", default=None, type=click.Path(dir_okay=False), help="PEM private key of --tls-cert.")
+@click.option("--tls-ca", "server_tls_ca", default=None, type=click.Path(dir_okay=False),
+              help="With --tls-cert: what the next servers' certificates must chain to, on the data plane "
+              "(default: --tls-cert itself, for one self-signed certificate shared by the farm).")  # fmt: skip
 @click.option("--list-devices", is_flag=True, help="Print the devices this build can use and exit.")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
     host: str, port: int, data_port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
     memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
     host_lock: str | None, release_threads: bool, pin_threads: bool, no_calibrate: bool, token: str | None,
-    tls_cert: str | None, tls_key: str | None, list_devices: bool, verbose: int,
+    tls_cert: str | None, tls_key: str | None, server_tls_ca: str | None, list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     if bool(tls_cert) != bool(tls_key):
@@ -157,7 +160,7 @@ def server(
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
             omp_spin=omp_spin, host_lock=host_lock, data_port=data_port,
             release_threads=release_threads, pin_threads=pin_threads, token=token or None,
-            tls_cert=tls_cert, tls_key=tls_key,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=server_tls_ca,
         )
     )  # fmt: skip
 

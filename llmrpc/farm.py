@@ -147,7 +147,9 @@ class Farm:
         if bar is not None:
             bar.close()
         hp = self.info.hparams
-        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane)
+        self.pipeline = Pipeline(
+            used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self.security.ssl_context()
+        )
 
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
@@ -157,7 +159,10 @@ class Farm:
         if loaded is None:
             n = self.info.range_bytes(start, end)
             bar = _progress(n, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
-            shipped = ship_slice(client, self.info, self.model_hash, start, end, bar.update if bar else None)
+            shipped = ship_slice(
+                client, self.info, self.model_hash, start, end, bar.update if bar else None,
+                tls=self.security.ssl_context(),
+            )  # fmt: skip
             if bar is not None:
                 bar.close()
             if shipped != n:

@@ -8,9 +8,11 @@ two parties can each wait for the other to read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import select
 import socket
+import ssl
 import threading
 import time
 from collections import deque
@@ -32,16 +34,32 @@ def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
 
 
-def connect(host: str, port: int, timeout: float) -> socket.socket:
+def connect(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connected, tuned socket; with ``tls``, the handshake done (the server's certificate checked)."""
     sock = socket.create_connection((host, port), timeout=timeout)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=host)  # handshakes within the timeout
+        except BaseException:
+            sock.close()
+            raise
     tune(sock)
     return sock
+
+
+def accept_tls(sock: socket.socket, tls: ssl.SSLContext) -> ssl.SSLSocket:
+    """An accepted socket as TLS; the handshake goes on as the peer's bytes arrive (Connection)."""
+    return tls.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
 
 
 class Connection:
     def __init__(self, sock: socket.socket, peer: str, max_bytes: int) -> None:
         self.sock = sock
         self.peer = peer
+        # TLS: one SSL object may not be used by two threads at once (reader and writer)
+        self.tls = isinstance(sock, ssl.SSLSocket)
+        self._tls_io = threading.Lock()
+        self.handshaking = self.tls and not _handshake_done(sock)  # type: ignore[arg-type]
         self.reader = codec.FrameReader(max_bytes)
         self._inbox = memoryview(bytearray(RECV_BYTES))  # reused: no 1 MiB allocation per read
         self.link = 0  # the head link id this connection answers to (0: a peer server)
@@ -79,6 +97,8 @@ class Connection:
 
     def _send_now(self, views: list[memoryview]) -> list[memoryview]:
         """Send what the socket takes without waiting; returns the rest."""
+        if self.tls:
+            return self._send_tls(views)
         while views:
             try:
                 n = self.sock.sendmsg(views[:_MAX_IOV])
@@ -86,6 +106,17 @@ class Connection:
                 break
             views = _advance(views, n)
         return views
+
+    def _send_tls(self, views: list[memoryview]) -> list[memoryview]:
+        data = memoryview(b"".join(views)) if len(views) > 1 else views[0]
+        while data.nbytes:
+            try:
+                with self._tls_io:
+                    n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+                break
+            data = data[n:]
+        return [data] if data.nbytes else []
 
     def _drain(self) -> None:
         while True:
@@ -112,6 +143,8 @@ class Connection:
 
     def receive(self) -> list[codec.DataFrame] | None:
         """Read what is there without waiting: whole frames (maybe none), None at the end."""
+        if self.tls:
+            return self._receive_tls()
         try:
             n = self.sock.recv_into(self._inbox)
         except (BlockingIOError, InterruptedError):
@@ -123,6 +156,29 @@ class Connection:
             return None
         return self.reader.feed(self._inbox[:n])
 
+    def _receive_tls(self) -> list[codec.DataFrame] | None:
+        """As :meth:`receive`, through TLS: the handshake first, then every decrypted byte (TLS
+        may hold some that the socket will never signal again)."""
+        assert isinstance(self.sock, ssl.SSLSocket)
+        frames: list[codec.DataFrame] = []
+        with self._tls_io:
+            try:
+                if self.handshaking:
+                    self.sock.do_handshake()
+                    self.handshaking = False
+                while True:
+                    n = self.sock.recv_into(self._inbox)
+                    if not n:
+                        return None
+                    frames += self.reader.feed(self._inbox[:n])
+                    if not self.sock.pending():
+                        return frames
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                return frames
+            except OSError as e:  # ssl.SSLError included: a failed handshake, a damaged record
+                self.error = e
+                return None
+
     def close(self) -> None:
         with self._cond:
             self.closed = True
@@ -131,6 +187,12 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
+
+
+def _handshake_done(sock: ssl.SSLSocket) -> bool:
+    with contextlib.suppress(ValueError, OSError):
+        return sock.version() is not None
+    return False
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

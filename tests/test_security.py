@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,11 +11,15 @@ from pathlib import Path
 import grpc
 import pytest
 
+from llmrpc import codec
 from llmrpc.auth import ENV_TOKEN, ClientSecurity
+from llmrpc.codec import FrameKind
 from llmrpc.farm import Farm
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers, read_ready
 from llmrpc.sampling import SamplingParams
+from llmrpc.v1 import llmrpc_pb2 as pb
+from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
 GREEDY = SamplingParams(temperature=0)
 TOKEN = "s3cret-token"
@@ -81,20 +86,56 @@ def _server(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-def test_tls_on_the_grpc_link(tiny_models: dict[str, str], tmp_path: Path) -> None:
+def _native_steps(address: str, security: ClientSecurity) -> int:
+    channel = security.channel(address, [])
+    with channel:
+        stub = pb_grpc.StageStub(security.intercept(channel))
+        return int(stub.Health(pb.HealthRequest(), timeout=10).native_steps)
+
+
+def test_tls_on_every_link(tiny_models: dict[str, str], servers: list[str], tmp_path: Path) -> None:
+    """Two servers with one self-signed certificate: gRPC, the head's data links, the hop from
+    one server to the next and the weights shipped to them all go over TLS, and the tokens are
+    those of plain servers."""
     cert, key = _certificate(tmp_path, "server")
     other, _ = _certificate(tmp_path, "other")
-    proc = _server("--tls-cert", cert, "--tls-key", key, "--token", TOKEN)
+    procs = [
+        _server("--tls-cert", cert, "--tls-key", key, "--token", TOKEN, "--cache-dir", str(tmp_path / f"cache{i}"))
+        for i in range(2)
+    ]  # fmt: skip
     try:
-        address = read_ready(proc, 60)
-        with Farm(tiny_models["F32"], [address], ctx_size=64, token=TOKEN, tls_ca=cert) as farm:
-            assert len(_generate(farm)) == 12
-        for security in (ClientSecurity(TOKEN), ClientSecurity(TOKEN, tls_ca=other)):  # no TLS, another CA
+        addresses = [read_ready(p, 60) for p in procs]
+        security = ClientSecurity(TOKEN, cert)
+        with Farm(tiny_models["F32"], addresses, ctx_size=64, token=TOKEN, tls_ca=cert) as farm:
+            assert len(farm.plan) == 2
+            assert all(n > 0 for n in farm.bytes_shipped.values())  # shipped over TLS: caches were empty
+            got = [_generate(farm) for _ in range(2)]
+            data = farm.pipeline.links._conns if farm.pipeline and farm.pipeline.links else {}
+            assert data and all(c.tls for c in data.values())
+        assert [_native_steps(a, security) for a in addresses] == [0, 0]  # the C hop is plain TCP only
+        with Farm(tiny_models["F32"], servers[:2], ctx_size=64) as farm:
+            assert _generate(farm) == got[0] == got[1]
+        for bad in (ClientSecurity(TOKEN), ClientSecurity(TOKEN, tls_ca=other)):  # no TLS, another CA
             with pytest.raises(StageError, match="cannot reach it"):
-                StageClient(address, connect_timeout=2, security=security).hello()
+                StageClient(addresses[0], connect_timeout=2, security=bad).hello()
+        # the data port speaks TLS only: a plain HELLO gets no WELCOME
+        host, port = addresses[0].rsplit(":", 1)
+        client = StageClient(addresses[0], security=security)
+        data_port = int(client.hello().data_port)
+        client.close()
+        with socket.create_connection((host, data_port), timeout=5) as plain:
+            plain.sendall(b"".join(codec.encode_frame(FrameKind.HELLO, 0, {"token": "x", "link": 1})))
+            plain.settimeout(5)
+            try:
+                answer = plain.recv(65536)
+            except ConnectionResetError:
+                answer = b""
+            assert answer[:1] in (b"", b"\x15")  # closed, or a TLS alert: no WELCOME frame
     finally:
-        proc.terminate()
-        assert proc.wait(timeout=10) == 0
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            assert p.wait(timeout=10) == 0
 
 
 def test_bad_tls_settings_are_refused_at_start(tmp_path: Path) -> None:

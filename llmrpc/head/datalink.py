@@ -13,6 +13,7 @@ import itertools
 import logging
 import secrets
 import select
+import ssl
 import threading
 import time
 from collections import deque
@@ -43,8 +44,11 @@ class Hop:
 
 
 class DataLinks:
-    def __init__(self, timeout: float = 600.0, connect_timeout: float = 10.0) -> None:
+    def __init__(
+        self, timeout: float = 600.0, connect_timeout: float = 10.0, tls: ssl.SSLContext | None = None
+    ) -> None:
         self.timeout = timeout
+        self.tls = tls
         self.connect_timeout = connect_timeout
         self.link_id = secrets.randbits(62) + 1
         self._conns: dict[str, wire.Connection] = {}  # data address -> connection
@@ -60,7 +64,7 @@ class DataLinks:
             return
         try:
             host, port = split_address(data_address)
-            conn = wire.Connection(wire.connect(host, port, self.connect_timeout), data_address, NO_LIMIT)
+            conn = wire.Connection(wire.connect(host, port, self.connect_timeout, self.tls), data_address, NO_LIMIT)
             conn.send(FrameKind.HELLO, 0, {"token": token, "link": self.link_id, "protocol": PROTOCOL_VERSION})
             reply = wire.wait_frame(conn, self.connect_timeout)
         except (OSError, ValueError, codec.CodecError) as e:

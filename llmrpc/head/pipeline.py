@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 from collections.abc import Generator, Iterable
 from dataclasses import dataclass, field
 
@@ -26,6 +27,7 @@ class Pipeline:
     # Activations go server to server over the data plane; False: through the head over gRPC
     # (six messages per token through three servers instead of four, each a slower one).
     data_plane: bool = True
+    tls: ssl.SSLContext | None = None  # the data plane over TLS (the servers' certificates checked)
     links: DataLinks | None = None
     coalescer: Coalescer | None = None
 
@@ -39,7 +41,9 @@ class Pipeline:
         if expect != self.n_layer:
             raise ValueError(f"the servers hold layers [0, {expect}) of {self.n_layer}")
         if self.data_plane and all(c.data_address for c in self.stages):
-            self.links = DataLinks(timeout=self.stages[0].timeout, connect_timeout=self.stages[0].connect_timeout)
+            self.links = DataLinks(
+                timeout=self.stages[0].timeout, connect_timeout=self.stages[0].connect_timeout, tls=self.tls
+            )
             for c in self.stages:
                 self.links.connect(c.address, c.layers, c.data_address, c.data_token)
             self.coalescer = Coalescer(self.links, self.f16_activations)

@@ -6,6 +6,7 @@ import logging
 import math
 import mmap
 import socket
+import ssl
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 
@@ -78,14 +79,15 @@ def format_plan(p: Plan) -> str:
 
 def ship_slice(
     client: StageClient, info: ModelInfo, model_hash: str, start: int, end: int,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int], None] | None = None, tls: ssl.SSLContext | None = None,
 ) -> int:  # fmt: skip
     """Send layers [start, end) over the bulk upload connection; returns the bytes the server
-    kept. Frames are checksummed (crc32); the file's bytes go out with sendfile (no copy)."""
+    kept. Frames are checksummed (crc32); the file's bytes go out with sendfile (no copy; with
+    ``tls``, encrypted, the server's certificate checked)."""
     layout = build_slice_layout(info, start, end, model_hash, digests=False)
     port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
     host = split_address(client.address)[0]
-    with socket.create_connection((host, port), timeout=120) as sock, open(info.path, "rb") as f:
+    with _connect(host, port, tls) as sock, open(info.path, "rb") as f:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -109,6 +111,17 @@ def ship_slice(
     if not ok:
         raise StageError(client.address, f"[{start}, {end})", grpc.StatusCode.DATA_LOSS, f"upload refused: {message}")
     return int(kept)
+
+
+def _connect(host: str, port: int, tls: ssl.SSLContext | None) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=120)
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

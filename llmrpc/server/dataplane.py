@@ -25,6 +25,7 @@ import itertools
 import logging
 import secrets
 import socket
+import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -104,9 +105,13 @@ class _Native:
 
 class DataPlane:
     def __init__(
-        self, engine: StageEngine, loop: ComputeLoop, host: str, port: int = 0, connect_timeout: float = 5.0
-    ) -> None:
+        self, engine: StageEngine, loop: ComputeLoop, host: str, port: int = 0, connect_timeout: float = 5.0,
+        tls_server: ssl.SSLContext | None = None, tls_client: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
+        """``tls_server``: connections to this port are TLS; ``tls_client``: so are this server's
+        connections to the next ones (their certificates checked)."""
         self.engine = engine
+        self.tls_server, self.tls_client = tls_server, tls_client
         self.loop = loop
         self.connect_timeout = connect_timeout
         self.token = secrets.token_hex(16)
@@ -140,6 +145,8 @@ class DataPlane:
         except (BlockingIOError, InterruptedError):
             return
         wire.tune(sock)
+        if self.tls_server is not None:
+            sock = wire.accept_tls(sock, self.tls_server)
         conn = wire.Connection(sock, f"{addr[0]}:{addr[1]}", HELLO_LIMIT)
         self._conns.add(conn)
         self.loop.watch(sock, lambda: self._on_readable(conn))
@@ -454,6 +461,8 @@ class DataPlane:
         conn, gen = s.stepped, s.gen
         if conn is None or gen is None or conn.closed or trace.enabled() or len(s.items) != 1:
             return
+        if conn.tls or peer.tls or self.tls_server is not None:  # the C hop reads and writes plain TCP
+            return
         head = self._links.get(s.key[0]) if s.last else None
         hop = None
         if not s.last or (head is not None and gen.sampling.temperature <= 0):  # greedy: the device's token
@@ -622,7 +631,7 @@ class DataPlane:
         if conn is not None and not conn.closed and conn.error is None:
             return conn
         host, port = split_address(address)
-        conn = wire.Connection(wire.connect(host, port, self.connect_timeout), address, HELLO_LIMIT)
+        conn = wire.Connection(wire.connect(host, port, self.connect_timeout, self.tls_client), address, HELLO_LIMIT)
         conn.send(FrameKind.HELLO, 0, {"token": token, "link": 0, "protocol": PROTOCOL_VERSION})
         reply = wire.wait_frame(conn, self.connect_timeout)
         if reply.kind != FrameKind.WELCOME:

@@ -10,6 +10,7 @@ import ctypes
 import fcntl
 import logging
 import os
+import ssl
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -61,6 +62,7 @@ class Engine:
         self.memory_cap = memory_cap
         self.store = store
         self.data_host = data_host
+        self.upload_tls: ssl.SSLContext | None = None  # uploads over TLS (set by the process's wiring)
         # Servers that share a machine's cores take turns computing: several OpenMP teams
         # at once on the same cores thrash at every barrier (4 streams through 3 servers on
         # 2 cores fell to 5 tok/s; one at a time keeps the cores busy with one team).
@@ -173,7 +175,7 @@ class Engine:
         """Open the bulk path for one slice; returns (port, token)."""
         store, limit = self._slice_target()
         try:
-            receiver = UploadReceiver(store, self.data_host, head, limit, self._count)
+            receiver = UploadReceiver(store, self.data_host, head, limit, self._count, self.upload_tls)
         except TransferError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"slice [{head.layer_start}, {head.layer_end}): {e}") from e
         return receiver.port, receiver.token

@@ -50,15 +50,20 @@ def serve(
     token: str | None = None,
     tls_cert: str | None = None,
     tls_key: str | None = None,
+    tls_ca: str | None = None,
 ) -> int:
     prepare_threads_env(omp_spin, pin_threads)
-    from llmrpc.auth import TokenChecker, server_credentials
+    from llmrpc.auth import TokenChecker, client_context, server_context, server_credentials
 
-    try:
-        credentials = server_credentials(tls_cert, tls_key) if tls_cert and tls_key else None
-    except ValueError as e:
-        print(f"llmrpc-server: {e}", file=sys.stderr)
-        return 2
+    tls_server = tls_client = credentials = None
+    if tls_cert and tls_key:
+        try:  # gRPC, the data plane and uploads in TLS; to the next servers, certificates checked against the CA
+            credentials = server_credentials(tls_cert, tls_key)
+            tls_server = server_context(tls_cert, tls_key)
+            tls_client = client_context(tls_ca or tls_cert)
+        except ValueError as e:
+            print(f"llmrpc-server: {e}", file=sys.stderr)
+            return 2
     from llmrpc.ggml.device import find_device
     from llmrpc.server.engine import Engine
     from llmrpc.server.service import GRPC_OPTIONS, StageService
@@ -90,11 +95,12 @@ def serve(
         calibrate_device=calibrate, loop=loop, release_threads=release_threads,
     )  # fmt: skip
     try:
-        data = DataPlane(engine, loop, host, data_port)
+        data = DataPlane(engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client)
     except OSError as e:
         print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
         engine.close()
         return 2
+    engine.upload_tls = tls_server
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
         interceptors=[TokenChecker(token)] if token else [],

@@ -12,6 +12,7 @@ import hmac
 import logging
 import secrets
 import socket
+import ssl
 import threading
 from collections.abc import Callable, Iterator
 
@@ -30,10 +31,12 @@ ACCEPT_TIMEOUT = 60.0
 
 class UploadReceiver:
     def __init__(
-        self, store: WeightStore, host: str, head: IncomingSlice, max_bytes: int, on_bytes: Callable[[int], None]
-    ) -> None:
+        self, store: WeightStore, host: str, head: IncomingSlice, max_bytes: int, on_bytes: Callable[[int], None],
+        tls: ssl.SSLContext | None = None,
+    ) -> None:  # fmt: skip
         _check_layout(head, max_bytes)  # refuse a bad header before opening anything
         self.store, self.head, self.max_bytes, self.on_bytes = store, head, max_bytes, on_bytes
+        self.tls = tls
         self.token = secrets.token_bytes(TOKEN_BYTES)
         self._listener = socket.create_server((host, 0))
         self._listener.settimeout(ACCEPT_TIMEOUT)
@@ -51,8 +54,15 @@ class UploadReceiver:
             return
         finally:
             self._listener.close()
+        conn.settimeout(ACCEPT_TIMEOUT)
+        if self.tls is not None:
+            try:
+                conn = self.tls.wrap_socket(conn, server_side=True)
+            except OSError as e:  # ssl.SSLError included
+                conn.close()
+                self.error = f"upload connection without TLS or with a certificate it refused: {e}"
+                return
         with conn:
-            conn.settimeout(ACCEPT_TIMEOUT)
             try:
                 token = _recv_exact(conn, TOKEN_BYTES)
                 if not hmac.compare_digest(bytes(token), self.token):
