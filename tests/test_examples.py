@@ -31,3 +31,9 @@ def test_concurrent_streams(tiny_models: dict[str, str]) -> None:
     out = run("concurrent_streams.py", "--model", tiny_models["F32"], "--servers", "2", "--clients", "3", "-n", "6")
     assert [line[:3] for line in out.splitlines() if line.startswith("[")] == ["[0]", "[1]", "[2]"]
     assert "tokens from 3 streams in" in out
+
+
+def test_openai_client(tiny_models: dict[str, str]) -> None:
+    out = run("openai_client.py", "--model", tiny_models["Q8_0"], "-n", "6")
+    assert out.startswith("# http://127.0.0.1:") and "# models: ['tiny-Q8_0']" in out
+    assert "# finish_reason: length" in out

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llmrpc.bench.lan import Lan, lan_unavailable, server_cmd
+from llmrpc.bench.lan import SWITCH_ENV, Lan, lan_unavailable, server_cmd
 from llmrpc.farm import Farm
 from llmrpc.head.local import read_ready
 
@@ -45,9 +45,11 @@ def test_servers_on_a_simulated_lan_match_loopback(
 
 
 @pytest.mark.skipif(lan_unavailable() is not None, reason=f"no simulated LAN: {lan_unavailable()}")
-def test_the_switch_holds_each_packet_for_the_delay() -> None:
+@pytest.mark.parametrize("loop", ["c", "python"])
+def test_the_switch_holds_each_packet_for_the_delay(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A TCP round trip between two nodes takes the two one-way delays, and not much more: the
-    switch stands in for the kernel's netem."""
+    switch stands in for the kernel's netem (its C loop, and the Python one it falls back to)."""
+    monkeypatch.setenv(SWITCH_ENV, loop)
     delay = 0.002
     with Lan(2, delay=delay) as lan:
         echo = lan.run(1, [sys.executable, "-c", _ECHO, lan.address(1)], stdout=subprocess.PIPE)
@@ -63,6 +65,47 @@ def test_the_switch_holds_each_packet_for_the_delay() -> None:
     assert min(rtts) >= 2 * delay  # every packet held, each way
     assert statistics.median(rtts) < 2 * delay + 0.0015
 
+
+@pytest.mark.skipif(lan_unavailable() is not None, reason=f"no simulated LAN: {lan_unavailable()}")
+@pytest.mark.parametrize("loop", ["c", "python"])
+def test_the_switch_holds_each_link_to_its_rate(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """4 MB from one node to another over 100 Mbit/s links take their 0.34 s on the wire
+    (with TCP/IP headers), and not twice that."""
+    monkeypatch.setenv(SWITCH_ENV, loop)
+    with Lan(2, delay=0.0005, rate=100e6) as lan:
+        sink = lan.run(1, [sys.executable, "-c", _SINK, lan.address(1)], stdout=subprocess.PIPE)
+        try:
+            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
+            send = lan.run(0, [sys.executable, "-c", _SEND, lan.address(1)], stdout=subprocess.PIPE)
+            out, _ = send.communicate(timeout=60)
+            assert send.returncode == 0
+        finally:
+            sink.terminate()
+            sink.wait(timeout=10)
+    seconds = float(out)
+    assert 4e6 * 8 / 100e6 <= seconds < 2 * 4e6 * 8 / 100e6, seconds
+
+
+_SINK = """
+import socket, sys
+server = socket.create_server((sys.argv[1], 50061))
+print("ready", flush=True)
+conn, _ = server.accept()
+got = 0
+while data := conn.recv(1 << 16):
+    got += len(data)
+    if got >= 4_000_000:
+        conn.sendall(b"k")
+"""
+
+_SEND = """
+import socket, sys, time
+conn = socket.create_connection((sys.argv[1], 50061))
+t0 = time.perf_counter()
+conn.sendall(bytes(4_000_000))
+conn.recv(1)
+print(time.perf_counter() - t0)
+"""
 
 _ECHO = """
 import socket, sys

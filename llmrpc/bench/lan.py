@@ -29,6 +29,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import click
 
@@ -39,6 +40,8 @@ TUNSETIFF = 0x400454CA
 IFF_TUN, IFF_NO_PI = 0x0001, 0x1000
 PR_SET_TIMERSLACK = 29
 SUBNET = "10.77.0"
+SWITCH_ENV = "LLMRPC_LAN_SWITCH"  # "python": forward in the Python loop instead of lan_switch.c
+SWITCH_SOURCE = Path(__file__).with_name("lan_switch.c")
 DEVICE = "lan0"
 
 
@@ -150,12 +153,14 @@ def _attach(namespaces: list[str]) -> dict[bytes, int]:
 
 def switch(namespaces: list[str], delay: float, rate: float) -> None:
     fds = _attach(namespaces)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    _run_like_the_kernel()
+    if os.environ.get(SWITCH_ENV) != "python":
+        _exec_native_switch(fds, delay, rate)  # returns only where it cannot be built
     readers = list(fds.values())
     free_at = dict.fromkeys(fds, 0.0)  # when each node's link is next free
     queue: list[tuple[float, int, bytes, bytes]] = []  # (due, order, destination, packet)
     order = 0
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    _run_like_the_kernel()
     print("ready", flush=True)
     while True:
         timeout = max(0.0, queue[0][0] - time.monotonic()) if queue else None
@@ -179,6 +184,24 @@ def switch(namespaces: list[str], delay: float, rate: float) -> None:
             _, _, dst, packet = heapq.heappop(queue)
             with contextlib.suppress(OSError):
                 os.write(fds[dst], packet)
+
+
+def _exec_native_switch(fds: dict[bytes, int], delay: float, rate: float) -> None:
+    """Become the C loop (lan_switch.c) on the same devices, priority and timer slack: a packet
+    costs it a fraction of the CPU the Python loop takes on the cores the servers share."""
+    from llmrpc.server.native import build_c
+
+    try:
+        path = build_c(SWITCH_SOURCE, [], "")
+    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+        print(f"the C switch cannot be built ({e}): the Python loop forwards", file=sys.stderr)
+        return
+    nodes = []
+    for address, fd in fds.items():
+        os.set_inheritable(fd, True)
+        nodes.append(f"{fd}:{int.from_bytes(address, sys.byteorder)}")
+    sys.stdout.flush()
+    os.execv(path, [str(path), str(int(delay * 1e9)), repr(rate), *nodes])
 
 
 def _run_like_the_kernel() -> None:

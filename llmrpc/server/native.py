@@ -71,28 +71,35 @@ def hop_library() -> ctypes.CDLL | None:
 
 
 def _built() -> Path:
-    """hop.c compiled, named by its source's hash (a changed source is built anew)."""
-    source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source).hexdigest()[:16]
-    target = cache_dir() / f"hop-{digest}.so"
+    """hop.c compiled."""
+    path = build_c(SOURCE, ["-shared", "-fPIC", "-lm", "-lpthread"], ".so")
+    logger.info("the native hop: %s", path)
+    return path
+
+
+def build_c(source: Path, flags: list[str], suffix: str) -> Path:
+    """``source`` compiled with the system's C compiler into the cache, named by the source's
+    hash (a changed source is built anew); raises RuntimeError without a compiler."""
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    target = cache_dir() / f"{source.stem}-{digest}{suffix}"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(suffix=suffix, dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, "-O2", "-shared", "-fPIC", "-o", tmp, str(SOURCE), "-lm", "-lpthread"]
+        cmd = [compiler, "-O2", "-o", tmp, str(source), *flags]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed: {done.stderr.strip()[:500]}")
-        os.replace(tmp, target)  # atomic: servers starting together each build, one file stays
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)  # atomic: processes starting together each build, one file stays
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-    logger.info("built the native hop: %s", target)
     return target
 
 
