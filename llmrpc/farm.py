@@ -229,12 +229,7 @@ class Farm:
         with self._recovering:
             if self._epoch != epoch:  # another generation has done it
                 return
-            if self.pipeline is not None:
-                self.pipeline.close()
-                self.pipeline = None
-            for c in self._clients:
-                c.close()
-            self._clients = []
+            self._disconnect()
             alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
             if not alive:
                 raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause
@@ -324,15 +319,18 @@ class Farm:
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        self._disconnect()
+        if self._local is not None:
+            self._local.stop()
+            self._local = None
+
+    def _disconnect(self) -> None:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
         for c in self._clients:
             c.close()
         self._clients = []
-        if self._local is not None:
-            self._local.stop()
-            self._local = None
 
     def __enter__(self) -> Farm:
         return self

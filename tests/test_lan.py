@@ -51,17 +51,7 @@ def test_the_switch_holds_each_packet_for_the_delay(loop: str, monkeypatch: pyte
     switch stands in for the kernel's netem (its C loop, and the Python one it falls back to)."""
     monkeypatch.setenv(SWITCH_ENV, loop)
     delay = 0.002
-    with Lan(2, delay=delay) as lan:
-        echo = lan.run(1, [sys.executable, "-c", _ECHO, lan.address(1)], stdout=subprocess.PIPE)
-        try:
-            assert echo.stdout is not None and echo.stdout.readline().strip() == "ready"
-            ping = lan.run(0, [sys.executable, "-c", _PING, lan.address(1)], stdout=subprocess.PIPE)
-            out, _ = ping.communicate(timeout=60)
-            assert ping.returncode == 0
-        finally:
-            echo.terminate()
-            echo.wait(timeout=10)
-    rtts = json.loads(out)
+    rtts = json.loads(_between_two_nodes(Lan(2, delay=delay), _ECHO, _PING))
     assert min(rtts) >= 2 * delay  # every packet held, each way
     assert statistics.median(rtts) < 2 * delay + 0.0015
 
@@ -72,18 +62,24 @@ def test_the_switch_holds_each_link_to_its_rate(loop: str, monkeypatch: pytest.M
     """4 MB from one node to another over 100 Mbit/s links take their 0.34 s on the wire
     (with TCP/IP headers), and not twice that."""
     monkeypatch.setenv(SWITCH_ENV, loop)
-    with Lan(2, delay=0.0005, rate=100e6) as lan:
-        sink = lan.run(1, [sys.executable, "-c", _SINK, lan.address(1)], stdout=subprocess.PIPE)
-        try:
-            assert sink.stdout is not None and sink.stdout.readline().strip() == "ready"
-            send = lan.run(0, [sys.executable, "-c", _SEND, lan.address(1)], stdout=subprocess.PIPE)
-            out, _ = send.communicate(timeout=60)
-            assert send.returncode == 0
-        finally:
-            sink.terminate()
-            sink.wait(timeout=10)
-    seconds = float(out)
+    seconds = float(_between_two_nodes(Lan(2, delay=0.0005, rate=100e6), _SINK, _SEND))
     assert 4e6 * 8 / 100e6 <= seconds < 2 * 4e6 * 8 / 100e6, seconds
+
+
+def _between_two_nodes(lan: Lan, server: str, client: str) -> str:
+    """Run ``server`` on node 1 (it prints "ready" once it listens), then ``client`` on node 0,
+    both given node 1's address; returns what the client printed."""
+    with lan:
+        listening = lan.run(1, [sys.executable, "-c", server, lan.address(1)], stdout=subprocess.PIPE)
+        try:
+            assert listening.stdout is not None and listening.stdout.readline().strip() == "ready"
+            talking = lan.run(0, [sys.executable, "-c", client, lan.address(1)], stdout=subprocess.PIPE)
+            out, _ = talking.communicate(timeout=60)
+            assert talking.returncode == 0
+        finally:
+            listening.terminate()
+            listening.wait(timeout=10)
+    return str(out)
 
 
 _SINK = """
