@@ -195,7 +195,7 @@ class Generation:
         p = self.sampling
         return {
             "n": self.n, "step": self.step, "limit": self.limit, "eog": sorted(self.eog),
-            "sampling": [p.temperature, p.top_k, p.top_p, p.seed],
+            "sampling": [p.temperature, p.top_k, p.top_p, p.seed] + ([p.drawn] if p.drawn else []),
         }  # fmt: skip
 
     def next_step(self) -> Generation:
@@ -204,12 +204,17 @@ class Generation:
     @staticmethod
     def parse(gen: Any) -> Generation:
         """Checked: a bad ``gen`` raises ValueError (or KeyError, TypeError)."""
-        temperature, top_k, top_p, seed = gen["sampling"]
+        temperature, top_k, top_p, seed, *drawn = gen["sampling"]
         out = Generation(
             int(gen["n"]), int(gen["step"]), int(gen["limit"]), frozenset(int(t) for t in gen["eog"]),
-            SamplingParams(float(temperature), int(top_k), float(top_p), None if seed is None else int(seed)),
+            SamplingParams(
+                float(temperature), int(top_k), float(top_p), None if seed is None else int(seed),
+                int(drawn[0]) if drawn else 0,
+            ),
         )  # fmt: skip
         if out.n < 1 or out.step < 0 or out.limit < 1 or not 0 < out.sampling.top_p <= 1:
+            raise ValueError
+        if len(drawn) > 1 or not 0 <= out.sampling.drawn <= 1 << 32:
             raise ValueError
         return out
 

@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import grpc
 import numpy as np
@@ -68,8 +69,8 @@ class Farm:
         ``replays``: how many times one generation is replayed when servers fail (a server
         unreachable, or its connection closed): the farm plans again over the servers that still
         answer (a restarted one at the same address included), loads their new ranges and feeds
-        the prompt and the tokens so far again, and the generation goes on. Greedy text is the
-        same as without the failure; sampled text goes on with the same seed from there.
+        the prompt and the tokens so far again, and the generation goes on. The text is the same as
+        without the failure (sampled text too, with a seed: the draws go on where they were).
         ``token``: the servers' token (``llmrpc-server --token``), carried by every call; servers
         the farm starts get it too. ``tls_ca``: a PEM file the servers' TLS certificates chain to
         (TLS on every gRPC link)."""
@@ -210,7 +211,9 @@ class Farm:
         while len(done) < max_tokens:
             epoch, started = self._epoch, self.pipeline
             try:
-                for token in self._generate(prompt_tokens, max_tokens, sampling, stop_at_eog, list(done)):
+                # a sampled token takes one draw: the replay goes on with the draws the rest would have had
+                going_on = replace(sampling, drawn=sampling.drawn + len(done)) if sampling.temperature > 0 else sampling
+                for token in self._generate(prompt_tokens, max_tokens, going_on, stop_at_eog, list(done)):
                     done.append(token)
                     yield token
                 return

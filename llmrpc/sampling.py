@@ -14,6 +14,9 @@ class SamplingParams:
     top_k: int = 40  # <= 0 means the whole vocabulary
     top_p: float = 0.95  # 1.0 means no nucleus cut
     seed: int | None = None
+    # Random draws already taken from the seed's stream (one a sampled token): a generation
+    # replayed after a server failed goes on with the draws it would have had.
+    drawn: int = 0
 
 
 class Sampler:
@@ -22,6 +25,8 @@ class Sampler:
             raise ValueError(f"top_p must be in (0, 1], got {params.top_p}")
         self.params = params
         self._rng = np.random.default_rng(params.seed)
+        if params.drawn > 0:
+            self._rng.random(params.drawn)  # one 64-bit draw each, as every sampled token takes
 
     def candidates(self) -> int:
         """How many of the largest logits sampling can ever pick from (0: it needs them all)."""

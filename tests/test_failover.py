@@ -18,14 +18,17 @@ from llmrpc.head.local import LocalServers, read_ready
 from llmrpc.sampling import SamplingParams
 
 GREEDY = SamplingParams(temperature=0)
+SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11)
 N = 60
 KILL_AT = 20  # tokens into the generation
 PROMPTS = ["Once upon a time", "def fibonacci(n):"]
 
 
-def _generate_and_kill(farm: Farm, prompt: str, victim: subprocess.Popen[str]) -> list[int]:
+def _generate_and_kill(
+    farm: Farm, prompt: str, victim: subprocess.Popen[str], sampling: SamplingParams = GREEDY
+) -> list[int]:
     tokens = []
-    for i, token in enumerate(farm.generate_tokens(farm.tokenizer.encode(prompt), N, GREEDY, stop_at_eog=False)):
+    for i, token in enumerate(farm.generate_tokens(farm.tokenizer.encode(prompt), N, sampling, stop_at_eog=False)):
         tokens.append(token)
         if i + 1 == KILL_AT:
             victim.send_signal(signal.SIGKILL)
@@ -33,21 +36,28 @@ def _generate_and_kill(farm: Farm, prompt: str, victim: subprocess.Popen[str]) -
     return tokens
 
 
-@pytest.mark.parametrize(("victim", "server_generation"), [(0, True), (1, True), (2, True), (1, False)])
-def test_a_server_that_dies_costs_a_replay_not_the_request(smollm2: str, victim: int, server_generation: bool) -> None:
-    """The servers generating on their own, or the head sampling each token."""
+@pytest.mark.parametrize(
+    ("victim", "server_generation", "sampling"),
+    [(0, True, GREEDY), (1, True, GREEDY), (2, True, GREEDY), (1, False, GREEDY), (2, True, SAMPLED),
+     (1, False, SAMPLED)],
+)  # fmt: skip
+def test_a_server_that_dies_costs_a_replay_not_the_request(
+    smollm2: str, victim: int, server_generation: bool, sampling: SamplingParams
+) -> None:
+    """The servers generating on their own, or the head sampling each token; greedy, or sampled
+    with a seed (the replay goes on with the draws the rest would have had)."""
     with LocalServers(3, threads=1, extra_args=["--no-calibrate"]) as local:
         with Farm(smollm2, local.addresses, ctx_size=256, server_generation=server_generation) as farm:
             prompt = farm.tokenizer.encode(PROMPTS[0])
-            want = list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False))
-            got = _generate_and_kill(farm, PROMPTS[0], local.processes[victim])
-            assert got == want  # the same greedy tokens, bit for bit: the replay fed them as before
+            want = list(farm.generate_tokens(prompt, N, sampling, stop_at_eog=False))
+            got = _generate_and_kill(farm, PROMPTS[0], local.processes[victim], sampling)
+            assert got == want  # the same tokens, bit for bit: the replay fed them as before
             assert farm.replays == 1
             dead = local.addresses[victim]
             assert len(farm.plan) == 2 and dead not in [a.address for a in farm.plan]
             assert [(a.start, a.end) for a in farm.plan][-1][1] == farm.info.hparams.n_layer
             # and the farm serves the next request on the servers left
-            assert list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False)) == want
+            assert list(farm.generate_tokens(prompt, N, sampling, stop_at_eog=False)) == want
 
 
 def test_generations_at_once_are_replayed_together(smollm2: str) -> None:

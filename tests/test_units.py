@@ -49,6 +49,19 @@ def test_greedy_and_seeded_sampling() -> None:
         Sampler(SamplingParams(top_p=0))
 
 
+def test_a_sampler_goes_on_from_the_draws_already_taken() -> None:
+    """What a replay relies on: a sampler told that 7 tokens were drawn picks the 8th token
+    onwards as the one that drew them (one draw a token, whatever the logits)."""
+    rng = np.random.default_rng(1)
+    rows = [rng.standard_normal(500).astype(np.float32) for _ in range(20)]
+    params = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=3)
+    whole = Sampler(params)
+    picks = [whole(r) for r in rows]
+    later = Sampler(SamplingParams(0.9, 40, 0.95, 3, drawn=7))
+    assert [later(r) for r in rows[7:]] == picks[7:]
+    assert [Sampler(params)(r) for r in rows[7:]] != picks[7:]
+
+
 def test_codec_round_trip_and_validation() -> None:
     for arr in (np.arange(6, dtype=np.int32), np.ones((2, 3), np.float32), np.ones((2, 3), np.float16)):
         back = codec.tensor_from_proto(codec.tensor_to_proto(arr), max_elements=100)
@@ -145,6 +158,8 @@ def test_sampling_from_candidates_equals_sampling_from_all() -> None:
 def test_a_generation_crosses_the_wire_and_bad_ones_are_refused() -> None:
     gen = codec.Generation(12, 3, 512, frozenset({2, 0}), SamplingParams(0.7, 40, 0.9, 11))
     assert codec.Generation.parse(gen.to_meta()) == gen
+    replayed = codec.Generation(12, 3, 512, frozenset({2, 0}), SamplingParams(0.7, 40, 0.9, 11, drawn=9))
+    assert codec.Generation.parse(replayed.to_meta()) == replayed
     assert gen.next_step() == codec.Generation(11, 4, 512, frozenset({0, 2}), gen.sampling)
     good = gen.to_meta()
     for bad in (
@@ -153,6 +168,8 @@ def test_a_generation_crosses_the_wire_and_bad_ones_are_refused() -> None:
         {**good, "limit": 0},
         {**good, "sampling": [0.7, 40, 0.0, None]},
         {**good, "sampling": [0.7, 40]},
+        {**good, "sampling": [0.7, 40, 0.9, 11, -1]},
+        {**good, "sampling": [0.7, 40, 0.9, 11, 1, 2]},
         {**good, "eog": ["x"]},
         {k: v for k, v in good.items() if k != "limit"},
     ):
