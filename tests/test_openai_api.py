@@ -4,6 +4,8 @@ OpenAI's own Python client, answering what llama.cpp answers."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
@@ -264,3 +266,32 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(api: str, cl
     for t in threads:
         t.join(timeout=60)
     assert len(results) == 2 and results[0] == results[1]
+
+
+def test_a_request_outlives_a_server_that_dies(smollm2: str) -> None:
+    """A stream in flight when one of the servers is killed goes on (the farm re-plans and
+    replays) and says what it would have said."""
+    cmd = [sys.executable, "-m", "llmrpc.cli", "serve", "--model", smollm2, "--port", "0", "--local", "3",
+           "--threads", "1", "--ctx-size", str(CTX)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(PREFIX), line
+        servers = _children(proc.pid)
+        assert len(servers) == 3
+        client = openai.OpenAI(base_url=line[len(PREFIX) :].split()[0], api_key="x", max_retries=0, timeout=120)
+        prompt = "Once upon a time, in a small village by the sea,"
+        pieces = []
+        stream = client.completions.create(model="any", prompt=prompt, max_tokens=60, temperature=0, stream=True)
+        for i, part in enumerate(stream):
+            pieces.append(part.choices[0].text)
+            if i == 10:
+                os.kill(servers[1], signal.SIGKILL)
+        alone = client.completions.create(model="any", prompt=prompt, max_tokens=60, temperature=0)
+        assert "".join(pieces) == alone.choices[0].text and len(alone.choices[0].text) > 100
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert "re-planned over 2 of 3 servers" in err  # it did lose a server in the middle
