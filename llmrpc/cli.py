@@ -68,20 +68,22 @@ _farm_options = _stack(
 )  # fmt: skip
 
 
-def _link_options(f: F | None = None, *, shared_path: bool = True) -> Any:
-    """How the head reaches its servers: timeout, shared disk, token, TLS."""
+def _link_options(*, shared_path: bool = True) -> Callable[[F], F]:
+    """How the head reaches its servers: timeout, shared disk (where it loads), token, TLS."""
     options = [
         click.option("--connect-timeout", default=10.0, show_default=True, type=float,
                      help="Seconds to wait for each server."),
-        click.option("--shared-path", is_flag=True,
-                     help="The servers can read the model at the same path (shared disk): skip shipping."),
+    ]  # fmt: skip
+    if shared_path:
+        options.append(click.option("--shared-path", is_flag=True,
+                       help="The servers can read the model at the same path (shared disk): skip shipping."))  # fmt: skip
+    options += [
         click.option("--token", envvar="LLMRPC_TOKEN", default=None,
                      help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN."),
         click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
                      help="PEM certificate(s) the servers' certificates chain to: TLS on every link to them."),
     ]  # fmt: skip
-    stack = _stack(*(o for i, o in enumerate(options) if shared_path or i != 1))
-    return stack(f) if f is not None else stack
+    return _stack(*options)
 
 
 @click.command(
@@ -253,7 +255,7 @@ def server(
     help="Sample every token at the head and send it to the first server (by default the servers "
     "generate on their own: the last samples each token and sends it straight back to the first).",
 )
-@_link_options
+@_link_options()
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
@@ -356,7 +358,7 @@ def plan_command(
 @click.option("--api-key", envvar="LLMRPC_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every request (also from LLMRPC_API_KEY).")  # fmt: skip
 @click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
-@_link_options
+@_link_options()
 @click.option("-v", "--verbose", count=True, help="More logging (-v info and every request, -vv debug).")
 def serve_command(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, host: str, port: int, parallel: int,
@@ -387,7 +389,7 @@ def serve_command(
                   share_path=True if shared_path else None, token=token or None, tls_ca=tls_ca) as farm:  # fmt: skip
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
             try:
-                httpd = ApiServer((host, port), Api(farm, name, parallel, api_key))
+                httpd = ApiServer((host, port), Api(farm, name, api_key))
             except OSError as e:
                 click.echo(f"llmrpc-head serve: cannot listen on {host}:{port}: {e.strerror}", err=True)
                 sys.exit(1)

@@ -104,10 +104,10 @@ class Farm:
         self._closed = False
         token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self.security = ClientSecurity(token, tls_ca)
+        self._tls = self.security.ssl_context()  # for the data plane and weight shipping
         self.max_replays = replays
         self.replays = 0  # plans made again after servers failed
         self.connect_timeout = connect_timeout
-        self._epoch = 0  # which pipeline a generation started on
         self._recovering = threading.Lock()
         self._local: LocalServers | None = None
         self._clients: list[StageClient] = []
@@ -148,9 +148,7 @@ class Farm:
         if bar is not None:
             bar.close()
         hp = self.info.hparams
-        self.pipeline = Pipeline(
-            used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self.security.ssl_context()
-        )
+        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self._tls)
 
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
@@ -162,7 +160,7 @@ class Farm:
             bar = _progress(n, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
             shipped = ship_slice(
                 client, self.info, self.model_hash, start, end, bar.update if bar else None,
-                tls=self.security.ssl_context(),
+                tls=self._tls,
             )  # fmt: skip
             if bar is not None:
                 bar.close()
@@ -209,7 +207,7 @@ class Farm:
         done: list[int] = []
         attempts = 0
         while len(done) < max_tokens:
-            epoch, started = self._epoch, self.pipeline
+            started = self.pipeline
             try:
                 # a sampled token takes one draw: the replay goes on with the draws the rest would have had
                 going_on = replace(sampling, drawn=sampling.drawn + len(done)) if sampling.temperature > 0 else sampling
@@ -224,13 +222,13 @@ class Farm:
                     raise
                 attempts += 1
                 logger.warning("%s; replaying %d tokens", e, len(prompt_tokens) + len(done))
-                self._recover(epoch, e)
+                self._recover(started, e)
 
-    def _recover(self, epoch: int, cause: Exception) -> None:
+    def _recover(self, failed: Pipeline | None, cause: Exception) -> None:
         """Plan again over the servers that still answer and load their ranges (once for every
         generation that saw the same failure)."""
         with self._recovering:
-            if self._epoch != epoch:  # another generation has done it
+            if self.pipeline is not None and self.pipeline is not failed:  # another generation has done it
                 return
             self._disconnect()
             alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
@@ -240,7 +238,6 @@ class Farm:
                 self._connect(alive, self.connect_timeout, progress=False)
             except (StageError, PlanError) as e:
                 raise RuntimeError(f"{cause}; the servers left cannot take the model: {e}") from e
-            self._epoch += 1
             self.replays += 1
             logger.warning("re-planned over %d of %d servers", len(alive), len(self.addresses))
 

@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP API over a farm: ``GET /v1/models``, ``POST /v1/completions`` and
 ``POST /v1/chat/completions``, whole or streamed as server-sent events, as OpenAI's clients
 expect them. The standard library's threading HTTP server: one thread a request, and at most
-``parallel`` generations at once (the farm holds that many sessions); the rest wait their turn.
+as many generations at once as the farm holds sessions (``max_sessions``); the rest wait their turn.
 
     llmrpc-head serve --rpc-servers 10.0.0.2:50052,10.0.0.3:50052 --port 8080
     openai.OpenAI(base_url="http://HOST:8080/v1", api_key=...).chat.completions.create(...)
@@ -242,12 +242,11 @@ class Api:
 
     farm: Farm
     model_id: str
-    parallel: int
     api_key: str | None = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self.slots = threading.BoundedSemaphore(self.parallel)
+        self.slots = threading.BoundedSemaphore(self.farm.max_sessions)  # a session on every server each
 
     def generate(self, req: GenerationRequest, outcome: Outcome) -> Generator[str, None, None]:
         """Text pieces of the completion; ``outcome`` holds the finish reason once it ends."""

@@ -8,7 +8,6 @@ two parties can each wait for the other to read.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import select
 import socket
@@ -34,15 +33,22 @@ def tune(sock: socket.socket) -> None:
     sock.setblocking(False)
 
 
-def connect(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
-    """A connected, tuned socket; with ``tls``, the handshake done (the server's certificate checked)."""
+def open_tcp(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connected blocking socket; with ``tls``, the handshake done (the server's certificate
+    checked) within the timeout."""
     sock = socket.create_connection((host, port), timeout=timeout)
-    if tls is not None:
-        try:
-            sock = tls.wrap_socket(sock, server_hostname=host)  # handshakes within the timeout
-        except BaseException:
-            sock.close()
-            raise
+    if tls is None:
+        return sock
+    try:
+        return tls.wrap_socket(sock, server_hostname=host)
+    except BaseException:
+        sock.close()
+        raise
+
+
+def connect(host: str, port: int, timeout: float, tls: ssl.SSLContext | None = None) -> socket.socket:
+    """A connected socket, tuned for the data plane (see :func:`open_tcp`)."""
+    sock = open_tcp(host, port, timeout, tls)
     tune(sock)
     return sock
 
@@ -59,7 +65,7 @@ class Connection:
         # TLS: one SSL object may not be used by two threads at once (reader and writer)
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._tls_io = threading.Lock()
-        self.handshaking = self.tls and not _handshake_done(sock)  # type: ignore[arg-type]
+        self.handshaking = self.tls and sock.version() is None  # type: ignore[attr-defined]
         self.reader = codec.FrameReader(max_bytes)
         self._inbox = memoryview(bytearray(RECV_BYTES))  # reused: no 1 MiB allocation per read
         self.link = 0  # the head link id this connection answers to (0: a peer server)
@@ -187,12 +193,6 @@ class Connection:
             self.sock.close()
         except OSError:
             pass
-
-
-def _handshake_done(sock: ssl.SSLSocket) -> bool:
-    with contextlib.suppress(ValueError, OSError):
-        return sock.version() is not None
-    return False
 
 
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:

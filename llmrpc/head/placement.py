@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator, Sequence
 
 import grpc
 
-from llmrpc import codec
+from llmrpc import codec, wire
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.planner import ModelLayout, Plan, ServerReport
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
@@ -87,7 +87,7 @@ def ship_slice(
     layout = build_slice_layout(info, start, end, model_hash, digests=False)
     port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
     host = split_address(client.address)[0]
-    with _connect(host, port, tls) as sock, open(info.path, "rb") as f:
+    with wire.open_tcp(host, port, 120, tls) as sock, open(info.path, "rb") as f:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         try:
@@ -111,17 +111,6 @@ def ship_slice(
     if not ok:
         raise StageError(client.address, f"[{start}, {end})", grpc.StatusCode.DATA_LOSS, f"upload refused: {message}")
     return int(kept)
-
-
-def _connect(host: str, port: int, tls: ssl.SSLContext | None) -> socket.socket:
-    sock = socket.create_connection((host, port), timeout=120)
-    if tls is None:
-        return sock
-    try:
-        return tls.wrap_socket(sock, server_hostname=host)
-    except BaseException:
-        sock.close()
-        raise
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:

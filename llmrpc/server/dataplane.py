@@ -461,9 +461,9 @@ class DataPlane:
         conn, gen = s.stepped, s.gen
         if conn is None or gen is None or conn.closed or trace.enabled() or len(s.items) != 1:
             return
-        if conn.tls or peer.tls or self.tls_server is not None:  # the C hop reads and writes plain TCP
-            return
         head = self._links.get(s.key[0]) if s.last else None
+        if any(c is not None and c.tls for c in (conn, peer, head)):  # the C hop reads and writes plain TCP
+            return
         hop = None
         if not s.last or (head is not None and gen.sampling.temperature <= 0):  # greedy: the device's token
             hop = self.engine.native_hop(s.items[0][0])

@@ -57,12 +57,13 @@ class Engine:
         calibrate_device: bool = True,
         loop: ComputeLoop | None = None,
         release_threads: bool = False,
+        upload_tls: ssl.SSLContext | None = None,
     ) -> None:
         self.device = device
         self.memory_cap = memory_cap
         self.store = store
         self.data_host = data_host
-        self.upload_tls: ssl.SSLContext | None = None  # uploads over TLS (set by the process's wiring)
+        self.upload_tls = upload_tls  # weight uploads over TLS
         # Servers that share a machine's cores take turns computing: several OpenMP teams
         # at once on the same cores thrash at every barrier (4 streams through 3 servers on
         # 2 cores fell to 5 tok/s; one at a time keeps the cores busy with one team).

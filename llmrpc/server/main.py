@@ -92,7 +92,7 @@ def serve(
     engine = Engine(
         dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store, data_host=host,
         host_lock=host_lock,
-        calibrate_device=calibrate, loop=loop, release_threads=release_threads,
+        calibrate_device=calibrate, loop=loop, release_threads=release_threads, upload_tls=tls_server,
     )  # fmt: skip
     try:
         data = DataPlane(engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client)
@@ -100,7 +100,6 @@ def serve(
         print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
         engine.close()
         return 2
-    engine.upload_tls = tls_server
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
         interceptors=[TokenChecker(token)] if token else [],
