@@ -8,10 +8,19 @@ PROTOCOL_VERSION = 3  # 2: STEP frames on the data plane; 3: binary TOKEN frames
 KV_PAD = 256  # llama.cpp pads KV cells (and the attended length) to this, so graphs keep their shape
 
 
+UBATCH = 512  # rows a sliding-window cache makes room for beyond its window (llama.cpp's n_ubatch)
+
+
 def kv_cells(n_ctx: int) -> int:
     """KV cache cells a session of ``n_ctx`` positions gets: the server allocates this many
     and the planner budgets for it."""
     return max(KV_PAD, -(-n_ctx // KV_PAD) * KV_PAD)
+
+
+def swa_cells(n_ctx: int, window: int) -> int:
+    """Cells of a sliding-window layer's cache: the window and one batch, padded, at most the
+    context's (llama.cpp's iSWA cache, one sequence)."""
+    return min(kv_cells(n_ctx), -(-(window + UBATCH) // KV_PAD) * KV_PAD)
 
 
 def split_address(address: str) -> tuple[str, int]:

@@ -12,7 +12,7 @@ GB = 1e9
 # a 30-layer model of 10 MiB layers, 8 MiB embeddings, 8 MiB output
 MODEL = ModelLayout(
     n_layer=30, layer_bytes=(10 * MiB,) * 30, input_bytes=8 * MiB, output_bytes=8 * MiB,
-    kv_bytes_per_cell=768, n_embd=576, n_ff=1536, n_head=9, n_vocab=4096,
+    layer_kv_cell_bytes=(768,) * 30, n_embd=576, n_ff=1536, n_head=9, n_vocab=4096,
 )  # fmt: skip
 
 

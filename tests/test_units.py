@@ -95,7 +95,7 @@ def test_parse_bytes_refuses_nonsense(text: str) -> None:
 def test_read_model(tiny_models: dict[str, str]) -> None:
     info = read_model(tiny_models["Q4_0"])
     hp = info.hparams
-    assert (hp.n_layer, hp.n_embd, hp.n_head, hp.n_head_kv, hp.n_vocab) == (4, 64, 4, 2, 320)
+    assert (hp.n_layer, hp.n_embd, hp.n_head(0), hp.n_head_kv(3), hp.n_vocab) == (4, 64, 4, 2, 320)
     first = info.range_tensor_names(0, 2)
     last = info.range_tensor_names(2, 4)
     assert "token_embd.weight" in first and "output_norm.weight" not in first

@@ -15,7 +15,9 @@ import grpc
 from llmrpc import codec, wire
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.planner import ModelLayout, Plan, ServerReport
-from llmrpc.model.gguf_model import ModelInfo, tensor_view
+from llmrpc.model.arch import Role, is_expert_tensor, tensor_role
+from llmrpc.model.gguf_model import ModelInfo, TensorInfo, tensor_view
+from llmrpc.model.kv import SWA, cell_bytes, layer_group
 from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.types import ServerInfo, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
@@ -30,23 +32,31 @@ def model_layout(info: ModelInfo) -> ModelLayout:
     hp = info.hparams
     per_layer = [[info.tensors[n] for n in info.layer_tensor_names(i)] for i in range(hp.n_layer)]
     middle = set(info.range_tensor_names(1, 2)) if hp.n_layer > 2 else set()
-    shared = {n for n in middle if not n.startswith("blk.")}  # every stage holds these (rope factors)
-    first = [n for n in info.range_tensor_names(0, 1) if not n.startswith("blk.") and n not in shared]
+    shared = {n for n in middle if tensor_role(n)[0] is Role.SHARED}  # every stage holds these (rope factors)
+    first = [n for n in info.range_tensor_names(0, 1) if tensor_role(n)[0] is not Role.REPEATING and n not in shared]
     last = [
-        n for n in info.range_tensor_names(hp.n_layer - 1, hp.n_layer) if not n.startswith("blk.") and n not in shared
+        n
+        for n in info.range_tensor_names(hp.n_layer - 1, hp.n_layer)
+        if tensor_role(n)[0] is not Role.REPEATING and n not in shared
     ]
+    used = hp.n_expert_used / hp.n_expert if hp.n_expert else 1.0
+
+    def work(t: TensorInfo) -> float:  # elements a token multiplies: the experts it uses, of all
+        return math.prod(t.shape) * (used if is_expert_tensor(t.name) else 1.0)
+
     return ModelLayout(
         n_layer=hp.n_layer,
         layer_bytes=tuple(sum(t.n_bytes for t in ts) for ts in per_layer),
         input_bytes=sum(info.tensors[n].n_bytes for n in first),
         output_bytes=sum(info.tensors[n].n_bytes for n in last),  # a tied output counts token_embd again
         shared_bytes=sum(info.tensors[n].n_bytes for n in shared),
-        layer_elements=tuple(sum(math.prod(t.shape) for t in ts) for ts in per_layer),
+        layer_elements=tuple(round(sum(work(t) for t in ts)) for ts in per_layer),
         output_elements=sum(math.prod(info.tensors[n].shape) for n in last),
-        kv_bytes_per_cell=2 * hp.n_embd_kv * 2,  # K and V in f16
+        layer_kv_cell_bytes=tuple(cell_bytes(hp, il) for il in range(hp.n_layer)),
+        layer_windows=tuple(hp.n_swa if layer_group(hp, il) == SWA else 0 for il in range(hp.n_layer)),
         n_embd=hp.n_embd,
-        n_ff=hp.n_ff,
-        n_head=hp.n_head,
+        n_ff=max(max(hp.n_ff_arr), hp.n_expert_used * hp.n_ff_exp),
+        n_head=max(hp.n_head_arr),
         n_vocab=hp.n_vocab,
     )
 

@@ -15,7 +15,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from llmrpc.types import kv_cells
+from llmrpc.types import kv_cells, swa_cells
 
 Q4_0_BYTES_PER_ELEMENT = 18 / 32  # the calibration multiplies Q4_0 weights
 HOP_SECONDS = 0.0005  # per-stage cost of passing activations on, so idle-ish stages are not free
@@ -27,7 +27,7 @@ class ModelLayout:
     layer_bytes: tuple[int, ...]  # weights of each layer
     input_bytes: int  # token embeddings: the first stage
     output_bytes: int  # output norm and matrix: the last stage
-    kv_bytes_per_cell: int  # K and V of one layer for one position
+    layer_kv_cell_bytes: tuple[int, ...]  # K and V of one position, per layer
     n_embd: int
     n_ff: int
     n_head: int
@@ -35,8 +35,15 @@ class ModelLayout:
     shared_bytes: int = 0  # tensors every stage holds (e.g. llama3 rope factors)
     # Work per token, in weight elements (a Q8_0 and a Q4_1 element cost about the same to
     # multiply on a CPU, though their bytes differ). Empty: use bytes as the measure of work.
+    # For a mixture of experts, the elements of the experts a token uses (memory counts all).
     layer_elements: tuple[int, ...] = ()
     output_elements: int = 0
+    layer_windows: tuple[int, ...] = ()  # sliding window of each layer (0 or empty: full attention)
+
+    def layer_kv_bytes(self, il: int, ctx_size: int) -> int:
+        """One session's K and V of layer ``il``: a sliding-window layer keeps its window."""
+        window = self.layer_windows[il] if self.layer_windows else 0
+        return self.layer_kv_cell_bytes[il] * (swa_cells(ctx_size, window) if window else kv_cells(ctx_size))
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,9 @@ def plan(
     prefix = [0]
     for b in m.layer_bytes:
         prefix.append(prefix[-1] + b)
-    kv_per_layer = m.kv_bytes_per_cell * kv_cells(ctx_size) * max_sessions
+    kv_prefix = [0]
+    for il in range(n):
+        kv_prefix.append(kv_prefix[-1] + m.layer_kv_bytes(il, ctx_size) * max_sessions)
     known = [s.bandwidth for s in servers if s.bandwidth > 0]
     default_bw = min(known) if known else 1e9
     # Work per token: elements scaled to Q4_0 bytes (what the calibration measures), or bytes.
@@ -129,7 +138,7 @@ def plan(
         read = work[b] - work[a] + (output_work if b == n else 0.0)
         bw = s.bandwidth if s.bandwidth > 0 else default_bw
         return StagePlan(
-            s.address, s.device, a, b, weights, kv_per_layer * (b - a),
+            s.address, s.device, a, b, weights, kv_prefix[b] - kv_prefix[a],
             compute_bytes(m, ctx_size, n_batch, b == n), s.memory_free, read / bw + hop_seconds,
         )  # fmt: skip
 

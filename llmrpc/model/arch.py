@@ -1,29 +1,19 @@
-"""Architectures as data: GGUF key templates, tensor-name templates, per-family rows.
+"""Architectures as data: where each GGUF tensor lives in a layer range, and which family
+(graph builder and hyper-parameter rules) runs an architecture.
 
-Adding a model family that reuses an existing graph builder is adding a row to
-``ARCHITECTURES``; a new family adds a builder in its own module.
+Tensor names come from gguf-py's tables (``TENSOR_NAMES``): a tensor ``blk.{i}.*`` belongs
+to layer i; the few that belong to no layer are the input (token embeddings: the first
+stage), the output (output norm and matrix: the last stage) or shared (rope factors: every
+stage). Adding a family is a module under :mod:`llmrpc.model.families` and a row in its
+``FAMILIES`` table.
 """
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+import re
 
-
-class TensorKind(enum.Enum):
-    TOKEN_EMBD = "token_embd"
-    OUTPUT_NORM = "output_norm"
-    OUTPUT = "output"
-    ROPE_FREQS = "rope_freqs"
-    ATTN_NORM = "blk.{bid}.attn_norm"
-    ATTN_Q = "blk.{bid}.attn_q"
-    ATTN_K = "blk.{bid}.attn_k"
-    ATTN_V = "blk.{bid}.attn_v"
-    ATTN_OUT = "blk.{bid}.attn_output"
-    FFN_NORM = "blk.{bid}.ffn_norm"
-    FFN_GATE = "blk.{bid}.ffn_gate"
-    FFN_UP = "blk.{bid}.ffn_up"
-    FFN_DOWN = "blk.{bid}.ffn_down"
+from gguf.constants import MODEL_TENSOR, TENSOR_NAMES
 
 
 class Role(enum.Enum):
@@ -33,60 +23,58 @@ class Role(enum.Enum):
     REPEATING = "repeating"
     OUTPUT = "output"
     SHARED = "shared"  # needed by every stage (e.g. llama3 rope frequency factors)
+    UNUSED = "unused"  # in the file, read by no family llmrpc runs (e.g. a vision tower's)
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    kind: TensorKind
-    role: Role
-    required: bool = True
-
-    def name(self, bid: int | None = None, suffix: str = "weight") -> str:
-        base = self.kind.value.format(bid=bid) if bid is not None else self.kind.value
-        return f"{base}.{suffix}"
-
-
-@dataclass(frozen=True)
-class Architecture:
-    """One row: which graph builder runs it and which tensors it has."""
-
-    name: str
-    builder: str  # the graph-builder family in llmrpc.model.graphs
-    rope_type: int  # GGML_ROPE_TYPE_*
-    tensors: tuple[TensorSpec, ...]
-    # bias tensors that may appear next to a weight (".bias" suffix), all optional
-    optional_biases: tuple[TensorKind, ...] = ()
-
-
-_LLAMA_TENSORS = (
-    TensorSpec(TensorKind.TOKEN_EMBD, Role.INPUT),
-    TensorSpec(TensorKind.OUTPUT_NORM, Role.OUTPUT),
-    TensorSpec(TensorKind.OUTPUT, Role.OUTPUT, required=False),  # absent: tied to token_embd
-    TensorSpec(TensorKind.ROPE_FREQS, Role.SHARED, required=False),
-    TensorSpec(TensorKind.ATTN_NORM, Role.REPEATING),
-    TensorSpec(TensorKind.ATTN_Q, Role.REPEATING),
-    TensorSpec(TensorKind.ATTN_K, Role.REPEATING),
-    TensorSpec(TensorKind.ATTN_V, Role.REPEATING),
-    TensorSpec(TensorKind.ATTN_OUT, Role.REPEATING),
-    TensorSpec(TensorKind.FFN_NORM, Role.REPEATING),
-    TensorSpec(TensorKind.FFN_GATE, Role.REPEATING),
-    TensorSpec(TensorKind.FFN_UP, Role.REPEATING),
-    TensorSpec(TensorKind.FFN_DOWN, Role.REPEATING),
-)
-
-ARCHITECTURES: dict[str, Architecture] = {
-    "llama": Architecture("llama", "llama", 0, _LLAMA_TENSORS),
-    "mistral": Architecture("mistral", "llama", 0, _LLAMA_TENSORS),
+_ROLES = {
+    MODEL_TENSOR.TOKEN_EMBD: Role.INPUT,
+    MODEL_TENSOR.TOKEN_EMBD_NORM: Role.INPUT,
+    MODEL_TENSOR.TOKEN_TYPES: Role.INPUT,
+    MODEL_TENSOR.POS_EMBD: Role.INPUT,
+    MODEL_TENSOR.OUTPUT: Role.OUTPUT,
+    MODEL_TENSOR.OUTPUT_NORM: Role.OUTPUT,
+    MODEL_TENSOR.ROPE_FREQS: Role.SHARED,
+    MODEL_TENSOR.ROPE_FACTORS_LONG: Role.SHARED,
+    MODEL_TENSOR.ROPE_FACTORS_SHORT: Role.SHARED,
 }
+_BY_NAME = {TENSOR_NAMES[kind]: role for kind, role in _ROLES.items()}
+_EXPERTS = re.compile(
+    "|".join(
+        TENSOR_NAMES[k].replace("{bid}", r"\d+").replace(".", r"\.")
+        for k in (
+            MODEL_TENSOR.FFN_UP_EXP,
+            MODEL_TENSOR.FFN_GATE_EXP,
+            MODEL_TENSOR.FFN_DOWN_EXP,
+            MODEL_TENSOR.FFN_GATE_UP_EXP,
+        )
+    )  # fmt: skip
+)
+_LAYER = re.compile(r"blk\.(\d+)\.")
+
+
+def tensor_name(kind: MODEL_TENSOR, il: int | None = None, suffix: str = "weight") -> str:
+    """The GGUF name of a tensor kind (of layer ``il``): ``blk.3.attn_q.weight``."""
+    base = TENSOR_NAMES[kind]
+    return f"{base.format(bid=il) if il is not None else base}.{suffix}"
+
+
+def tensor_role(name: str) -> tuple[Role, int | None]:
+    """A tensor's role and, for a repeating one, its layer."""
+    m = _LAYER.match(name)
+    if m:
+        return Role.REPEATING, int(m.group(1))
+    base = name.rsplit(".", 1)[0] if name.endswith((".weight", ".bias")) else name
+    return _BY_NAME.get(base, Role.UNUSED), None
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether a tensor holds all experts of a layer (a token uses only some of them)."""
+    return _EXPERTS.match(name) is not None
 
 
 class UnsupportedArchitectureError(ValueError):
     pass
 
 
-def architecture(name: str) -> Architecture:
-    try:
-        return ARCHITECTURES[name]
-    except KeyError:
-        known = ", ".join(sorted(ARCHITECTURES))
-        raise UnsupportedArchitectureError(f"architecture {name!r} is not supported (supported: {known})") from None
+def supported_message(name: str, known: list[str]) -> str:
+    return f"architecture {name!r} is not supported (supported: {', '.join(sorted(known))})"

@@ -11,33 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from llmrpc.model.arch import Architecture, Role, TensorSpec, architecture
+from llmrpc.model.arch import Role, tensor_role
+from llmrpc.model.families import family
+from llmrpc.model.hparams import HParams, HParamsError, KeyReader, finish, read_base
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class HParams:
-    """Hyper-parameters of a llama-family model, read from ``{arch}.*`` GGUF keys."""
-
-    arch: str
-    n_layer: int
-    n_embd: int
-    n_head: int
-    n_head_kv: int
-    n_ff: int
-    n_vocab: int
-    n_ctx_train: int
-    head_dim: int  # n_embd_head_k == n_embd_head_v for this family
-    n_rot: int
-    rms_eps: float
-    rope_freq_base: float
-    rope_freq_scale: float
-    attn_scale: float  # multiplier of Q.K before softmax
-
-    @property
-    def n_embd_kv(self) -> int:
-        return self.head_dim * self.n_head_kv
 
 
 @dataclass(frozen=True)
@@ -52,49 +30,49 @@ class TensorInfo:
 @dataclass
 class ModelInfo:
     path: str
-    arch: Architecture
     hparams: HParams
     tensors: dict[str, TensorInfo]
     metadata: dict[str, Any] = field(repr=False, default_factory=dict)
     # set for slice files (llmrpc.model.slicefile): the only layers the file holds
     slice_range: tuple[int, int] | None = None
     slice_model_hash: str = ""
+    # tensor names by role: each layer's, and the input, shared and output ones
+    _layers: dict[int, list[str]] = field(repr=False, default_factory=dict)
+    _roles: dict[Role, list[str]] = field(repr=False, default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in self.tensors:
+            role, layer = tensor_role(name)
+            if role is Role.REPEATING:
+                assert layer is not None
+                self._layers.setdefault(layer, []).append(name)
+            else:
+                self._roles.setdefault(role, []).append(name)
+
+    @property
+    def arch(self) -> str:
+        return self.hparams.arch
 
     def layer_tensor_names(self, layer: int) -> list[str]:
-        return self._names([s for s in self.arch.tensors if s.role is Role.REPEATING], layer)
+        return list(self._layers.get(layer, []))
 
     def range_tensor_names(self, start: int, end: int) -> list[str]:
         """Every tensor a stage holding layers [start, end) needs, in a stable order."""
         first, last = start == 0, end == self.hparams.n_layer
         names: list[str] = []
-        for spec in self.arch.tensors:
-            if spec.role is Role.INPUT and first:
-                names += self._names([spec], None)
-            elif spec.role is Role.SHARED:
-                names += self._names([spec], None)
+        if first:
+            names += self._roles.get(Role.INPUT, [])
+        names += self._roles.get(Role.SHARED, [])
         for layer in range(start, end):
             names += self.layer_tensor_names(layer)
         if last:
-            for spec in self.arch.tensors:
-                if spec.role is Role.OUTPUT:
-                    names += self._names([spec], None)
+            names += self._roles.get(Role.OUTPUT, [])
             if "output.weight" not in self.tensors and "token_embd.weight" not in names:
                 names.append("token_embd.weight")  # tied output matrix
         return names
 
     def range_bytes(self, start: int, end: int) -> int:
         return sum(self.tensors[n].n_bytes for n in self.range_tensor_names(start, end))
-
-    def _names(self, specs: list[TensorSpec], bid: int | None) -> list[str]:
-        out = []
-        for spec in specs:
-            for suffix in ("weight", "bias"):
-                name = spec.name(bid, suffix)
-                if name in self.tensors:
-                    out.append(name)
-                elif suffix == "weight" and spec.required:
-                    raise ValueError(f"{self.path}: required tensor {name} is missing")
-        return out
 
 
 def read_model(path: str | os.PathLike[str]) -> ModelInfo:
@@ -114,15 +92,7 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     arch_name = fields.get("general.architecture")
     if not isinstance(arch_name, str):
         raise ValueError(f"{path}: general.architecture is missing")
-    arch = architecture(arch_name)
-
-    def key(suffix: str, default: Any = None) -> Any:
-        value = fields.get(f"{arch_name}.{suffix}")
-        if value is None:
-            if default is None:
-                raise ValueError(f"{path}: GGUF key {arch_name}.{suffix} is missing")
-            return default
-        return value
+    fam = family(arch_name)
 
     size = os.path.getsize(path)
     tensors: dict[str, TensorInfo] = {}
@@ -139,36 +109,23 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
             raise ValueError(f"{path}: tensor {t.name} lies past the end of the file (truncated?)")
         tensors[t.name] = TensorInfo(t.name, t.ggml_type, t.shape, offset, n_bytes)
 
-    n_embd = int(key("embedding_length"))
-    n_head = int(key("attention.head_count"))
-    head_dim = int(key("attention.key_length", n_embd // n_head))
     n_vocab = fields.get(f"{arch_name}.vocab_size")
     if n_vocab is None:
         tokens = fields.get("tokenizer.ggml.tokens")
-        n_vocab = tokens.count if isinstance(tokens, ArrayInfo) else tensors["token_embd.weight"].shape[1]
-    scaling = fields.get(f"{arch_name}.rope.scaling.factor")
-    attn_scale = fields.get(f"{arch_name}.attention.scale")
-    hp = HParams(
-        arch=arch_name,
-        n_layer=int(key("block_count")),
-        n_embd=n_embd,
-        n_head=n_head,
-        n_head_kv=int(key("attention.head_count_kv", n_head)),
-        n_ff=int(key("feed_forward_length")),
-        n_vocab=int(n_vocab),
-        n_ctx_train=int(key("context_length")),
-        head_dim=head_dim,
-        n_rot=int(key("rope.dimension_count", head_dim)),
-        rms_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_freq_base=float(key("rope.freq_base", 10000.0)),
-        rope_freq_scale=1.0 / float(scaling) if scaling else 1.0,
-        attn_scale=float(attn_scale) if attn_scale else 1.0 / math.sqrt(head_dim),
-    )
-    info = ModelInfo(path, arch, hp, tensors)
+        embd = tensors.get("token_embd.weight")
+        n_vocab = tokens.count if isinstance(tokens, ArrayInfo) else embd.shape[1] if embd else 0
+    reader = KeyReader(fields, arch_name, path)
+    try:
+        hp_fields = read_base(reader, int(n_vocab))
+        hp_fields["rope_type"] = fam.rope_type
+        fam.hparams(reader, hp_fields)
+        hp = finish(hp_fields, mscale_is_log_mul=fam.mscale_is_log_mul)
+    except HParamsError as e:
+        raise ValueError(str(e)) from e
+    info = ModelInfo(path, hp, tensors)
     if "llmrpc.slice.layer_start" in fields:
         info.slice_range = (int(fields["llmrpc.slice.layer_start"]), int(fields["llmrpc.slice.layer_end"]))
         info.slice_model_hash = str(fields.get("llmrpc.slice.model_hash", ""))
-    info.range_tensor_names(*(info.slice_range or (0, hp.n_layer)))  # every required tensor is present
     logger.debug("read %s: %s, %d layers", path, arch_name, hp.n_layer)
     return info
 

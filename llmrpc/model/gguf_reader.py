@@ -16,6 +16,7 @@ from typing import Any
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+SMALL_ARRAY = 4096  # numeric arrays this short are read (per-layer hyper-parameters), longer ones skipped
 
 
 class GGUFFormatError(ValueError):
@@ -28,6 +29,7 @@ class ArrayInfo:
 
     elem_type: int
     count: int
+    values: tuple[Any, ...] | None = None  # numeric arrays of up to SMALL_ARRAY elements
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,12 @@ def _parse(buf: mmap.mmap, path: str) -> GGUFHeader:
             elem, count = struct.unpack_from("<IQ", buf, p)
             p += 12
             if elem in _SCALARS:
-                p += struct.calcsize(_SCALARS[elem]) * count
+                size = struct.calcsize(_SCALARS[elem])
+                values = None
+                if count <= SMALL_ARRAY:
+                    values = struct.unpack_from(f"<{count}{_SCALARS[elem][1]}", buf, p)
+                p += size * count
+                return ArrayInfo(elem, count, values), p
             elif elem == _STRING:
                 for _ in range(count):
                     (n,) = struct.unpack_from("<Q", buf, p)

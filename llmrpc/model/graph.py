@@ -1,16 +1,25 @@
-"""Shared pieces of the layer graph builders: inputs, norm, attention over the KV cache, FFN.
+"""Shared pieces of the family graph builders: inputs, norms, QKV, rope, attention over the
+KV cache, feed-forward networks, mixtures of experts and the output head.
 
 They follow llama.cpp's ``llm_graph_context`` (``src/llama-graph.cpp``) op for op, so the
 same batch through llmrpc and through llama.cpp gives the same numbers. Every intermediate
-is named with its layer (``attn_norm-12``) so activations can be dumped and diffed.
+is named with its layer (``attn_norm-12``) so activations can be dumped and diffed. A family
+builder (:mod:`llmrpc.model.families`) is a loop over :attr:`Builder.layers` calling these.
 """
 
 from __future__ import annotations
 
+import enum
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+import numpy as np
+from gguf.constants import MODEL_TENSOR as T
+
 from llmrpc.ggml import lib as g
-from llmrpc.model.gguf_model import HParams
+from llmrpc.model.arch import tensor_name
+from llmrpc.model.hparams import Gating, HParams
+from llmrpc.model.kv import FULL, layer_group
 from llmrpc.types import KV_PAD
 
 
@@ -21,21 +30,44 @@ def padded_n_kv(used: int, kv_size: int, pad: int = KV_PAD) -> int:
     return min(kv_size, max(pad, -(-used // pad) * pad))
 
 
+def inv_sqrt(x: float) -> float:
+    """``1.0f/sqrtf(x)`` in float32, as llama.cpp computes its attention scales."""
+    return float(np.float32(1.0) / np.sqrt(np.float32(x)))
+
+
+class MissingTensorError(ValueError):
+    """The GGUF lacks a tensor its family's graph needs."""
+
+
+@dataclass(frozen=True)
+class CacheView:
+    """The part of one session's KV group a batch sees: ``n_kv`` of its ``size`` cells."""
+
+    group: str
+    n_kv: int
+    size: int
+
+
 @dataclass(frozen=True)
 class Segment:
     """The rows of one session in a batch: they attend to that session's own KV cache."""
 
     offset: int  # first row in the batch
     n: int  # rows
-    n_kv: int  # cells attended (padded)
-    kv_size: int  # cells in the session's cache
+    views: tuple[CacheView, ...]  # one per KV group of the stage's layers
+
+    def view(self, group: str) -> CacheView:
+        for v in self.views:
+            if v.group == group:
+                return v
+        raise KeyError(group)
 
 
 @dataclass
-class SegmentInputs:
+class AttnInputs:
     kq_mask: g.Tensor  # F32 [n_kv, n]
-    k_idxs: g.Tensor  # I64 [n]
-    v_idxs: g.Tensor  # I64 [n * n_embd_kv]: the V cache is stored transposed
+    k_idxs: g.Tensor  # I64 [n]: the cell of each row
+    v_idxs: g.Tensor  # I64 [n * n_embd_v]: the V cache is stored transposed
 
 
 @dataclass
@@ -45,113 +77,363 @@ class GraphInputs:
     tokens: g.Tensor | None  # I32 [n] on the first stage
     embd: g.Tensor | None  # F32 [n_embd, n] elsewhere
     pos: g.Tensor  # I32 [n]
-    segments: list[SegmentInputs]  # one per session in the batch
+    segments: list[dict[str, AttnInputs]]  # per segment, per KV group
     out_ids: g.Tensor | None  # I32 [n_out] when only some rows leave the last layer
 
 
 @dataclass
 class LayerCache:
-    k: g.Tensor  # F16 [n_embd_kv, kv_size]
-    v: g.Tensor  # F16 [n_embd_kv, kv_size], used transposed as in llama.cpp without flash-attn
+    k: g.Tensor  # F16 [n_embd_k_gqa, cells]
+    v: g.Tensor  # F16 [n_embd_v_gqa, cells], used transposed as in llama.cpp without flash-attn
+
+
+class Norm(enum.Enum):
+    RMS = "rms"
+    LAYER = "layer"
+
+
+class Act(enum.Enum):
+    """The activation of a feed-forward network (llama.cpp's ``llm_ffn_op_type``)."""
+
+    SILU = "silu"
+    GELU = "gelu"
+    RELU = "relu"
+    RELU_SQR = "relu_sqr"
+    SWIGLU = "swiglu"  # the up projection holds gate and up halves (phi3)
+    SWIGLU_OAI = "swiglu_oai"  # gpt-oss's clamped SwiGLU
 
 
 class Builder:
-    """A ggml context for one graph plus the shared helpers of the builders. A batch holds
-    the rows of one or more sessions (segments): every matrix multiplication runs once over
-    all rows, and each segment attends to its own cache."""
+    """A ggml context for one graph of layers [start, end) plus the shared pieces of the
+    builders. A batch holds the rows of one or more sessions (segments): every matrix
+    multiplication runs once over all rows, and each segment attends to its own cache."""
 
-    def __init__(self, ctx: int, gf: int, hp: HParams, segments: list[Segment]):
+    def __init__(
+        self,
+        ctx: int,
+        gf: int,
+        hp: HParams,
+        segments: list[Segment],
+        weights: Mapping[str, g.Tensor],
+        inputs: GraphInputs,
+        caches: Sequence[Mapping[int, LayerCache]],  # one per segment
+        start: int,
+        end: int,
+    ) -> None:
         self.lib = g.ggml()
         self.ctx = ctx
         self.gf = gf
         self.hp = hp
         self.segments = segments
+        self.weights = weights
+        self.inp = inputs
+        self.caches = caches
+        self.start, self.end = start, end
+        self.first, self.last = start == 0, end == hp.n_layer
         self.n_tokens = sum(s.n for s in segments)
+
+    @property
+    def layers(self) -> range:
+        return range(self.start, self.end)
+
+    # -- tensors -------------------------------------------------------------------------
+    def w(self, kind: T, il: int | None = None, suffix: str = "weight") -> g.Tensor:
+        """A tensor the graph needs; a clear error when the GGUF lacks it."""
+        name = tensor_name(kind, il, suffix)
+        t = self.weights.get(name)
+        if t is None:
+            raise MissingTensorError(f"{self.hp.arch}: the model has no tensor {name}, which its graph needs")
+        return t
+
+    def opt(self, kind: T, il: int | None = None, suffix: str = "weight") -> g.Tensor | None:
+        """A tensor the graph uses where the GGUF has it (biases, optional norms)."""
+        return self.weights.get(tensor_name(kind, il, suffix))
 
     def name(self, t: g.Tensor, label: str, il: int = -1) -> g.Tensor:
         self.lib.ggml_set_name(t, (f"{label}-{il}" if il >= 0 else label).encode())
         return t
 
-    def input(self, ggml_type: int, *ne: int, label: str) -> g.Tensor:
-        lib = self.lib
-        t = {
-            1: lib.ggml_new_tensor_1d,
-            2: lib.ggml_new_tensor_2d,
-        }[len(ne)](self.ctx, ggml_type, *ne)
-        lib.ggml_set_input(t)
-        return self.name(t, label)
+    # -- basic ops -----------------------------------------------------------------------
+    def add(self, a: g.Tensor, b: g.Tensor | None) -> g.Tensor:
+        return a if b is None else self.lib.ggml_add(self.ctx, a, b)
 
-    def rms_norm(self, x: g.Tensor, weight: g.Tensor, label: str, il: int) -> g.Tensor:
-        lib = self.lib
-        cur = lib.ggml_rms_norm(self.ctx, x, self.hp.rms_eps)
-        cur = lib.ggml_mul(self.ctx, cur, weight)
-        return self.name(cur, label, il)
+    def scale(self, x: g.Tensor, s: float) -> g.Tensor:
+        return self.lib.ggml_scale(self.ctx, x, s)
+
+    def mm(self, w: g.Tensor, x: g.Tensor) -> g.Tensor:
+        return self.lib.ggml_mul_mat(self.ctx, w, x)
 
     def linear(self, w: g.Tensor, x: g.Tensor, bias: g.Tensor | None = None) -> g.Tensor:
-        cur = self.lib.ggml_mul_mat(self.ctx, w, x)
-        if bias is not None:
-            cur = self.lib.ggml_add(self.ctx, cur, bias)
-        return cur
+        return self.add(self.mm(w, x), bias)
+
+    def norm(
+        self, x: g.Tensor, weight: g.Tensor | None, label: str, il: int,
+        bias: g.Tensor | None = None, kind: Norm = Norm.RMS,
+    ) -> g.Tensor:  # fmt: skip
+        """llama.cpp's ``build_norm``: normalise, then scale and shift by the weights."""
+        lib, ctx = self.lib, self.ctx
+        if kind is Norm.RMS:
+            cur = lib.ggml_rms_norm(ctx, x, self.hp.rms_eps)
+        else:
+            cur = lib.ggml_norm(ctx, x, self.hp.norm_eps)
+        if weight is not None:
+            cur = lib.ggml_mul(ctx, cur, weight)
+        cur = self.add(cur, bias)
+        return self.name(cur, label, il)
+
+    def softcap(self, x: g.Tensor, cap: float) -> g.Tensor:
+        """``cap * tanh(x / cap)``."""
+        x = self.scale(x, float(np.float32(1.0) / np.float32(cap)))
+        return self.scale(self.lib.ggml_tanh(self.ctx, x), cap)
+
+    # -- inputs and outputs --------------------------------------------------------------
+    def embeddings(self, scale: float = 0.0) -> g.Tensor:
+        """The token embeddings on the first stage (times ``scale`` where the family scales
+        them), the previous stage's hidden states elsewhere."""
+        if self.inp.tokens is None:
+            assert self.inp.embd is not None
+            return self.inp.embd
+        x = self.name(self.lib.ggml_get_rows(self.ctx, self.w(T.TOKEN_EMBD), self.inp.tokens), "inp_embd")
+        scale = scale or self.hp.embedding_scale
+        return self.scale(x, scale) if scale else x
+
+    def out_rows(self, il: int, *ts: g.Tensor) -> list[g.Tensor]:
+        """On the model's last layer, only the rows that leave it (llama.cpp's ``inp_out_ids``)."""
+        if il != self.hp.n_layer - 1 or self.inp.out_ids is None:
+            return list(ts)
+        return [self.lib.ggml_get_rows(self.ctx, t, self.inp.out_ids) for t in ts]
+
+    def output(self, x: g.Tensor, norm: Norm = Norm.RMS) -> g.Tensor:
+        """Hidden states for the next stage; on the last, the output norm and the logits."""
+        if not self.last:
+            return x
+        cur = self.norm(x, self.w(T.OUTPUT_NORM), "result_norm", -1, self.opt(T.OUTPUT_NORM, None, "bias"), norm)
+        head = self.opt(T.OUTPUT) or self.w(T.TOKEN_EMBD)
+        cur = self.add(self.mm(head, cur), self.opt(T.OUTPUT, None, "bias"))
+        if self.hp.final_softcap:
+            cur = self.softcap(cur, self.hp.final_softcap)
+        return self.name(cur, "result_output")
+
+    # -- attention -----------------------------------------------------------------------
+    def qkv(self, il: int, x: g.Tensor, head_dim: int | None = None) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
+        """Q [hd, n_head, n], K and V [hd, n_head_kv, n]: from a fused QKV matrix or three,
+        with their biases (llama.cpp's ``build_qkv``)."""
+        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
+        hd_q = hd_k = head_dim or hp.head_dim_k(il)
+        hd_v = head_dim or hp.head_dim_v(il)
+        n_q, n_kv = hp.n_head(il), hp.n_head_kv(il)
+        wqkv = self.opt(T.ATTN_QKV, il)
+        if wqkv is not None:
+            qkv = self.mm(wqkv, x)
+            bias = self.opt(T.ATTN_QKV, il, "bias")
+            if bias is not None:
+                qkv = lib.ggml_add(ctx, qkv, bias)
+            else:
+                parts = [self.opt(kind, il, "bias") for kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)]
+                if all(p is not None for p in parts):
+                    qkv = lib.ggml_add(ctx, qkv, lib.ggml_concat(ctx, lib.ggml_concat(ctx, *parts[:2], 0), parts[2], 0))
+            f32 = g.GGML_TYPE_F32
+            row = qkv.contents.nb[1]
+            q = lib.ggml_view_3d(ctx, qkv, hd_q, n_q, n, lib.ggml_row_size(f32, hd_q), row, 0)
+            k = lib.ggml_view_3d(ctx, qkv, hd_k, n_kv, n, lib.ggml_row_size(f32, hd_k), row,
+                                 lib.ggml_row_size(f32, hd_q * n_q))  # fmt: skip
+            v = lib.ggml_view_3d(ctx, qkv, hd_v, n_kv, n, lib.ggml_row_size(f32, hd_v), row,
+                                 lib.ggml_row_size(f32, hd_q * n_q + hd_k * n_kv))  # fmt: skip
+            return q, k, v
+        q = self.linear(self.w(T.ATTN_Q, il), x, self.opt(T.ATTN_Q, il, "bias"))
+        k = self.linear(self.w(T.ATTN_K, il), x, self.opt(T.ATTN_K, il, "bias"))
+        v = self.linear(self.w(T.ATTN_V, il), x, self.opt(T.ATTN_V, il, "bias"))
+        return (
+            lib.ggml_reshape_3d(ctx, q, hd_q, n_q, n),
+            lib.ggml_reshape_3d(ctx, k, hd_k, n_kv, n),
+            lib.ggml_reshape_3d(ctx, v, hd_v, n_kv, n),
+        )
+
+    def rope_factors(self) -> g.Tensor | None:
+        """The rope frequency factors, where the model has them (llama.cpp's
+        ``get_rope_factors``): llama3's, or LongRoPE's long or short ones by context size."""
+        factors = self.opt(T.ROPE_FREQS)
+        if factors is not None:
+            return factors
+        n_ctx = max((v.size for s in self.segments for v in s.views if v.group == FULL), default=0)
+        return self.opt(T.ROPE_FACTORS_LONG if n_ctx > self.hp.rope.n_ctx_orig else T.ROPE_FACTORS_SHORT)
+
+    def rope(self, t: g.Tensor, il: int, factors: g.Tensor | None = None, n_rot: int | None = None) -> g.Tensor:
+        hp, r = self.hp, self.hp.rope
+        return self.lib.ggml_rope_ext(
+            self.ctx, t, self.inp.pos, factors, n_rot or hp.n_rot(il), hp.rope_type, r.n_ctx_orig,
+            hp.rope_base(il), hp.rope_scale(il), r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
+        )  # fmt: skip
 
     def attention(
-        self,
-        inp: GraphInputs,
-        caches: list[LayerCache],  # one per segment
-        q: g.Tensor,  # [head_dim, n_head, n]
-        k: g.Tensor,  # [head_dim, n_head_kv, n]
-        v: g.Tensor,  # [head_dim, n_head_kv, n]
-        il: int,
-    ) -> g.Tensor:
+        self, il: int, q: g.Tensor, k: g.Tensor, v: g.Tensor, kq_scale: float,
+        wo: g.Tensor | None, wo_b: g.Tensor | None = None, sinks: g.Tensor | None = None,
+    ) -> g.Tensor:  # fmt: skip
         """Each segment stores its K and V in its cache and attends over its cells; the
-        segments' results are joined back into one batch [n_embd, n]."""
-        if len(self.segments) == 1:
-            return self._attend(self.segments[0], inp.segments[0], caches[0], q, k, v, il)
+        segments' results are joined back into one batch [n_embd_v * n_head, n], then
+        projected by ``wo`` (llama.cpp's ``build_attn``)."""
         lib, ctx = self.lib, self.ctx
-        out = None
-        for seg, seg_inp, cache in zip(self.segments, inp.segments, caches, strict=True):
+        group = layer_group(self.hp, il)
+        if len(self.segments) == 1:
+            seg = self.segments[0]
+            out = self._attend(seg.view(group), self.inp.segments[0][group], self.caches[0][il], q, k, v,
+                               kq_scale, sinks, il)  # fmt: skip
+        else:
+            out = None
+            for seg, seg_inp, cache in zip(self.segments, self.inp.segments, self.caches, strict=True):
 
-            def rows(t: g.Tensor, seg: Segment = seg) -> g.Tensor:
-                c = t.contents
-                return lib.ggml_view_3d(ctx, t, c.ne[0], c.ne[1], seg.n, c.nb[1], c.nb[2], seg.offset * c.nb[2])
+                def rows(t: g.Tensor, seg: Segment = seg) -> g.Tensor:
+                    c = t.contents
+                    return lib.ggml_view_3d(ctx, t, c.ne[0], c.ne[1], seg.n, c.nb[1], c.nb[2], seg.offset * c.nb[2])
 
-            cur = self._attend(seg, seg_inp, cache, rows(q), rows(k), rows(v), il)
-            out = cur if out is None else lib.ggml_concat(ctx, out, cur, 1)
-        assert out is not None
-        return out
+                cur = self._attend(seg.view(group), seg_inp[group], cache[il], rows(q), rows(k), rows(v),
+                                   kq_scale, sinks, il)  # fmt: skip
+                out = cur if out is None else lib.ggml_concat(ctx, out, cur, 1)
+            assert out is not None
+        if wo is not None:
+            out = self.mm(wo, out)
+        return self.add(out, wo_b)
 
     def _attend(
-        self, seg: Segment, inp: SegmentInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor, il: int
-    ) -> g.Tensor:
+        self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
+        kq_scale: float, sinks: g.Tensor | None, il: int,
+    ) -> g.Tensor:  # fmt: skip
         lib, ctx, hp = self.lib, self.ctx, self.hp
-        n, hd, n_kv, kv = seg.n, hp.head_dim, seg.n_kv, seg.kv_size
+        n = q.contents.ne[2]
+        hd_k, hd_v, n_head_kv = k.contents.ne[0], v.contents.ne[0], k.contents.ne[1]
+        n_embd_k, n_embd_v = hd_k * n_head_kv, hd_v * n_head_kv
+        n_kv, size = view.n_kv, view.size
         f16 = g.GGML_TYPE_F16
-        # cpy_k: rows of [n_embd_kv] go to the cells in k_idxs
-        k2 = lib.ggml_view_2d(ctx, k, hp.n_embd_kv, n, k.contents.nb[2], 0)
+        # cpy_k: rows of [n_embd_k] go to the cells in k_idxs
+        k2 = lib.ggml_view_2d(ctx, k, n_embd_k, n, k.contents.nb[2], 0)
         lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
         # cpy_v (transposed cache): each element is its own row
-        v_flat = lib.ggml_reshape_2d(ctx, v, 1, hp.n_embd_kv * n)  # a segment's rows are contiguous
-        v_rows = lib.ggml_reshape_2d(ctx, cache.v, 1, hp.n_embd_kv * kv)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_rows, v_flat, inp.v_idxs))
+        if lib.ggml_row_size(g.GGML_TYPE_F32, n_embd_v) == v.contents.nb[2]:
+            v2 = lib.ggml_reshape_2d(ctx, v, n_embd_v, n)
+        else:
+            v2 = lib.ggml_cont_2d(ctx, v, n_embd_v, n)  # a view of a fused QKV
+        v_flat = lib.ggml_reshape_2d(ctx, v2, 1, n_embd_v * n)
+        v_cells = lib.ggml_reshape_2d(ctx, cache.v, 1, n_embd_v * size)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_cells, v_flat, inp.v_idxs))
 
         q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
         k_view = lib.ggml_view_3d(
-            ctx, cache.k, hd, n_kv, hp.n_head_kv,
-            lib.ggml_row_size(f16, hp.n_embd_kv), lib.ggml_row_size(f16, hd), 0,
+            ctx, cache.k, hd_k, n_kv, n_head_kv,
+            lib.ggml_row_size(f16, n_embd_k), lib.ggml_row_size(f16, hd_k), 0,
         )  # fmt: skip
         v_view = lib.ggml_view_3d(
-            ctx, cache.v, n_kv, hd, hp.n_head_kv,
-            lib.ggml_row_size(f16, kv), lib.ggml_row_size(f16, kv * hd), 0,
+            ctx, cache.v, n_kv, hd_v, n_head_kv,
+            lib.ggml_row_size(f16, size), lib.ggml_row_size(f16, size * hd_v), 0,
         )  # fmt: skip
         kq = lib.ggml_mul_mat(ctx, k_view, q)
         lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
-        kq = self.name(lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, hp.attn_scale, 0.0), "kq_soft_max", il)
+        if hp.attn_softcap:
+            kq = self.softcap(kq, hp.attn_softcap)
+        kq = lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, kq_scale, 0.0)
+        if sinks is not None:
+            lib.ggml_soft_max_add_sinks(kq, sinks)
+        kq = self.name(kq, "kq_soft_max", il)
         kqv = lib.ggml_mul_mat(ctx, v_view, kq)
         cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
-        return lib.ggml_cont_2d(ctx, cur, hd * hp.n_head, n)
+        return lib.ggml_cont_2d(ctx, cur, hd_v * q.contents.ne[2], n)
 
-    def swiglu_ffn(self, x: g.Tensor, gate: g.Tensor, up: g.Tensor, down: g.Tensor, il: int) -> g.Tensor:
+    # -- feed-forward --------------------------------------------------------------------
+    def ffn(
+        self, x: g.Tensor, il: int, up: g.Tensor, gate: g.Tensor | None, down: g.Tensor, act: Act,
+        up_b: g.Tensor | None = None, gate_b: g.Tensor | None = None, down_b: g.Tensor | None = None,
+        parallel: bool = True, label: str = "ffn_out",
+    ) -> g.Tensor:  # fmt: skip
+        """llama.cpp's ``build_ffn``: up (and gate) projections, the activation, down."""
         lib, ctx = self.lib, self.ctx
-        tmp = lib.ggml_mul_mat(ctx, up, x)
-        cur = lib.ggml_mul_mat(ctx, gate, x)
-        cur = self.name(lib.ggml_swiglu_split(ctx, cur, tmp), "ffn_swiglu", il)
-        return self.name(lib.ggml_mul_mat(ctx, down, cur), "ffn_out", il)
+        tmp = self.add(self.mm(up, x), up_b)
+        if gate is not None:
+            cur = self.add(self.mm(gate, x if parallel else tmp), gate_b)
+        else:
+            cur = tmp
+        gated = gate is not None and parallel
+        if act is Act.SILU:
+            cur = lib.ggml_swiglu_split(ctx, cur, tmp) if gated else lib.ggml_silu(ctx, cur)
+        elif act is Act.GELU:
+            cur = lib.ggml_geglu_split(ctx, cur, tmp) if gated else lib.ggml_gelu(ctx, cur)
+        elif act is Act.RELU:
+            cur = lib.ggml_reglu_split(ctx, cur, tmp) if gated else lib.ggml_relu(ctx, cur)
+        elif act is Act.RELU_SQR:
+            cur = lib.ggml_sqr(ctx, lib.ggml_relu(ctx, cur))
+            if gated:
+                cur = lib.ggml_mul(ctx, cur, tmp)
+        elif act is Act.SWIGLU:
+            cur = lib.ggml_swiglu(ctx, cur)
+        else:
+            raise ValueError(f"{act} is not a dense FFN activation")
+        cur = self.add(self.mm(down, cur), down_b)
+        return self.name(cur, label, il)
+
+    def moe(
+        self, x: g.Tensor, il: int, act: Act = Act.SILU, gating: Gating = Gating.SOFTMAX,
+        norm_weights: bool = False, weights_scale: float = 0.0, biased: bool = False,
+        probs_bias: g.Tensor | None = None,
+    ) -> g.Tensor:  # fmt: skip
+        """A mixture of experts (llama.cpp's ``build_moe_ffn``): the router picks the top
+        ``n_expert_used`` experts per row, each runs its FFN (``ggml_mul_mat_id``), and their
+        outputs are summed with the router's weights. ``biased``: the router and the experts
+        have biases (gpt-oss)."""
+        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
+        n_embd, n_exp, n_used = x.contents.ne[0], hp.n_expert, hp.n_expert_used
+
+        def bias(kind: T) -> g.Tensor | None:
+            return self.w(kind, il, "bias") if biased else None
+
+        logits = self.add(self.mm(self.w(T.FFN_GATE_INP, il), x), bias(T.FFN_GATE_INP))
+        if gating is Gating.SOFTMAX:
+            probs = lib.ggml_soft_max(ctx, logits)
+        elif gating is Gating.SIGMOID:
+            probs = lib.ggml_sigmoid(ctx, logits)
+        elif gating is Gating.SOFTMAX_WEIGHT:
+            probs = logits
+        else:
+            raise ValueError(f"{hp.arch}: expert gating {gating!r} is not supported")
+        selection = lib.ggml_add(ctx, probs, probs_bias) if probs_bias is not None else probs
+        selected = lib.ggml_argsort_top_k(ctx, selection, n_used)  # I32 [n_used, n]
+        probs = lib.ggml_reshape_3d(ctx, probs, 1, n_exp, n)
+        weights = lib.ggml_get_rows(ctx, probs, selected)  # [1, n_used, n]
+        if gating is Gating.SOFTMAX_WEIGHT:
+            weights = lib.ggml_reshape_2d(ctx, weights, n_used, n)
+            weights = lib.ggml_reshape_3d(ctx, lib.ggml_soft_max(ctx, weights), 1, n_used, n)
+        if norm_weights:
+            weights = lib.ggml_reshape_2d(ctx, weights, n_used, n)
+            total = lib.ggml_clamp(ctx, lib.ggml_sum_rows(ctx, weights), 6.103515625e-5, float("inf"))
+            weights = lib.ggml_reshape_3d(ctx, lib.ggml_div(ctx, weights, total), 1, n_used, n)
+        if weights_scale not in (0.0, 1.0):
+            weights = self.scale(weights, weights_scale)
+        lib.ggml_build_forward_expand(self.gf, weights)
+
+        cur = lib.ggml_reshape_3d(ctx, x, n_embd, 1, n)
+
+        def experts(kind: T, inp: g.Tensor) -> g.Tensor:
+            out = lib.ggml_mul_mat_id(ctx, self.w(kind, il), inp, selected)
+            b = bias(kind)
+            return out if b is None else lib.ggml_add_id(ctx, out, b, selected)
+
+        up = experts(T.FFN_UP_EXP, cur)
+        gate = experts(T.FFN_GATE_EXP, cur) if self.opt(T.FFN_GATE_EXP, il) is not None else None
+        if act is Act.SILU:
+            cur = lib.ggml_swiglu_split(ctx, gate, up) if gate is not None else lib.ggml_silu(ctx, up)
+        elif act is Act.GELU:
+            cur = lib.ggml_geglu_split(ctx, gate, up) if gate is not None else lib.ggml_gelu(ctx, up)
+        elif act is Act.SWIGLU_OAI:
+            cur = lib.ggml_swiglu_oai(ctx, gate, up, 1.702, 7.0)
+        else:
+            raise ValueError(f"{act} is not an expert activation")
+        out = lib.ggml_mul(ctx, experts(T.FFN_DOWN_EXP, cur), weights)  # [n_embd, n_used, n]
+        lib.ggml_build_forward_expand(self.gf, out)
+        views = [lib.ggml_view_2d(ctx, out, n_embd, n, out.contents.nb[2], i * out.contents.nb[1])
+                 for i in range(n_used)]  # fmt: skip
+        for view in views:
+            lib.ggml_build_forward_expand(self.gf, view)
+        moe_out = views[0]
+        for view in views[1:]:
+            moe_out = lib.ggml_add(ctx, moe_out, view)
+            lib.ggml_build_forward_expand(self.gf, moe_out)
+        if n_used == 1:
+            moe_out = lib.ggml_cont(ctx, moe_out)
+        return self.name(moe_out, "ffn_moe_out", il)

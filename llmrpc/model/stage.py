@@ -17,9 +17,10 @@ import numpy as np
 
 from llmrpc.ggml import lib as g
 from llmrpc.ggml.device import Backend, prefer_huge_pages
-from llmrpc.model import llama
+from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo, tensor_view
-from llmrpc.model.graph import Builder, GraphInputs, LayerCache, Segment, SegmentInputs, padded_n_kv
+from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
+from llmrpc.model.kv import FULL, KVGroup, NoCellError, SlidingCells, full_mask, kv_groups
 from llmrpc.types import KV_PAD, kv_cells
 
 logger = logging.getLogger(__name__)
@@ -30,7 +31,6 @@ GRAPH_SIZE = 8192  # nodes per graph: ~30 per layer, room for 200+ layers
 # Larger batches share one scheduler: their buffers are big, and their shapes rarely repeat.
 KEPT_GRAPH_ROWS = 16
 KEPT_GRAPHS = 16
-BUILDERS = {"llama": llama.build}
 KV_TYPE = g.GGML_TYPE_F16
 # Cells a batch attends to are padded to this on the CPU (llama.cpp's 256 elsewhere). Every
 # padded cell is computed, then masked: at 256, that was ~8% of a SmolLM2 token at short
@@ -45,8 +45,9 @@ class ComputeError(RuntimeError):
     pass
 
 
-# ((cache serial, rows, attended cells) for each session in the batch, last rows only, argmax)
-GraphKey = tuple[tuple[tuple[int, int, int], ...], bool, bool]
+# ((cache serial, rows, attended cells of each KV group) for each session in the batch, last
+# rows only, argmax)
+GraphKey = tuple[tuple[tuple[int, int, tuple[int, ...]], ...], bool, bool]
 
 
 @dataclass
@@ -61,10 +62,9 @@ class _Graph:
     mem: ctypes.Array[ctypes.c_char]
     out_shape: tuple[int, int]  # rows, columns of ``out``
     out_dtype: type  # of ``out``: float32 (hidden states, logits) or int32 (argmax)
-    # per segment, what its inputs are made from every time: cell numbers [n_kv] and the
-    # first V cell of each of the n_embd_kv rows of the transposed V cache
-    cells: list[np.ndarray]
-    v_rows: list[np.ndarray]
+    # per segment and KV group, the first V cell of each of the n_embd_v rows of the
+    # transposed V cache (what the V indices are made from every time)
+    v_rows: list[dict[str, np.ndarray]]
     row: _RowInputs | None = None  # a one-row decode graph's inputs, kept and updated in place
 
     def free(self) -> None:
@@ -82,9 +82,10 @@ class _RowInputs:
     from step to step and changed in place: the row's position, its KV cell and V cells, and
     its mask row, whose allowed cells grow by one a step (and shrink on a rewind). A hop's work
     runs cold (the layers' compute has just flushed the caches), where building the mask anew
-    with np.where costs ~150 us and each new array ~20-40."""
+    with np.where costs ~150 us and each new array ~20-40. Only for a full-attention cache,
+    where position p is at cell p."""
 
-    def __init__(self, inputs: SegmentInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray) -> None:
+    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray) -> None:
         self.pos = np.zeros(1, dtype=np.int32)
         self.k_idx = np.zeros(1, dtype=np.int64)
         self.v_rows = v_rows.reshape(-1)
@@ -146,11 +147,13 @@ _SERIALS = itertools.count(1)
 class SessionCache:
     """One session's KV cache for the layers of a stage, on the stage's device."""
 
-    kv_size: int
+    kv_size: int  # cells of the full-attention layers: the session's context
+    sizes: dict[str, int]  # cells of each KV group
     layers: dict[int, LayerCache]
     ctx: int
     buffer: int
     n_bytes: int
+    sliding: dict[str, SlidingCells] = field(default_factory=dict)  # cell allocation of window groups
     serial: int = field(default_factory=lambda: next(_SERIALS))
 
     def free(self) -> None:
@@ -160,11 +163,6 @@ class SessionCache:
         if self.ctx:
             lib.ggml_free(self.ctx)
         self.buffer = self.ctx = 0
-
-
-def kv_cache_bytes(info: ModelInfo, n_layers: int, kv_size: int) -> int:
-    """Bytes of K and V for ``n_layers`` layers and ``kv_size`` cells (f16)."""
-    return 2 * n_layers * info.hparams.n_embd_kv * kv_size * 2
 
 
 class LayerStage:
@@ -184,7 +182,11 @@ class LayerStage:
         self.first, self.last = start == 0, end == info.hparams.n_layer
         self.backend = backend
         self.attend_pad = CPU_ATTEND_PAD if backend.device.kind == "cpu" else KV_PAD
-        self._build_fn = BUILDERS[info.arch.builder]
+        self._build_fn = family(info.arch).build
+        self.groups: list[KVGroup] = kv_groups(self.hp, start, end)
+        # one full-attention cache layout: a decode row's inputs can be kept and updated in
+        # place (cell = position), and the native hop can compute it
+        self.simple_cells = [grp.name for grp in self.groups] == [FULL]
         self.weights: dict[str, g.Tensor] = {}
         self._wctx = 0
         self._wbuf = 0
@@ -239,25 +241,31 @@ class LayerStage:
         n_layers = self.end - self.start
         params = g.ggml_init_params(lib.ggml_tensor_overhead() * (2 * n_layers + 1), None, True)
         ctx = lib.ggml_init(params)
-        layers = {}
-        for il in range(self.start, self.end):
-            k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_kv, kv_size)
-            v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_kv, kv_size)
-            lib.ggml_set_name(k, f"cache_k_l{il}".encode())
-            lib.ggml_set_name(v, f"cache_v_l{il}".encode())
-            layers[il] = LayerCache(k, v)
+        layers, sizes, sliding = {}, {}, {}
+        for group in self.groups:
+            size = sizes[group.name] = group.cells(n_ctx)
+            if group.name != FULL:
+                sliding[group.name] = SlidingCells(size, group.window, group.swa_type)
+            for il in group.layers:
+                k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_k_gqa(il), size)
+                v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_v_gqa(il), size)
+                lib.ggml_set_name(k, f"cache_k_l{il}".encode())
+                lib.ggml_set_name(v, f"cache_v_l{il}".encode())
+                layers[il] = LayerCache(k, v)
         buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, self.backend.buffer_type)
         if not buf:
             lib.ggml_free(ctx)
             raise MemoryError(f"cannot allocate the KV cache for {n_ctx} positions")
         prefer_huge_pages(buf)  # attention reads the whole attended cache every token
         lib.ggml_backend_buffer_clear(buf, 0)  # unused cells are read (masked): keep them finite
-        return SessionCache(kv_size, layers, ctx, buf, lib.ggml_backend_buffer_get_size(buf))
+        return SessionCache(kv_size, sizes, layers, ctx, buf, lib.ggml_backend_buffer_get_size(buf), sliding)
 
     def clear_cache(self, cache: SessionCache) -> None:
         """Zero a cache for a new session (cells past a session's positions are read, masked:
         they must hold finite numbers, as a new cache's do)."""
         g.ggml().ggml_backend_buffer_clear(cache.buffer, 0)
+        for cells in cache.sliding.values():
+            cells.clear()
 
     def forward(self, cache: SessionCache, x: np.ndarray, start_pos: int, all_outputs: bool) -> np.ndarray:
         """Run ``x`` (I32 token ids [n] on the first stage, F32 hidden [n, n_embd] elsewhere)
@@ -282,19 +290,22 @@ class LayerStage:
         returned function waits for it and reads the outputs. Call that before starting
         another graph on this stage."""
         lib = g.ggml()
-        segments, offset = [], 0
+        segments, cells, offset = [], [], 0
         for cache, x, start_pos in items:
             n = int(x.shape[0])
             if start_pos + n > cache.kv_size:
                 raise ComputeError(f"positions up to {start_pos + n} exceed the cache of {cache.kv_size}")
-            segments.append(
-                Segment(offset, n, padded_n_kv(start_pos + n, cache.kv_size, self.attend_pad), cache.kv_size)
-            )
+            views, seg_cells = self._place(cache, start_pos, n)
+            segments.append(Segment(offset, n, views))
+            cells.append(seg_cells)
             offset += n
         want_rows = self.last and not all_outputs and any(seg.n > 1 for seg in segments)
         top1 = top1 and self.last and not all_outputs
         key = (
-            tuple((c.serial, seg.n, seg.n_kv) for (c, _, _), seg in zip(items, segments, strict=True)),
+            tuple(
+                (c.serial, seg.n, tuple(v.n_kv for v in seg.views))
+                for (c, _, _), seg in zip(items, segments, strict=True)
+            ),
             want_rows,
             top1,
         )
@@ -305,19 +316,16 @@ class LayerStage:
             _set(inp.tokens if self.first else inp.embd, items[0][1].astype(dtype, copy=False))
             graph.row.write(items[0][2])
         else:
-            pos = np.concatenate(
-                [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
-            )
             _set(
                 inp.tokens if self.first else inp.embd,
                 np.concatenate([x.astype(dtype, copy=False) for _, x, _ in items]),
             )
+            pos = np.concatenate(
+                [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
+            )
             _set(inp.pos, pos)
-            for seg, seg_inp, cells, v_rows in zip(segments, inp.segments, graph.cells, graph.v_rows, strict=True):
-                p = pos[seg.offset : seg.offset + seg.n, None]
-                _set(seg_inp.kq_mask, np.where(cells <= p, np.float32(0), np.float32(-np.inf)))
-                _set(seg_inp.k_idxs, p[:, 0].astype(np.int64))
-                _set(seg_inp.v_idxs, v_rows + p)
+            for j, ((cache, _, _), seg) in enumerate(zip(items, segments, strict=True)):
+                self._set_cells(graph, j, cache, pos[seg.offset : seg.offset + seg.n], cells[j])
         if want_rows:
             _set(inp.out_ids, np.array([seg.offset + seg.n - 1 for seg in segments], dtype=np.int32))
         status = lib.ggml_backend_sched_graph_compute_async(graph.sched, graph.gf)
@@ -341,14 +349,58 @@ class LayerStage:
 
         return collect
 
+    def _place(
+        self, cache: SessionCache, start_pos: int, n: int
+    ) -> tuple[tuple[CacheView, ...], dict[str, np.ndarray]]:
+        """The cells of a session's rows at ``start_pos..start_pos+n`` in each KV group, and
+        how many cells of each the batch attends to. A full-attention group holds position p at
+        cell p; a sliding-window group places them as llama.cpp does (which moves its state)."""
+        views, cells = [], {}
+        for group in self.groups:
+            size = cache.sizes[group.name]
+            sliding = cache.sliding.get(group.name)
+            if sliding is None:
+                views.append(CacheView(group.name, padded_n_kv(start_pos + n, size, self.attend_pad), size))
+                continue
+            if start_pos <= sliding.pos_max:  # a rewind
+                if not sliding.can_rewind(start_pos):
+                    raise ComputeError(
+                        f"cannot go back to position {start_pos}: the sliding window's cache no longer holds "
+                        "the positions before it (start a new session instead)"
+                    )
+                sliding.remove_from(start_pos)
+            try:
+                cells[group.name] = sliding.place(np.arange(start_pos, start_pos + n, dtype=np.int64))
+            except NoCellError as e:
+                raise ComputeError(str(e)) from e
+            views.append(CacheView(group.name, padded_n_kv(sliding.used_max_p1, size, self.attend_pad), size))
+        return tuple(views), cells
+
+    def _set_cells(self, graph: _Graph, j: int, cache: SessionCache, rows: np.ndarray,
+                   placed: dict[str, np.ndarray]) -> None:  # fmt: skip
+        """Segment j's attention inputs: each KV group's mask, K cells and V cells."""
+        for group, inputs in graph.inputs.segments[j].items():
+            n_kv = int(inputs.kq_mask.contents.ne[0])
+            sliding = cache.sliding.get(group)
+            if sliding is None:
+                mask, k_cells = full_mask(rows, n_kv), rows.astype(np.int64)
+            else:
+                mask, k_cells = sliding.mask(rows, n_kv), placed[group]
+            _set(inputs.kq_mask, mask)
+            _set(inputs.k_idxs, k_cells)
+            _set(inputs.v_idxs, graph.v_rows[j][group] + k_cells[:, None])
+
     def row_graph(self, cache: SessionCache, pos: int) -> RowGraph | None:
         """The kept graph that decodes the row at ``pos`` of ``cache``'s session, if it is built:
-        to hidden states, or on the last layers to the greedy token (top1). None otherwise."""
+        to hidden states, or on the last layers to the greedy token (top1). None otherwise, and
+        for layers whose cells are not simply their positions (sliding windows)."""
+        if not self.simple_cells:
+            return None
         n_kv = padded_n_kv(pos + 1, cache.kv_size, self.attend_pad)
-        graph = self._kept.get((((cache.serial, 1, n_kv),), False, self.last))
+        graph = self._kept.get((((cache.serial, 1, (n_kv,)),), False, self.last))
         if graph is None or graph.row is None:
             return None
-        inp, seg, row = graph.inputs, graph.inputs.segments[0], graph.row
+        inp, seg, row = graph.inputs, graph.inputs.segments[0][FULL], graph.row
         data = [a.__array_interface__["data"][0] for a in (row.pos, row.k_idx, row.v_rows, row.v_idx, row.mask)]
         return RowGraph(
             graph, row, n_kv, graph.sched, graph.gf, _address(graph.out),
@@ -398,27 +450,13 @@ class LayerStage:
         mem: ctypes.Array[ctypes.c_char],
     ) -> _Graph:  # fmt: skip
         lib, hp = g.ggml(), self.hp
-        n, want_rows, top1 = sum(seg.n for seg in segments), key[1], key[2]
+        want_rows, top1 = key[1], key[2]
         ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
-            b = Builder(ctx, gf, hp, segments)
-            inp = GraphInputs(
-                tokens=b.input(g.GGML_TYPE_I32, n, label="inp_tokens") if self.first else None,
-                embd=None if self.first else b.input(g.GGML_TYPE_F32, hp.n_embd, n, label="inp_embd"),
-                pos=b.input(g.GGML_TYPE_I32, n, label="inp_pos"),
-                segments=[
-                    SegmentInputs(
-                        kq_mask=b.input(g.GGML_TYPE_F32, seg.n_kv, seg.n, label=f"kq_mask.{j}"),
-                        k_idxs=b.input(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{j}"),
-                        v_idxs=b.input(g.GGML_TYPE_I64, seg.n * hp.n_embd_kv, label=f"v_idxs.{j}"),
-                    )
-                    for j, seg in enumerate(segments)
-                ],
-                out_ids=b.input(g.GGML_TYPE_I32, len(segments), label="out_ids") if want_rows else None,
-            )
-            layers = [c.layers for c in caches]
-            out = self._build_fn(b, self.weights, layers, inp, self.start, self.end, self.info.arch.rope_type)
+            inp = self._graph_inputs(ctx, segments, want_rows)
+            b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end)
+            out = self._build_fn(b)
             if top1:
                 out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
             lib.ggml_set_output(out)
@@ -431,14 +469,51 @@ class LayerStage:
             if own_sched:
                 lib.ggml_backend_sched_free(sched)
             raise
-        cells = [np.arange(seg.n_kv, dtype=np.int32)[None, :] for seg in segments]
-        v_rows = [np.arange(hp.n_embd_kv, dtype=np.int64)[None, :] * seg.kv_size for seg in segments]
+        v_rows = [
+            {
+                grp.name: np.arange(grp.n_embd_v, dtype=np.int64)[None, :] * seg.view(grp.name).size
+                for grp in self.groups
+            }
+            for seg in segments
+        ]
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
         dtype = np.int32 if top1 else np.float32
-        graph = _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, cells, v_rows)
-        if own_sched and len(segments) == 1 and segments[0].n == 1:
-            graph.row = _RowInputs(inp.segments[0], inp.pos, segments[0].n_kv, v_rows[0])
+        graph = _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, v_rows)
+        if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1:
+            graph.row = _RowInputs(inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL])
         return graph
+
+    def _graph_inputs(self, ctx: int, segments: list[Segment], want_rows: bool) -> GraphInputs:
+        lib, hp = g.ggml(), self.hp
+        n = sum(seg.n for seg in segments)
+
+        def new(ggml_type: int, *ne: int, label: str) -> g.Tensor:
+            t = (
+                lib.ggml_new_tensor_1d(ctx, ggml_type, *ne)
+                if len(ne) == 1
+                else lib.ggml_new_tensor_2d(ctx, ggml_type, *ne)
+            )
+            lib.ggml_set_input(t)
+            lib.ggml_set_name(t, label.encode())
+            return t
+
+        return GraphInputs(
+            tokens=new(g.GGML_TYPE_I32, n, label="inp_tokens") if self.first else None,
+            embd=None if self.first else new(g.GGML_TYPE_F32, hp.n_embd, n, label="inp_embd"),
+            pos=new(g.GGML_TYPE_I32, n, label="inp_pos"),
+            segments=[
+                {
+                    grp.name: AttnInputs(
+                        kq_mask=new(g.GGML_TYPE_F32, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
+                        k_idxs=new(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{grp.name}.{j}"),
+                        v_idxs=new(g.GGML_TYPE_I64, seg.n * grp.n_embd_v, label=f"v_idxs.{grp.name}.{j}"),
+                    )
+                    for grp in self.groups
+                }
+                for j, seg in enumerate(segments)
+            ],
+            out_ids=new(g.GGML_TYPE_I32, len(segments), label="out_ids") if want_rows else None,
+        )
 
     def _drop_graph(self) -> None:
         if self._graph is not None:

@@ -1,16 +1,21 @@
-"""Random llama-architecture GGUF files: tiny ones for tests, large ones for benchmarks.
+"""Random GGUF files of every supported family: tiny ones for tests, large ones for benchmarks.
 
-Written with gguf-py's ``GGUFWriter`` and a small SentencePiece-style vocabulary
-(control tokens and the 256 byte tokens), so llama.cpp loads them as it loads any model.
+Written with gguf-py's ``GGUFWriter``, tensor names from its tables, and a small
+SentencePiece-style vocabulary (control tokens and the 256 byte tokens), so llama.cpp loads
+them as it loads any model of the family.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
+from gguf.constants import MODEL_TENSOR as T
+
+from llmrpc.model.arch import tensor_name
 
 
 @dataclass(frozen=True)
@@ -22,12 +27,23 @@ class SyntheticSpec:
     n_ff: int = 128
     n_vocab: int = 320
     n_ctx_train: int = 2048
-    weight_type: str = "F32"  # F32, F16, Q8_0, Q4_0, Q4_1: the type of the 2-D matrices
+    weight_type: str = "F32"  # F32, F16, Q8_0, Q4_0, Q4_1, Q4_K, Q6_K ...: the type of the 2-D matrices
     tied_output: bool = False
     seed: int = 0
     std: float = 0.08
     rope_freq_base: float = 10000.0
     fast_random: bool = False  # random quantized blocks instead of quantizing floats (for big files)
+    arch: str = "llama"
+    head_dim: int = 0  # 0: n_embd // n_head
+    n_expert: int = 0  # experts per layer (0: a dense FFN)
+    n_expert_used: int = 0
+    n_ff_exp: int = 0  # FFN width of one expert (0: n_ff)
+    sliding_window: int = 0  # 0: the family's default for a tiny model
+    final_softcap: float = 0.0
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.n_embd // self.n_head
 
 
 def _vocab(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
@@ -43,53 +59,203 @@ def _vocab(n_vocab: int) -> tuple[list[bytes], list[float], list[int]]:
     return tokens, scores[:n_vocab], types
 
 
-def _matrix(rng: np.random.Generator, rows: int, cols: int, spec: SyntheticSpec) -> tuple[np.ndarray, Any]:
+def _matrix(
+    rng: np.random.Generator, shape: tuple[int, ...], spec: SyntheticSpec, qtype_name: str
+) -> tuple[np.ndarray, Any]:
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
-    qtype = Q[spec.weight_type]
+    qtype = Q[qtype_name]
     if qtype == Q.F32:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * spec.std), qtype
+        return (rng.standard_normal(shape, dtype=np.float32) * spec.std), qtype
     if qtype == Q.F16:
-        return (rng.standard_normal((rows, cols), dtype=np.float32) * spec.std).astype(np.float16), qtype
+        return (rng.standard_normal(shape, dtype=np.float32) * spec.std).astype(np.float16), qtype
     if spec.fast_random:
-        return _random_blocks(rng, rows, cols, qtype, spec.std), qtype
-    data = rng.standard_normal((rows, cols), dtype=np.float32) * spec.std
+        return _random_blocks(rng, shape, qtype, spec.std), qtype
+    data = rng.standard_normal(shape, dtype=np.float32) * spec.std
     return quantize(data, qtype), qtype
 
 
-def _random_blocks(rng: np.random.Generator, rows: int, cols: int, qtype: Any, std: float) -> np.ndarray:
+def _random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: Any, std: float) -> np.ndarray:
     """Valid quantized blocks with random quants and a fixed scale: no float pass needed."""
     from gguf import GGML_QUANT_SIZES
 
     block, size = GGML_QUANT_SIZES[qtype]
+    rows, cols = int(np.prod(shape[:-1])), shape[-1]
     n_blocks = rows * cols // block
     raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
     scale = np.frombuffer(np.float16(std / 4).tobytes(), dtype=np.uint8)
     raw[:, 0:2] = scale  # Q4_0/Q8_0/Q4_1 blocks start with an f16 scale
     if size > 2 + block // 2 and qtype != 8:  # Q4_1: f16 min follows the scale
         raw[:, 2:4] = np.frombuffer(np.float16(-std / 2).tobytes(), dtype=np.uint8)
-    return raw.reshape(rows, cols // block * size)
+    return raw.reshape(*shape[:-1], cols // block * size)
 
 
-def write_llama_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
+# -- each family's tensors: (kind, suffix, numpy shape) of one layer ----------------------------
+Shape = tuple[int, ...]
+LayerTensors = list[tuple[T, str, Shape]]
+
+
+def _attention(s: SyntheticSpec, bias: bool = False, qk_norm: bool = False) -> LayerTensors:
+    q, kv = s.n_head * s.hd, s.n_head_kv * s.hd
+    out: LayerTensors = [
+        (T.ATTN_NORM, "weight", (s.n_embd,)),
+        (T.ATTN_Q, "weight", (q, s.n_embd)),
+        (T.ATTN_K, "weight", (kv, s.n_embd)),
+        (T.ATTN_V, "weight", (kv, s.n_embd)),
+        (T.ATTN_OUT, "weight", (s.n_embd, q)),
+    ]
+    if bias:
+        out += [(T.ATTN_Q, "bias", (q,)), (T.ATTN_K, "bias", (kv,)), (T.ATTN_V, "bias", (kv,))]
+    if qk_norm:
+        out += [(T.ATTN_Q_NORM, "weight", (s.hd,)), (T.ATTN_K_NORM, "weight", (s.hd,))]
+    return out
+
+
+def _ffn(s: SyntheticSpec) -> LayerTensors:
+    if s.n_expert:
+        f = s.n_ff_exp or s.n_ff
+        return [
+            (T.FFN_NORM, "weight", (s.n_embd,)),
+            (T.FFN_GATE_INP, "weight", (s.n_expert, s.n_embd)),
+            (T.FFN_GATE_EXP, "weight", (s.n_expert, f, s.n_embd)),
+            (T.FFN_UP_EXP, "weight", (s.n_expert, f, s.n_embd)),
+            (T.FFN_DOWN_EXP, "weight", (s.n_expert, s.n_embd, f)),
+        ]
+    return [
+        (T.FFN_NORM, "weight", (s.n_embd,)),
+        (T.FFN_GATE, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_UP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_DOWN, "weight", (s.n_embd, s.n_ff)),
+    ]
+
+
+def _llama(s: SyntheticSpec) -> LayerTensors:
+    return _attention(s) + _ffn(s)
+
+
+def _qwen2(s: SyntheticSpec) -> LayerTensors:
+    return _attention(s, bias=True) + _ffn(s)
+
+
+def _qwen3(s: SyntheticSpec) -> LayerTensors:
+    return _attention(s, qk_norm=True) + _ffn(s)
+
+
+def _gemma3(s: SyntheticSpec) -> LayerTensors:
+    return (
+        _attention(s, qk_norm=True)
+        + _ffn(s)
+        + [
+            (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+            (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+        ]
+    )
+
+
+def _phi3(s: SyntheticSpec) -> LayerTensors:
+    qkv = (s.n_head + 2 * s.n_head_kv) * s.hd
+    return [
+        (T.ATTN_NORM, "weight", (s.n_embd,)),
+        (T.ATTN_QKV, "weight", (qkv, s.n_embd)),
+        (T.ATTN_OUT, "weight", (s.n_embd, s.n_head * s.hd)),
+        (T.FFN_NORM, "weight", (s.n_embd,)),
+        (T.FFN_UP, "weight", (2 * s.n_ff, s.n_embd)),
+        (T.FFN_DOWN, "weight", (s.n_embd, s.n_ff)),
+    ]
+
+
+def _gptoss(s: SyntheticSpec) -> LayerTensors:
+    f = s.n_ff_exp or s.n_ff
+    return _attention(s, bias=True) + [
+        (T.ATTN_OUT, "bias", (s.n_embd,)),
+        (T.ATTN_SINKS, "weight", (s.n_head,)),
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_GATE_INP, "weight", (s.n_expert, s.n_embd)),
+        (T.FFN_GATE_INP, "bias", (s.n_expert,)),
+        (T.FFN_GATE_EXP, "weight", (s.n_expert, f, s.n_embd)),
+        (T.FFN_UP_EXP, "weight", (s.n_expert, f, s.n_embd)),
+        (T.FFN_DOWN_EXP, "weight", (s.n_expert, s.n_embd, f)),
+        (T.FFN_GATE_EXP, "bias", (s.n_expert, f)),
+        (T.FFN_UP_EXP, "bias", (s.n_expert, f)),
+        (T.FFN_DOWN_EXP, "bias", (s.n_expert, s.n_embd)),
+    ]
+
+
+def _keys_common(w: Any, s: SyntheticSpec) -> None:
+    w.add_block_count(s.n_layer)
+    w.add_context_length(s.n_ctx_train)
+    w.add_embedding_length(s.n_embd)
+    w.add_feed_forward_length(s.n_ff)
+    w.add_head_count(s.n_head)
+    w.add_head_count_kv(s.n_head_kv)
+    if s.hd != s.n_embd // s.n_head:
+        w.add_key_length(s.hd)
+        w.add_value_length(s.hd)
+    w.add_rope_dimension_count(s.hd)
+    w.add_rope_freq_base(s.rope_freq_base)
+    w.add_layer_norm_rms_eps(1e-5 if s.arch != "gemma3" else 1e-6)
+    w.add_vocab_size(s.n_vocab)
+    if s.n_expert:
+        w.add_expert_count(s.n_expert)
+        w.add_expert_used_count(s.n_expert_used)
+        if s.n_ff_exp:
+            w.add_expert_feed_forward_length(s.n_ff_exp)
+
+
+def _keys_gemma3(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+    if s.final_softcap:
+        w.add_final_logit_softcapping(s.final_softcap)
+
+
+def _keys_gptoss(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+
+
+@dataclass(frozen=True)
+class SyntheticFamily:
+    layer: Callable[[SyntheticSpec], LayerTensors]
+    keys: Callable[[Any, SyntheticSpec], None] | None = None
+    defaults: dict[str, Any] | None = None  # spec fields a tiny model of the family takes
+    tied: bool = False  # the family's GGUFs have no output matrix
+
+
+FAMILIES: dict[str, SyntheticFamily] = {
+    "llama": SyntheticFamily(_llama),
+    "mistral": SyntheticFamily(_llama),
+    "qwen2": SyntheticFamily(_qwen2, defaults={"rope_freq_base": 1000000.0}),
+    "qwen3": SyntheticFamily(_qwen3, defaults={"head_dim": 32}),
+    "qwen3moe": SyntheticFamily(_qwen3, defaults={"head_dim": 32, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 64}),
+    "gemma3": SyntheticFamily(_gemma3, _keys_gemma3, defaults={"head_dim": 32, "n_layer": 6}, tied=True),
+    "phi3": SyntheticFamily(_phi3),
+    "gpt-oss": SyntheticFamily(
+        _gptoss, _keys_gptoss, defaults={"head_dim": 32, "n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64}
+    ),
+}
+FAMILIES["llama-moe"] = SyntheticFamily(_llama, defaults={"n_expert": 4, "n_expert_used": 2})
+
+
+def family_spec(name: str, **overrides: Any) -> SyntheticSpec:
+    """A tiny model of a family (``llama-moe``: llama with Mixtral-style experts)."""
+    fam = FAMILIES[name]
+    arch = "llama" if name == "llama-moe" else name
+    return replace(SyntheticSpec(arch=arch, tied_output=fam.tied), **{**(fam.defaults or {}), **overrides})
+
+
+def write_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
+    """Write a random model of ``spec.arch``; 2-D and larger matrices in ``spec.weight_type``,
+    norms, biases and sinks in F32."""
     from gguf import GGUFWriter
 
+    fam = FAMILIES[spec.arch]
     path = os.fspath(path)
     rng = np.random.default_rng(spec.seed)
-    hd = spec.n_embd // spec.n_head
-    w = GGUFWriter(path, "llama")
+    w = GGUFWriter(path, spec.arch)
     w.add_name("llmrpc-synthetic")
-    w.add_block_count(spec.n_layer)
-    w.add_context_length(spec.n_ctx_train)
-    w.add_embedding_length(spec.n_embd)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_rope_dimension_count(hd)
-    w.add_rope_freq_base(spec.rope_freq_base)
-    w.add_layer_norm_rms_eps(1e-5)
-    w.add_vocab_size(spec.n_vocab)
+    _keys_common(w, spec)
+    if fam.keys is not None:
+        fam.keys(w, spec)
     w.add_file_type(0)
     tokens, scores, types = _vocab(spec.n_vocab)
     w.add_tokenizer_model("llama")
@@ -100,30 +266,33 @@ def write_llama_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
 
-    def matrix(name: str, rows: int, cols: int) -> None:
-        data, qtype = _matrix(rng, rows, cols, spec)
-        w.add_tensor(name, data, raw_dtype=qtype)
+    def tensor(kind: T, il: int | None, suffix: str, shape: Shape) -> None:
+        name = tensor_name(kind, il, suffix)
+        if len(shape) == 1 or suffix == "bias":
+            vec = rng.standard_normal(shape, dtype=np.float32)
+            data = (1.0 + 0.1 * vec) if _is_norm(kind) else vec * spec.std
+            w.add_tensor(name, data.astype(np.float32))
+        else:
+            data, qtype = _matrix(rng, shape, spec, spec.weight_type)
+            w.add_tensor(name, data, raw_dtype=qtype)
 
-    def norm(name: str) -> None:
-        w.add_tensor(name, (1.0 + 0.1 * rng.standard_normal(spec.n_embd)).astype(np.float32))
-
-    matrix("token_embd.weight", spec.n_vocab, spec.n_embd)
-    norm("output_norm.weight")
+    tensor(T.TOKEN_EMBD, None, "weight", (spec.n_vocab, spec.n_embd))
+    tensor(T.OUTPUT_NORM, None, "weight", (spec.n_embd,))
     if not spec.tied_output:
-        matrix("output.weight", spec.n_vocab, spec.n_embd)
-    kv = hd * spec.n_head_kv
-    for i in range(spec.n_layer):
-        norm(f"blk.{i}.attn_norm.weight")
-        matrix(f"blk.{i}.attn_q.weight", spec.n_embd, spec.n_embd)
-        matrix(f"blk.{i}.attn_k.weight", kv, spec.n_embd)
-        matrix(f"blk.{i}.attn_v.weight", kv, spec.n_embd)
-        matrix(f"blk.{i}.attn_output.weight", spec.n_embd, spec.n_embd)
-        norm(f"blk.{i}.ffn_norm.weight")
-        matrix(f"blk.{i}.ffn_gate.weight", spec.n_ff, spec.n_embd)
-        matrix(f"blk.{i}.ffn_up.weight", spec.n_ff, spec.n_embd)
-        matrix(f"blk.{i}.ffn_down.weight", spec.n_embd, spec.n_ff)
+        tensor(T.OUTPUT, None, "weight", (spec.n_vocab, spec.n_embd))
+    for il in range(spec.n_layer):
+        for kind, suffix, shape in fam.layer(spec):
+            tensor(kind, il, suffix, shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def _is_norm(kind: T) -> bool:
+    return kind.name.endswith("_NORM")
+
+
+def write_llama_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
+    return write_gguf(path, replace(spec, arch="llama"))

@@ -23,8 +23,9 @@ from llmrpc.ggml.lib import ggml
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.kv import kv_bytes
 from llmrpc.model.slicefile import IncomingSlice
-from llmrpc.model.stage import LayerStage, SessionCache, kv_cache_bytes
+from llmrpc.model.stage import LayerStage, SessionCache
 from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.native import Hop, NativeHop, hop_library
@@ -263,7 +264,7 @@ class Engine:
             raise EngineError(ErrorCode.OUT_OF_RANGE, f"n_ctx {n_ctx} must be within 1..{limit}")
         if len(self._sessions) >= self.max_sessions:
             raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first")
-        want = kv_cache_bytes(stage.info, stage.end - stage.start, kv_cells(n_ctx))
+        want = kv_bytes(stage.hp, stage.start, stage.end, n_ctx)
         cache = self._reuse_spare(stage, kv_cells(n_ctx))
         if cache is None:
             # No spare of this size: give the spares back before taking more memory, so that
@@ -356,7 +357,7 @@ class Engine:
         self._settle()
         lib_ggml, hp = ggml(), stage.hp
         h = Hop(lock_fd=self._host_lock.fileno() if self._host_lock else -1, first=int(stage.first))
-        h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, hp.n_embd_kv
+        h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, stage.groups[0].n_embd_v
         h.length, h.limit, h.n_kv, h.allowed = length[0], min(row.n_kv, self.max_ctx), row.n_kv, row.row.allowed
         for name in ("pos_buf", "k_buf", "v_rows", "v_buf", "mask_buf", "sched", "gf", "out", "inp_x", "inp_pos",
                      "inp_k", "inp_v", "inp_mask"):  # fmt: skip

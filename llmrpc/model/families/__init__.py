@@ -1,0 +1,51 @@
+"""Model families: one small graph builder per family, on the shared pieces of
+:mod:`llmrpc.model.graph`, plus the hyper-parameters only that family reads.
+
+``FAMILIES`` maps a GGUF's ``general.architecture`` to its family. Each builder mirrors
+llama.cpp's ``src/models/<family>.cpp`` op for op.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmrpc.ggml import lib as g
+from llmrpc.model.arch import UnsupportedArchitectureError, supported_message
+from llmrpc.model.families import gemma, gptoss, llama, phi, qwen
+from llmrpc.model.graph import Builder
+from llmrpc.model.hparams import ROPE_TYPE_NEOX, ROPE_TYPE_NORM, KeyReader
+
+
+def _no_hparams(r: KeyReader, fields: dict[str, Any]) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Family:
+    build: Callable[[Builder], g.Tensor]
+    rope_type: int  # GGML_ROPE_TYPE_* (llama.cpp's llama_model_rope_type)
+    # reads the family's own keys into the HParams fields (llama.cpp's load_arch_hparams)
+    hparams: Callable[[KeyReader, dict[str, Any]], None] = _no_hparams
+    moe: bool = False  # always a mixture of experts (others: when the GGUF has experts)
+    mscale_is_log_mul: bool = False  # YaRN's mscale is the log multiplier (deepseek2's rule)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family(llama.build, ROPE_TYPE_NORM),
+    "mistral": Family(llama.build, ROPE_TYPE_NORM),
+    "qwen2": Family(qwen.build_qwen2, ROPE_TYPE_NEOX),
+    "qwen3": Family(qwen.build_qwen3, ROPE_TYPE_NEOX),
+    "qwen3moe": Family(qwen.build_qwen3moe, ROPE_TYPE_NEOX, qwen.hparams_moe, moe=True),
+    "gemma3": Family(gemma.build_gemma3, ROPE_TYPE_NEOX, gemma.hparams_gemma3),
+    "phi3": Family(phi.build_phi3, ROPE_TYPE_NEOX),
+    "gpt-oss": Family(gptoss.build, ROPE_TYPE_NEOX, gptoss.hparams, moe=True),
+}
+
+
+def family(name: str) -> Family:
+    try:
+        return FAMILIES[name]
+    except KeyError:
+        raise UnsupportedArchitectureError(supported_message(name, list(FAMILIES))) from None

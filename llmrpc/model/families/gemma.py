@@ -1,0 +1,51 @@
+"""The Gemma 3 family: embeddings scaled by sqrt(n_embd), Q/K norms, norms after attention
+and FFN too, GeGLU, sliding-window layers (five of every six) with their own rope base, and
+soft-capped logits where the GGUF says so.
+
+Mirrors llama.cpp's ``src/models/gemma3.cpp``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from gguf.constants import MODEL_TENSOR as T
+
+from llmrpc.ggml import lib as g
+from llmrpc.model.graph import Act, Builder, inv_sqrt
+from llmrpc.model.hparams import KeyReader, Keys, SwaType, read_swa
+
+
+def hparams_gemma3(r: KeyReader, fields: dict[str, Any]) -> None:
+    n_swa = int(r.get(Keys.Attention.SLIDING_WINDOW, 0))
+    if n_swa > 0:
+        fields["n_swa"] = n_swa
+        fields["swa_type"] = SwaType.STANDARD
+        fields["is_swa_arr"] = read_swa(r, fields["n_layer"], 6)
+        fields["rope_freq_base_swa"] = float(r.get(Keys.Rope.FREQ_BASE_SWA, 10000.0))
+    fields["final_softcap"] = float(r.get(Keys.LLM.FINAL_LOGIT_SOFTCAPPING, 0.0))
+    if fields["n_layer"] == 62:  # the 27B model scales by the hidden size per head
+        fields["attn_scale"] = inv_sqrt(fields["n_embd"] // fields["n_head_arr"][0])
+    else:
+        fields["attn_scale"] = inv_sqrt(fields["head_dim_k_full"])
+
+
+def build_gemma3(b: Builder) -> g.Tensor:
+    hp, lib, ctx = b.hp, b.lib, b.ctx
+    x = b.embeddings(scale=math.sqrt(hp.n_embd))
+    for il in b.layers:
+        cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
+        q, k, v = b.qkv(il, cur)
+        q = b.rope(b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il), il)
+        k = b.rope(b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il), il)
+        q = b.scale(q, hp.attn_scale)
+        cur = b.attention(il, q, k, v, 1.0, b.w(T.ATTN_OUT, il))
+        cur, x = b.out_rows(il, cur, x)
+        cur = b.norm(cur, b.w(T.ATTN_POST_NORM, il), "attn_post_norm", il)
+        sa_out = b.name(lib.ggml_add(ctx, cur, x), "sa_out", il)
+        cur = b.norm(sa_out, b.w(T.FFN_NORM, il), "ffn_norm", il)
+        cur = b.ffn(cur, il, b.w(T.FFN_UP, il), b.w(T.FFN_GATE, il), b.w(T.FFN_DOWN, il), Act.GELU)
+        cur = b.norm(cur, b.w(T.FFN_POST_NORM, il), "ffn_post_norm", il)
+        x = b.name(lib.ggml_add(ctx, cur, sa_out), "l_out", il)
+    return b.output(x)

@@ -1,0 +1,52 @@
+"""The Qwen families: qwen2 (QKV biases), qwen3 (Q/K norms), qwen3moe (Q/K norms, experts).
+
+Mirror llama.cpp's ``src/models/qwen2.cpp``, ``qwen3.cpp`` and ``qwen3moe.cpp``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gguf.constants import MODEL_TENSOR as T
+
+from llmrpc.ggml import lib as g
+from llmrpc.model.graph import Act, Builder, inv_sqrt
+from llmrpc.model.hparams import Gating, KeyReader, Keys
+
+
+def hparams_moe(r: KeyReader, fields: dict[str, Any]) -> None:
+    fields["n_ff_exp"] = int(r.get(Keys.LLM.EXPERT_FEED_FORWARD_LENGTH, 0))
+
+
+def _build(b: Builder, qk_norm: bool, moe: bool) -> g.Tensor:
+    hp, lib, ctx = b.hp, b.lib, b.ctx
+    x = b.embeddings()
+    for il in b.layers:
+        cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
+        q, k, v = b.qkv(il, cur)
+        if qk_norm:
+            q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
+            k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+        q, k = b.name(b.rope(q, il), "Qcur", il), b.name(b.rope(k, il), "Kcur", il)
+        cur = b.attention(il, q, k, v, inv_sqrt(hp.head_dim_v(il)), b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))
+        cur, x = b.out_rows(il, cur, x)
+        ffn_inp = b.name(lib.ggml_add(ctx, cur, x), "ffn_inp", il)
+        cur = b.norm(ffn_inp, b.w(T.FFN_NORM, il), "ffn_norm", il)
+        if moe:
+            cur = b.moe(cur, il, Act.SILU, Gating.SOFTMAX, norm_weights=True, weights_scale=hp.expert_weights_scale)
+        else:
+            cur = b.ffn(cur, il, b.w(T.FFN_UP, il), b.w(T.FFN_GATE, il), b.w(T.FFN_DOWN, il), Act.SILU)
+        x = b.name(lib.ggml_add(ctx, cur, ffn_inp), "l_out", il)
+    return b.output(x)
+
+
+def build_qwen2(b: Builder) -> g.Tensor:
+    return _build(b, qk_norm=False, moe=False)
+
+
+def build_qwen3(b: Builder) -> g.Tensor:
+    return _build(b, qk_norm=True, moe=False)
+
+
+def build_qwen3moe(b: Builder) -> g.Tensor:
+    return _build(b, qk_norm=True, moe=True)
