@@ -52,10 +52,13 @@ def gpu_layers(default: int = 0) -> int:
 
 
 def reference_llama(model_path: str, **kwargs: Any) -> Any:
-    """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout)."""
+    """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout). Its
+    sliding-window layers keep only the window, as llama.cpp's own tools run them
+    (llama-server, llama-cli; llama-cpp-python's default is a full-size cache)."""
     import llama_cpp
 
     kwargs.setdefault("verbose", False)
+    kwargs.setdefault("swa_full", False)
     kwargs.setdefault("n_gpu_layers", gpu_layers())
     with _model_params(extra_bufts_enabled()):
         llm = llama_cpp.Llama(model_path, **kwargs)

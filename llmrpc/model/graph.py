@@ -377,8 +377,9 @@ class Builder:
         ``n_expert_used`` experts per row, each runs its FFN (``ggml_mul_mat_id``), and their
         outputs are summed with the router's weights. ``biased``: the router and the experts
         have biases (gpt-oss)."""
-        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
-        n_embd, n_exp, n_used = x.contents.ne[0], hp.n_expert, hp.n_expert_used
+        lib, ctx, hp = self.lib, self.ctx, self.hp
+        n_embd, n = x.contents.ne[0], x.contents.ne[1]  # rows: fewer than the batch's after out_rows
+        n_exp, n_used = hp.n_expert, hp.n_expert_used
 
         def bias(kind: T) -> g.Tensor | None:
             return self.w(kind, il, "bias") if biased else None
