@@ -12,9 +12,10 @@ from llmrpc.farm import Farm
 from llmrpc.ggml.device import Backend, find_device
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.stage import CPU_ATTEND_PAD, LayerStage
-from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 from llmrpc.types import KV_PAD
+
+from .conftest import first_difference, llama_cpp_greedy_text
 
 PROMPTS = [
     "The capital of France is",
@@ -24,22 +25,9 @@ PROMPTS = [
 N_TOKENS = 64
 
 
-def llama_cpp_greedy(path: str, prompt: str) -> list[int]:
-    llm = reference_llama(path, n_ctx=512, n_threads=2)  # fresh state for every prompt
-    tokens = llm.tokenize(prompt.encode(), add_bos=True)
-    out: list[int] = []
-    for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        if llm._model.token_is_eog(t) if hasattr(llm._model, "token_is_eog") else t == llm.token_eos():
-            break
-        out.append(int(t))
-        if len(out) == N_TOKENS:
-            break
-    return out
-
-
 @pytest.fixture(scope="module")
 def references(smollm2: str) -> dict[str, list[int]]:
-    return {p: llama_cpp_greedy(smollm2, p) for p in PROMPTS}
+    return {p: llama_cpp_greedy_text(smollm2, p, N_TOKENS) for p in PROMPTS}
 
 
 @pytest.mark.parametrize("n_servers", [1, 3])
@@ -53,12 +41,8 @@ def test_greedy_continuations_match_llama_cpp(
             got = list(farm.generate_tokens(tokens, N_TOKENS, SamplingParams(temperature=0)))
             assert len(got) >= 16, f"{prompt!r}: only {len(got)} tokens"
             assert got == references[prompt], (
-                f"{prompt!r} diverged at token {_first_difference(got, references[prompt])}"
+                f"{prompt!r} diverged at token {first_difference(got, references[prompt])}"
             )
-
-
-def _first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
 
 
 def test_cpu_attends_fewer_cells_with_llama_cpps_numbers(smollm2: str) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from llmrpc import paths
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
 
@@ -27,8 +28,7 @@ SYNTHETIC = {
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llmrpc" / "bench"
+    return paths.cache_dir("bench")
 
 
 def resolve_model(name: str | None) -> str:

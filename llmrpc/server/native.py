@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from llmrpc import paths
+
 logger = logging.getLogger(__name__)
 
 ENV = "LLMRPC_NATIVE_HOP"  # "0": never use the native hop
@@ -49,8 +51,7 @@ class Hop(ctypes.Structure):
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llmrpc" / "native"
+    return paths.cache_dir("native")
 
 
 @functools.cache
