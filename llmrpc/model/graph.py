@@ -67,7 +67,7 @@ class Segment:
 class AttnInputs:
     kq_mask: g.Tensor  # F32 [n_kv, n]
     k_idxs: g.Tensor  # I64 [n]: the cell of each row
-    v_idxs: g.Tensor  # I64 [n * n_embd_v]: the V cache is stored transposed
+    v_idxs: g.Tensor | None  # I64 [n * n_embd_v]: the V cache is stored transposed (None: K only)
 
 
 @dataclass
@@ -84,7 +84,8 @@ class GraphInputs:
 @dataclass
 class LayerCache:
     k: g.Tensor  # F16 [n_embd_k_gqa, cells]
-    v: g.Tensor  # F16 [n_embd_v_gqa, cells], used transposed as in llama.cpp without flash-attn
+    v: g.Tensor | None  # F16 [n_embd_v_gqa, cells], used transposed as in llama.cpp without flash-attn;
+    # None for latent attention (MLA), whose V is the first columns of K
 
 
 class Norm(enum.Enum):
@@ -268,16 +269,23 @@ class Builder:
     def attention(
         self, il: int, q: g.Tensor, k: g.Tensor, v: g.Tensor, kq_scale: float,
         wo: g.Tensor | None, wo_b: g.Tensor | None = None, sinks: g.Tensor | None = None,
+        v_mla: g.Tensor | None = None,
     ) -> g.Tensor:  # fmt: skip
         """Each segment stores its K and V in its cache and attends over its cells; the
         segments' results are joined back into one batch [n_embd_v * n_head, n], then
-        projected by ``wo`` (llama.cpp's ``build_attn``)."""
+        projected by ``wo`` (llama.cpp's ``build_attn``). ``v_mla``: latent attention (MLA),
+        whose cache holds K alone and whose V is K's first columns, decompressed by ``v_mla``."""
         lib, ctx = self.lib, self.ctx
         group = layer_group(self.hp, il)
+
+        def attend(seg: Segment, inp: Mapping[str, AttnInputs], cache: Mapping[int, LayerCache],
+                   q: g.Tensor, k: g.Tensor, v: g.Tensor) -> g.Tensor:  # fmt: skip
+            if v_mla is not None:
+                return self._attend_mla(seg.view(group), inp[group], cache[il], q, k, v, kq_scale, v_mla, il)
+            return self._attend(seg.view(group), inp[group], cache[il], q, k, v, kq_scale, sinks, il)
+
         if len(self.segments) == 1:
-            seg = self.segments[0]
-            out = self._attend(seg.view(group), self.inp.segments[0][group], self.caches[0][il], q, k, v,
-                               kq_scale, sinks, il)  # fmt: skip
+            out = attend(self.segments[0], self.inp.segments[0], self.caches[0], q, k, v)
         else:
             out = None
             for seg, seg_inp, cache in zip(self.segments, self.inp.segments, self.caches, strict=True):
@@ -286,13 +294,47 @@ class Builder:
                     c = t.contents
                     return lib.ggml_view_3d(ctx, t, c.ne[0], c.ne[1], seg.n, c.nb[1], c.nb[2], seg.offset * c.nb[2])
 
-                cur = self._attend(seg.view(group), seg_inp[group], cache[il], rows(q), rows(k), rows(v),
-                                   kq_scale, sinks, il)  # fmt: skip
+                cur = attend(seg, seg_inp, cache, rows(q), rows(k), rows(v))
                 out = cur if out is None else lib.ggml_concat(ctx, out, cur, 1)
             assert out is not None
         if wo is not None:
             out = self.mm(wo, out)
         return self.add(out, wo_b)
+
+    def _store_k(self, inp: AttnInputs, cache: LayerCache, k: g.Tensor) -> None:
+        """cpy_k: rows of [n_embd_k] go to the cells in k_idxs."""
+        lib, ctx = self.lib, self.ctx
+        c = k.contents
+        k2 = lib.ggml_view_2d(ctx, k, c.ne[0] * c.ne[1], c.ne[2], c.nb[2], 0)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
+
+    def _attend_mla(
+        self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
+        kq_scale: float, v_mla: g.Tensor, il: int,
+    ) -> g.Tensor:  # fmt: skip
+        """Latent attention over a K-only cache (llama.cpp's ``build_attn`` with a K input)."""
+        lib, ctx = self.lib, self.ctx
+        self._store_k(inp, cache, k)
+        hd_k, n_head_kv = k.contents.ne[0], k.contents.ne[1]
+        f16 = g.GGML_TYPE_F16
+        n_embd_k = hd_k * n_head_kv
+        kc = lib.ggml_view_4d(
+            ctx, cache.k, hd_k, n_head_kv, view.n_kv, 1, lib.ggml_row_size(f16, hd_k),
+            lib.ggml_row_size(f16, n_embd_k), lib.ggml_row_size(f16, n_embd_k * view.size), 0,
+        )  # fmt: skip
+        c = kc.contents
+        vc = lib.ggml_view_4d(ctx, kc, v.contents.ne[0], c.ne[1], c.ne[2], c.ne[3], c.nb[1], c.nb[2], c.nb[3], 0)
+        q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
+        kc = lib.ggml_permute(ctx, kc, 0, 2, 1, 3)
+        vc = lib.ggml_permute(ctx, vc, 0, 2, 1, 3)
+        kq = lib.ggml_mul_mat(ctx, kc, q)
+        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
+        kq = self.name(lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, kq_scale, 0.0), "kq_soft_max", il)
+        vc = lib.ggml_cont(ctx, lib.ggml_transpose(ctx, vc))
+        kqv = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_mul_mat(ctx, vc, kq))
+        cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
+        c = cur.contents
+        return lib.ggml_cont_2d(ctx, cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
 
     def _attend(
         self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
@@ -304,9 +346,8 @@ class Builder:
         n_embd_k, n_embd_v = hd_k * n_head_kv, hd_v * n_head_kv
         n_kv, size = view.n_kv, view.size
         f16 = g.GGML_TYPE_F16
-        # cpy_k: rows of [n_embd_k] go to the cells in k_idxs
-        k2 = lib.ggml_view_2d(ctx, k, n_embd_k, n, k.contents.nb[2], 0)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
+        self._store_k(inp, cache, k)
+        assert cache.v is not None and inp.v_idxs is not None
         # cpy_v (transposed cache): each element is its own row
         if lib.ggml_row_size(g.GGML_TYPE_F32, n_embd_v) == v.contents.nb[2]:
             v2 = lib.ggml_reshape_2d(ctx, v, n_embd_v, n)
@@ -394,6 +435,8 @@ class Builder:
         else:
             raise ValueError(f"{hp.arch}: expert gating {gating!r} is not supported")
         selection = lib.ggml_add(ctx, probs, probs_bias) if probs_bias is not None else probs
+        if hp.n_expert_groups > 1:
+            selection = self._best_groups(selection, n)
         selected = lib.ggml_argsort_top_k(ctx, selection, n_used)  # I32 [n_used, n]
         probs = lib.ggml_reshape_3d(ctx, probs, 1, n_exp, n)
         weights = lib.ggml_get_rows(ctx, probs, selected)  # [1, n_used, n]
@@ -415,8 +458,15 @@ class Builder:
             b = bias(kind)
             return out if b is None else lib.ggml_add_id(ctx, out, b, selected)
 
-        up = experts(T.FFN_UP_EXP, cur)
-        gate = experts(T.FFN_GATE_EXP, cur) if self.opt(T.FFN_GATE_EXP, il) is not None else None
+        if self.opt(T.FFN_GATE_UP_EXP, il) is not None:  # gate and up in one matrix
+            gate_up = experts(T.FFN_GATE_UP_EXP, cur)
+            c = gate_up.contents
+            half = c.ne[0] // 2
+            gate = lib.ggml_view_3d(ctx, gate_up, half, c.ne[1], c.ne[2], c.nb[1], c.nb[2], 0)
+            up = lib.ggml_view_3d(ctx, gate_up, half, c.ne[1], c.ne[2], c.nb[1], c.nb[2], half * c.nb[0])
+        else:
+            up = experts(T.FFN_UP_EXP, cur)
+            gate = experts(T.FFN_GATE_EXP, cur) if self.opt(T.FFN_GATE_EXP, il) is not None else None
         if act is Act.SILU:
             cur = lib.ggml_swiglu_split(ctx, gate, up) if gate is not None else lib.ggml_silu(ctx, up)
         elif act is Act.GELU:
@@ -438,3 +488,21 @@ class Builder:
         if n_used == 1:
             moe_out = lib.ggml_cont(ctx, moe_out)
         return self.name(moe_out, "ffn_moe_out", il)
+
+    def _best_groups(self, selection: g.Tensor, n: int) -> g.Tensor:
+        """Only the experts of the ``n_group_used`` groups whose two best experts score
+        highest stay selectable (DeepSeek V3's group-limited routing)."""
+        lib, ctx, hp = self.lib, self.ctx, self.hp
+        n_groups = hp.n_expert_groups
+        per_group = hp.n_expert // n_groups
+        groups = lib.ggml_reshape_3d(ctx, selection, per_group, n_groups, n)
+        top2 = lib.ggml_argsort_top_k(ctx, groups, 2)  # [2, n_groups, n]
+        scores = lib.ggml_get_rows(ctx, lib.ggml_reshape_4d(ctx, groups, 1, per_group, n_groups, n), top2)
+        c = scores.contents
+        scores = lib.ggml_sum_rows(ctx, lib.ggml_reshape_3d(ctx, scores, c.ne[1], c.ne[2], c.ne[3]))
+        c = scores.contents
+        scores = lib.ggml_reshape_2d(ctx, scores, c.ne[1], c.ne[2])  # [n_groups, n]
+        best = lib.ggml_argsort_top_k(ctx, scores, hp.n_group_used)
+        kept = lib.ggml_get_rows(ctx, groups, best)  # [per_group, n_group_used, n]
+        masked = lib.ggml_set_rows(ctx, lib.ggml_fill(ctx, groups, float("-inf")), kept, best)
+        return lib.ggml_reshape_2d(ctx, masked, hp.n_expert, n)

@@ -113,6 +113,8 @@ class HParams:
     expert_weights_norm: bool = False
     expert_gating: Gating = Gating.NONE
     n_layer_dense_lead: int = 0
+    n_expert_groups: int = 0  # experts in groups, only the best n_group_used selectable (DeepSeek V3)
+    n_group_used: int = 0
     # multi-head latent attention (deepseek2)
     n_lora_q: int = 0
     n_lora_kv: int = 0
@@ -155,6 +157,11 @@ class HParams:
 
     def kq_scale(self, head_dim: int) -> float:
         return self.attn_scale if self.attn_scale else 1.0 / math.sqrt(head_dim)
+
+    @property
+    def is_mla(self) -> bool:
+        """Latent attention: the cache holds one compressed K per position, V its first part."""
+        return self.head_dim_k_mla > 0 and self.head_dim_v_mla > 0
 
     @property
     def is_moe(self) -> bool:
@@ -271,6 +278,8 @@ def read_base(r: KeyReader, n_vocab: int) -> dict[str, Any]:
         norm_eps=float(r.get(Keys.Attention.LAYERNORM_EPS, 0.0)),
         n_expert=int(r.get(Keys.LLM.EXPERT_COUNT, 0)),
         n_expert_used=int(r.get(Keys.LLM.EXPERT_USED_COUNT, 0)),
+        n_expert_groups=int(r.get(Keys.LLM.EXPERT_GROUP_COUNT, 0)),
+        n_group_used=int(r.get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0)),
         is_swa_arr=(False,) * n_layer,
         rope=dict(
             freq_base=float(r.get(Keys.Rope.FREQ_BASE, 10000.0)),
@@ -371,5 +380,9 @@ def _check(hp: HParams) -> None:
             raise HParamsError(f"{hp.arch}: layer {il} has {hp.n_head(il)} heads, not a multiple of {hp.n_head_kv(il)}")
     if hp.n_expert and not 0 < hp.n_expert_used <= hp.n_expert:
         raise HParamsError(f"{hp.arch}: expert_used_count {hp.n_expert_used} is not within 1..{hp.n_expert}")
+    if hp.n_expert_groups > 1 and (hp.n_expert % hp.n_expert_groups or not 0 < hp.n_group_used < hp.n_expert_groups):
+        raise HParamsError(
+            f"{hp.arch}: {hp.n_expert} experts in {hp.n_expert_groups} groups, {hp.n_group_used} of them used"
+        )
     if hp.swa_type != SwaType.NONE and hp.n_swa <= 0:
         raise HParamsError(f"{hp.arch}: a sliding window of {hp.n_swa} positions")

@@ -28,7 +28,7 @@ class KVGroup:
 
     name: str  # FULL or SWA
     layers: tuple[int, ...]
-    n_embd_v: int  # V rows per cell, the same for the group's layers (the V index input's shape)
+    n_embd_v: int  # V rows per cell, the same for the group's layers (the V index input's shape; 0: K only)
     window: int = 0  # sliding window (SWA groups)
     swa_type: SwaType = SwaType.NONE
 
@@ -48,7 +48,7 @@ def kv_groups(hp: HParams, start: int = 0, end: int | None = None) -> list[KVGro
         layers = tuple(il for il in range(start, end) if layer_group(hp, il) == name)
         if not layers:
             continue
-        widths = {hp.n_embd_v_gqa(il) for il in layers}
+        widths = {v_width(hp, il) for il in layers}
         if len(widths) > 1:
             raise ValueError(f"{hp.arch}: {name} layers with different V widths {sorted(widths)} are not supported")
         window = hp.n_swa if name == SWA else 0
@@ -56,9 +56,15 @@ def kv_groups(hp: HParams, start: int = 0, end: int | None = None) -> list[KVGro
     return groups
 
 
+def v_width(hp: HParams, il: int) -> int:
+    """Values a cell of layer ``il`` keeps in the V cache: none with latent attention (MLA),
+    whose V is the first part of its K."""
+    return 0 if hp.is_mla else hp.n_embd_v_gqa(il)
+
+
 def cell_bytes(hp: HParams, il: int) -> int:
     """K and V bytes of one cell of layer ``il``."""
-    return (hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il)) * KV_BYTES
+    return (hp.n_embd_k_gqa(il) + v_width(hp, il)) * KV_BYTES
 
 
 def layer_kv_bytes(hp: HParams, il: int, n_ctx: int) -> int:

@@ -186,7 +186,7 @@ class LayerStage:
         self.groups: list[KVGroup] = kv_groups(self.hp, start, end)
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
         # place (cell = position), and the native hop can compute it
-        self.simple_cells = [grp.name for grp in self.groups] == [FULL]
+        self.simple_cells = [(grp.name, grp.n_embd_v > 0) for grp in self.groups] == [(FULL, True)]
         self.weights: dict[str, g.Tensor] = {}
         self._wctx = 0
         self._wbuf = 0
@@ -248,9 +248,11 @@ class LayerStage:
                 sliding[group.name] = SlidingCells(size, group.window, group.swa_type)
             for il in group.layers:
                 k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_k_gqa(il), size)
-                v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_v_gqa(il), size)
                 lib.ggml_set_name(k, f"cache_k_l{il}".encode())
-                lib.ggml_set_name(v, f"cache_v_l{il}".encode())
+                v = None
+                if group.n_embd_v:
+                    v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, group.n_embd_v, size)
+                    lib.ggml_set_name(v, f"cache_v_l{il}".encode())
                 layers[il] = LayerCache(k, v)
         buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, self.backend.buffer_type)
         if not buf:
@@ -388,7 +390,8 @@ class LayerStage:
                 mask, k_cells = sliding.mask(rows, n_kv), placed[group]
             _set(inputs.kq_mask, mask)
             _set(inputs.k_idxs, k_cells)
-            _set(inputs.v_idxs, graph.v_rows[j][group] + k_cells[:, None])
+            if inputs.v_idxs is not None:
+                _set(inputs.v_idxs, graph.v_rows[j][group] + k_cells[:, None])
 
     def row_graph(self, cache: SessionCache, pos: int) -> RowGraph | None:
         """The kept graph that decodes the row at ``pos`` of ``cache``'s session, if it is built:
@@ -506,7 +509,9 @@ class LayerStage:
                     grp.name: AttnInputs(
                         kq_mask=new(g.GGML_TYPE_F32, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
                         k_idxs=new(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{grp.name}.{j}"),
-                        v_idxs=new(g.GGML_TYPE_I64, seg.n * grp.n_embd_v, label=f"v_idxs.{grp.name}.{j}"),
+                        v_idxs=new(g.GGML_TYPE_I64, seg.n * grp.n_embd_v, label=f"v_idxs.{grp.name}.{j}")
+                        if grp.n_embd_v
+                        else None,
                     )
                     for grp in self.groups
                 }

@@ -94,6 +94,7 @@ def _random_blocks(rng: np.random.Generator, shape: tuple[int, ...], qtype: Any,
 # -- each family's tensors: (kind, suffix, numpy shape) of one layer ----------------------------
 Shape = tuple[int, ...]
 LayerTensors = list[tuple[T, str, Shape]]
+LayerFn = Callable[["SyntheticSpec", int], LayerTensors]
 
 
 def _attention(s: SyntheticSpec, bias: bool = False, qk_norm: bool = False) -> LayerTensors:
@@ -130,19 +131,19 @@ def _ffn(s: SyntheticSpec) -> LayerTensors:
     ]
 
 
-def _llama(s: SyntheticSpec) -> LayerTensors:
+def _llama(s: SyntheticSpec, il: int) -> LayerTensors:
     return _attention(s) + _ffn(s)
 
 
-def _qwen2(s: SyntheticSpec) -> LayerTensors:
+def _qwen2(s: SyntheticSpec, il: int) -> LayerTensors:
     return _attention(s, bias=True) + _ffn(s)
 
 
-def _qwen3(s: SyntheticSpec) -> LayerTensors:
+def _qwen3(s: SyntheticSpec, il: int) -> LayerTensors:
     return _attention(s, qk_norm=True) + _ffn(s)
 
 
-def _gemma3(s: SyntheticSpec) -> LayerTensors:
+def _gemma3(s: SyntheticSpec, il: int) -> LayerTensors:
     return (
         _attention(s, qk_norm=True)
         + _ffn(s)
@@ -153,7 +154,7 @@ def _gemma3(s: SyntheticSpec) -> LayerTensors:
     )
 
 
-def _phi3(s: SyntheticSpec) -> LayerTensors:
+def _phi3(s: SyntheticSpec, il: int) -> LayerTensors:
     qkv = (s.n_head + 2 * s.n_head_kv) * s.hd
     return [
         (T.ATTN_NORM, "weight", (s.n_embd,)),
@@ -165,7 +166,7 @@ def _phi3(s: SyntheticSpec) -> LayerTensors:
     ]
 
 
-def _gptoss(s: SyntheticSpec) -> LayerTensors:
+def _gptoss(s: SyntheticSpec, il: int) -> LayerTensors:
     f = s.n_ff_exp or s.n_ff
     return _attention(s, bias=True) + [
         (T.ATTN_OUT, "bias", (s.n_embd,)),
@@ -182,6 +183,54 @@ def _gptoss(s: SyntheticSpec) -> LayerTensors:
     ]
 
 
+def _deepseek2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Latent attention (q_lora 64, kv_lora 32, heads of 32 + 16 rope dims, values of 32), a
+    dense first layer, then experts with a shared one and a selection bias."""
+    q_lora, kv_lora, n_rot, nope, v_mla = 64, 32, 16, 32, 32
+    out: LayerTensors = [
+        (T.ATTN_NORM, "weight", (s.n_embd,)),
+        (T.ATTN_Q_A, "weight", (q_lora, s.n_embd)),
+        (T.ATTN_Q_A_NORM, "weight", (q_lora,)),
+        (T.ATTN_Q_B, "weight", (s.n_head * (nope + n_rot), q_lora)),
+        (T.ATTN_KV_A_MQA, "weight", (kv_lora + n_rot, s.n_embd)),
+        (T.ATTN_KV_A_NORM, "weight", (kv_lora,)),
+        (T.ATTN_K_B, "weight", (s.n_head, kv_lora, nope)),
+        (T.ATTN_V_B, "weight", (s.n_head, v_mla, kv_lora)),
+        (T.ATTN_OUT, "weight", (s.n_embd, s.n_head * v_mla)),
+    ]
+    if il == 0:
+        return out + _ffn(replace(s, n_expert=0))
+    shared = s.n_ff_exp
+    return (
+        out
+        + _ffn(s)
+        + [
+            (T.FFN_EXP_PROBS_B, "bias", (s.n_expert,)),
+            (T.FFN_GATE_SHEXP, "weight", (shared, s.n_embd)),
+            (T.FFN_UP_SHEXP, "weight", (shared, s.n_embd)),
+            (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, shared)),
+        ]
+    )
+
+
+def _keys_deepseek2(w: Any, s: SyntheticSpec) -> None:
+    a = s.arch
+    w.add_uint32(f"{a}.leading_dense_block_count", 1)
+    w.add_uint32(f"{a}.attention.q_lora_rank", 64)
+    w.add_uint32(f"{a}.attention.kv_lora_rank", 32)
+    w.add_uint32(f"{a}.attention.key_length", 32 + 16)  # the latent K: kv_lora + rope dims
+    w.add_uint32(f"{a}.attention.value_length", 32)
+    w.add_uint32(f"{a}.attention.key_length_mla", 32 + 16)
+    w.add_uint32(f"{a}.attention.value_length_mla", 32)
+    w.add_uint32(f"{a}.rope.dimension_count", 16)
+    w.add_uint32(f"{a}.expert_shared_count", 1)
+    w.add_float32(f"{a}.expert_weights_scale", 2.5)
+    w.add_bool(f"{a}.expert_weights_norm", True)
+    w.add_uint32(f"{a}.expert_gating_func", 2)  # sigmoid
+    w.add_uint32(f"{a}.expert_group_count", 4)
+    w.add_uint32(f"{a}.expert_group_used_count", 2)
+
+
 def _keys_common(w: Any, s: SyntheticSpec) -> None:
     w.add_block_count(s.n_layer)
     w.add_context_length(s.n_ctx_train)
@@ -189,10 +238,11 @@ def _keys_common(w: Any, s: SyntheticSpec) -> None:
     w.add_feed_forward_length(s.n_ff)
     w.add_head_count(s.n_head)
     w.add_head_count_kv(s.n_head_kv)
-    if s.hd != s.n_embd // s.n_head:
-        w.add_key_length(s.hd)
-        w.add_value_length(s.hd)
-    w.add_rope_dimension_count(s.hd)
+    if s.arch != "deepseek2":  # which has latent heads of its own
+        if s.hd != s.n_embd // s.n_head:
+            w.add_key_length(s.hd)
+            w.add_value_length(s.hd)
+        w.add_rope_dimension_count(s.hd)
     w.add_rope_freq_base(s.rope_freq_base)
     w.add_layer_norm_rms_eps(1e-5 if s.arch != "gemma3" else 1e-6)
     w.add_vocab_size(s.n_vocab)
@@ -215,7 +265,7 @@ def _keys_gptoss(w: Any, s: SyntheticSpec) -> None:
 
 @dataclass(frozen=True)
 class SyntheticFamily:
-    layer: Callable[[SyntheticSpec], LayerTensors]
+    layer: LayerFn
     keys: Callable[[Any, SyntheticSpec], None] | None = None
     defaults: dict[str, Any] | None = None  # spec fields a tiny model of the family takes
     tied: bool = False  # the family's GGUFs have no output matrix
@@ -231,6 +281,9 @@ FAMILIES: dict[str, SyntheticFamily] = {
     "phi3": SyntheticFamily(_phi3),
     "gpt-oss": SyntheticFamily(
         _gptoss, _keys_gptoss, defaults={"head_dim": 32, "n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64}
+    ),
+    "deepseek2": SyntheticFamily(
+        _deepseek2, _keys_deepseek2, defaults={"n_head_kv": 1, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 32}
     ),
 }
 FAMILIES["llama-moe"] = SyntheticFamily(_llama, defaults={"n_expert": 4, "n_expert_used": 2})
@@ -281,7 +334,7 @@ def write_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     if not spec.tied_output:
         tensor(T.OUTPUT, None, "weight", (spec.n_vocab, spec.n_embd))
     for il in range(spec.n_layer):
-        for kind, suffix, shape in fam.layer(spec):
+        for kind, suffix, shape in fam.layer(spec, il):
             tensor(kind, il, suffix, shape)
     w.write_header_to_file()
     w.write_kv_data_to_file()

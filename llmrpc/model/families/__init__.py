@@ -13,7 +13,7 @@ from typing import Any
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.arch import UnsupportedArchitectureError, supported_message
-from llmrpc.model.families import gemma, gptoss, llama, phi, qwen
+from llmrpc.model.families import deepseek, gemma, gptoss, llama, phi, qwen
 from llmrpc.model.graph import Builder
 from llmrpc.model.hparams import ROPE_TYPE_NEOX, ROPE_TYPE_NORM, KeyReader
 
@@ -41,6 +41,7 @@ FAMILIES: dict[str, Family] = {
     "gemma3": Family(gemma.build_gemma3, ROPE_TYPE_NEOX, gemma.hparams_gemma3),
     "phi3": Family(phi.build_phi3, ROPE_TYPE_NEOX),
     "gpt-oss": Family(gptoss.build, ROPE_TYPE_NEOX, gptoss.hparams, moe=True),
+    "deepseek2": Family(deepseek.build, ROPE_TYPE_NORM, deepseek.hparams, moe=True, mscale_is_log_mul=True),
 }
 
 
