@@ -15,8 +15,8 @@ from llmrpc.model.synthetic import FAMILIES, family_spec, write_gguf
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 
-# llama and mistral have tests of their own (test_tiny_model, test_smollm2)
-FAMILY_NAMES = sorted(set(FAMILIES) - {"llama", "mistral"})
+# llama has tests of its own (test_tiny_model, test_smollm2)
+FAMILY_NAMES = sorted(set(FAMILIES) - {"llama"})
 TYPES = ("F32", "Q8_0")
 GREEDY = SamplingParams(temperature=0)
 

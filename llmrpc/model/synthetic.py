@@ -7,6 +7,7 @@ them as it loads any model of the family.
 
 from __future__ import annotations
 
+import ctypes
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -273,7 +274,6 @@ class SyntheticFamily:
 
 FAMILIES: dict[str, SyntheticFamily] = {
     "llama": SyntheticFamily(_llama),
-    "mistral": SyntheticFamily(_llama),
     "qwen2": SyntheticFamily(_qwen2, defaults={"rope_freq_base": 1000000.0}),
     "qwen3": SyntheticFamily(_qwen3, defaults={"head_dim": 32}),
     "qwen3moe": SyntheticFamily(_qwen3, defaults={"head_dim": 32, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 64}),
@@ -349,3 +349,25 @@ def _is_norm(kind: T) -> bool:
 
 def write_llama_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     return write_gguf(path, replace(spec, arch="llama"))
+
+
+# llama.cpp's file types, by the names its quantize tool takes
+FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12,
+          "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25}  # fmt: skip
+
+
+def quantize_gguf(src: str | os.PathLike[str], dst: str | os.PathLike[str], ftype: str, threads: int = 2) -> str:
+    """``src`` (F32 or F16) quantized by llama.cpp's own quantizer, as people make their files:
+    ``Q4_K_M`` mixes Q4_K and Q6_K by tensor; tensors whose rows do not fit a type's blocks
+    get llama.cpp's fallback type."""
+    import llama_cpp
+
+    if ftype not in FTYPES:
+        raise ValueError(f"unknown file type {ftype!r} (known: {', '.join(FTYPES)})")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = FTYPES[ftype]
+    params.nthread = threads
+    status = llama_cpp.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), ctypes.byref(params))
+    if status != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {os.fspath(src)} to {ftype}")
+    return os.fspath(dst)
