@@ -10,7 +10,7 @@ import pytest
 
 from llmrpc.head.local import LocalServers
 from llmrpc.model.catalog import default_model_path, gemma3_270m_path
-from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
+from llmrpc.model.synthetic import SyntheticSpec, write_gguf
 from llmrpc.reference import reference_llama
 
 TINY_TYPES = ("F32", "Q8_0", "Q4_0")
@@ -21,7 +21,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny 4-layer llama models, one per weight type (the Q4_0 one has a tied output)."""
     d = tmp_path_factory.mktemp("models")
     return {
-        t: write_llama_gguf(d / f"tiny-{t}.gguf", SyntheticSpec(weight_type=t, tied_output=t == "Q4_0", seed=7))
+        t: write_gguf(d / f"tiny-{t}.gguf", SyntheticSpec(weight_type=t, tied_output=t == "Q4_0", seed=7))
         for t in TINY_TYPES
     }
 
@@ -77,4 +77,4 @@ def prompt_tokens() -> list[int]:
 
 
 def model_file(tmp: Path, name: str, spec: SyntheticSpec) -> str:
-    return write_llama_gguf(tmp / name, spec)
+    return write_gguf(tmp / name, spec)

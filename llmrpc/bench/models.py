@@ -9,7 +9,7 @@ from pathlib import Path
 
 from llmrpc import paths
 from llmrpc.model.catalog import default_model_path
-from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
+from llmrpc.model.synthetic import SyntheticSpec, family_spec, write_gguf
 
 SYNTHETIC = {
     # Llama-3.2-1B's shape with a 32k vocabulary: 16 layers of 2048, GQA 32/8, FFN 8192,
@@ -23,6 +23,19 @@ SYNTHETIC = {
     "synthetic-135m": SyntheticSpec(
         n_layer=30, n_embd=576, n_head=9, n_head_kv=3, n_ff=1536, n_vocab=49152, n_ctx_train=8192,
         weight_type="Q4_1", tied_output=True, seed=1, std=0.02, fast_random=True,
+    ),
+    # Gemma 3 1B's shape with a 32k vocabulary: 26 layers of 1152, 4 heads of 256 (1 KV head),
+    # GeGLU 6912, five sliding-window layers (512 positions) in six; about 0.73 B parameters.
+    "synthetic-gemma3": family_spec(
+        "gemma3", n_layer=26, n_embd=1152, n_head=4, n_head_kv=1, head_dim=256, n_ff=6912, n_vocab=32000,
+        n_ctx_train=32768, sliding_window=512, weight_type="Q4_0", seed=1, std=0.02, fast_random=True,
+    ),
+    # A Qwen3-MoE-shaped model: 12 layers of 1024, 16 heads of 64 (4 KV heads), 32 experts of
+    # 512 with 4 used per token; about 0.65 B parameters, 0.11 B active per token.
+    "synthetic-qwen3moe": family_spec(
+        "qwen3moe", n_layer=12, n_embd=1024, n_head=16, n_head_kv=4, head_dim=64, n_ff=3072, n_vocab=32000,
+        n_expert=32, n_expert_used=4, n_ff_exp=512, n_ctx_train=32768, weight_type="Q4_0", seed=1, std=0.02,
+        fast_random=True,
     ),
 }  # fmt: skip
 
@@ -45,7 +58,7 @@ def resolve_model(name: str | None) -> str:
             print(f"writing {path} (once) ...", file=sys.stderr, flush=True)
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_suffix(".part")
-            write_llama_gguf(tmp, SYNTHETIC[name])
+            write_gguf(tmp, SYNTHETIC[name])
             tmp.replace(path)
         return str(path)
     if not os.path.isfile(name):

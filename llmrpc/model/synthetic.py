@@ -347,10 +347,6 @@ def _is_norm(kind: T) -> bool:
     return kind.name.endswith("_NORM")
 
 
-def write_llama_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
-    return write_gguf(path, replace(spec, arch="llama"))
-
-
 # llama.cpp's file types, by the names its quantize tool takes
 FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q8_0": 7, "Q5_0": 8, "Q5_1": 9, "Q2_K": 10, "Q3_K_M": 12,
           "Q4_K_M": 15, "Q5_K_M": 17, "Q6_K": 18, "IQ4_NL": 25}  # fmt: skip
