@@ -16,11 +16,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmrpc.ggml import lib as g
+from llmrpc.ggml.bufts import MUL_MAT, MUL_MAT_ID
 from llmrpc.ggml.device import Backend, prefer_huge_pages
 from llmrpc.model.families import family
-from llmrpc.model.gguf_model import ModelInfo, tensor_view
+from llmrpc.model.gguf_model import ModelInfo
 from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
 from llmrpc.model.kv import FULL, KVGroup, NoCellError, SlidingCells, full_mask, kv_groups
+from llmrpc.model.weights import StageWeights
 from llmrpc.types import KV_PAD, kv_cells
 
 logger = logging.getLogger(__name__)
@@ -187,11 +189,9 @@ class LayerStage:
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
         # place (cell = position), and the native hop can compute it
         self.simple_cells = [(grp.name, grp.n_embd_v > 0) for grp in self.groups] == [(FULL, True)]
-        self.weights: dict[str, g.Tensor] = {}
-        self._wctx = 0
-        self._wbuf = 0
-        self.weight_bytes = 0
-        self._load_weights(progress)
+        self._stage_weights = StageWeights(info, start, end, backend, self._weight_ops, progress)
+        self.weights: dict[str, g.Tensor] = self._stage_weights.tensors
+        self.weight_bytes = self._stage_weights.n_bytes
         self._sched = self._new_sched()
         self._graph_mem = _graph_arena()  # the large-batch graph's, reused: one lives at a time
         self._graph: _Graph | None = None  # the last large-batch graph (on self._sched)
@@ -203,37 +203,35 @@ class LayerStage:
         arr = (ctypes.c_void_p * len(backends))(*backends)
         return int(lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True))
 
-    def _load_weights(self, progress: Callable[[int], None] | None) -> None:
+    def _weight_ops(self, meta: dict[str, g.Tensor]) -> dict[str, str]:
+        """Which of these (data-less) weights the layers' graph multiplies by, from a one-row
+        graph built over them; building it also shows that the GGUF has every tensor the
+        family's graph needs."""
         lib = g.ggml()
-        names = self.info.range_tensor_names(self.start, self.end)
-        params = g.ggml_init_params(lib.ggml_tensor_overhead() * (len(names) + 1), None, True)
-        self._wctx = lib.ggml_init(params)
-        for name in names:
-            t = self.info.tensors[name]
-            ne = (ctypes.c_int64 * len(t.shape))(*t.shape)
-            tensor = lib.ggml_new_tensor(self._wctx, t.ggml_type, len(t.shape), ne)
-            lib.ggml_set_name(tensor, name.encode())
-            if lib.ggml_nbytes(tensor) != t.n_bytes:
-                raise ValueError(f"{name}: size in file does not match its type and shape")
-            self.weights[name] = tensor
-        self._wbuf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self._wctx, self.backend.buffer_type)
-        if not self._wbuf:
-            raise MemoryError(
-                f"cannot allocate {self.info.range_bytes(self.start, self.end)} bytes of weights on {self.backend.device.name}"
-            )
-        lib.ggml_backend_buffer_set_usage(self._wbuf, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-        prefer_huge_pages(self._wbuf)
-        for name in names:
-            data = tensor_view(self.info.path, self.info.tensors[name])
-            lib.ggml_backend_tensor_set(self.weights[name], data.ctypes.data, 0, data.nbytes)
-            self.weight_bytes += data.nbytes
-            if progress is not None:
-                progress(data.nbytes)
-            del data
-        logger.info(
-            "loaded layers [%d, %d) of %s: %d tensors, %.1f MiB on %s",
-            self.start, self.end, self.info.path, len(names), self.weight_bytes / 2**20, self.backend.device.name,
-        )  # fmt: skip
+        mem = _graph_arena()
+        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
+        try:
+            gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
+            seg = Segment(0, 1, tuple(CacheView(grp.name, KV_PAD, KV_PAD) for grp in self.groups))
+            caches = {}
+            for grp in self.groups:
+                for il in grp.layers:
+                    k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_k_gqa(il), KV_PAD)
+                    v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, grp.n_embd_v, KV_PAD) if grp.n_embd_v else None
+                    caches[il] = LayerCache(k, v)
+            inp = self._graph_inputs(ctx, [seg], False)
+            out = self._build_fn(Builder(ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end))
+            lib.ggml_build_forward_expand(gf, out)
+            names = {_address(t): name for name, t in meta.items()}
+            ops = {}
+            for i in range(lib.ggml_graph_n_nodes(gf)):
+                node = lib.ggml_graph_node(gf, i).contents
+                op = lib.ggml_op_name(node.op).decode()
+                if op in (MUL_MAT, MUL_MAT_ID) and node.src[0] in names:
+                    ops[names[node.src[0]]] = op
+            return ops
+        finally:
+            lib.ggml_free(ctx)
 
     def new_cache(self, n_ctx: int) -> SessionCache:
         lib = g.ggml()
@@ -545,12 +543,7 @@ class LayerStage:
         if self._sched:
             lib.ggml_backend_sched_free(self._sched)
             self._sched = 0
-        if self._wbuf:
-            lib.ggml_backend_buffer_free(self._wbuf)
-            self._wbuf = 0
-        if self._wctx:
-            lib.ggml_free(self._wctx)
-            self._wctx = 0
+        self._stage_weights.close()
 
 
 def _shape(key: GraphKey) -> tuple[object, ...]:
