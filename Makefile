@@ -20,9 +20,9 @@ bench:  ## pp512/tg128 through 1, 2 and 3 loopback servers next to llama.cpp, sa
 	$(PY) -m llmrpc.bench.run
 	@# where a step's time goes: a short run of its own (stamps cost time, kept out of the figures above)
 	$(PY) -m llmrpc.bench.run --reps 1 --pp 64 --serving "" --no-lan --no-llama-rpc --no-via-head --no-load \
-		--trace bench/results/trace --out bench/results/trace.json
+		--trace bench/out/trace --out bench/out/trace.json
 	$(PY) -m llmrpc.bench.run --model synthetic-1b --reps 3 --pp 256 --tg 64 --serving "" --no-lan \
-		--out bench/results/synthetic-1b.json
+		--out bench/out/synthetic-1b.json
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache .mypy_cache .ruff_cache

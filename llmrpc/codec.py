@@ -14,7 +14,7 @@ import numpy as np
 
 from llmrpc.model.slicefile import IncomingSlice, SliceLayout, SliceTensor
 from llmrpc.sampling import SamplingParams
-from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerInfo
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerHealth, ServerInfo
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 _DTYPES: dict[Any, np.dtype] = {
@@ -133,6 +133,10 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
         data_port=reply.data_port,
         data_token=reply.data_token,
     )
+
+
+def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
+    return ServerHealth(reply.serving, reply.open_sessions, reply.native_steps)
 
 
 def cached_to_proto(c: CachedSlice) -> pb.CachedSlice:

@@ -91,3 +91,10 @@ class ServerInfo:
     bytes_received: int = 0
     data_port: int = 0  # the data plane (0: this server has none)
     data_token: str = ""
+
+
+@dataclass(frozen=True)
+class ServerHealth:
+    serving: bool
+    open_sessions: int
+    native_steps: int  # generation steps computed through the native hop

@@ -13,7 +13,7 @@ import numpy as np
 
 from llmrpc import codec
 from llmrpc.auth import ClientSecurity
-from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerInfo, join_address, split_address
+from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerHealth, ServerInfo, join_address, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
@@ -91,6 +91,12 @@ class StageClient:
             self.data_address = join_address(split_address(self.address)[0], info.data_port)
             self.data_token = info.data_token
         return info
+
+    def health(self) -> ServerHealth:
+        try:
+            return codec.health_from_proto(self._stub.Health(pb.HealthRequest(), timeout=self.connect_timeout))
+        except grpc.RpcError as e:
+            raise self._error(e) from None
 
     def load(self, model_path: str, start: int, end: int, model_hash: str = "") -> LoadedRange | None:
         """Load layers [start, end); None when the server has no copy (push the slice)."""

@@ -65,7 +65,7 @@ def server_reports(infos: Sequence[ServerInfo]) -> list[ServerReport]:
     return [ServerReport(i.address, i.device.name, i.memory_budget or i.device.memory_free, i.bandwidth) for i in infos]
 
 
-def _size(n: float) -> str:
+def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -77,8 +77,8 @@ def format_plan(p: Plan) -> str:
     rows = [("server", "device", "layers", "weights", "KV", "compute", "free after", "ms/token")]
     for s in p.stages:
         rows.append((
-            s.address, s.device, f"[{s.start}, {s.end})", _size(s.weight_bytes), _size(s.kv_bytes),
-            _size(s.compute_bytes), _size(s.free_after), f"{s.seconds * 1e3:.2f}",
+            s.address, s.device, f"[{s.start}, {s.end})", format_size(s.weight_bytes), format_size(s.kv_bytes),
+            format_size(s.compute_bytes), format_size(s.free_after), f"{s.seconds * 1e3:.2f}",
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
