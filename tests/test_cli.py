@@ -29,7 +29,7 @@ def test_head_help_lists_every_command() -> None:
     proc = _run(["--help"])
     assert proc.returncode == 0, proc.stderr
     listed = proc.stdout.split("Commands:")[1].split()
-    for command in ("run", "plan", "serve", "status"):
+    for command in ("run", "plan", "serve", "status", "verify"):
         assert command in listed, proc.stdout
     assert "llmrpc-head --prompt TEXT" in proc.stdout  # says where bare options go
 

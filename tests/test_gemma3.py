@@ -47,4 +47,3 @@ def test_greedy_continuations_match_llama_cpp(
             want = references[prompt]
             assert len(want) >= 16, f"{prompt!r}: llama.cpp wrote only {len(want)} tokens"
             assert got == want, f"{prompt!r} diverged at token {first_difference(got, want)}"
-

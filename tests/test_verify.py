@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from llmrpc.farm import Farm
 from llmrpc.head.verify import verify
 
@@ -21,3 +24,13 @@ def test_a_farm_that_rounds_its_hidden_states_is_not(smollm2: str, servers: list
     assert not verdict.identical
     assert 0 < verdict.checks[0].max_rel_diff < 1e-1
     assert "IDENTICAL" not in verdict.line()
+
+
+def test_verify_command_prints_the_verdict(tiny_models: dict[str, str], servers: list[str]) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "llmrpc.cli", "verify", "-m", tiny_models["Q4_0"], "--rpc-servers", ",".join(servers),
+         "--prompt", "abc", "-n", "8"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip().splitlines()[-1].startswith("IDENTICAL to llama.cpp: 1 prompts")

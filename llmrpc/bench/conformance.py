@@ -136,7 +136,7 @@ def markdown(rows: Sequence[Row]) -> str:
 @click.option("--families", default=",".join(synthetic.FAMILIES), show_default=True, help="Families to check.")
 @click.option("--types", "types_", default=",".join(TYPES), show_default=True, help="Tensor types to check.")
 @click.option("--servers", "n_servers", default=3, show_default=True, type=click.IntRange(1, 8))
-@click.option("--out", default="bench/results/conformance.json", show_default=True, type=click.Path())
+@click.option("--out", default="bench/out/conformance.json", show_default=True, type=click.Path())
 @click.option("--keep", type=click.Path(file_okay=False), default=None, help="Keep the models in this folder.")
 def conformance(families: str, types_: str, n_servers: int, out: str, keep: str | None) -> None:
     """Every supported family, as a small random model in each tensor type, through 1..N local

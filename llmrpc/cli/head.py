@@ -1,4 +1,4 @@
-"""llmrpc-head: a group of commands over a farm (run, plan, serve, status); ``llmrpc-head
+"""llmrpc-head: a group of commands over a farm (run, plan, serve, status, verify); ``llmrpc-head
 --prompt ...`` is ``llmrpc-head run --prompt ...``."""
 
 from __future__ import annotations
@@ -209,6 +209,41 @@ def plan(model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, 
         click.echo(f"llmrpc-head plan: {e}", err=True)
         sys.exit(1)
     click.echo(format_plan(result))
+
+
+@head.command(
+    "verify",
+    short_help="Certify the model on the farm: logits and greedy text against llama.cpp here.",
+    help="Run a few prompts through the farm and through llama.cpp (llama-cpp-python) on this "
+    "machine with the same file: the largest logit difference, relative to the largest logit, "
+    "and how many greedy tokens agree; one line of verdict (IDENTICAL, CLOSE or DIFFERS). Servers "
+    "computing on this machine's CPU give identical logits; GPU kernels give close ones. Exits 1 "
+    "unless identical or close.",
+)
+@source_options
+@link_options
+@click.option("--prompt", "prompts", multiple=True, help="A prompt to check (repeatable; default: three of its own).")
+@click.option("--n-predict", "-n", default=32, show_default=True, type=click.IntRange(0),
+              help="Greedy tokens to compare after each prompt.")  # fmt: skip
+@click.option("--ctx-size", "-c", default=512, show_default=True, type=click.IntRange(1))
+@verbose_option
+def verify(source: Source, link: Link, prompts: tuple[str, ...], n_predict: int, ctx_size: int, verbose: int) -> None:
+    from llmrpc.head.verify import PROMPTS
+    from llmrpc.head.verify import verify as check
+
+    setup_logging(verbose)
+    try:
+        with open_farm(source, link, ctx_size) as farm:
+            verdict = check(farm, prompts or PROMPTS, n_predict)
+    except farm_errors() as e:
+        click.echo(f"llmrpc-head verify: {e}", err=True)
+        sys.exit(1)
+    for c in verdict.checks:
+        click.echo(f"{c.prompt[:40]!r:44} {c.n_tokens:4d} tokens  max |dlogit| {c.max_rel_diff:.2e}  "
+                   f"greedy {c.agree}/{c.greedy}")  # fmt: skip
+    click.echo(verdict.line())
+    if not verdict.close:
+        sys.exit(1)
 
 
 @head.command(

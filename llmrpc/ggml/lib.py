@@ -302,3 +302,30 @@ def ggml() -> Ggml:
         _GGML = Ggml(library_dir())
         logger.debug("loaded libggml from %s", library_dir())
     return _GGML
+
+
+LogCallback = ctypes.CFUNCTYPE(None, c_int, c_char_p, c_void_p)
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_ggml_logger = logging.getLogger("ggml")
+_last_level = logging.INFO
+
+
+@LogCallback
+def _log(level: int, text: bytes, _user: int) -> None:
+    """ggml's log lines into Python's logging (logger ``ggml``): its debug notes (a tensor
+    repacked, a buffer allocated) at debug, warnings at warning."""
+    global _last_level
+    if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line
+        _last_level = _LEVELS.get(level, logging.INFO)
+    message = text.decode("utf-8", "replace").rstrip("\n")
+    if message:
+        _ggml_logger.log(_last_level, "%s", message)
+
+
+def route_logs() -> None:
+    """Send ggml's logging through Python's (a server's log, filtered by its level) instead of
+    straight to stderr."""
+    lib = ggml()
+    lib._base.ggml_log_set.restype = None
+    lib._base.ggml_log_set.argtypes = [LogCallback, c_void_p]
+    lib._base.ggml_log_set(_log, None)
