@@ -289,6 +289,27 @@ FAMILIES: dict[str, SyntheticFamily] = {
 FAMILIES["llama-moe"] = SyntheticFamily(_llama, defaults={"n_expert": 4, "n_expert_used": 2})
 
 
+# -- more families ------------------------------------------------------------------------------
+def _gemma2(s: SyntheticSpec, il: int) -> LayerTensors:
+    return (
+        _attention(s) + _ffn(s) + [(T.ATTN_POST_NORM, "weight", (s.n_embd,)), (T.FFN_POST_NORM, "weight", (s.n_embd,))]
+    )
+
+
+def _keys_gemma2(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+    w.add_attn_logit_softcapping(50.0)
+    w.add_final_logit_softcapping(s.final_softcap or 30.0)
+
+
+FAMILIES.update(
+    {
+        # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
+        "gemma2": SyntheticFamily(_gemma2, _keys_gemma2, defaults={"head_dim": 32, "std": 0.03}, tied=True),
+    }
+)
+
+
 def family_spec(name: str, **overrides: Any) -> SyntheticSpec:
     """A tiny model of a family (``llama-moe``: llama with Mixtral-style experts)."""
     fam = FAMILIES[name]

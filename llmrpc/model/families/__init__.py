@@ -43,6 +43,11 @@ FAMILIES: dict[str, Family] = {
     "gpt-oss": Family(gptoss.build, ROPE_TYPE_NEOX, gptoss.hparams, moe=True),
     "deepseek2": Family(deepseek.build, ROPE_TYPE_NORM, deepseek.hparams, moe=True, mscale_is_log_mul=True),
 }
+FAMILIES.update(
+    {
+        "gemma2": Family(gemma.build_gemma2, ROPE_TYPE_NEOX, gemma.hparams_gemma2),
+    }
+)
 
 
 def family(name: str) -> Family:
