@@ -92,6 +92,7 @@ class HParams:
     rope_freq_base_swa: float = 10000.0  # of sliding-window layers (llama.cpp's default)
     rope_freq_scale_swa: float = 1.0
     rope_yarn_log_mul: float = 0.0
+    rope_layers: tuple[bool, ...] = ()  # which layers rotate Q and K (llama.cpp's has_rope); empty: all
     # sliding windows
     n_swa: int = 0
     swa_type: SwaType = SwaType.NONE
@@ -133,6 +134,10 @@ class HParams:
 
     def is_swa(self, il: int) -> bool:
         return bool(self.is_swa_arr) and self.is_swa_arr[il]
+
+    def has_rope(self, il: int) -> bool:
+        """Whether layer ``il`` rotates Q and K (layers without are NoPE layers)."""
+        return not self.rope_layers or self.rope_layers[il]
 
     def head_dim_k(self, il: int = 0) -> int:
         return self.head_dim_k_swa if self.is_swa(il) else self.head_dim_k_full

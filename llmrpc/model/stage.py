@@ -464,6 +464,7 @@ class LayerStage:
                 out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
+            lib.ggml_build_forward_expand(gf, inp.pos)  # set for every graph, read by none without rope (NoPE)
             lib.ggml_backend_sched_reset(sched)
             if not lib.ggml_backend_sched_alloc_graph(sched, gf):
                 raise ComputeError("cannot allocate the compute graph")

@@ -302,10 +302,45 @@ def _keys_gemma2(w: Any, s: SyntheticSpec) -> None:
     w.add_final_logit_softcapping(s.final_softcap or 30.0)
 
 
+def _keys_granite_scales(w: Any, s: SyntheticSpec) -> None:
+    w.add_embedding_scale(12.0)
+    w.add_residual_scale(0.22)
+    w.add_attention_scale(0.03125)
+    w.add_logit_scale(8.0)
+
+
+def _keys_granite(w: Any, s: SyntheticSpec) -> None:
+    """Granite without rope (NoPE): its rope layers are those of granitemoe, whose graph it shares."""
+    _keys_granite_scales(w, s)
+    w.add_rope_scaling_finetuned(False)
+
+
+def _granitemoe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Experts with a shared expert (Granite MoE Shared)."""
+    return (
+        _attention(s)
+        + _ffn(s)
+        + [
+            (T.FFN_GATE_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_UP_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, s.n_ff)),
+        ]
+    )
+
+
+def _keys_granitemoe(w: Any, s: SyntheticSpec) -> None:
+    _keys_granite_scales(w, s)
+    w.add_expert_shared_feed_forward_length(s.n_ff)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
         "gemma2": SyntheticFamily(_gemma2, _keys_gemma2, defaults={"head_dim": 32, "std": 0.03}, tied=True),
+        "granite": SyntheticFamily(_llama, _keys_granite),
+        "granitemoe": SyntheticFamily(
+            _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
+        ),
     }
 )
 
