@@ -250,6 +250,29 @@ class Builder:
             lib.ggml_reshape_3d(ctx, v, hd_v, n_kv, n),
         )
 
+    def qkv_flat(self, il: int, x: g.Tensor) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
+        """Q [n_embd_q, n], K and V [n_embd_kv, n], not split into heads (llama.cpp's
+        ``build_qkv`` with ``reshape`` false: for norms over all heads at once)."""
+        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
+        n_q, n_k = hp.head_dim_k(il) * hp.n_head(il), hp.n_embd_k_gqa(il)
+        wqkv = self.opt(T.ATTN_QKV, il)
+        if wqkv is None:
+            q = self.linear(self.w(T.ATTN_Q, il), x, self.opt(T.ATTN_Q, il, "bias"))
+            k = self.linear(self.w(T.ATTN_K, il), x, self.opt(T.ATTN_K, il, "bias"))
+            v = self.linear(self.w(T.ATTN_V, il), x, self.opt(T.ATTN_V, il, "bias"))
+            return q, k, v
+        qkv = self.mm(wqkv, x)
+        bias = self.opt(T.ATTN_QKV, il, "bias")
+        biases = [self.opt(kind, il, "bias") for kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)]
+        if bias is None and all(b is not None for b in biases):  # separate biases of a fused matrix
+            bias = lib.ggml_concat(ctx, lib.ggml_concat(ctx, biases[0], biases[1], 0), biases[2], 0)
+        qkv = self.add(qkv, bias)
+        row, f32 = qkv.contents.nb[1], g.GGML_TYPE_F32
+        parts = ((n_q, 0), (n_k, n_q), (hp.n_embd_v_gqa(il), n_q + n_k))
+        q, k, v = (lib.ggml_cont(ctx, lib.ggml_view_2d(ctx, qkv, width, n, row, lib.ggml_row_size(f32, at)))
+                   for width, at in parts)  # fmt: skip
+        return q, k, v
+
     def rope_factors(self) -> g.Tensor | None:
         """The rope frequency factors, where the model has them (llama.cpp's
         ``get_rope_factors``): llama3's, or LongRoPE's long or short ones by context size."""

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import MODEL_TENSOR as T
+from gguf.constants import RopeScalingType
 
 from llmrpc.model.arch import tensor_name
 
@@ -333,11 +334,38 @@ def _keys_granitemoe(w: Any, s: SyntheticSpec) -> None:
     w.add_expert_shared_feed_forward_length(s.n_ff)
 
 
+def _olmo2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """No norms before attention and FFN; Q and K norms over all heads; norms after both."""
+    q, kv = s.n_head * s.hd, s.n_head_kv * s.hd
+    return [
+        (T.ATTN_Q, "weight", (q, s.n_embd)),
+        (T.ATTN_K, "weight", (kv, s.n_embd)),
+        (T.ATTN_V, "weight", (kv, s.n_embd)),
+        (T.ATTN_OUT, "weight", (s.n_embd, q)),
+        (T.ATTN_Q_NORM, "weight", (q,)),
+        (T.ATTN_K_NORM, "weight", (kv,)),
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_GATE, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_UP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_DOWN, "weight", (s.n_embd, s.n_ff)),
+        (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+    ]
+
+
+def _keys_olmo2(w: Any, s: SyntheticSpec) -> None:
+    """OLMo 3's: a sliding window on three layers of four, YaRN on the others."""
+    w.add_sliding_window(s.sliding_window or 8)
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(512)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
         "gemma2": SyntheticFamily(_gemma2, _keys_gemma2, defaults={"head_dim": 32, "std": 0.03}, tied=True),
         "granite": SyntheticFamily(_llama, _keys_granite),
+        "olmo2": SyntheticFamily(_olmo2, _keys_olmo2),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
         ),

@@ -13,7 +13,7 @@ from typing import Any
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.arch import UnsupportedArchitectureError, supported_message
-from llmrpc.model.families import deepseek, gemma, gptoss, granite, llama, phi, qwen
+from llmrpc.model.families import deepseek, gemma, gptoss, granite, llama, olmo, phi, qwen
 from llmrpc.model.graph import Builder
 from llmrpc.model.hparams import ROPE_TYPE_NEOX, ROPE_TYPE_NORM, KeyReader
 
@@ -48,6 +48,7 @@ FAMILIES.update(
         "gemma2": Family(gemma.build_gemma2, ROPE_TYPE_NEOX, gemma.hparams_gemma2),
         "granite": Family(granite.build, ROPE_TYPE_NORM, granite.hparams_granite),
         "granitemoe": Family(granite.build, ROPE_TYPE_NORM, granite.hparams_granitemoe, moe=True),
+        "olmo2": Family(olmo.build_olmo2, ROPE_TYPE_NEOX, olmo.hparams_olmo2),
     }
 )
 
