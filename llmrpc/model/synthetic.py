@@ -366,6 +366,7 @@ FAMILIES.update(
         "gemma2": SyntheticFamily(_gemma2, _keys_gemma2, defaults={"head_dim": 32, "std": 0.03}, tied=True),
         "granite": SyntheticFamily(_llama, _keys_granite),
         "olmo2": SyntheticFamily(_olmo2, _keys_olmo2),
+        "smollm3": SyntheticFamily(_llama),  # rope on layers 0-2, none on layer 3
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
         ),

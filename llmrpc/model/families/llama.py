@@ -1,39 +1,67 @@
-"""The llama family (llama, mistral, SmolLM2; Mixtral-style experts when the GGUF has them).
+"""The llama family (llama, mistral, SmolLM2; Mixtral-style experts when the GGUF has them)
+and the families that are llama's layers with a difference: smollm3 (no rope on every fourth
+layer), arcee (a ReLU² FFN without gate), seed_oss (the FFN's norm stored as the post-attention
+norm), ernie4_5.
 
 Mirrors llama.cpp's ``src/models/llama.cpp``: RMSNorm, RoPE (with llama3 or LongRoPE factors),
-grouped-query attention, a SwiGLU FFN or a softmax-gated mixture of experts.
+grouped-query attention, a SwiGLU FFN or a softmax-gated mixture of experts; and its
+``smollm3.cpp``, ``arcee.cpp``, ``seed-oss.cpp``, ``ernie4-5.cpp``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.graph import Act, Builder, inv_sqrt
-from llmrpc.model.hparams import Gating
+from llmrpc.model.hparams import Gating, KeyReader
 
 
-def build(b: Builder) -> g.Tensor:
-    """Layers [start, end) of the model; hidden states, or logits on the last stage."""
+def _ffn(b: Builder, il: int, x: g.Tensor, act: Act) -> g.Tensor:
+    if b.opt(T.FFN_GATE_INP, il) is not None:
+        return b.moe(x, il, Act.SILU, Gating.SOFTMAX, norm_weights=True, weights_scale=b.hp.expert_weights_scale)
+    if act is Act.RELU_SQR:  # up, ReLU², down
+        return b.ffn(x, il, b.w(T.FFN_UP, il), None, b.w(T.FFN_DOWN, il), act, parallel=False)
+    return b.ffn(
+        x, il, b.w(T.FFN_UP, il), b.w(T.FFN_GATE, il), b.w(T.FFN_DOWN, il), act,
+        b.opt(T.FFN_UP, il, "bias"), b.opt(T.FFN_GATE, il, "bias"), b.opt(T.FFN_DOWN, il, "bias"),
+        label="ffn_swiglu_out",
+    )  # fmt: skip
+
+
+def llama_like(
+    b: Builder, rope_factors: bool = True, act: Act = Act.SILU, ffn_norm: T = T.FFN_NORM,
+) -> g.Tensor:  # fmt: skip
+    """Layers [start, end) of a llama-like model; hidden states, or logits on the last stage.
+    ``rope_factors``: rope with the model's frequency factors (llama3's, LongRoPE's); layers
+    whose ``has_rope`` is false skip rope."""
     hp, lib, ctx = b.hp, b.lib, b.ctx
     x = b.embeddings()
-    factors = b.rope_factors()
+    factors = b.rope_factors() if rope_factors else None
     for il in b.layers:
         cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
         q, k, v = b.qkv(il, cur)
-        q, k = b.name(b.rope(q, il, factors), "Qcur", il), b.name(b.rope(k, il, factors), "Kcur", il)
+        if hp.has_rope(il):
+            q, k = b.rope(q, il, factors), b.rope(k, il, factors)
+        q, k = b.name(q, "Qcur", il), b.name(k, "Kcur", il)
         kq_scale = hp.attn_scale or inv_sqrt(hp.head_dim_k(il))
         cur = b.attention(il, q, k, v, kq_scale, b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))
         cur, x = b.out_rows(il, b.name(cur, "attn_out", il), x)
         ffn_inp = b.name(lib.ggml_add(ctx, cur, x), "ffn_inp", il)
-        cur = b.norm(ffn_inp, b.w(T.FFN_NORM, il), "ffn_norm", il)
-        if b.opt(T.FFN_GATE_INP, il) is None:
-            cur = b.ffn(
-                cur, il, b.w(T.FFN_UP, il), b.w(T.FFN_GATE, il), b.w(T.FFN_DOWN, il), Act.SILU,
-                b.opt(T.FFN_UP, il, "bias"), b.opt(T.FFN_GATE, il, "bias"), b.opt(T.FFN_DOWN, il, "bias"),
-                label="ffn_swiglu_out",
-            )  # fmt: skip
-        else:
-            cur = b.moe(cur, il, Act.SILU, Gating.SOFTMAX, norm_weights=True, weights_scale=hp.expert_weights_scale)
+        cur = _ffn(b, il, b.norm(ffn_inp, b.w(ffn_norm, il), "ffn_norm", il), act)
         x = b.name(lib.ggml_add(ctx, cur, ffn_inp), "l_out", il)
     return b.output(x)
+
+
+def build(b: Builder) -> g.Tensor:
+    return llama_like(b)
+
+
+def hparams_smollm3(r: KeyReader, fields: dict[str, Any]) -> None:
+    fields["rope_layers"] = tuple((il + 1) % 4 != 0 for il in range(fields["n_layer"]))
+
+
+def build_smollm3(b: Builder) -> g.Tensor:
+    return llama_like(b, rope_factors=False)
