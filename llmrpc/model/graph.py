@@ -79,6 +79,7 @@ class GraphInputs:
     pos: g.Tensor  # I32 [n]
     segments: list[dict[str, AttnInputs]]  # per segment, per KV group
     out_ids: g.Tensor | None  # I32 [n_out] when only some rows leave the last layer
+    attn_scale: g.Tensor | None = None  # F32 [1, 1, n]: each row's attention temperature, where the graph uses it
 
 
 @dataclass
@@ -214,6 +215,16 @@ class Builder:
         if self.hp.final_softcap:
             cur = self.softcap(cur, self.hp.final_softcap)
         return self.name(cur, "result_output")
+
+    def attn_temp(self) -> g.Tensor:
+        """The attention temperature of each row's position, F32 [1, 1, n] (llama.cpp's
+        ``build_inp_attn_scale``): an input of the graph, which the stage sets from the
+        positions (:func:`llmrpc.model.hparams.attn_temp_scales`)."""
+        if self.inp.attn_scale is None:
+            t = self.lib.ggml_new_tensor_3d(self.ctx, g.GGML_TYPE_F32, 1, 1, self.n_tokens)
+            self.lib.ggml_set_input(t)
+            self.inp.attn_scale = self.name(t, "inp_attn_scale")
+        return self.inp.attn_scale
 
     # -- attention -----------------------------------------------------------------------
     def qkv(self, il: int, x: g.Tensor, head_dim: int | None = None) -> tuple[g.Tensor, g.Tensor, g.Tensor]:

@@ -99,6 +99,9 @@ class HParams:
     is_swa_arr: tuple[bool, ...] = ()
     # attention
     attn_scale: float = 0.0  # the family's kq scale (0: 1/sqrt(head dim))
+    attn_temp_scale: float = 0.0  # Q times a factor growing with the position (llama 4's temperature; 0: off)
+    attn_temp_floor: int = 0  # positions per step of that factor
+    attn_temp_offset: float = 0.0
     attn_softcap: float = 0.0  # tanh soft-capping of attention scores (0: off)
     final_softcap: float = 0.0  # of the output logits
     embedding_scale: float = 0.0  # multiplies token embeddings (0: off)
@@ -179,6 +182,16 @@ class HParams:
     def swa_masked(self, p0: int, p1: int) -> bool:
         """Whether a row at position ``p1`` may not see a cell at ``p0`` (sliding window)."""
         return swa_masked(self.swa_type, self.n_swa, p0, p1)
+
+
+def attn_temp_scales(hp: HParams, pos: np.ndarray) -> np.ndarray:
+    """F32 [1, 1, n]: the attention temperature factor of each row's position
+    (``log(floor((pos + offset) / floor_scale) + 1) * scale + 1``), in llama.cpp's float and
+    double arithmetic (``llm_graph_input_attn_temp``)."""
+    f32 = np.float32
+    steps = np.floor((pos.astype(f32) + f32(hp.attn_temp_offset)) / f32(hp.attn_temp_floor)).astype(f32)
+    scales = np.log(steps.astype(np.float64) + 1.0) * float(f32(hp.attn_temp_scale)) + 1.0
+    return scales.astype(f32).reshape(1, 1, -1)
 
 
 def swa_masked(swa_type: SwaType, n_swa: int, p0: int, p1: int) -> bool:
@@ -292,12 +305,21 @@ def read_base(r: KeyReader, n_vocab: int) -> dict[str, Any]:
             scaling=_SCALING[scaling_name],
             n_ctx_orig=int(r.get(Keys.Rope.SCALING_ORIG_CTX_LEN, n_ctx_train)),
             rope_attn_factor=float(r.get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)),
-            yarn_ext_factor=float(r.get(Keys.Rope.SCALING_YARN_EXT_FACTOR, -1.0)),
-            yarn_attn_factor=float(r.get(Keys.Rope.SCALING_YARN_ATTN_FACTOR, 1.0)),
-            beta_fast=float(r.get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
-            beta_slow=float(r.get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
+            # YaRN's own keys are read by the families that read them (read_yarn_betas)
+            yarn_ext_factor=-1.0,
+            yarn_attn_factor=1.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
         ),
     )
+
+
+def read_yarn_betas(r: KeyReader, fields: dict[str, Any]) -> None:
+    """YaRN's correction dimensions from the GGUF, for the families whose llama.cpp loader
+    reads them (the others keep 32 and 1)."""
+    rope = fields["rope"]
+    rope["beta_fast"] = float(r.get(Keys.Rope.SCALING_YARN_BETA_FAST, rope["beta_fast"]))
+    rope["beta_slow"] = float(r.get(Keys.Rope.SCALING_YARN_BETA_SLOW, rope["beta_slow"]))
 
 
 def context_rope(rope: Mapping[str, Any], rope_yarn_log_mul: float, mscale_is_log_mul: bool) -> Rope:

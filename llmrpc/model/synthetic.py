@@ -360,6 +360,19 @@ def _keys_olmo2(w: Any, s: SyntheticSpec) -> None:
     w.add_rope_scaling_orig_ctx_len(512)
 
 
+def _keys_mistral3(w: Any, s: SyntheticSpec) -> None:
+    """Ministral 3's YaRN and attention temperature; the temperature steps every 32
+    positions (the original context) instead of 16384, so that a test's positions see it, and
+    YaRN's betas are small enough to matter at that context."""
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(16.0)
+    w.add_rope_scaling_orig_ctx_len(32)
+    w.add_rope_scaling_yarn_beta_fast(1.0)
+    w.add_rope_scaling_yarn_beta_slow(0.25)
+    w.add_rope_scaling_yarn_log_mul(1.0)
+    w.add_attn_temperature_scale(0.1)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -367,6 +380,7 @@ FAMILIES.update(
         "granite": SyntheticFamily(_llama, _keys_granite),
         "olmo2": SyntheticFamily(_olmo2, _keys_olmo2),
         "smollm3": SyntheticFamily(_llama),  # rope on layers 0-2, none on layer 3
+        "mistral3": SyntheticFamily(_llama, _keys_mistral3),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
         ),

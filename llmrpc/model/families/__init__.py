@@ -50,6 +50,7 @@ FAMILIES.update(
         "granitemoe": Family(granite.build, ROPE_TYPE_NORM, granite.hparams_granitemoe, moe=True),
         "olmo2": Family(olmo.build_olmo2, ROPE_TYPE_NEOX, olmo.hparams_olmo2),
         "smollm3": Family(llama.build_smollm3, ROPE_TYPE_NORM, llama.hparams_smollm3),
+        "mistral3": Family(llama.build, ROPE_TYPE_NORM, llama.hparams_mistral3),
     }
 )
 

@@ -1,11 +1,11 @@
 """The llama family (llama, mistral, SmolLM2; Mixtral-style experts when the GGUF has them)
 and the families that are llama's layers with a difference: smollm3 (no rope on every fourth
-layer), arcee (a ReLU² FFN without gate), seed_oss (the FFN's norm stored as the post-attention
+layer), mistral3 (attention temperature), arcee (a ReLU² FFN without gate), seed_oss (the FFN's norm stored as the post-attention
 norm), ernie4_5.
 
 Mirrors llama.cpp's ``src/models/llama.cpp``: RMSNorm, RoPE (with llama3 or LongRoPE factors),
 grouped-query attention, a SwiGLU FFN or a softmax-gated mixture of experts; and its
-``smollm3.cpp``, ``arcee.cpp``, ``seed-oss.cpp``, ``ernie4-5.cpp``.
+``smollm3.cpp``, ``mistral3.cpp``, ``arcee.cpp``, ``seed-oss.cpp``, ``ernie4-5.cpp``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.graph import Act, Builder, inv_sqrt
-from llmrpc.model.hparams import Gating, KeyReader
+from llmrpc.model.hparams import Gating, HParamsError, KeyReader, Keys, read_yarn_betas
 
 
 def _ffn(b: Builder, il: int, x: g.Tensor, act: Act) -> g.Tensor:
@@ -46,6 +46,8 @@ def llama_like(
         if hp.has_rope(il):
             q, k = b.rope(q, il, factors), b.rope(k, il, factors)
         q, k = b.name(q, "Qcur", il), b.name(k, "Kcur", il)
+        if hp.attn_temp_scale:
+            q = b.name(lib.ggml_mul(ctx, q, b.attn_temp()), "Qcur_attn_temp_scaled", il)
         kq_scale = hp.attn_scale or inv_sqrt(hp.head_dim_k(il))
         cur = b.attention(il, q, k, v, kq_scale, b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))
         cur, x = b.out_rows(il, b.name(cur, "attn_out", il), x)
@@ -65,3 +67,15 @@ def hparams_smollm3(r: KeyReader, fields: dict[str, Any]) -> None:
 
 def build_smollm3(b: Builder) -> g.Tensor:
     return llama_like(b, rope_factors=False)
+
+
+def hparams_mistral3(r: KeyReader, fields: dict[str, Any]) -> None:
+    """Ministral 3: YaRN with its own betas and log multiplier, and attention temperature
+    growing every ``n_ctx_orig`` positions."""
+    read_yarn_betas(r, fields)
+    fields["rope_yarn_log_mul"] = float(r.get(Keys.Rope.SCALING_YARN_LOG_MUL, 0.0))
+    fields["attn_temp_scale"] = float(r.get(Keys.Attention.TEMPERATURE_SCALE, 0.0))
+    if fields["attn_temp_scale"]:
+        fields["attn_temp_floor"] = int(fields["rope"]["n_ctx_orig"])
+        if not fields["attn_temp_floor"]:
+            raise HParamsError(f"{r.path}: attention temperature scaling needs the rope's original context length")
