@@ -270,6 +270,7 @@ class SyntheticFamily:
     keys: Callable[[Any, SyntheticSpec], None] | None = None
     defaults: dict[str, Any] | None = None  # spec fields a tiny model of the family takes
     tied: bool = False  # the family's GGUFs have no output matrix
+    more: Callable[[SyntheticSpec], list[tuple[T, str, Shape]]] | None = None  # tensors of no layer, beyond those
 
 
 FAMILIES: dict[str, SyntheticFamily] = {
@@ -373,6 +374,31 @@ def _keys_mistral3(w: Any, s: SyntheticSpec) -> None:
     w.add_attn_temperature_scale(0.1)
 
 
+def _starcoder2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Layer norms with biases, biases on every projection, an FFN of up and down."""
+    norms = [(kind, "bias", (s.n_embd,)) for kind in (T.ATTN_NORM, T.FFN_NORM)]
+    return (
+        _attention(s, bias=True)
+        + norms
+        + [
+            (T.ATTN_OUT, "bias", (s.n_embd,)),
+            (T.FFN_NORM, "weight", (s.n_embd,)),
+            (T.FFN_UP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_UP, "bias", (s.n_ff,)),
+            (T.FFN_DOWN, "weight", (s.n_embd, s.n_ff)),
+            (T.FFN_DOWN, "bias", (s.n_embd,)),
+        ]
+    )
+
+
+def _keys_starcoder2(w: Any, s: SyntheticSpec) -> None:
+    w.add_layer_norm_eps(1e-5)
+
+
+def _output_norm_bias(s: SyntheticSpec) -> list[tuple[T, str, Shape]]:
+    return [(T.OUTPUT_NORM, "bias", (s.n_embd,))]
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -381,6 +407,8 @@ FAMILIES.update(
         "olmo2": SyntheticFamily(_olmo2, _keys_olmo2),
         "smollm3": SyntheticFamily(_llama),  # rope on layers 0-2, none on layer 3
         "mistral3": SyntheticFamily(_llama, _keys_mistral3),
+        # std 0.2: with biases on every projection, a random model of std 0.08 repeats one token
+        "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
         ),
@@ -432,6 +460,8 @@ def write_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     tensor(T.OUTPUT_NORM, None, "weight", (spec.n_embd,))
     if not spec.tied_output:
         tensor(T.OUTPUT, None, "weight", (spec.n_vocab, spec.n_embd))
+    for kind, suffix, shape in fam.more(spec) if fam.more is not None else []:
+        tensor(kind, None, suffix, shape)
     for il in range(spec.n_layer):
         for kind, suffix, shape in fam.layer(spec, il):
             tensor(kind, il, suffix, shape)
