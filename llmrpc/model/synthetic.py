@@ -399,6 +399,18 @@ def _output_norm_bias(s: SyntheticSpec) -> list[tuple[T, str, Shape]]:
     return [(T.OUTPUT_NORM, "bias", (s.n_embd,))]
 
 
+def _exaone4(s: SyntheticSpec, il: int) -> LayerTensors:
+    """No norms before attention and FFN; Q/K norms; norms after both."""
+    return [t for t in _attention(s, qk_norm=True) + _ffn(s) if t[0] not in (T.ATTN_NORM, T.FFN_NORM)] + [
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+    ]
+
+
+def _keys_exaone4(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -408,6 +420,8 @@ FAMILIES.update(
         "smollm3": SyntheticFamily(_llama),  # rope on layers 0-2, none on layer 3
         "mistral3": SyntheticFamily(_llama, _keys_mistral3),
         # std 0.2: with biases on every projection, a random model of std 0.08 repeats one token
+        # 64 layers: the 32B model's rules (sliding-window layers, rope only on them)
+        "exaone4": SyntheticFamily(_exaone4, _keys_exaone4, {"n_layer": 64}),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
