@@ -300,6 +300,15 @@ class Builder:
             hp.rope_base(il), hp.rope_scale(il), r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
         )  # fmt: skip
 
+    def rope_full(self, t: g.Tensor, il: int, factors: g.Tensor | None = None) -> g.Tensor:
+        """Rope with the full-attention layers' base and scale on any layer (families whose
+        sliding-window layers rotate as their full ones do)."""
+        hp, r = self.hp, self.hp.rope
+        return self.lib.ggml_rope_ext(
+            self.ctx, t, self.inp.pos, factors, hp.n_rot(il), hp.rope_type, r.n_ctx_orig,
+            r.freq_base, r.freq_scale, r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
+        )  # fmt: skip
+
     def attention(
         self, il: int, q: g.Tensor, k: g.Tensor, v: g.Tensor, kq_scale: float,
         wo: g.Tensor | None, wo_b: g.Tensor | None = None, sinks: g.Tensor | None = None,

@@ -411,6 +411,17 @@ def _keys_exaone4(w: Any, s: SyntheticSpec) -> None:
     w.add_sliding_window(s.sliding_window or 8)
 
 
+def _cohere2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """One norm for attention and FFN."""
+    return [t for t in _attention(s) + _ffn(s) if t[0] != T.FFN_NORM]
+
+
+def _keys_cohere2(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+    w.add_logit_scale(0.25)
+    w.add_layer_norm_eps(1e-5)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -422,6 +433,7 @@ FAMILIES.update(
         # std 0.2: with biases on every projection, a random model of std 0.08 repeats one token
         # 64 layers: the 32B model's rules (sliding-window layers, rope only on them)
         "exaone4": SyntheticFamily(_exaone4, _keys_exaone4, {"n_layer": 64}),
+        "cohere2": SyntheticFamily(_cohere2, _keys_cohere2, tied=True),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}

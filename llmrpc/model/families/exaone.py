@@ -24,15 +24,6 @@ def hparams_exaone4(r: KeyReader, fields: dict[str, Any]) -> None:
         fields["rope_layers"] = fields["is_swa_arr"]
 
 
-def _rope(b: Builder, t: g.Tensor, il: int, factors: g.Tensor | None) -> g.Tensor:
-    """Rope with the model's base and scale on every layer (sliding-window ones too)."""
-    hp, r = b.hp, b.hp.rope
-    return b.lib.ggml_rope_ext(
-        b.ctx, t, b.inp.pos, factors, hp.n_rot(il), hp.rope_type, r.n_ctx_orig,
-        r.freq_base, r.freq_scale, r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
-    )  # fmt: skip
-
-
 def build_exaone4(b: Builder) -> g.Tensor:
     hp, lib, ctx = b.hp, b.lib, b.ctx
     x = b.embeddings()
@@ -42,7 +33,7 @@ def build_exaone4(b: Builder) -> g.Tensor:
         q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
         k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
         if hp.has_rope(il):
-            q, k = _rope(b, q, il, factors), _rope(b, k, il, factors)
+            q, k = b.rope_full(q, il, factors), b.rope_full(k, il, factors)
         q, k = b.name(q, "Qcur", il), b.name(k, "Kcur", il)
         cur = b.attention(il, q, k, v, inv_sqrt(hp.head_dim_k(il)), b.w(T.ATTN_OUT, il))
         cur, x = b.out_rows(il, cur, x)
