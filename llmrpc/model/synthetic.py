@@ -36,6 +36,7 @@ class SyntheticSpec:
     fast_random: bool = False  # random quantized blocks instead of quantizing floats (for big files)
     arch: str = "llama"
     head_dim: int = 0  # 0: n_embd // n_head
+    n_rot: int = 0  # dimensions rope rotates (0: the head's)
     n_expert: int = 0  # experts per layer (0: a dense FFN)
     n_expert_used: int = 0
     n_ff_exp: int = 0  # FFN width of one expert (0: n_ff)
@@ -243,7 +244,7 @@ def _keys_common(w: Any, s: SyntheticSpec) -> None:
         if s.hd != s.n_embd // s.n_head:
             w.add_key_length(s.hd)
             w.add_value_length(s.hd)
-        w.add_rope_dimension_count(s.hd)
+        w.add_rope_dimension_count(s.n_rot or s.hd)
     w.add_rope_freq_base(s.rope_freq_base)
     w.add_layer_norm_rms_eps(1e-5 if s.arch != "gemma3" else 1e-6)
     w.add_vocab_size(s.n_vocab)
@@ -422,6 +423,15 @@ def _keys_cohere2(w: Any, s: SyntheticSpec) -> None:
     w.add_layer_norm_eps(1e-5)
 
 
+def _glm4(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Q/K/V biases, norms after attention and FFN too, one gate-and-up matrix."""
+    return [t for t in _attention(s, bias=True) + _ffn(s) if t[0] not in (T.FFN_GATE, T.FFN_UP)] + [
+        (T.FFN_UP, "weight", (2 * s.n_ff, s.n_embd)),
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+    ]
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -434,6 +444,7 @@ FAMILIES.update(
         # 64 layers: the 32B model's rules (sliding-window layers, rope only on them)
         "exaone4": SyntheticFamily(_exaone4, _keys_exaone4, {"n_layer": 64}),
         "cohere2": SyntheticFamily(_cohere2, _keys_cohere2, tied=True),
+        "glm4": SyntheticFamily(_glm4, defaults={"head_dim": 32, "n_rot": 16}),  # rope on half of each head
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}

@@ -13,7 +13,20 @@ from typing import Any
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.arch import UnsupportedArchitectureError, supported_message
-from llmrpc.model.families import cohere, deepseek, exaone, gemma, gptoss, granite, llama, olmo, phi, qwen, starcoder
+from llmrpc.model.families import (
+    cohere,
+    deepseek,
+    exaone,
+    gemma,
+    glm,
+    gptoss,
+    granite,
+    llama,
+    olmo,
+    phi,
+    qwen,
+    starcoder,
+)
 from llmrpc.model.graph import Builder
 from llmrpc.model.hparams import ROPE_TYPE_NEOX, ROPE_TYPE_NORM, KeyReader
 
@@ -54,6 +67,7 @@ FAMILIES.update(
         "starcoder2": Family(starcoder.build_starcoder2, ROPE_TYPE_NEOX),
         "exaone4": Family(exaone.build_exaone4, ROPE_TYPE_NEOX, exaone.hparams_exaone4),
         "cohere2": Family(cohere.build_cohere2, ROPE_TYPE_NORM, cohere.hparams_cohere2),
+        "glm4": Family(glm.build_glm4, ROPE_TYPE_NORM, glm.hparams_glm4),
     }
 )
 
