@@ -432,6 +432,36 @@ def _glm4(s: SyntheticSpec, il: int) -> LayerTensors:
     ]
 
 
+def _qwen2moe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """QKV biases, experts, a shared expert with its sigmoid gate."""
+    return (
+        _attention(s, bias=True)
+        + _ffn(s)
+        + [
+            (T.FFN_GATE_INP_SHEXP, "weight", (s.n_embd,)),
+            (T.FFN_GATE_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_UP_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, s.n_ff)),
+        ]
+    )
+
+
+def _keys_qwen2moe(w: Any, s: SyntheticSpec) -> None:
+    w.add_expert_shared_feed_forward_length(s.n_ff)
+
+
+def _olmoe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Q and K norms over all heads, experts."""
+    return (
+        [t for t in _attention(s) if t[0] not in (T.ATTN_Q_NORM, T.ATTN_K_NORM)]
+        + _ffn(s)
+        + [
+            (T.ATTN_Q_NORM, "weight", (s.n_head * s.hd,)),
+            (T.ATTN_K_NORM, "weight", (s.n_head_kv * s.hd,)),
+        ]
+    )
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -445,6 +475,11 @@ FAMILIES.update(
         "exaone4": SyntheticFamily(_exaone4, _keys_exaone4, {"n_layer": 64}),
         "cohere2": SyntheticFamily(_cohere2, _keys_cohere2, tied=True),
         "glm4": SyntheticFamily(_glm4, defaults={"head_dim": 32, "n_rot": 16}),  # rope on half of each head
+        # std 0.12: a random model of std 0.08 repeats one token
+        "qwen2moe": SyntheticFamily(
+            _qwen2moe, _keys_qwen2moe, {"n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64, "std": 0.12}
+        ),
+        "olmoe": SyntheticFamily(_olmoe, defaults={"n_head_kv": 4, "n_expert": 4, "n_expert_used": 2, "n_ff": 64}),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
