@@ -462,6 +462,16 @@ def _olmoe(s: SyntheticSpec, il: int) -> LayerTensors:
     )
 
 
+def _arcee(s: SyntheticSpec, il: int) -> LayerTensors:
+    """An FFN of up and down."""
+    return [t for t in _llama(s, il) if t[0] != T.FFN_GATE]
+
+
+def _seed_oss(s: SyntheticSpec, il: int) -> LayerTensors:
+    """QKV biases; the FFN's norm named attn_post_norm."""
+    return [(T.ATTN_POST_NORM if t[0] == T.FFN_NORM else t[0], t[1], t[2]) for t in _qwen2(s, il)]
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -480,6 +490,10 @@ FAMILIES.update(
             _qwen2moe, _keys_qwen2moe, {"n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64, "std": 0.12}
         ),
         "olmoe": SyntheticFamily(_olmoe, defaults={"n_head_kv": 4, "n_expert": 4, "n_expert_used": 2, "n_ff": 64}),
+        "arcee": SyntheticFamily(_arcee),
+        # std 0.2: a random model of std 0.08 repeats one token
+        "seed_oss": SyntheticFamily(_seed_oss, defaults={"head_dim": 32, "std": 0.2}),
+        "ernie4_5": SyntheticFamily(_llama),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}

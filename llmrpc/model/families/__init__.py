@@ -70,6 +70,9 @@ FAMILIES.update(
         "glm4": Family(glm.build_glm4, ROPE_TYPE_NORM, glm.hparams_glm4),
         "qwen2moe": Family(qwen.build_qwen2moe, ROPE_TYPE_NEOX, qwen.hparams_qwen2moe, moe=True),
         "olmoe": Family(olmo.build_olmoe, ROPE_TYPE_NEOX, moe=True),
+        "arcee": Family(llama.build_arcee, ROPE_TYPE_NORM),
+        "seed_oss": Family(llama.build_seed_oss, ROPE_TYPE_NEOX),
+        "ernie4_5": Family(llama.build_ernie4_5, ROPE_TYPE_NORM),
     }
 )
 

@@ -1,7 +1,7 @@
 """The llama family (llama, mistral, SmolLM2; Mixtral-style experts when the GGUF has them)
 and the families that are llama's layers with a difference: smollm3 (no rope on every fourth
-layer), mistral3 (attention temperature), arcee (a ReLU² FFN without gate), seed_oss (the FFN's norm stored as the post-attention
-norm), ernie4_5.
+layer), mistral3 (attention temperature), arcee (a ReLU² FFN without gate), seed_oss (the
+FFN's norm stored as the post-attention norm), ernie4_5 (no attention output bias).
 
 Mirrors llama.cpp's ``src/models/llama.cpp``: RMSNorm, RoPE (with llama3 or LongRoPE factors),
 grouped-query attention, a SwiGLU FFN or a softmax-gated mixture of experts; and its
@@ -32,11 +32,12 @@ def _ffn(b: Builder, il: int, x: g.Tensor, act: Act) -> g.Tensor:
 
 
 def llama_like(
-    b: Builder, rope_factors: bool = True, act: Act = Act.SILU, ffn_norm: T = T.FFN_NORM,
+    b: Builder, rope_factors: bool = True, act: Act = Act.SILU, ffn_norm: T = T.FFN_NORM, wo_bias: bool = True,
 ) -> g.Tensor:  # fmt: skip
     """Layers [start, end) of a llama-like model; hidden states, or logits on the last stage.
     ``rope_factors``: rope with the model's frequency factors (llama3's, LongRoPE's); layers
-    whose ``has_rope`` is false skip rope."""
+    whose ``has_rope`` is false skip rope. ``ffn_norm``: the tensor of the norm before the FFN.
+    ``wo_bias``: the attention output's bias is added where the GGUF has one."""
     hp, lib, ctx = b.hp, b.lib, b.ctx
     x = b.embeddings()
     factors = b.rope_factors() if rope_factors else None
@@ -49,7 +50,8 @@ def llama_like(
         if hp.attn_temp_scale:
             q = b.name(lib.ggml_mul(ctx, q, b.attn_temp()), "Qcur_attn_temp_scaled", il)
         kq_scale = hp.attn_scale or inv_sqrt(hp.head_dim_k(il))
-        cur = b.attention(il, q, k, v, kq_scale, b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))
+        wo_b = b.opt(T.ATTN_OUT, il, "bias") if wo_bias else None
+        cur = b.attention(il, q, k, v, kq_scale, b.w(T.ATTN_OUT, il), wo_b)
         cur, x = b.out_rows(il, b.name(cur, "attn_out", il), x)
         ffn_inp = b.name(lib.ggml_add(ctx, cur, x), "ffn_inp", il)
         cur = _ffn(b, il, b.norm(ffn_inp, b.w(ffn_norm, il), "ffn_norm", il), act)
@@ -79,3 +81,15 @@ def hparams_mistral3(r: KeyReader, fields: dict[str, Any]) -> None:
         fields["attn_temp_floor"] = int(fields["rope"]["n_ctx_orig"])
         if not fields["attn_temp_floor"]:
             raise HParamsError(f"{r.path}: attention temperature scaling needs the rope's original context length")
+
+
+def build_arcee(b: Builder) -> g.Tensor:
+    return llama_like(b, act=Act.RELU_SQR)
+
+
+def build_seed_oss(b: Builder) -> g.Tensor:
+    return llama_like(b, rope_factors=False, ffn_norm=T.ATTN_POST_NORM)
+
+
+def build_ernie4_5(b: Builder) -> g.Tensor:
+    return llama_like(b, rope_factors=False, wo_bias=False)
