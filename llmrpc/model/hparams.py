@@ -107,6 +107,9 @@ class HParams:
     embedding_scale: float = 0.0  # multiplies token embeddings (0: off)
     residual_scale: float = 0.0  # multiplies each block's output before the residual add (0: off)
     logit_scale: float = 0.0  # multiplies (or divides, by family) the output logits (0: off)
+    xielu: tuple[
+        tuple[float, float, float, float], ...
+    ] = ()  # per layer: the xIELU activation's alpha_n, alpha_p, beta, eps
     # mixture of experts
     n_expert: int = 0
     n_expert_used: int = 0
@@ -243,6 +246,15 @@ class KeyReader:
                 raise HParamsError(f"{self.path}: {self.key(template)} has {value.count} values for {n_layer} layers")
             return tuple(int(v) for v in value.values)
         return (int(value),) * n_layer
+
+    def per_layer_float(self, template: str, n_layer: int) -> tuple[float, ...]:
+        """A required key of one number for every layer or one per layer (as ``per_layer``)."""
+        values = self.array(template)
+        if values is None:
+            return (float(self.req(template)),) * n_layer
+        if len(values) != n_layer:
+            raise HParamsError(f"{self.path}: {self.key(template)} has {len(values)} values for {n_layer} layers")
+        return tuple(float(v) for v in values)
 
     def array(self, template: str) -> tuple[Any, ...] | None:
         value = self.fields.get(self.key(template))

@@ -472,6 +472,20 @@ def _seed_oss(s: SyntheticSpec, il: int) -> LayerTensors:
     return [(T.ATTN_POST_NORM if t[0] == T.FFN_NORM else t[0], t[1], t[2]) for t in _qwen2(s, il)]
 
 
+def _apertus(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Q/K norms; an FFN of up and down."""
+    return [t for t in _attention(s, qk_norm=True) + _ffn(s) if t[0] != T.FFN_GATE]
+
+
+def _keys_apertus(w: Any, s: SyntheticSpec) -> None:
+    """xIELU's parameters per layer."""
+    n = s.n_layer
+    w.add_xielu_alpha_n([0.8 + 0.1 * i for i in range(n)])
+    w.add_xielu_alpha_p([0.6 + 0.2 * i for i in range(n)])
+    w.add_xielu_beta([0.5] * n)
+    w.add_xielu_eps([-1e-6] * n)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -494,6 +508,7 @@ FAMILIES.update(
         # std 0.2: a random model of std 0.08 repeats one token
         "seed_oss": SyntheticFamily(_seed_oss, defaults={"head_dim": 32, "std": 0.2}),
         "ernie4_5": SyntheticFamily(_llama),
+        "apertus": SyntheticFamily(_apertus, _keys_apertus),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}

@@ -73,6 +73,7 @@ FAMILIES.update(
         "arcee": Family(llama.build_arcee, ROPE_TYPE_NORM),
         "seed_oss": Family(llama.build_seed_oss, ROPE_TYPE_NEOX),
         "ernie4_5": Family(llama.build_ernie4_5, ROPE_TYPE_NORM),
+        "apertus": Family(llama.build_apertus, ROPE_TYPE_NEOX, llama.hparams_apertus),
     }
 )
 

@@ -1,11 +1,13 @@
 """The llama family (llama, mistral, SmolLM2; Mixtral-style experts when the GGUF has them)
 and the families that are llama's layers with a difference: smollm3 (no rope on every fourth
 layer), mistral3 (attention temperature), arcee (a ReLU² FFN without gate), seed_oss (the
-FFN's norm stored as the post-attention norm), ernie4_5 (no attention output bias).
+FFN's norm stored as the post-attention norm), ernie4_5 (no attention output bias), apertus
+(Q/K norms, an xIELU FFN).
 
 Mirrors llama.cpp's ``src/models/llama.cpp``: RMSNorm, RoPE (with llama3 or LongRoPE factors),
 grouped-query attention, a SwiGLU FFN or a softmax-gated mixture of experts; and its
-``smollm3.cpp``, ``mistral3.cpp``, ``arcee.cpp``, ``seed-oss.cpp``, ``ernie4-5.cpp``.
+``smollm3.cpp``, ``mistral3.cpp``, ``arcee.cpp``, ``seed-oss.cpp``, ``ernie4-5.cpp``,
+``apertus.cpp``.
 """
 
 from __future__ import annotations
@@ -93,3 +95,31 @@ def build_seed_oss(b: Builder) -> g.Tensor:
 
 def build_ernie4_5(b: Builder) -> g.Tensor:
     return llama_like(b, rope_factors=False, wo_bias=False)
+
+
+def hparams_apertus(r: KeyReader, fields: dict[str, Any]) -> None:
+    n = fields["n_layer"]
+    keys = (Keys.xIELU.ALPHA_N, Keys.xIELU.ALPHA_P, Keys.xIELU.BETA, Keys.xIELU.EPS)
+    fields["xielu"] = tuple(zip(*(r.per_layer_float(key, n) for key in keys), strict=True))
+
+
+def build_apertus(b: Builder) -> g.Tensor:
+    """Llama's layers with Q/K norms before rope and an FFN of up, xIELU and down."""
+    hp, lib, ctx = b.hp, b.lib, b.ctx
+    x = b.embeddings()
+    factors = b.rope_factors()
+    for il in b.layers:
+        cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
+        q, k, v = b.qkv(il, cur)
+        q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
+        k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+        q, k = b.name(b.rope(q, il, factors), "Qcur", il), b.name(b.rope(k, il, factors), "Kcur", il)
+        kq_scale = hp.attn_scale or inv_sqrt(hp.head_dim_k(il))
+        cur = b.attention(il, q, k, v, kq_scale, b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))
+        cur, x = b.out_rows(il, cur, x)
+        ffn_inp = b.name(lib.ggml_add(ctx, cur, x), "ffn_inp", il)
+        cur = b.norm(ffn_inp, b.w(T.FFN_NORM, il), "ffn_norm", il)
+        cur = lib.ggml_xielu(ctx, b.mm(b.w(T.FFN_UP, il), cur), *hp.xielu[il])
+        cur = b.name(b.mm(b.w(T.FFN_DOWN, il), cur), "ffn_out", il)
+        x = b.name(lib.ggml_add(ctx, cur, ffn_inp), "l_out", il)
+    return b.output(x)
