@@ -486,6 +486,19 @@ def _keys_apertus(w: Any, s: SyntheticSpec) -> None:
     w.add_xielu_eps([-1e-6] * n)
 
 
+def _command_r(s: SyntheticSpec, il: int) -> LayerTensors:
+    """One norm for attention and FFN; per-head Q and K norms from 64 layers on (Command R+)."""
+    out = _cohere2(s, il)
+    if s.n_layer >= 64:
+        out += [(T.ATTN_Q_NORM, "weight", (s.n_head, s.hd)), (T.ATTN_K_NORM, "weight", (s.n_head_kv, s.hd))]
+    return out
+
+
+def _keys_command_r(w: Any, s: SyntheticSpec) -> None:
+    w.add_logit_scale(0.25)
+    w.add_layer_norm_eps(1e-5)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -509,6 +522,10 @@ FAMILIES.update(
         "seed_oss": SyntheticFamily(_seed_oss, defaults={"head_dim": 32, "std": 0.2}),
         "ernie4_5": SyntheticFamily(_llama),
         "apertus": SyntheticFamily(_apertus, _keys_apertus),
+        # std 0.2: with tied embeddings (scaled by sqrt(n_embd) in gemma's case) a random model of
+        # std 0.08 repeats its input token
+        "gemma": SyntheticFamily(_llama, defaults={"std": 0.2}, tied=True),
+        "command-r": SyntheticFamily(_command_r, _keys_command_r, {"std": 0.2}, tied=True),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}

@@ -1,8 +1,10 @@
-"""The Cohere Command R7B family (``cohere2``): attention and FFN in parallel on one layer
-norm (no bias), sliding-window layers (three of every four) that alone rotate, the full
-layers without rope; a tied output times ``logit_scale``.
+"""The Cohere families: attention and FFN in parallel on one layer norm (no bias), a tied
+output times ``logit_scale``. Command R (``command-r``): rope on every layer, per-head
+layer norms of Q and K on the 64-layer and larger models (Command R+). Command R7B
+(``cohere2``): sliding-window layers (three of every four) that alone rotate, the full layers
+without rope.
 
-Mirrors llama.cpp's ``src/models/cohere2.cpp``.
+Mirrors llama.cpp's ``src/models/command-r.cpp`` and ``cohere2.cpp``.
 """
 
 from __future__ import annotations
@@ -24,14 +26,22 @@ def hparams_cohere2(r: KeyReader, fields: dict[str, Any]) -> None:
     fields["logit_scale"] = float(r.req(Keys.LLM.LOGIT_SCALE))
 
 
-def build_cohere2(b: Builder) -> g.Tensor:
+def hparams_command_r(r: KeyReader, fields: dict[str, Any]) -> None:
+    fields["logit_scale"] = float(r.get(Keys.LLM.LOGIT_SCALE, 0.0))
+
+
+def _build(b: Builder, rope_factors: bool) -> g.Tensor:
     hp, lib, ctx = b.hp, b.lib, b.ctx
     x = b.embeddings()
-    factors = b.rope_factors()
+    factors = b.rope_factors() if rope_factors else None
     for il in b.layers:
         cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il, kind=Norm.LAYER)
         ffn_inp = cur
         q, k, v = b.qkv(il, cur)
+        q_norm, k_norm = b.opt(T.ATTN_Q_NORM, il), b.opt(T.ATTN_K_NORM, il)
+        if q_norm is not None and k_norm is not None:
+            q = b.norm(q, q_norm, "Qcur_normed", il, kind=Norm.LAYER)
+            k = b.norm(k, k_norm, "Kcur_normed", il, kind=Norm.LAYER)
         if hp.has_rope(il):
             q, k = b.rope_full(q, il, factors), b.rope_full(k, il, factors)
         q, k = b.name(q, "Qcur", il), b.name(k, "Kcur", il)
@@ -45,3 +55,11 @@ def build_cohere2(b: Builder) -> g.Tensor:
     if b.last and hp.logit_scale:
         out = b.name(b.scale(out, hp.logit_scale), "result_output")
     return out
+
+
+def build_command_r(b: Builder) -> g.Tensor:
+    return _build(b, rope_factors=False)
+
+
+def build_cohere2(b: Builder) -> g.Tensor:
+    return _build(b, rope_factors=True)

@@ -1,10 +1,10 @@
-"""The Gemma 2 and Gemma 3 families: embeddings scaled by sqrt(n_embd), norms after attention
-and FFN too, GeGLU, sliding-window layers; Gemma 2 soft-caps attention scores and logits
+"""The Gemma families: embeddings scaled by sqrt(n_embd), Q scaled before attention, GeGLU;
+Gemma 2 and 3 have norms after attention and FFN too and sliding-window layers; Gemma 2 soft-caps attention scores and logits
 (always, 50 and 30 by default) and slides the window on every other layer; Gemma 3 has Q/K
 norms, five sliding-window layers of every six with their own rope base, and soft-capped
 logits where the GGUF says so.
 
-Mirrors llama.cpp's ``src/models/gemma2.cpp`` and ``gemma3.cpp``.
+Mirrors llama.cpp's ``src/models/gemma.cpp``, ``gemma2.cpp`` and ``gemma3.cpp``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,10 @@ def _attn_scale(fields: dict[str, Any], n_layer_largest: int) -> float:
     if fields["n_layer"] == n_layer_largest:
         return inv_sqrt(fields["n_embd"] // fields["n_head_arr"][0])
     return inv_sqrt(fields["head_dim_k_full"])
+
+
+def hparams_gemma(r: KeyReader, fields: dict[str, Any]) -> None:
+    fields["attn_scale"] = inv_sqrt(fields["head_dim_v_full"])
 
 
 def hparams_gemma2(r: KeyReader, fields: dict[str, Any]) -> None:
@@ -48,7 +52,7 @@ def hparams_gemma3(r: KeyReader, fields: dict[str, Any]) -> None:
     fields["attn_scale"] = _attn_scale(fields, 62)
 
 
-def _build(b: Builder, qk_norm: bool) -> g.Tensor:
+def _build(b: Builder, qk_norm: bool, post_norms: bool = True) -> g.Tensor:
     hp, lib, ctx = b.hp, b.lib, b.ctx
     x = b.embeddings(scale=math.sqrt(hp.n_embd))
     for il in b.layers:
@@ -61,13 +65,19 @@ def _build(b: Builder, qk_norm: bool) -> g.Tensor:
         q = b.scale(q, hp.attn_scale)
         cur = b.attention(il, q, k, v, 1.0, b.w(T.ATTN_OUT, il))
         cur, x = b.out_rows(il, cur, x)
-        cur = b.norm(cur, b.w(T.ATTN_POST_NORM, il), "attn_post_norm", il)
+        if post_norms:
+            cur = b.norm(cur, b.w(T.ATTN_POST_NORM, il), "attn_post_norm", il)
         sa_out = b.name(lib.ggml_add(ctx, cur, x), "sa_out", il)
         cur = b.norm(sa_out, b.w(T.FFN_NORM, il), "ffn_norm", il)
         cur = b.ffn(cur, il, b.w(T.FFN_UP, il), b.w(T.FFN_GATE, il), b.w(T.FFN_DOWN, il), Act.GELU)
-        cur = b.norm(cur, b.w(T.FFN_POST_NORM, il), "ffn_post_norm", il)
+        if post_norms:
+            cur = b.norm(cur, b.w(T.FFN_POST_NORM, il), "ffn_post_norm", il)
         x = b.name(lib.ggml_add(ctx, cur, sa_out), "l_out", il)
     return b.output(x)
+
+
+def build_gemma(b: Builder) -> g.Tensor:
+    return _build(b, qk_norm=False, post_norms=False)
 
 
 def build_gemma2(b: Builder) -> g.Tensor:
