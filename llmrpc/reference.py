@@ -59,6 +59,8 @@ def reference_llama(model_path: str, **kwargs: Any) -> Any:
 
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("swa_full", False)
+    for key in ("yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"):  # the model's, as llama.cpp's tools take
+        kwargs.setdefault(key, -1.0)
     kwargs.setdefault("n_gpu_layers", gpu_layers())
     with _model_params(extra_bufts_enabled()):
         llm = llama_cpp.Llama(model_path, **kwargs)

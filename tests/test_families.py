@@ -75,7 +75,7 @@ def test_greedy_text_equals_llama_cpp(
         assert got == want, f"{name} through {n_servers} servers"
 
 
-@pytest.mark.parametrize("name", ["gemma3", "gpt-oss"])
+@pytest.mark.parametrize("name", ["cohere2", "gemma2", "gemma3", "gpt-oss", "olmo2"])
 def test_sliding_window_cache_past_its_wrap(tmp_path: Path, servers: list[str], name: str) -> None:
     """A window of 8 keeps 768 cells (window + one batch, padded); a prompt of 700 (two
     batches) and 100 tokens more go round it, placed as llama.cpp places them."""

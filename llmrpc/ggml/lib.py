@@ -159,6 +159,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_repeat_4d": (T, [P, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_pad": (T, [P, T, c_int, c_int, c_int, c_int]),
     "ggml_fill": (T, [P, T, c_float]),
+    "ggml_xielu": (T, [P, T, c_float, c_float, c_float, c_float]),
     # graphs
     "ggml_new_graph_custom": (P, [P, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [P, T]),

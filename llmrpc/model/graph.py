@@ -79,6 +79,7 @@ class GraphInputs:
     pos: g.Tensor  # I32 [n]
     segments: list[dict[str, AttnInputs]]  # per segment, per KV group
     out_ids: g.Tensor | None  # I32 [n_out] when only some rows leave the last layer
+    attn_scale: g.Tensor | None = None  # F32 [1, 1, n]: each row's attention temperature, where the graph uses it
 
 
 @dataclass
@@ -215,6 +216,16 @@ class Builder:
             cur = self.softcap(cur, self.hp.final_softcap)
         return self.name(cur, "result_output")
 
+    def attn_temp(self) -> g.Tensor:
+        """The attention temperature of each row's position, F32 [1, 1, n] (llama.cpp's
+        ``build_inp_attn_scale``): an input of the graph, which the stage sets from the
+        positions (:func:`llmrpc.model.hparams.attn_temp_scales`)."""
+        if self.inp.attn_scale is None:
+            t = self.lib.ggml_new_tensor_3d(self.ctx, g.GGML_TYPE_F32, 1, 1, self.n_tokens)
+            self.lib.ggml_set_input(t)
+            self.inp.attn_scale = self.name(t, "inp_attn_scale")
+        return self.inp.attn_scale
+
     # -- attention -----------------------------------------------------------------------
     def qkv(self, il: int, x: g.Tensor, head_dim: int | None = None) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
         """Q [hd, n_head, n], K and V [hd, n_head_kv, n]: from a fused QKV matrix or three,
@@ -250,6 +261,29 @@ class Builder:
             lib.ggml_reshape_3d(ctx, v, hd_v, n_kv, n),
         )
 
+    def qkv_flat(self, il: int, x: g.Tensor) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
+        """Q [n_embd_q, n], K and V [n_embd_kv, n], not split into heads (llama.cpp's
+        ``build_qkv`` with ``reshape`` false: for norms over all heads at once)."""
+        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
+        n_q, n_k = hp.head_dim_k(il) * hp.n_head(il), hp.n_embd_k_gqa(il)
+        wqkv = self.opt(T.ATTN_QKV, il)
+        if wqkv is None:
+            q = self.linear(self.w(T.ATTN_Q, il), x, self.opt(T.ATTN_Q, il, "bias"))
+            k = self.linear(self.w(T.ATTN_K, il), x, self.opt(T.ATTN_K, il, "bias"))
+            v = self.linear(self.w(T.ATTN_V, il), x, self.opt(T.ATTN_V, il, "bias"))
+            return q, k, v
+        qkv = self.mm(wqkv, x)
+        bias = self.opt(T.ATTN_QKV, il, "bias")
+        biases = [self.opt(kind, il, "bias") for kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)]
+        if bias is None and all(b is not None for b in biases):  # separate biases of a fused matrix
+            bias = lib.ggml_concat(ctx, lib.ggml_concat(ctx, biases[0], biases[1], 0), biases[2], 0)
+        qkv = self.add(qkv, bias)
+        row, f32 = qkv.contents.nb[1], g.GGML_TYPE_F32
+        parts = ((n_q, 0), (n_k, n_q), (hp.n_embd_v_gqa(il), n_q + n_k))
+        q, k, v = (lib.ggml_cont(ctx, lib.ggml_view_2d(ctx, qkv, width, n, row, lib.ggml_row_size(f32, at)))
+                   for width, at in parts)  # fmt: skip
+        return q, k, v
+
     def rope_factors(self) -> g.Tensor | None:
         """The rope frequency factors, where the model has them (llama.cpp's
         ``get_rope_factors``): llama3's, or LongRoPE's long or short ones by context size."""
@@ -264,6 +298,15 @@ class Builder:
         return self.lib.ggml_rope_ext(
             self.ctx, t, self.inp.pos, factors, n_rot or hp.n_rot(il), hp.rope_type, r.n_ctx_orig,
             hp.rope_base(il), hp.rope_scale(il), r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
+        )  # fmt: skip
+
+    def rope_full(self, t: g.Tensor, il: int, factors: g.Tensor | None = None) -> g.Tensor:
+        """Rope with the full-attention layers' base and scale on any layer (families whose
+        sliding-window layers rotate as their full ones do)."""
+        hp, r = self.hp, self.hp.rope
+        return self.lib.ggml_rope_ext(
+            self.ctx, t, self.inp.pos, factors, hp.n_rot(il), hp.rope_type, r.n_ctx_orig,
+            r.freq_base, r.freq_scale, r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
         )  # fmt: skip
 
     def attention(

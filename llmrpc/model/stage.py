@@ -21,6 +21,7 @@ from llmrpc.ggml.device import Backend, prefer_huge_pages
 from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo
 from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
+from llmrpc.model.hparams import attn_temp_scales
 from llmrpc.model.kv import FULL, KVGroup, NoCellError, SlidingCells, full_mask, kv_groups
 from llmrpc.model.weights import StageWeights
 from llmrpc.types import KV_PAD, kv_cells
@@ -324,6 +325,7 @@ class LayerStage:
                 [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
             )
             _set(inp.pos, pos)
+            _set(inp.attn_scale, None if inp.attn_scale is None else attn_temp_scales(self.hp, pos))
             for j, ((cache, _, _), seg) in enumerate(zip(items, segments, strict=True)):
                 self._set_cells(graph, j, cache, pos[seg.offset : seg.offset + seg.n], cells[j])
         if want_rows:
@@ -462,6 +464,7 @@ class LayerStage:
                 out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
+            lib.ggml_build_forward_expand(gf, inp.pos)  # set for every graph, read by none without rope (NoPE)
             lib.ggml_backend_sched_reset(sched)
             if not lib.ggml_backend_sched_alloc_graph(sched, gf):
                 raise ComputeError("cannot allocate the compute graph")
@@ -480,7 +483,7 @@ class LayerStage:
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
         dtype = np.int32 if top1 else np.float32
         graph = _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, v_rows)
-        if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1:
+        if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
             graph.row = _RowInputs(inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL])
         return graph
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import MODEL_TENSOR as T
+from gguf.constants import RopeScalingType
 
 from llmrpc.model.arch import tensor_name
 
@@ -36,6 +37,7 @@ class SyntheticSpec:
     fast_random: bool = False  # random quantized blocks instead of quantizing floats (for big files)
     arch: str = "llama"
     head_dim: int = 0  # 0: n_embd // n_head
+    n_rot: int = 0  # dimensions rope rotates (0: the head's)
     n_expert: int = 0  # experts per layer (0: a dense FFN)
     n_expert_used: int = 0
     n_ff_exp: int = 0  # FFN width of one expert (0: n_ff)
@@ -243,7 +245,7 @@ def _keys_common(w: Any, s: SyntheticSpec) -> None:
         if s.hd != s.n_embd // s.n_head:
             w.add_key_length(s.hd)
             w.add_value_length(s.hd)
-        w.add_rope_dimension_count(s.hd)
+        w.add_rope_dimension_count(s.n_rot or s.hd)
     w.add_rope_freq_base(s.rope_freq_base)
     w.add_layer_norm_rms_eps(1e-5 if s.arch != "gemma3" else 1e-6)
     w.add_vocab_size(s.n_vocab)
@@ -270,6 +272,7 @@ class SyntheticFamily:
     keys: Callable[[Any, SyntheticSpec], None] | None = None
     defaults: dict[str, Any] | None = None  # spec fields a tiny model of the family takes
     tied: bool = False  # the family's GGUFs have no output matrix
+    more: Callable[[SyntheticSpec], list[tuple[T, str, Shape]]] | None = None  # tensors of no layer, beyond those
 
 
 FAMILIES: dict[str, SyntheticFamily] = {
@@ -287,6 +290,248 @@ FAMILIES: dict[str, SyntheticFamily] = {
     ),
 }
 FAMILIES["llama-moe"] = SyntheticFamily(_llama, defaults={"n_expert": 4, "n_expert_used": 2})
+
+
+# -- more families ------------------------------------------------------------------------------
+def _gemma2(s: SyntheticSpec, il: int) -> LayerTensors:
+    return (
+        _attention(s) + _ffn(s) + [(T.ATTN_POST_NORM, "weight", (s.n_embd,)), (T.FFN_POST_NORM, "weight", (s.n_embd,))]
+    )
+
+
+def _keys_gemma2(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+    w.add_attn_logit_softcapping(50.0)
+    w.add_final_logit_softcapping(s.final_softcap or 30.0)
+
+
+def _keys_granite_scales(w: Any, s: SyntheticSpec) -> None:
+    w.add_embedding_scale(12.0)
+    w.add_residual_scale(0.22)
+    w.add_attention_scale(0.03125)
+    w.add_logit_scale(8.0)
+
+
+def _keys_granite(w: Any, s: SyntheticSpec) -> None:
+    """Granite without rope (NoPE): its rope layers are those of granitemoe, whose graph it shares."""
+    _keys_granite_scales(w, s)
+    w.add_rope_scaling_finetuned(False)
+
+
+def _granitemoe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Experts with a shared expert (Granite MoE Shared)."""
+    return (
+        _attention(s)
+        + _ffn(s)
+        + [
+            (T.FFN_GATE_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_UP_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, s.n_ff)),
+        ]
+    )
+
+
+def _keys_granitemoe(w: Any, s: SyntheticSpec) -> None:
+    _keys_granite_scales(w, s)
+    w.add_expert_shared_feed_forward_length(s.n_ff)
+
+
+def _olmo2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """No norms before attention and FFN; Q and K norms over all heads; norms after both."""
+    q, kv = s.n_head * s.hd, s.n_head_kv * s.hd
+    return [
+        (T.ATTN_Q, "weight", (q, s.n_embd)),
+        (T.ATTN_K, "weight", (kv, s.n_embd)),
+        (T.ATTN_V, "weight", (kv, s.n_embd)),
+        (T.ATTN_OUT, "weight", (s.n_embd, q)),
+        (T.ATTN_Q_NORM, "weight", (q,)),
+        (T.ATTN_K_NORM, "weight", (kv,)),
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_GATE, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_UP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_DOWN, "weight", (s.n_embd, s.n_ff)),
+        (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+    ]
+
+
+def _keys_olmo2(w: Any, s: SyntheticSpec) -> None:
+    """OLMo 3's: a sliding window on three layers of four, YaRN on the others."""
+    w.add_sliding_window(s.sliding_window or 8)
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(4.0)
+    w.add_rope_scaling_orig_ctx_len(512)
+
+
+def _keys_mistral3(w: Any, s: SyntheticSpec) -> None:
+    """Ministral 3's YaRN and attention temperature; the temperature steps every 32
+    positions (the original context) instead of 16384, so that a test's positions see it, and
+    YaRN's betas are small enough to matter at that context."""
+    w.add_rope_scaling_type(RopeScalingType.YARN)
+    w.add_rope_scaling_factor(16.0)
+    w.add_rope_scaling_orig_ctx_len(32)
+    w.add_rope_scaling_yarn_beta_fast(1.0)
+    w.add_rope_scaling_yarn_beta_slow(0.25)
+    w.add_rope_scaling_yarn_log_mul(1.0)
+    w.add_attn_temperature_scale(0.1)
+
+
+def _starcoder2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Layer norms with biases, biases on every projection, an FFN of up and down."""
+    norms = [(kind, "bias", (s.n_embd,)) for kind in (T.ATTN_NORM, T.FFN_NORM)]
+    return (
+        _attention(s, bias=True)
+        + norms
+        + [
+            (T.ATTN_OUT, "bias", (s.n_embd,)),
+            (T.FFN_NORM, "weight", (s.n_embd,)),
+            (T.FFN_UP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_UP, "bias", (s.n_ff,)),
+            (T.FFN_DOWN, "weight", (s.n_embd, s.n_ff)),
+            (T.FFN_DOWN, "bias", (s.n_embd,)),
+        ]
+    )
+
+
+def _keys_starcoder2(w: Any, s: SyntheticSpec) -> None:
+    w.add_layer_norm_eps(1e-5)
+
+
+def _output_norm_bias(s: SyntheticSpec) -> list[tuple[T, str, Shape]]:
+    return [(T.OUTPUT_NORM, "bias", (s.n_embd,))]
+
+
+def _exaone4(s: SyntheticSpec, il: int) -> LayerTensors:
+    """No norms before attention and FFN; Q/K norms; norms after both."""
+    return [t for t in _attention(s, qk_norm=True) + _ffn(s) if t[0] not in (T.ATTN_NORM, T.FFN_NORM)] + [
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+    ]
+
+
+def _keys_exaone4(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+
+
+def _cohere2(s: SyntheticSpec, il: int) -> LayerTensors:
+    """One norm for attention and FFN."""
+    return [t for t in _attention(s) + _ffn(s) if t[0] != T.FFN_NORM]
+
+
+def _keys_cohere2(w: Any, s: SyntheticSpec) -> None:
+    w.add_sliding_window(s.sliding_window or 8)
+    w.add_logit_scale(0.25)
+    w.add_layer_norm_eps(1e-5)
+
+
+def _glm4(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Q/K/V biases, norms after attention and FFN too, one gate-and-up matrix."""
+    return [t for t in _attention(s, bias=True) + _ffn(s) if t[0] not in (T.FFN_GATE, T.FFN_UP)] + [
+        (T.FFN_UP, "weight", (2 * s.n_ff, s.n_embd)),
+        (T.ATTN_POST_NORM, "weight", (s.n_embd,)),
+        (T.FFN_POST_NORM, "weight", (s.n_embd,)),
+    ]
+
+
+def _qwen2moe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """QKV biases, experts, a shared expert with its sigmoid gate."""
+    return (
+        _attention(s, bias=True)
+        + _ffn(s)
+        + [
+            (T.FFN_GATE_INP_SHEXP, "weight", (s.n_embd,)),
+            (T.FFN_GATE_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_UP_SHEXP, "weight", (s.n_ff, s.n_embd)),
+            (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, s.n_ff)),
+        ]
+    )
+
+
+def _keys_qwen2moe(w: Any, s: SyntheticSpec) -> None:
+    w.add_expert_shared_feed_forward_length(s.n_ff)
+
+
+def _olmoe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Q and K norms over all heads, experts."""
+    return (
+        [t for t in _attention(s) if t[0] not in (T.ATTN_Q_NORM, T.ATTN_K_NORM)]
+        + _ffn(s)
+        + [
+            (T.ATTN_Q_NORM, "weight", (s.n_head * s.hd,)),
+            (T.ATTN_K_NORM, "weight", (s.n_head_kv * s.hd,)),
+        ]
+    )
+
+
+def _arcee(s: SyntheticSpec, il: int) -> LayerTensors:
+    """An FFN of up and down."""
+    return [t for t in _llama(s, il) if t[0] != T.FFN_GATE]
+
+
+def _seed_oss(s: SyntheticSpec, il: int) -> LayerTensors:
+    """QKV biases; the FFN's norm named attn_post_norm."""
+    return [(T.ATTN_POST_NORM if t[0] == T.FFN_NORM else t[0], t[1], t[2]) for t in _qwen2(s, il)]
+
+
+def _apertus(s: SyntheticSpec, il: int) -> LayerTensors:
+    """Q/K norms; an FFN of up and down."""
+    return [t for t in _attention(s, qk_norm=True) + _ffn(s) if t[0] != T.FFN_GATE]
+
+
+def _keys_apertus(w: Any, s: SyntheticSpec) -> None:
+    """xIELU's parameters per layer."""
+    n = s.n_layer
+    w.add_xielu_alpha_n([0.8 + 0.1 * i for i in range(n)])
+    w.add_xielu_alpha_p([0.6 + 0.2 * i for i in range(n)])
+    w.add_xielu_beta([0.5] * n)
+    w.add_xielu_eps([-1e-6] * n)
+
+
+def _command_r(s: SyntheticSpec, il: int) -> LayerTensors:
+    """One norm for attention and FFN; per-head Q and K norms from 64 layers on (Command R+)."""
+    out = _cohere2(s, il)
+    if s.n_layer >= 64:
+        out += [(T.ATTN_Q_NORM, "weight", (s.n_head, s.hd)), (T.ATTN_K_NORM, "weight", (s.n_head_kv, s.hd))]
+    return out
+
+
+def _keys_command_r(w: Any, s: SyntheticSpec) -> None:
+    w.add_logit_scale(0.25)
+    w.add_layer_norm_eps(1e-5)
+
+
+FAMILIES.update(
+    {
+        # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
+        "gemma2": SyntheticFamily(_gemma2, _keys_gemma2, defaults={"head_dim": 32, "std": 0.03}, tied=True),
+        "granite": SyntheticFamily(_llama, _keys_granite),
+        "olmo2": SyntheticFamily(_olmo2, _keys_olmo2),
+        "smollm3": SyntheticFamily(_llama),  # rope on layers 0-2, none on layer 3
+        "mistral3": SyntheticFamily(_llama, _keys_mistral3),
+        # std 0.2: with biases on every projection, a random model of std 0.08 repeats one token
+        # 64 layers: the 32B model's rules (sliding-window layers, rope only on them)
+        "exaone4": SyntheticFamily(_exaone4, _keys_exaone4, {"n_layer": 64}),
+        "cohere2": SyntheticFamily(_cohere2, _keys_cohere2, tied=True),
+        "glm4": SyntheticFamily(_glm4, defaults={"head_dim": 32, "n_rot": 16}),  # rope on half of each head
+        # std 0.12: a random model of std 0.08 repeats one token
+        "qwen2moe": SyntheticFamily(
+            _qwen2moe, _keys_qwen2moe, {"n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64, "std": 0.12}
+        ),
+        "olmoe": SyntheticFamily(_olmoe, defaults={"n_head_kv": 4, "n_expert": 4, "n_expert_used": 2, "n_ff": 64}),
+        "arcee": SyntheticFamily(_arcee),
+        # std 0.2: a random model of std 0.08 repeats one token
+        "seed_oss": SyntheticFamily(_seed_oss, defaults={"head_dim": 32, "std": 0.2}),
+        "ernie4_5": SyntheticFamily(_llama),
+        "apertus": SyntheticFamily(_apertus, _keys_apertus),
+        # std 0.2: with tied embeddings (scaled by sqrt(n_embd) in gemma's case) a random model of
+        # std 0.08 repeats its input token
+        "gemma": SyntheticFamily(_llama, defaults={"std": 0.2}, tied=True),
+        "command-r": SyntheticFamily(_command_r, _keys_command_r, {"std": 0.2}, tied=True),
+        "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
+        "granitemoe": SyntheticFamily(
+            _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
+        ),
+    }
+)
 
 
 def family_spec(name: str, **overrides: Any) -> SyntheticSpec:
@@ -333,6 +578,8 @@ def write_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     tensor(T.OUTPUT_NORM, None, "weight", (spec.n_embd,))
     if not spec.tied_output:
         tensor(T.OUTPUT, None, "weight", (spec.n_vocab, spec.n_embd))
+    for kind, suffix, shape in fam.more(spec) if fam.more is not None else []:
+        tensor(kind, None, suffix, shape)
     for il in range(spec.n_layer):
         for kind, suffix, shape in fam.layer(spec, il):
             tensor(kind, il, suffix, shape)
