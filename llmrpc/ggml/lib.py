@@ -147,6 +147,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_swiglu_oai": (T, [P, T, T, c_float, c_float]),
     "ggml_soft_max": (T, [P, T]),
     "ggml_soft_max_add_sinks": (None, [T, T]),
+    "ggml_flash_attn_ext": (T, [P, T, T, T, T, c_float, c_float, c_float]),
+    "ggml_flash_attn_ext_add_sinks": (None, [T, T]),
     "ggml_sum_rows": (T, [P, T]),
     "ggml_argsort_top_k": (T, [P, T, c_int]),
     "ggml_mul_mat_id": (T, [P, T, T, T]),

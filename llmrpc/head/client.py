@@ -13,6 +13,7 @@ import numpy as np
 
 from llmrpc import codec
 from llmrpc.auth import ClientSecurity
+from llmrpc.model.kv import CacheConfig
 from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerHealth, ServerInfo, join_address, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
@@ -98,12 +99,14 @@ class StageClient:
         except grpc.RpcError as e:
             raise self._error(e) from None
 
-    def load(self, model_path: str, start: int, end: int, model_hash: str = "") -> LoadedRange | None:
-        """Load layers [start, end); None when the server has no copy (push the slice)."""
+    def load(
+        self, model_path: str, start: int, end: int, model_hash: str = "", cache: CacheConfig | None = None
+    ) -> LoadedRange | None:
+        """Load layers [start, end) (their attention and KV cache as ``cache`` says, by default
+        llama.cpp's); None when the server has no copy (push the slice)."""
         try:
             reply = self._stub.Load(
-                pb.LoadRequest(model_path=model_path, layer_start=start, layer_end=end, model_hash=model_hash),
-                timeout=self.timeout,
+                codec.load_request(model_path, start, end, model_hash, cache or CacheConfig()), timeout=self.timeout
             )
         except grpc.RpcError as e:
             self.loaded = None

@@ -17,7 +17,7 @@ from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.planner import ModelLayout, Plan, ServerReport
 from llmrpc.model.arch import Role, is_expert_tensor, tensor_role
 from llmrpc.model.gguf_model import ModelInfo, TensorInfo, tensor_view
-from llmrpc.model.kv import SWA, cell_bytes, layer_group
+from llmrpc.model.kv import SWA, CacheConfig, cell_bytes, layer_group
 from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.types import ServerInfo, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
@@ -28,8 +28,9 @@ CHUNK = 1 << 22  # bytes of tensor data per PushSlice message
 BULK_CHUNK = 1 << 21  # bytes per frame on the bulk upload connection
 
 
-def model_layout(info: ModelInfo) -> ModelLayout:
+def model_layout(info: ModelInfo, cache: CacheConfig | None = None) -> ModelLayout:
     hp = info.hparams
+    cache = cache or CacheConfig()
     per_layer = [[info.tensors[n] for n in info.layer_tensor_names(i)] for i in range(hp.n_layer)]
     middle = set(info.range_tensor_names(1, 2)) if hp.n_layer > 2 else set()
     shared = {n for n in middle if tensor_role(n)[0] is Role.SHARED}  # every stage holds these (rope factors)
@@ -52,7 +53,7 @@ def model_layout(info: ModelInfo) -> ModelLayout:
         shared_bytes=sum(info.tensors[n].n_bytes for n in shared),
         layer_elements=tuple(round(sum(work(t) for t in ts)) for ts in per_layer),
         output_elements=sum(math.prod(info.tensors[n].shape) for n in last),
-        layer_kv_cell_bytes=tuple(cell_bytes(hp, il) for il in range(hp.n_layer)),
+        layer_kv_cell_bytes=tuple(cell_bytes(hp, il, cache) for il in range(hp.n_layer)),
         layer_windows=tuple(hp.n_swa if layer_group(hp, il) == SWA else 0 for il in range(hp.n_layer)),
         n_embd=hp.n_embd,
         n_ff=max(max(hp.n_ff_arr), hp.n_expert_used * hp.n_ff_exp),

@@ -121,8 +121,10 @@ class Builder:
         caches: Sequence[Mapping[int, LayerCache]],  # one per segment
         start: int,
         end: int,
+        flash_attn: bool = False,
     ) -> None:
         self.lib = g.ggml()
+        self.flash_attn = flash_attn  # ggml's fused attention; the V cache a row per cell
         self.ctx = ctx
         self.gf = gf
         self.hp = hp
@@ -358,21 +360,15 @@ class Builder:
         """Latent attention over a K-only cache (llama.cpp's ``build_attn`` with a K input)."""
         lib, ctx = self.lib, self.ctx
         self._store_k(inp, cache, k)
-        hd_k, n_head_kv = k.contents.ne[0], k.contents.ne[1]
-        f16 = g.GGML_TYPE_F16
-        n_embd_k = hd_k * n_head_kv
-        kc = lib.ggml_view_4d(
-            ctx, cache.k, hd_k, n_head_kv, view.n_kv, 1, lib.ggml_row_size(f16, hd_k),
-            lib.ggml_row_size(f16, n_embd_k), lib.ggml_row_size(f16, n_embd_k * view.size), 0,
-        )  # fmt: skip
+        kc = self._cells(cache.k, k.contents.ne[0], k.contents.ne[1], view)
         c = kc.contents
         vc = lib.ggml_view_4d(ctx, kc, v.contents.ne[0], c.ne[1], c.ne[2], c.ne[3], c.nb[1], c.nb[2], c.nb[3], 0)
         q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
         kc = lib.ggml_permute(ctx, kc, 0, 2, 1, 3)
         vc = lib.ggml_permute(ctx, vc, 0, 2, 1, 3)
-        kq = lib.ggml_mul_mat(ctx, kc, q)
-        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
-        kq = self.name(lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, kq_scale, 0.0), "kq_soft_max", il)
+        if self.flash_attn:
+            return self._flash(q, kc, vc, inp.kq_mask, kq_scale, None, v_mla)
+        kq = self._scores(kc, q, inp.kq_mask, kq_scale, None, il)
         vc = lib.ggml_cont(ctx, lib.ggml_transpose(ctx, vc))
         kqv = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_mul_mat(ctx, vc, kq))
         cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
@@ -383,43 +379,74 @@ class Builder:
         self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
         kq_scale: float, sinks: g.Tensor | None, il: int,
     ) -> g.Tensor:  # fmt: skip
-        lib, ctx, hp = self.lib, self.ctx, self.hp
+        lib, ctx = self.lib, self.ctx
         n = q.contents.ne[2]
         hd_k, hd_v, n_head_kv = k.contents.ne[0], v.contents.ne[0], k.contents.ne[1]
-        n_embd_k, n_embd_v = hd_k * n_head_kv, hd_v * n_head_kv
-        n_kv, size = view.n_kv, view.size
-        f16 = g.GGML_TYPE_F16
+        n_embd_v = hd_v * n_head_kv
         self._store_k(inp, cache, k)
         assert cache.v is not None and inp.v_idxs is not None
-        # cpy_v (transposed cache): each element is its own row
         if lib.ggml_row_size(g.GGML_TYPE_F32, n_embd_v) == v.contents.nb[2]:
             v2 = lib.ggml_reshape_2d(ctx, v, n_embd_v, n)
         else:
             v2 = lib.ggml_cont_2d(ctx, v, n_embd_v, n)  # a view of a fused QKV
-        v_flat = lib.ggml_reshape_2d(ctx, v2, 1, n_embd_v * n)
-        v_cells = lib.ggml_reshape_2d(ctx, cache.v, 1, n_embd_v * size)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_cells, v_flat, inp.v_idxs))
-
         q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
-        k_view = lib.ggml_view_3d(
-            ctx, cache.k, hd_k, n_kv, n_head_kv,
-            lib.ggml_row_size(f16, n_embd_k), lib.ggml_row_size(f16, hd_k), 0,
-        )  # fmt: skip
+        k_view = lib.ggml_permute(ctx, self._cells(cache.k, hd_k, n_head_kv, view), 0, 2, 1, 3)
+        if self.flash_attn:  # V stored a row per cell, as K
+            lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.v, v2, inp.v_idxs))
+            v_view = lib.ggml_permute(ctx, self._cells(cache.v, hd_v, n_head_kv, view), 0, 2, 1, 3)
+            return self._flash(q, k_view, v_view, inp.kq_mask, kq_scale, sinks)
+        # cpy_v (transposed cache): each element is its own row
+        v_flat = lib.ggml_reshape_2d(ctx, v2, 1, n_embd_v * n)
+        v_cells = lib.ggml_reshape_2d(ctx, cache.v, 1, n_embd_v * view.size)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_cells, v_flat, inp.v_idxs))
+        tv = cache.v.contents.type
         v_view = lib.ggml_view_3d(
-            ctx, cache.v, n_kv, hd_v, n_head_kv,
-            lib.ggml_row_size(f16, size), lib.ggml_row_size(f16, size * hd_v), 0,
+            ctx, cache.v, view.n_kv, hd_v, n_head_kv,
+            lib.ggml_row_size(tv, view.size), lib.ggml_row_size(tv, view.size * hd_v), 0,
         )  # fmt: skip
-        kq = lib.ggml_mul_mat(ctx, k_view, q)
-        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
-        if hp.attn_softcap:
-            kq = self.softcap(kq, hp.attn_softcap)
-        kq = lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, kq_scale, 0.0)
-        if sinks is not None:
-            lib.ggml_soft_max_add_sinks(kq, sinks)
-        kq = self.name(kq, "kq_soft_max", il)
+        kq = self._scores(k_view, q, inp.kq_mask, kq_scale, sinks, il)
         kqv = lib.ggml_mul_mat(ctx, v_view, kq)
         cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
         return lib.ggml_cont_2d(ctx, cur, hd_v * q.contents.ne[2], n)
+
+    def _cells(self, t: g.Tensor, hd: int, n_head_kv: int, view: CacheView) -> g.Tensor:
+        """A cache of rows per cell seen as [hd, n_head_kv, n_kv] (llama.cpp's ``get_k``)."""
+        lib, typ = self.lib, t.contents.type
+        width = t.contents.ne[0]
+        return lib.ggml_view_4d(
+            self.ctx, t, hd, n_head_kv, view.n_kv, 1, lib.ggml_row_size(typ, hd), lib.ggml_row_size(typ, width),
+            lib.ggml_row_size(typ, width * view.size), 0,
+        )  # fmt: skip
+
+    def _scores(
+        self, k: g.Tensor, q: g.Tensor, mask: g.Tensor, kq_scale: float, sinks: g.Tensor | None, il: int
+    ) -> g.Tensor:
+        """softmax(K.Q * scale + mask) without flash attention (soft-capped where the model says)."""
+        lib, ctx = self.lib, self.ctx
+        kq = lib.ggml_mul_mat(ctx, k, q)
+        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
+        if self.hp.attn_softcap:
+            kq = self.softcap(kq, self.hp.attn_softcap)
+        kq = lib.ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0)
+        if sinks is not None:
+            lib.ggml_soft_max_add_sinks(kq, sinks)
+        return self.name(kq, "kq_soft_max", il)
+
+    def _flash(
+        self, q: g.Tensor, k: g.Tensor, v: g.Tensor, mask: g.Tensor, kq_scale: float, sinks: g.Tensor | None,
+        v_mla: g.Tensor | None = None,
+    ) -> g.Tensor:  # fmt: skip
+        """ggml's fused attention (llama.cpp's ``build_attn_mha`` with flash attention)."""
+        lib, ctx = self.lib, self.ctx
+        cur = lib.ggml_flash_attn_ext(ctx, q, k, v, mask, kq_scale, 0.0, self.hp.attn_softcap)
+        if sinks is not None:
+            lib.ggml_flash_attn_ext_add_sinks(cur, sinks)
+        lib.ggml_prec_set_acc(cur, g.GGML_PREC_F32)
+        if v_mla is not None:
+            cur = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_permute(ctx, cur, 0, 2, 1, 3))
+            cur = lib.ggml_cont(ctx, lib.ggml_permute(ctx, cur, 0, 2, 1, 3))
+        c = cur.contents
+        return lib.ggml_reshape_2d(ctx, cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
 
     # -- feed-forward --------------------------------------------------------------------
     def ffn(

@@ -22,7 +22,7 @@ from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo
 from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
 from llmrpc.model.hparams import attn_temp_scales
-from llmrpc.model.kv import FULL, KVGroup, NoCellError, SlidingCells, full_mask, kv_groups
+from llmrpc.model.kv import FULL, CacheConfig, KVGroup, NoCellError, SlidingCells, check_cache, full_mask, kv_groups
 from llmrpc.model.weights import StageWeights
 from llmrpc.types import KV_PAD, kv_cells
 
@@ -34,7 +34,6 @@ GRAPH_SIZE = 8192  # nodes per graph: ~30 per layer, room for 200+ layers
 # Larger batches share one scheduler: their buffers are big, and their shapes rarely repeat.
 KEPT_GRAPH_ROWS = 16
 KEPT_GRAPHS = 16
-KV_TYPE = g.GGML_TYPE_F16
 # Cells a batch attends to are padded to this on the CPU (llama.cpp's 256 elsewhere). Every
 # padded cell is computed, then masked: at 256, that was ~8% of a SmolLM2 token at short
 # contexts. The decode graph is rebuilt every 64 positions instead (~1.2 ms per 10 layers, its
@@ -88,12 +87,12 @@ class _RowInputs:
     with np.where costs ~150 us and each new array ~20-40. Only for a full-attention cache,
     where position p is at cell p."""
 
-    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray) -> None:
+    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray, mask_dtype: type) -> None:
         self.pos = np.zeros(1, dtype=np.int32)
         self.k_idx = np.zeros(1, dtype=np.int64)
         self.v_rows = v_rows.reshape(-1)
         self.v_idx = self.v_rows.copy()
-        self.mask = np.full(n_kv, -np.inf, dtype=np.float32)
+        self.mask: np.ndarray = np.full(n_kv, -np.inf, dtype=mask_dtype)
         self.allowed = 0  # mask cells [0, allowed) are 0, the rest -inf
         self._sets = [
             (t, a.__array_interface__["data"][0], a.nbytes)
@@ -176,6 +175,7 @@ class LayerStage:
         end: int,
         backend: Backend,
         progress: Callable[[int], None] | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         if not 0 <= start < end <= info.hparams.n_layer:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's 0..{info.hparams.n_layer}")
@@ -184,7 +184,14 @@ class LayerStage:
         self.start, self.end = start, end
         self.first, self.last = start == 0, end == info.hparams.n_layer
         self.backend = backend
-        self.attend_pad = CPU_ATTEND_PAD if backend.device.kind == "cpu" else KV_PAD
+        self.cache = (cache or CacheConfig()).resolved()
+        check_cache(self.hp, self.cache)
+        self.flash_attn = bool(self.cache.flash_attn)
+        # the mask's type: flash attention takes an F16 mask
+        self.mask_dtype: type = np.float16 if self.flash_attn else np.float32
+        # Flash attention splits the attended cells among the threads by their number: only
+        # llama.cpp's pad gives its numbers (masked cells cost it little)
+        self.attend_pad = CPU_ATTEND_PAD if backend.device.kind == "cpu" and not self.flash_attn else KV_PAD
         self._build_fn = family(info.arch).build
         self.groups: list[KVGroup] = kv_groups(self.hp, start, end)
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
@@ -217,11 +224,12 @@ class LayerStage:
             caches = {}
             for grp in self.groups:
                 for il in grp.layers:
-                    k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_k_gqa(il), KV_PAD)
-                    v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, grp.n_embd_v, KV_PAD) if grp.n_embd_v else None
+                    k = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_k, self.hp.n_embd_k_gqa(il), KV_PAD)
+                    v = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_v, grp.n_embd_v, KV_PAD) if grp.n_embd_v else None
                     caches[il] = LayerCache(k, v)
             inp = self._graph_inputs(ctx, [seg], False)
-            out = self._build_fn(Builder(ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end))
+            b = Builder(ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end, self.flash_attn)
+            out = self._build_fn(b)
             lib.ggml_build_forward_expand(gf, out)
             names = {_address(t): name for name, t in meta.items()}
             ops = {}
@@ -246,11 +254,11 @@ class LayerStage:
             if group.name != FULL:
                 sliding[group.name] = SlidingCells(size, group.window, group.swa_type)
             for il in group.layers:
-                k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_k_gqa(il), size)
+                k = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_k, self.hp.n_embd_k_gqa(il), size)
                 lib.ggml_set_name(k, f"cache_k_l{il}".encode())
                 v = None
                 if group.n_embd_v:
-                    v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, group.n_embd_v, size)
+                    v = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_v, group.n_embd_v, size)
                     lib.ggml_set_name(v, f"cache_v_l{il}".encode())
                 layers[il] = LayerCache(k, v)
         buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, self.backend.buffer_type)
@@ -388,7 +396,7 @@ class LayerStage:
                 mask, k_cells = full_mask(rows, n_kv), rows.astype(np.int64)
             else:
                 mask, k_cells = sliding.mask(rows, n_kv), placed[group]
-            _set(inputs.kq_mask, mask)
+            _set(inputs.kq_mask, mask.astype(self.mask_dtype, copy=False))
             _set(inputs.k_idxs, k_cells)
             if inputs.v_idxs is not None:
                 _set(inputs.v_idxs, graph.v_rows[j][group] + k_cells[:, None])
@@ -458,7 +466,8 @@ class LayerStage:
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
             inp = self._graph_inputs(ctx, segments, want_rows)
-            b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end)
+            b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end,
+                        self.flash_attn)  # fmt: skip
             out = self._build_fn(b)
             if top1:
                 out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
@@ -473,23 +482,31 @@ class LayerStage:
             if own_sched:
                 lib.ggml_backend_sched_free(sched)
             raise
-        v_rows = [
-            {
-                grp.name: np.arange(grp.n_embd_v, dtype=np.int64)[None, :] * seg.view(grp.name).size
-                for grp in self.groups
-            }
-            for seg in segments
-        ]
+        v_rows = [{grp.name: self._v_rows(grp, seg.view(grp.name).size) for grp in self.groups} for seg in segments]
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
         dtype = np.int32 if top1 else np.float32
         graph = _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, v_rows)
         if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
-            graph.row = _RowInputs(inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL])
+            graph.row = _RowInputs(
+                inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL], self.mask_dtype
+            )
         return graph
+
+    def _v_index_rows(self, grp: KVGroup) -> int:
+        """V cache rows a position writes: one per value of a transposed cache, else one."""
+        return 1 if self.flash_attn else grp.n_embd_v
+
+    def _v_rows(self, grp: KVGroup, size: int) -> np.ndarray:
+        """The first V row of each of a position's values ([1, rows]): the V indices are these
+        plus the position's cell."""
+        if self.flash_attn:
+            return np.zeros((1, 1), dtype=np.int64)
+        return np.arange(grp.n_embd_v, dtype=np.int64)[None, :] * size
 
     def _graph_inputs(self, ctx: int, segments: list[Segment], want_rows: bool) -> GraphInputs:
         lib, hp = g.ggml(), self.hp
         n = sum(seg.n for seg in segments)
+        mask_type = g.GGML_TYPE_F16 if self.flash_attn else g.GGML_TYPE_F32
 
         def new(ggml_type: int, *ne: int, label: str) -> g.Tensor:
             t = (
@@ -508,9 +525,9 @@ class LayerStage:
             segments=[
                 {
                     grp.name: AttnInputs(
-                        kq_mask=new(g.GGML_TYPE_F32, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
+                        kq_mask=new(mask_type, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
                         k_idxs=new(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{grp.name}.{j}"),
-                        v_idxs=new(g.GGML_TYPE_I64, seg.n * grp.n_embd_v, label=f"v_idxs.{grp.name}.{j}")
+                        v_idxs=new(g.GGML_TYPE_I64, seg.n * self._v_index_rows(grp), label=f"v_idxs.{grp.name}.{j}")
                         if grp.n_embd_v
                         else None,
                     )

@@ -11,6 +11,7 @@ from typing import Protocol
 
 import numpy as np
 
+from llmrpc.model.kv import CacheConfig
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.server.native import NativeHop
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange
@@ -63,7 +64,9 @@ class StageEngine(Protocol):
     bytes_received: int
     native_steps: int  # generation steps computed through the native hop (server/hop.c)
 
-    def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None: ...
+    def load(
+        self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "", cache: CacheConfig | None = None
+    ) -> LoadedRange | None: ...
     def open_upload(self, head: IncomingSlice) -> tuple[int, bytes]: ...
     def push_slice(self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes, int]]) -> int: ...
     def memory_budget(self) -> int: ...

@@ -46,7 +46,7 @@ class Hop(ctypes.Structure):
         ("buf", _p),
         ("last", _i64), ("head_fd", _i64), ("n_eog", _i64), ("gen_limit", _i64), ("eog", _p),
         ("pos", _i64), ("step", _i64), ("n", _i64), ("sent", _i64), ("status", _i64), ("err", _i64),
-        ("token", _i64),
+        ("token", _i64), ("mask_f16", _i64),
     ]  # fmt: skip
 
 

@@ -90,7 +90,13 @@ class StageService(pb_grpc.StageServicer):
             if not request.model_path and not request.model_hash:
                 raise EngineError(ErrorCode.INVALID_ARGUMENT, "give a model_path or a model_hash")
             t0 = time.perf_counter()
-            loaded = self.engine.load(request.model_path, request.layer_start, request.layer_end, request.model_hash)
+            try:
+                cache = codec.cache_from_request(request)
+            except ValueError as e:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+            loaded = self.engine.load(
+                request.model_path, request.layer_start, request.layer_end, request.model_hash, cache
+            )
             if loaded is None:
                 return pb.LoadReply(needs_weights=True)
             return pb.LoadReply(

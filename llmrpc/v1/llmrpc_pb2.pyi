@@ -13,10 +13,19 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_F32: _ClassVar[DType]
     DTYPE_F16: _ClassVar[DType]
     DTYPE_I32: _ClassVar[DType]
+
+class FlashAttn(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLASH_ATTN_AUTO: _ClassVar[FlashAttn]
+    FLASH_ATTN_OFF: _ClassVar[FlashAttn]
+    FLASH_ATTN_ON: _ClassVar[FlashAttn]
 DTYPE_UNSPECIFIED: DType
 DTYPE_F32: DType
 DTYPE_F16: DType
 DTYPE_I32: DType
+FLASH_ATTN_AUTO: FlashAttn
+FLASH_ATTN_OFF: FlashAttn
+FLASH_ATTN_ON: FlashAttn
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -43,7 +52,7 @@ class Device(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., kind: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ...) -> None: ...
 
 class LoadedRange(_message.Message):
-    __slots__ = ("model_path", "architecture", "layer_start", "layer_end", "n_layer", "n_embd", "n_vocab", "weight_bytes", "model_hash", "source")
+    __slots__ = ("model_path", "architecture", "layer_start", "layer_end", "n_layer", "n_embd", "n_vocab", "weight_bytes", "model_hash", "source", "flash_attn", "cache_type_k", "cache_type_v")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +63,9 @@ class LoadedRange(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FLASH_ATTN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_K_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_V_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     architecture: str
     layer_start: int
@@ -64,7 +76,10 @@ class LoadedRange(_message.Message):
     weight_bytes: int
     model_hash: str
     source: str
-    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_vocab: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., model_hash: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    flash_attn: bool
+    cache_type_k: str
+    cache_type_v: str
+    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_vocab: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., model_hash: _Optional[str] = ..., source: _Optional[str] = ..., flash_attn: _Optional[bool] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ("protocol_version", "client")
@@ -133,16 +148,22 @@ class HealthReply(_message.Message):
     def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash")
+    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    FLASH_ATTN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_K_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_V_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
     model_hash: str
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
+    flash_attn: FlashAttn
+    cache_type_k: str
+    cache_type_v: str
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ..., flash_attn: _Optional[_Union[FlashAttn, str]] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("loaded", "seconds", "needs_weights", "source")
