@@ -120,6 +120,7 @@ class HParams:
     expert_weights_norm: bool = False
     expert_gating: Gating = Gating.NONE
     n_layer_dense_lead: int = 0
+    n_moe_layer_step: int = 0  # experts on every n-th layer (after the dense leading ones; 0: every layer)
     n_expert_groups: int = 0  # experts in groups, only the best n_group_used selectable (DeepSeek V3)
     n_group_used: int = 0
     # multi-head latent attention (deepseek2)

@@ -499,6 +499,24 @@ def _keys_command_r(w: Any, s: SyntheticSpec) -> None:
     w.add_layer_norm_eps(1e-5)
 
 
+def _ernie4_5_moe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """A dense first layer, then experts with a selection bias and a shared expert."""
+    if il == 0:
+        return _llama(replace(s, n_expert=0), il)
+    return _llama(s, il) + [
+        (T.FFN_EXP_PROBS_B, "bias", (s.n_expert,)),
+        (T.FFN_GATE_SHEXP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_UP_SHEXP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, s.n_ff)),
+    ]
+
+
+def _keys_ernie4_5_moe(w: Any, s: SyntheticSpec) -> None:
+    w.add_expert_shared_feed_forward_length(s.n_ff)
+    w.add_interleave_moe_layer_step(1)
+    w.add_leading_dense_block_count(1)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -526,6 +544,9 @@ FAMILIES.update(
         # std 0.08 repeats its input token
         "gemma": SyntheticFamily(_llama, defaults={"std": 0.2}, tied=True),
         "command-r": SyntheticFamily(_command_r, _keys_command_r, {"std": 0.2}, tied=True),
+        "ernie4_5-moe": SyntheticFamily(
+            _ernie4_5_moe, _keys_ernie4_5_moe, {"n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64}
+        ),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}

@@ -73,6 +73,7 @@ FAMILIES.update(
         "arcee": Family(llama.build_arcee, ROPE_TYPE_NORM),
         "seed_oss": Family(llama.build_seed_oss, ROPE_TYPE_NEOX),
         "ernie4_5": Family(llama.build_ernie4_5, ROPE_TYPE_NORM),
+        "ernie4_5-moe": Family(llama.build_ernie4_5_moe, ROPE_TYPE_NORM, llama.hparams_ernie4_5_moe, moe=True),
         "apertus": Family(llama.build_apertus, ROPE_TYPE_NEOX, llama.hparams_apertus),
         "gemma": Family(gemma.build_gemma, ROPE_TYPE_NEOX, gemma.hparams_gemma),
         "command-r": Family(cohere.build_command_r, ROPE_TYPE_NORM, cohere.hparams_command_r),
