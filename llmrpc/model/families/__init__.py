@@ -68,6 +68,7 @@ FAMILIES.update(
         "exaone4": Family(exaone.build_exaone4, ROPE_TYPE_NEOX, exaone.hparams_exaone4),
         "cohere2": Family(cohere.build_cohere2, ROPE_TYPE_NORM, cohere.hparams_cohere2),
         "glm4": Family(glm.build_glm4, ROPE_TYPE_NORM, glm.hparams_glm4),
+        "glm4moe": Family(glm.build_glm4moe, ROPE_TYPE_NEOX, glm.hparams_glm4moe, moe=True),
         "qwen2moe": Family(qwen.build_qwen2moe, ROPE_TYPE_NEOX, qwen.hparams_qwen2moe, moe=True),
         "olmoe": Family(olmo.build_olmoe, ROPE_TYPE_NEOX, moe=True),
         "arcee": Family(llama.build_arcee, ROPE_TYPE_NORM),
