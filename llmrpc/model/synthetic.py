@@ -271,7 +271,8 @@ class SyntheticFamily:
     keys: Callable[[Any, SyntheticSpec], None] | None = None
     defaults: dict[str, Any] | None = None  # spec fields a tiny model of the family takes
     tied: bool = False  # the family's GGUFs have no output matrix
-    more: Callable[[SyntheticSpec], list[tuple[T, str, Shape]]] | None = None  # tensors of no layer, beyond those
+    # tensors of no layer besides the embeddings, output norm and output matrix (an output norm's bias)
+    more: Callable[[SyntheticSpec], list[tuple[T, str, Shape]]] | None = None
 
 
 FAMILIES: dict[str, SyntheticFamily] = {
