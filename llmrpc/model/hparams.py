@@ -107,9 +107,8 @@ class HParams:
     embedding_scale: float = 0.0  # multiplies token embeddings (0: off)
     residual_scale: float = 0.0  # multiplies each block's output before the residual add (0: off)
     logit_scale: float = 0.0  # multiplies (or divides, by family) the output logits (0: off)
-    xielu: tuple[
-        tuple[float, float, float, float], ...
-    ] = ()  # per layer: the xIELU activation's alpha_n, alpha_p, beta, eps
+    # per layer: alpha_n, alpha_p, beta and eps of the xIELU activation (apertus)
+    xielu: tuple[tuple[float, float, float, float], ...] = ()
     # mixture of experts
     n_expert: int = 0
     n_expert_used: int = 0
@@ -120,6 +119,7 @@ class HParams:
     expert_weights_norm: bool = False
     expert_gating: Gating = Gating.NONE
     n_layer_dense_lead: int = 0
+    n_moe_layer_step: int = 0  # experts on every n-th layer (after the dense leading ones; 0: every layer)
     n_expert_groups: int = 0  # experts in groups, only the best n_group_used selectable (DeepSeek V3)
     n_group_used: int = 0
     # multi-head latent attention (deepseek2)

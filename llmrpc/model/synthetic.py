@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 from gguf.constants import MODEL_TENSOR as T
-from gguf.constants import RopeScalingType
+from gguf.constants import ExpertGatingFuncType, RopeScalingType
 
 from llmrpc.model.arch import tensor_name
 
@@ -272,7 +272,8 @@ class SyntheticFamily:
     keys: Callable[[Any, SyntheticSpec], None] | None = None
     defaults: dict[str, Any] | None = None  # spec fields a tiny model of the family takes
     tied: bool = False  # the family's GGUFs have no output matrix
-    more: Callable[[SyntheticSpec], list[tuple[T, str, Shape]]] | None = None  # tensors of no layer, beyond those
+    # tensors of no layer besides the embeddings, output norm and output matrix (an output norm's bias)
+    more: Callable[[SyntheticSpec], list[tuple[T, str, Shape]]] | None = None
 
 
 FAMILIES: dict[str, SyntheticFamily] = {
@@ -499,6 +500,51 @@ def _keys_command_r(w: Any, s: SyntheticSpec) -> None:
     w.add_layer_norm_eps(1e-5)
 
 
+def _ernie4_5_moe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """A dense first layer, then experts with a selection bias and a shared expert."""
+    if il == 0:
+        return _llama(replace(s, n_expert=0), il)
+    return _llama(s, il) + [
+        (T.FFN_EXP_PROBS_B, "bias", (s.n_expert,)),
+        (T.FFN_GATE_SHEXP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_UP_SHEXP, "weight", (s.n_ff, s.n_embd)),
+        (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, s.n_ff)),
+    ]
+
+
+def _keys_ernie4_5_moe(w: Any, s: SyntheticSpec) -> None:
+    w.add_expert_shared_feed_forward_length(s.n_ff)
+    w.add_interleave_moe_layer_step(1)
+    w.add_leading_dense_block_count(1)
+
+
+def _glm4moe(s: SyntheticSpec, il: int) -> LayerTensors:
+    """QKV biases, Q/K norms (GLM-4.5's largest), the FFN's norm named attn_post_norm; a dense
+    first layer, then experts with a selection bias and a shared expert."""
+    attn = [(T.ATTN_POST_NORM, "weight", (s.n_embd,))] + _attention(s, bias=True, qk_norm=True)
+    if il == 0:
+        return attn + _ffn(replace(s, n_expert=0))[1:]
+    f = s.n_ff_exp
+    return (
+        attn
+        + _ffn(s)[1:]
+        + [
+            (T.FFN_EXP_PROBS_B, "bias", (s.n_expert,)),
+            (T.FFN_GATE_SHEXP, "weight", (f, s.n_embd)),
+            (T.FFN_UP_SHEXP, "weight", (f, s.n_embd)),
+            (T.FFN_DOWN_SHEXP, "weight", (s.n_embd, f)),
+        ]
+    )
+
+
+def _keys_glm4moe(w: Any, s: SyntheticSpec) -> None:
+    w.add_expert_shared_count(1)
+    w.add_leading_dense_block_count(1)
+    w.add_expert_weights_scale(2.5)
+    w.add_expert_weights_norm(True)
+    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+
+
 FAMILIES.update(
     {
         # std 0.03: with tied embeddings scaled by sqrt(n_embd), a random model of std 0.08 repeats its input token
@@ -526,6 +572,12 @@ FAMILIES.update(
         # std 0.08 repeats its input token
         "gemma": SyntheticFamily(_llama, defaults={"std": 0.2}, tied=True),
         "command-r": SyntheticFamily(_command_r, _keys_command_r, {"std": 0.2}, tied=True),
+        "ernie4_5-moe": SyntheticFamily(
+            _ernie4_5_moe, _keys_ernie4_5_moe, {"n_expert": 4, "n_expert_used": 2, "n_ff_exp": 64}
+        ),
+        "glm4moe": SyntheticFamily(
+            _glm4moe, _keys_glm4moe, {"head_dim": 32, "n_rot": 16, "n_expert": 8, "n_expert_used": 2, "n_ff_exp": 32}
+        ),
         "starcoder2": SyntheticFamily(_starcoder2, _keys_starcoder2, {"std": 0.2}, more=_output_norm_bias),
         "granitemoe": SyntheticFamily(
             _granitemoe, _keys_granitemoe, defaults={"n_expert": 4, "n_expert_used": 2, "n_ff": 64}
