@@ -79,6 +79,38 @@ source_options = gather(
 )  # fmt: skip
 
 
+@dataclass(frozen=True)
+class Attention:
+    """The attention and KV cache every server runs (llama.cpp's -fa, -ctk, -ctv)."""
+
+    flash_attn: str  # auto, on, off
+    cache_type_k: str
+    cache_type_v: str
+
+    def farm_args(self) -> dict[str, Any]:
+        flash = {"auto": None, "on": True, "off": False}[self.flash_attn]
+        return {"flash_attn": flash, "cache_type_k": self.cache_type_k, "cache_type_v": self.cache_type_v}
+
+    def config(self) -> Any:
+        from llmrpc.model.kv import CacheConfig
+
+        args = self.farm_args()
+        return CacheConfig(args["flash_attn"], args["cache_type_k"], args["cache_type_v"])
+
+
+_CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")
+attention_options = gather(
+    "attention", Attention,
+    click.option("--flash-attn", "-fa", type=click.Choice(["auto", "on", "off"]), default="auto", show_default=True,
+                 help="Flash attention (ggml's fused attention) on the servers; auto: on where the device computes "
+                 "it, as llama.cpp's auto."),
+    click.option("--cache-type-k", "-ctk", type=click.Choice(_CACHE_TYPES), default="f16", show_default=True,
+                 help="Type of the KV cache's K."),
+    click.option("--cache-type-v", "-ctv", type=click.Choice(_CACHE_TYPES), default="f16", show_default=True,
+                 help="Type of the KV cache's V (a quantized V needs flash attention)."),
+)  # fmt: skip
+
+
 def open_farm(source: Source, link: Link, ctx_size: int, **extra: Any) -> Farm:
     """The farm the options describe (``extra``: more of :class:`llmrpc.farm.Farm`'s arguments)."""
     from llmrpc.farm import Farm
@@ -156,16 +188,18 @@ def head() -> None:
               help="Sample every token at the head and send it to the first server (by default the servers "
               "generate on their own: the last samples each token and sends it straight back to the first).")  # fmt: skip
 @link_options
+@attention_options
 @verbose_option
 def run(
-    source: Source, link: Link, prompt: str, chat: bool, n_predict: int, temp: float, top_k: int, top_p: float,
+    source: Source, link: Link, attention: Attention, prompt: str, chat: bool, n_predict: int, temp: float, top_k: int, top_p: float,
     seed: int | None, ctx_size: int, f16_activations: bool, micro_batch: int | None, via_head: bool,
     head_samples: bool, verbose: int,
 ) -> None:  # fmt: skip
     setup_logging(verbose)
     try:
         with open_farm(source, link, ctx_size, f16_activations=f16_activations, micro_batch=micro_batch,
-                       data_plane=not via_head, server_generation=not head_samples) as farm:  # fmt: skip
+                       data_plane=not via_head, server_generation=not head_samples,
+                       **attention.farm_args()) as farm:  # fmt: skip
             text = farm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
                 sys.stdout.write(piece)
@@ -189,7 +223,11 @@ def run(
 @click.option("--max-sessions", default=1, show_default=True, type=click.IntRange(1),
               help="Sessions each server must hold at once (llmrpc-head serve --parallel).")  # fmt: skip
 @link_options
-def plan(model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, max_sessions: int, link: Link) -> None:
+@attention_options
+def plan(
+    model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, max_sessions: int, link: Link,
+    attention: Attention,
+) -> None:  # fmt: skip
     from llmrpc.head.client import StageClient
     from llmrpc.head.placement import format_plan, model_layout, server_reports
     from llmrpc.head.planner import plan as make_plan
@@ -204,7 +242,9 @@ def plan(model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, 
         info = read_model(path)
         clients = [StageClient(a, connect_timeout=link.connect_timeout, security=link.security()) for a in addresses]
         reports = server_reports([c.hello() for c in clients])
-        result = make_plan(model_layout(info), reports, ctx_size=ctx_size, max_sessions=max_sessions)
+        result = make_plan(
+            model_layout(info, attention.config()), reports, ctx_size=ctx_size, max_sessions=max_sessions
+        )
     except farm_errors() as e:
         click.echo(f"llmrpc-head plan: {e}", err=True)
         sys.exit(1)
@@ -226,14 +266,18 @@ def plan(model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, 
 @click.option("--n-predict", "-n", default=32, show_default=True, type=click.IntRange(0),
               help="Greedy tokens to compare after each prompt.")  # fmt: skip
 @click.option("--ctx-size", "-c", default=512, show_default=True, type=click.IntRange(1))
+@attention_options
 @verbose_option
-def verify(source: Source, link: Link, prompts: tuple[str, ...], n_predict: int, ctx_size: int, verbose: int) -> None:
+def verify(
+    source: Source, link: Link, attention: Attention, prompts: tuple[str, ...], n_predict: int, ctx_size: int,
+    verbose: int,
+) -> None:  # fmt: skip
     from llmrpc.head.verify import PROMPTS
     from llmrpc.head.verify import verify as check
 
     setup_logging(verbose)
     try:
-        with open_farm(source, link, ctx_size) as farm:
+        with open_farm(source, link, ctx_size, **attention.farm_args()) as farm:
             verdict = check(farm, prompts or PROMPTS, n_predict)
     except farm_errors() as e:
         click.echo(f"llmrpc-head verify: {e}", err=True)
@@ -287,9 +331,10 @@ def status(rpc_servers: tuple[str, ...] | None, as_json: bool, link: Link) -> No
               help="Require 'Authorization: Bearer KEY' on every request (also from LLMRPC_API_KEY).")  # fmt: skip
 @click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
 @link_options
+@attention_options
 @verbose_option
 def serve(
-    source: Source, link: Link, host: str, port: int, parallel: int, ctx_size: int, api_key: str | None,
+    source: Source, link: Link, attention: Attention, host: str, port: int, parallel: int, ctx_size: int, api_key: str | None,
     model_name: str | None, verbose: int,
 ) -> None:  # fmt: skip
     setup_logging(verbose)
@@ -303,7 +348,7 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)  # so that the farm, and the servers it started, are stopped
     try:
-        with open_farm(source, link, ctx_size, max_sessions=parallel) as farm:
+        with open_farm(source, link, ctx_size, max_sessions=parallel, **attention.farm_args()) as farm:
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
             _serve_api(farm, name, api_key, host, port, parallel)
     except KeyboardInterrupt:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmrpc.farm import Farm
+from llmrpc.model.kv import CacheConfig
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 
@@ -67,14 +68,16 @@ class Verdict:
 
 
 def reference(
-    path: str, tokens: list[int], n_greedy: int, n_ctx: int, is_eog: Callable[[int], bool]
+    path: str, tokens: list[int], n_greedy: int, n_ctx: int, is_eog: Callable[[int], bool], cache: CacheConfig
 ) -> tuple[np.ndarray, list[int]]:
     """llama.cpp's logits for every position of ``tokens`` and its greedy continuation (up to an
-    end token), each from a fresh state."""
-    llm = reference_llama(path, n_ctx=n_ctx, logits_all=True)
+    end token), each from a fresh state, with the farm's attention and KV cache types."""
+    resolved = cache.resolved()
+    args = {"flash_attn": bool(resolved.flash_attn), "type_k": resolved.ggml_k, "type_v": resolved.ggml_v}
+    llm = reference_llama(path, n_ctx=n_ctx, logits_all=True, **args)
     llm.eval(tokens)
     logits = np.array(llm.scores[: len(tokens)], dtype=np.float32)
-    llm = reference_llama(path, n_ctx=n_ctx)
+    llm = reference_llama(path, n_ctx=n_ctx, **args)
     greedy: list[int] = []
     if n_greedy:
         for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
@@ -90,7 +93,9 @@ def verify(farm: Farm, prompts: Sequence[str] = PROMPTS, n_greedy: int = 32) -> 
     checks = []
     for prompt in prompts:
         tokens = farm.tokenizer.encode(prompt)
-        want_logits, want = reference(farm.model_path, tokens, n_greedy, farm.ctx_size, farm.tokenizer.is_eog)
+        want_logits, want = reference(
+            farm.model_path, tokens, n_greedy, farm.ctx_size, farm.tokenizer.is_eog, farm.cache
+        )
         got_logits = farm.logits(tokens)
         got = list(farm.generate_tokens(tokens, len(want), SamplingParams(temperature=0))) if want else []
         diff = float(np.abs(got_logits - want_logits).max() / max(np.abs(want_logits).max(), 1e-30))
