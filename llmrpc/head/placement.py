@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
+import os
 import socket
 import ssl
 import zlib
@@ -93,30 +93,28 @@ def ship_slice(
     progress: Callable[[int], None] | None = None, tls: ssl.SSLContext | None = None,
 ) -> int:  # fmt: skip
     """Send layers [start, end) over the bulk upload connection; returns the bytes the server
-    kept. Frames are checksummed (crc32); the file's bytes go out with sendfile (no copy; with
-    ``tls``, encrypted, the server's certificate checked)."""
+    kept. Frames are checksummed (crc32); the file is read a frame at a time into one buffer
+    (the head holds 2 MiB of the model however large it is; with ``tls``, encrypted, the
+    server's certificate checked)."""
     layout = build_slice_layout(info, start, end, model_hash, digests=False)
     port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
     host = split_address(client.address)[0]
-    with wire.open_tcp(host, port, 120, tls) as sock, open(info.path, "rb") as f:
+    buf = bytearray(BULK_CHUNK)
+    with wire.open_tcp(host, port, 120, tls) as sock, open(info.path, "rb", buffering=0) as f:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            view = memoryview(mm)
-            sock.sendall(token)
-            for index, t in enumerate(layout.tensors):
-                base = info.tensors[t.name].offset
-                for off in range(0, t.n_bytes, BULK_CHUNK):
-                    n = min(BULK_CHUNK, t.n_bytes - off)
-                    crc = zlib.crc32(view[base + off : base + off + n])
-                    sock.sendall(codec.UPLOAD_FRAME.pack(index, off, n, crc))
-                    sock.sendfile(f, base + off, n)
-                    if progress is not None:
-                        progress(n)
-            sock.sendall(codec.UPLOAD_FRAME.pack(codec.UPLOAD_END, 0, 0, 0))
-            view.release()
-        finally:
-            mm.close()
+        sock.sendall(token)
+        for index, t in enumerate(layout.tensors):
+            base = info.tensors[t.name].offset
+            for off in range(0, t.n_bytes, BULK_CHUNK):
+                n = min(BULK_CHUNK, t.n_bytes - off)
+                piece = memoryview(buf)[:n]
+                if os.preadv(f.fileno(), [piece], base + off) != n:
+                    raise ValueError(f"{info.path} ends inside tensor {t.name}")
+                sock.sendall(codec.UPLOAD_FRAME.pack(index, off, n, zlib.crc32(piece)))
+                sock.sendall(piece)
+                if progress is not None:
+                    progress(n)
+        sock.sendall(codec.UPLOAD_FRAME.pack(codec.UPLOAD_END, 0, 0, 0))
         ok, kept, msg_len = codec.UPLOAD_STATUS.unpack(_recv_exact(sock, codec.UPLOAD_STATUS.size))
         message = _recv_exact(sock, msg_len).decode("utf-8", "replace") if msg_len else ""
     if not ok:
