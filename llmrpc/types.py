@@ -70,6 +70,31 @@ class LoadedRange:
 
 
 @dataclass(frozen=True)
+class PrefixStart:
+    """Where a new session's cache starts: the first ``rows`` positions of another session's
+    cache on the same server (an open session's, or a closed one kept as a prefix), copied, or
+    with ``take`` the kept cache itself adopted."""
+
+    session_id: str
+    rows: int
+    take: bool = False
+
+
+@dataclass(frozen=True)
+class OpenedSession:
+    session_id: str
+    n_ctx: int
+    cache_bytes: int
+    evicted: tuple[str, ...] = ()  # kept prefixes the server freed to make room
+
+
+@dataclass(frozen=True)
+class ClosedSession:
+    kept: bool  # its cache is kept as a prefix under its id
+    evicted: tuple[str, ...] = ()  # kept prefixes the server freed to keep it
+
+
+@dataclass(frozen=True)
 class CachedSlice:
     model_hash: str
     layer_start: int
@@ -101,3 +126,6 @@ class ServerHealth:
     serving: bool
     open_sessions: int
     native_steps: int  # generation steps computed through the native hop
+    prefix_entries: int = 0  # closed sessions' caches kept as prefixes
+    prefix_bytes: int = 0  # their bytes
+    prefix_budget: int = 0  # the most bytes they may take

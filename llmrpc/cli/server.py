@@ -22,6 +22,7 @@ class ServerOptions:
     max_sessions: int
     max_ctx: int
     memory_cap: int  # 0: the device's free memory
+    prefix_cache: int | None  # None: the --mem cap, or a quarter of the device's free memory
     cache_dir: str | None
     model_dirs: tuple[str, ...]
     omp_spin: int | None
@@ -52,6 +53,10 @@ _server_options = gather(
     click.option("--mem", "memory_cap", default=0, type=Bytes(),
                  help="Most memory to use for weights, KV caches and compute, e.g. 6GiB "
                  "(default: the device's free memory)."),
+    click.option("--prefix-cache", default=None, type=Bytes(),
+                 help="Most memory for closed sessions' KV caches kept as prefixes of later ones, e.g. 2GiB; "
+                 "0: none kept (default: --mem, or a quarter of the device's free memory). Within --mem: freed, "
+                 "least recently used first, when a new session needs the room."),
     click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
                  help="Where received model slices are kept (default: ~/.cache/llmrpc/slices)."),
     click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),

@@ -194,6 +194,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_buffer_set_usage": (None, [P, c_int]),
     "ggml_backend_tensor_set": (None, [T, c_void_p, c_size_t, c_size_t]),
     "ggml_backend_tensor_get": (None, [T, c_void_p, c_size_t, c_size_t]),
+    "ggml_backend_tensor_copy": (None, [T, T]),
     "ggml_backend_sched_new": (P, [POINTER(P), POINTER(P), c_int, c_size_t, c_bool, c_bool]),
     "ggml_backend_sched_free": (None, [P]),
     "ggml_backend_sched_reserve": (c_bool, [P, P]),

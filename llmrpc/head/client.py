@@ -14,7 +14,17 @@ import numpy as np
 from llmrpc import codec
 from llmrpc.auth import ClientSecurity
 from llmrpc.model.kv import CacheConfig
-from llmrpc.types import PROTOCOL_VERSION, LoadedRange, ServerHealth, ServerInfo, join_address, split_address
+from llmrpc.types import (
+    PROTOCOL_VERSION,
+    ClosedSession,
+    LoadedRange,
+    OpenedSession,
+    PrefixStart,
+    ServerHealth,
+    ServerInfo,
+    join_address,
+    split_address,
+)
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
@@ -136,15 +146,29 @@ class StageClient:
     def start_open_session(self, n_ctx: int) -> Callable[[], str]:
         """Ask for a session without waiting; the returned function waits for its id (and
         raises :class:`StageError` if the server refused). A pipeline asks all its servers at once."""
-        future = self._stub.OpenSession.future(pb.OpenSessionRequest(n_ctx=n_ctx), timeout=self.timeout)
+        wait = self.start_open(n_ctx)
+        return lambda: wait().session_id
 
-        def session_id() -> str:
+    def start_open(self, n_ctx: int, prefix: PrefixStart | None = None) -> Callable[[], OpenedSession]:
+        """:meth:`start_open_session`, the session started from ``prefix`` if given, and the
+        whole answer (the kept prefixes the server freed too)."""
+        request = pb.OpenSessionRequest(n_ctx=n_ctx)
+        if prefix is not None:
+            request.prefix_session, request.prefix_rows, request.prefix_take = (
+                prefix.session_id,
+                prefix.rows,
+                prefix.take,
+            )
+        future = self._stub.OpenSession.future(request, timeout=self.timeout)
+
+        def opened() -> OpenedSession:
             try:
-                return str(future.result().session_id)
+                r = future.result()
             except grpc.RpcError as e:
                 raise self._error(e) from None
+            return OpenedSession(str(r.session_id), int(r.n_ctx), int(r.cache_bytes), tuple(r.evicted))
 
-        return session_id
+        return opened
 
     def forward(
         self,
@@ -196,15 +220,26 @@ class StageClient:
 
     def start_close_session(self, session_id: str) -> Callable[[], None]:
         """Close a session without waiting; the returned function waits for the server's answer."""
-        future = self._stub.CloseSession.future(pb.CloseSessionRequest(session_id=session_id), timeout=30)
+        wait = self.start_close(session_id)
 
         def done() -> None:
-            try:
-                future.result()
-            except grpc.RpcError as e:
-                raise self._error(e) from None
+            wait()
 
         return done
+
+    def start_close(self, session_id: str, keep: bool = False) -> Callable[[], ClosedSession]:
+        """:meth:`start_close_session`; ``keep``: the server keeps the cache as a prefix (if its
+        budget allows: the answer says), or frees a kept prefix given its id."""
+        future = self._stub.CloseSession.future(pb.CloseSessionRequest(session_id=session_id, keep=keep), timeout=30)
+
+        def closed() -> ClosedSession:
+            try:
+                r = future.result()
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+            return ClosedSession(bool(r.kept), tuple(r.evicted))
+
+        return closed
 
     def close(self) -> None:
         with self._stream_lock:

@@ -69,6 +69,14 @@ class PipelineSession:
     route: list[Hop] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        if not self.ids:  # (ids given: sessions opened already, one on each stage)
+            self._open()
+        self.route = [
+            Hop(c.address, c.layers, c.data_address, c.data_token, sid)
+            for c, sid in zip(self.pipeline.stages, self.ids, strict=True)
+        ]
+
+    def _open(self) -> None:
         waits = [c.start_open_session(self.n_ctx) for c in self.pipeline.stages]  # all servers at once
         opened: list[tuple[StageClient, str]] = []
         refused: StageError | None = None
@@ -81,10 +89,6 @@ class PipelineSession:
             _close_all(opened)
             raise refused
         self.ids = [sid for _, sid in opened]
-        self.route = [
-            Hop(c.address, c.layers, c.data_address, c.data_token, sid)
-            for c, sid in zip(self.pipeline.stages, self.ids, strict=True)
-        ]
 
     def forward(self, tokens: list[int], start_pos: int | None = None, *, all_logits: bool = False) -> np.ndarray:
         """Run ``tokens`` at ``start_pos`` (default: after what the session holds) through

@@ -196,6 +196,18 @@ class SlidingCells:
         held = set(self.pos[self.pos >= 0].tolist())
         return all(p in held for p in range(first, p0))
 
+    def holds_in_order(self, rows: int) -> bool:
+        """Whether positions 0..rows-1 are at cells 0..rows-1, where a new sequence computes them
+        (no cell of theirs reused by a later position): then a new session may start from them."""
+        return rows <= self.size and bool(np.array_equal(self.pos[:rows], np.arange(rows)))
+
+    def start_at(self, rows: int) -> None:
+        """The state of a new sequence that has computed positions 0..rows-1 (cell p holds p),
+        as :meth:`place` leaves it."""
+        self.clear()
+        self.pos[:rows] = np.arange(rows)
+        self.head = rows
+
     def place(self, positions: np.ndarray) -> np.ndarray:
         """The cells for a batch of consecutive positions, and the cache updated to hold them."""
         n = len(positions)

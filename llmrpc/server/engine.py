@@ -24,14 +24,24 @@ from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.kv import CacheConfig, kv_bytes
+from llmrpc.model.prefix import copy_cells, refusal, start_from
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache
 from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.native import Hop, NativeHop, hop_library
+from llmrpc.server.prefix import Kept, KeptCaches
 from llmrpc.server.store import TransferError, WeightStore
 from llmrpc.server.upload import UploadReceiver
-from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
+from llmrpc.types import (
+    CachedSlice,
+    ClosedSession,
+    DeviceInfo,
+    LoadedRange,
+    OpenedSession,
+    PrefixStart,
+    kv_cells,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +69,10 @@ class Engine:
         loop: ComputeLoop | None = None,
         release_threads: bool = False,
         upload_tls: ssl.SSLContext | None = None,
+        prefix_cache: int | None = None,
     ) -> None:
+        """``prefix_cache``: the most bytes of closed sessions' caches kept as prefixes (None: the
+        --mem cap, or a quarter of the device's free memory without one; 0: none kept)."""
         self.device = device
         self.memory_cap = memory_cap
         self.store = store
@@ -99,6 +112,11 @@ class Engine:
             self.loop.call(lambda: calibrate(self._backend)) if calibrate_device else Calibration(0.0, 0.0)
         )
         self._held = 0  # bytes of weights and caches this engine holds on the device
+        if prefix_cache is None:
+            prefix_cache = memory_cap or device.memory_free // 4
+        # Closed sessions' caches the head asked to keep as prefixes. They count as held, and are
+        # freed (least recently used first) when a new session needs their memory.
+        self._kept = KeptCaches(prefix_cache)
 
     # -- state --------------------------------------------------------------------------
     def loaded(self) -> LoadedRange | None:
@@ -249,7 +267,7 @@ class Engine:
 
     def _unload(self) -> None:
         self._settle()
-        for cache in [c for c, _ in self._sessions.values()] + self._spare:
+        for cache in [c for c, _ in self._sessions.values()] + self._spare + [k.cache for k in self._kept.clear()]:
             if self._stage is not None:
                 self._stage.forget(cache)
             cache.free()
@@ -261,10 +279,11 @@ class Engine:
         self._stage, self._range = None, None
 
     # -- sessions -----------------------------------------------------------------------
-    def open_session(self, n_ctx: int) -> tuple[str, int, int]:
-        return self.loop.call(lambda: self._open_session(n_ctx))
+    def open_session(self, n_ctx: int, prefix: PrefixStart | None = None) -> OpenedSession:
+        """A new session; with ``prefix``, holding the first rows of another session's cache."""
+        return self.loop.call(lambda: self._open_session(n_ctx, prefix))
 
-    def _open_session(self, n_ctx: int) -> tuple[str, int, int]:
+    def _open_session(self, n_ctx: int, prefix: PrefixStart | None) -> OpenedSession:
         self._settle()
         stage = self._require_stage()
         limit = min(self.max_ctx, stage.hp.n_ctx_train)
@@ -272,42 +291,131 @@ class Engine:
             raise EngineError(ErrorCode.OUT_OF_RANGE, f"n_ctx {n_ctx} must be within 1..{limit}")
         if len(self._sessions) >= self.max_sessions:
             raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first")
-        want = kv_bytes(stage.hp, stage.start, stage.end, n_ctx, stage.cache)
+        evicted: list[str] = []
+        rows = 0
+        if prefix is None:
+            cache = self._new_cache(stage, n_ctx, evicted)
+        elif prefix.take:
+            cache, rows = self._adopt(prefix, kv_cells(n_ctx)), prefix.rows
+        else:
+            source = self._prefix_source(prefix, kv_cells(n_ctx))
+            cache = self._new_cache(stage, n_ctx, evicted, protect=prefix.session_id)
+            copy_cells(source, cache)
+            start_from(cache, prefix.rows)
+            rows = prefix.rows
+        session_id = uuid.uuid4().hex
+        self._sessions[session_id] = (cache, [rows])
+        logger.debug("session %s opened: n_ctx %d, %d bytes, %d positions reused", session_id, n_ctx, cache.n_bytes,
+                     rows)  # fmt: skip
+        return OpenedSession(session_id, n_ctx, cache.n_bytes, tuple(evicted))
+
+    def _new_cache(self, stage: LayerStage, n_ctx: int, evicted: list[str], protect: str = "") -> SessionCache:
+        """An empty cache: a spare of its size, else new memory, freeing spares and then kept
+        prefixes (least recently used first, all but ``protect``; their ids go to ``evicted``)
+        when the --mem cap or the device asks for it."""
         cache = self._reuse_spare(stage, kv_cells(n_ctx))
-        if cache is None:
-            # No spare of this size: give the spares back before taking more memory, so that
-            # idle caches never add to what the open sessions hold (on a CPU, where allocations
-            # do not fail but the machine swaps, this matters most).
-            while self._spare:
-                self._free_spare(stage)
-            if self.memory_cap and self._held + want > self.memory_cap:
+        if cache is not None:
+            return cache
+        # Give the spares back before taking more memory, so that idle caches never add to what
+        # the open sessions hold (on a CPU, where allocations do not fail but the machine swaps,
+        # this matters most).
+        while self._spare:
+            self._free_spare(stage)
+        want = kv_bytes(stage.hp, stage.start, stage.end, n_ctx, stage.cache)
+        while True:
+            if not self.memory_cap or self._held + want <= self.memory_cap:
+                try:
+                    cache = stage.new_cache(n_ctx)
+                except MemoryError as e:
+                    if not self._evict_one(stage, evicted, protect):
+                        raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
+                    continue
+                self._held += cache.n_bytes
+                return cache
+            if not self._evict_one(stage, evicted, protect):
                 raise EngineError(
                     ErrorCode.RESOURCE_EXHAUSTED,
                     f"a KV cache of {want} bytes would take this server past its --mem cap of {self.memory_cap}",
                 )
-            try:
-                cache = stage.new_cache(n_ctx)
-            except MemoryError as e:
-                raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{e} ({want} bytes)") from e
-            self._held += cache.n_bytes
-        session_id = uuid.uuid4().hex
-        self._sessions[session_id] = (cache, [0])
-        logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
-        return session_id, n_ctx, cache.n_bytes
 
-    def close_session(self, session_id: str) -> None:
-        def close() -> None:
+    def _evict_one(self, stage: LayerStage, evicted: list[str], protect: str) -> bool:
+        """Free the least recently used kept prefix other than ``protect``; False when none is."""
+        oldest = self._kept.pop_oldest()
+        if oldest is not None and oldest[0] == protect:
+            again = self._kept.pop_oldest()
+            self._kept.put(*oldest)  # (it was within the budget: nothing leaves with it)
+            oldest = again
+        if oldest is None:
+            return False
+        evicted.append(oldest[0])
+        self._free_cache(stage, oldest[1].cache)
+        return True
+
+    def _prefix_source(self, prefix: PrefixStart, kv_size: int) -> SessionCache:
+        """The cache a new session copies its first rows from, checked."""
+        live = self._sessions.get(prefix.session_id)
+        if live is not None:
+            cache, length = live[0], live[1][0]
+        else:
+            kept = self._kept.get(prefix.session_id)
+            if kept is None:
+                raise EngineError(
+                    ErrorCode.NOT_FOUND, f"no open session or kept prefix {prefix.session_id!r} (freed, or never kept)"
+                )
+            cache, length = kept.cache, kept.length
+        if not 1 <= prefix.rows <= length:
+            raise EngineError(
+                ErrorCode.OUT_OF_RANGE, f"prefix of {prefix.rows} positions: {prefix.session_id!r} holds {length}"
+            )
+        why = refusal(cache, prefix.rows, kv_size)
+        if why:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"cannot start from {prefix.session_id!r}: {why}")
+        return cache
+
+    def _adopt(self, prefix: PrefixStart, kv_size: int) -> SessionCache:
+        """A kept cache taken over by a new session, holding its first ``prefix.rows`` positions."""
+        if prefix.session_id in self._sessions:
+            raise EngineError(
+                ErrorCode.FAILED_PRECONDITION, f"{prefix.session_id!r} is open: its cache can be copied, not taken"
+            )
+        self._prefix_source(prefix, kv_size)
+        kept = self._kept.take(prefix.session_id)
+        assert kept is not None
+        start_from(kept.cache, prefix.rows)
+        return kept.cache
+
+    def close_session(self, session_id: str, keep: bool = False) -> ClosedSession:
+        """Close an open session (``keep``: its cache kept as a prefix under its id, within the
+        prefix budget), or free a kept prefix."""
+
+        def close() -> ClosedSession:
             self._settle()
+            stage = self._require_stage()
             entry = self._sessions.pop(session_id, None)
             if entry is None:
-                raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
-            stage = self._require_stage()
-            self._spare.append(entry[0])
-            while len(self._spare) > SPARE_CACHES:
-                self._free_spare(stage)
+                kept = self._kept.take(session_id)
+                if kept is None:
+                    raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+                self._to_spare(stage, kept.cache)
+                return ClosedSession(False)
             trace.flush()  # a session's steps are on disk once it ends, whatever ends the server
+            over = (
+                self._kept.put(session_id, Kept(entry[0], entry[1][0])) if keep else [(session_id, Kept(entry[0], 0))]
+            )
+            for _, kept in over:
+                self._to_spare(stage, kept.cache)
+            return ClosedSession(session_id in self._kept, tuple(sid for sid, _ in over if sid != session_id))
 
-        self.loop.call(close)
+        return self.loop.call(close)
+
+    def prefix_figures(self) -> tuple[int, int, int]:
+        """Kept prefixes: how many, their bytes, and the most bytes they may take."""
+        return len(self._kept), self._kept.bytes, self._kept.budget
+
+    def _to_spare(self, stage: LayerStage, cache: SessionCache) -> None:
+        self._spare.append(cache)
+        while len(self._spare) > SPARE_CACHES:
+            self._free_spare(stage)
 
     def _reuse_spare(self, stage: LayerStage, kv_size: int) -> SessionCache | None:
         """The newest spare cache of ``kv_size`` cells, cleared, if there is one."""
@@ -319,7 +427,9 @@ class Engine:
         return None
 
     def _free_spare(self, stage: LayerStage) -> None:
-        cache = self._spare.pop(0)
+        self._free_cache(stage, self._spare.pop(0))
+
+    def _free_cache(self, stage: LayerStage, cache: SessionCache) -> None:
         stage.forget(cache)
         cache.free()
         self._held -= cache.n_bytes

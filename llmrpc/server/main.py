@@ -39,6 +39,7 @@ def serve(
     max_sessions: int,
     max_ctx: int,
     memory_cap: int = 0,
+    prefix_cache: int | None = None,
     cache_dir: str | None = None,
     model_dirs: tuple[str, ...] = (),
     calibrate: bool = True,
@@ -93,7 +94,7 @@ def serve(
     loop = ComputeLoop()
     engine = Engine(
         dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store, data_host=host,
-        host_lock=host_lock,
+        host_lock=host_lock, prefix_cache=prefix_cache,
         calibrate_device=calibrate, loop=loop, release_threads=release_threads, upload_tls=tls_server,
     )  # fmt: skip
     try:

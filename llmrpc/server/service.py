@@ -14,7 +14,7 @@ import grpc
 
 from llmrpc import __version__, codec
 from llmrpc.server.api import EngineError, ErrorCode, StageEngine, stage_outputs
-from llmrpc.types import PROTOCOL_VERSION
+from llmrpc.types import PROTOCOL_VERSION, PrefixStart
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
@@ -81,9 +81,11 @@ class StageService(pb_grpc.StageServicer):
         return reply
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:  # noqa: N802
+        entries, n_bytes, budget = self.engine.prefix_figures()
         return pb.HealthReply(
-            serving=True, open_sessions=self.engine.open_sessions(), native_steps=self.engine.native_steps
-        )
+            serving=True, open_sessions=self.engine.open_sessions(), native_steps=self.engine.native_steps,
+            prefix_entries=entries, prefix_bytes=n_bytes, prefix_budget=budget,
+        )  # fmt: skip
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802
         def run() -> pb.LoadReply:
@@ -125,8 +127,14 @@ class StageService(pb_grpc.StageServicer):
 
     def OpenSession(self, request: pb.OpenSessionRequest, context: grpc.ServicerContext) -> pb.OpenSessionReply:  # noqa: N802
         def run() -> pb.OpenSessionReply:
-            sid, n_ctx, n_bytes = self.engine.open_session(request.n_ctx)
-            return pb.OpenSessionReply(session_id=sid, n_ctx=n_ctx, cache_bytes=n_bytes)
+            prefix = None
+            if request.prefix_session:
+                prefix = PrefixStart(request.prefix_session, request.prefix_rows, request.prefix_take)
+            opened = self.engine.open_session(request.n_ctx, prefix)
+            return pb.OpenSessionReply(
+                session_id=opened.session_id, n_ctx=opened.n_ctx, cache_bytes=opened.cache_bytes,
+                evicted=opened.evicted,
+            )  # fmt: skip
 
         return _guard(context, run)
 
@@ -157,8 +165,8 @@ class StageService(pb_grpc.StageServicer):
 
     def CloseSession(self, request: pb.CloseSessionRequest, context: grpc.ServicerContext) -> pb.CloseSessionReply:  # noqa: N802
         def run() -> pb.CloseSessionReply:
-            self.engine.close_session(request.session_id)
-            return pb.CloseSessionReply()
+            closed = self.engine.close_session(request.session_id, request.keep)
+            return pb.CloseSessionReply(kept=closed.kept, evicted=closed.evicted)
 
         return _guard(context, run)
 

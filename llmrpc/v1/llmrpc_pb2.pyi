@@ -138,14 +138,20 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "open_sessions", "native_steps")
+    __slots__ = ("serving", "open_sessions", "native_steps", "prefix_entries", "prefix_bytes", "prefix_budget")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_BUDGET_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     open_sessions: int
     native_steps: int
-    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ...) -> None: ...
+    prefix_entries: int
+    prefix_bytes: int
+    prefix_budget: int
+    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v")
@@ -242,20 +248,28 @@ class PushSliceReply(_message.Message):
     def __init__(self, tensor_bytes: _Optional[int] = ..., seconds: _Optional[float] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("n_ctx",)
+    __slots__ = ("n_ctx", "prefix_session", "prefix_rows", "prefix_take")
     N_CTX_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_SESSION_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_TAKE_FIELD_NUMBER: _ClassVar[int]
     n_ctx: int
-    def __init__(self, n_ctx: _Optional[int] = ...) -> None: ...
+    prefix_session: str
+    prefix_rows: int
+    prefix_take: bool
+    def __init__(self, n_ctx: _Optional[int] = ..., prefix_session: _Optional[str] = ..., prefix_rows: _Optional[int] = ..., prefix_take: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionReply(_message.Message):
-    __slots__ = ("session_id", "n_ctx", "cache_bytes")
+    __slots__ = ("session_id", "n_ctx", "cache_bytes", "evicted")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     N_CTX_FIELD_NUMBER: _ClassVar[int]
     CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     n_ctx: int
     cache_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., n_ctx: _Optional[int] = ..., cache_bytes: _Optional[int] = ...) -> None: ...
+    evicted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, session_id: _Optional[str] = ..., n_ctx: _Optional[int] = ..., cache_bytes: _Optional[int] = ..., evicted: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
     __slots__ = ("session_id", "start_pos", "input", "all_logits", "output_dtype", "logits_top_k")
@@ -284,11 +298,17 @@ class ForwardReply(_message.Message):
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ..., compute_seconds: _Optional[float] = ..., token_ids: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
-    __slots__ = ("session_id",)
+    __slots__ = ("session_id", "keep")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_FIELD_NUMBER: _ClassVar[int]
     session_id: str
-    def __init__(self, session_id: _Optional[str] = ...) -> None: ...
+    keep: bool
+    def __init__(self, session_id: _Optional[str] = ..., keep: _Optional[bool] = ...) -> None: ...
 
 class CloseSessionReply(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("kept", "evicted")
+    KEPT_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    kept: bool
+    evicted: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, kept: _Optional[bool] = ..., evicted: _Optional[_Iterable[str]] = ...) -> None: ...
