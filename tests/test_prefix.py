@@ -12,10 +12,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.prefix import last_batch_start, reusable_rows
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.kv import CacheConfig, kv_bytes
-from llmrpc.model.synthetic import SyntheticSpec
 from llmrpc.sampling import SamplingParams
-
-from .conftest import model_file
 
 GREEDY = SamplingParams(temperature=0)
 BATCH = 16
@@ -73,3 +70,81 @@ def test_a_session_from_a_held_prefix_computes_the_bits_of_a_new_one(
         cached = list(farm.generate_tokens(second, 16, GREEDY))
         fresh = list(farm.generate_tokens(second, 16, GREEDY, cache_prompt=False))
         assert cached == fresh
+
+
+def _prompts(n: int, length: int, seed: int) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [[1] + [int(t) for t in rng.integers(3, 320, size=length - 1)] for _ in range(n)]
+
+
+def _answers_match(farm: Farm, prompt: list[int], n: int = 8) -> int:
+    """Generate after ``prompt`` with the prefix cache and without it: the same tokens. Returns
+    the positions taken from a held prefix."""
+    hits = farm.prefix_stats.hits
+    want = list(farm.generate_tokens(prompt, n, GREEDY, cache_prompt=False))
+    assert farm.prefix_stats.hits == hits  # (asked nothing of the cache)
+    assert list(farm.generate_tokens(prompt, n, GREEDY)) == want
+    return farm.prefix_stats.hits - hits
+
+
+def test_kept_prefixes_stay_within_each_servers_budget(tiny_models: dict[str, str]) -> None:
+    """Two servers with budgets of a few caches (the second's smaller): after every request each
+    keeps at most its budget's bytes; what the second frees, the head forgets and the first frees
+    too. Follow-ups of the conversations still held take their prefixes, the others start empty,
+    and every answer is the one computed without the cache."""
+    path = tiny_models["Q8_0"]
+    hp = read_model(path).hparams
+    whole = kv_bytes(hp, 0, hp.n_layer, 256, CacheConfig().resolved())  # a whole model's cache
+    budgets = [5 * whole // 2, 3 * whole // 2]
+    args = [["--prefix-cache", str(b)] for b in budgets]
+    with (
+        LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=args) as local,
+        Farm(path, list(local.addresses), ctx_size=256, batch=BATCH) as farm,
+    ):
+        assert farm.prefix is not None and len(farm.plan) == 2
+        clients = [StageClient(a) for a in local.addresses]
+        prompts = _prompts(6, 40, seed=11)
+        rng = np.random.default_rng(12)
+        follow_ups = []
+        for p in prompts:
+            follow_ups.append(p + list(farm.generate_tokens(p, 6, GREEDY)) + [int(t) for t in rng.integers(3, 320, 12)])
+            health = [c.health() for c in clients]
+            assert all(h.prefix_bytes <= h.prefix_budget == b for h, b in zip(health, budgets, strict=True))
+            assert health[0].prefix_entries == health[1].prefix_entries == len(farm.prefix.kept())
+        held = len(farm.prefix.kept())
+        assert 1 <= held < len(prompts)  # the oldest were freed
+        hits = [_answers_match(farm, f) for f in reversed(follow_ups)]  # the most recent first
+        assert hits == [32] * held + [0] * (len(prompts) - held)
+        for c in clients:
+            c.close()
+
+
+def test_new_sessions_free_kept_prefixes_under_the_memory_cap(tiny_models: dict[str, str]) -> None:
+    """A server capped (--mem) at its weights, a batch's compute and two and a half caches: a new
+    session frees the least recently used kept prefix to get its memory, the head learns it from
+    the answer, and every answer is still the one computed without the cache."""
+    path = tiny_models["Q8_0"]
+    info = read_model(path)
+    hp = info.hparams
+    cache = kv_bytes(hp, 0, hp.n_layer, 256, CacheConfig().resolved())
+    cap = info.range_bytes(0, hp.n_layer) + 135168 + 5 * cache // 2  # (the planner's compute bytes: batch 16)
+    args = ["--no-calibrate", "--mem", str(cap)]
+    with (
+        LocalServers(1, threads=1, extra_args=args) as local,
+        Farm(path, list(local.addresses), ctx_size=256, batch=BATCH) as farm,
+    ):
+        assert farm.prefix is not None
+        client = StageClient(local.addresses[0])
+        rng = np.random.default_rng(13)
+        follow_ups = []
+        for p in _prompts(5, 40, seed=14):
+            follow_ups.append(p + list(farm.generate_tokens(p, 6, GREEDY)) + [int(t) for t in rng.integers(3, 320, 12)])
+            health = client.health()
+            assert health.prefix_entries == len(farm.prefix.kept()) <= 3
+        assert len(farm.prefix.kept()) == 3  # the cap holds the weights and three caches
+        hits = [_answers_match(farm, f) for f in reversed(follow_ups)]
+        # the first follow-up's reference session needed a cache: the oldest of the three was freed
+        # (then a closed session's spare cache serves the references)
+        assert hits == [32, 32, 0, 0, 0]
+        assert client.health().prefix_entries == len(farm.prefix.kept())
+        client.close()
