@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 
 from llmrpc.auth import ENV_TOKEN, ClientSecurity
+from llmrpc.chat import Chat
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
@@ -334,12 +335,14 @@ class Farm:
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
+        cache_prompt: bool = True,
     ) -> Iterator[str]:
         """Yield the completion as text pieces as tokens are generated. ``prompt``: text, or
         tokens (e.g. ``farm.tokenizer.encode_chat(messages)``)."""
         tokens = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
         text = TextStream(self.tokenizer)
-        for token in self.generate_tokens(tokens, max_tokens, SamplingParams(temperature, top_k, top_p, seed)):
+        sampling = SamplingParams(temperature, top_k, top_p, seed)
+        for token in self.generate_tokens(tokens, max_tokens, sampling, cache_prompt=cache_prompt):
             piece = text.push(token)
             if piece:
                 yield piece
@@ -349,6 +352,11 @@ class Farm:
 
     def generate(self, prompt: str | list[int], max_tokens: int = 128, **kwargs: float | int | None) -> str:
         return "".join(self.stream(prompt, max_tokens, **kwargs))  # type: ignore[arg-type]
+
+    def chat(self, system: str | None = None, *, cache_prompt: bool = True) -> Chat:
+        """A conversation: each turn's prompt is the whole conversation in the model's chat
+        template, and starts from the previous turn's cache on the servers (``prefix_cache``)."""
+        return Chat(self, [{"role": "system", "content": system}] if system else [], cache_prompt=cache_prompt)
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:

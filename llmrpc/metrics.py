@@ -48,6 +48,24 @@ class _Replays(Collector):
         yield family
 
 
+class _PrefixCache(Collector):
+    """The farm's prefix cache queries and hits, in prompt tokens, read when scraped."""
+
+    def __init__(self, farm: Farm, model_name: str) -> None:
+        self.farm = farm
+        self.model_name = model_name
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        stats = self.farm.prefix_stats
+        for name, doc, value in (
+            ("llmrpc:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.", stats.queries),
+            ("llmrpc:prefix_cache_hits", "Prefix cache hits, in prompt tokens taken from a held prefix.", stats.hits),
+        ):
+            family = CounterMetricFamily(name, doc, labels=["model_name"])
+            family.add_metric([self.model_name], float(value))
+            yield family
+
+
 class ServeMetrics:
     """What the API counts and times. Each request is tracked by a :class:`RequestTimer`."""
 
@@ -79,6 +97,7 @@ class ServeMetrics:
         self.request_generation = Histogram("llmrpc:request_generation_tokens", "Tokens generated for a request.",
                                             labels, buckets=_TOKENS, registry=r).labels(m)  # fmt: skip
         r.register(_Replays(farm, m))
+        r.register(_PrefixCache(farm, m))
 
     def finished(self, reason: str) -> None:
         self._success.labels(self.model_name, reason).inc()

@@ -66,6 +66,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     stream: bool = False
     include_usage: bool = False
+    cache_prompt: bool = True  # take a held prefix and leave this cache behind (llama.cpp's server's field)
 
 
 # -- parsing (pure: a body and the model's tokenizer in, a request or an ApiError out) ------------
@@ -112,6 +113,9 @@ def parse_request(body: object, tokenizer: Tokenizer, ctx_size: int, *, chat: bo
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError("'stream' must be true or false", param="stream")
+    cache_prompt = body.get("cache_prompt", True)
+    if not isinstance(cache_prompt, bool):
+        raise ApiError("'cache_prompt' must be true or false", param="cache_prompt")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise ApiError("'stream_options' must be an object", param="stream_options")
@@ -123,6 +127,7 @@ def parse_request(body: object, tokenizer: Tokenizer, ctx_size: int, *, chat: bo
         stop=_stops(body.get("stop")),
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
+        cache_prompt=cache_prompt,
     )
 
 
@@ -265,7 +270,9 @@ class Api:
             timer.start()
             text = TextStream(self.farm.tokenizer)
             stop = StopText(req.stop)
-            tokens = self.farm.generate_tokens(req.prompt_tokens, req.max_tokens, req.sampling)
+            tokens = self.farm.generate_tokens(
+                req.prompt_tokens, req.max_tokens, req.sampling, cache_prompt=req.cache_prompt
+            )
             with contextlib.closing(tokens):
                 for token in tokens:
                     timer.token()

@@ -148,3 +148,20 @@ def test_new_sessions_free_kept_prefixes_under_the_memory_cap(tiny_models: dict[
         assert hits == [32, 32, 0, 0, 0]
         assert client.health().prefix_entries == len(farm.prefix.kept())
         client.close()
+
+
+def test_a_farm_chat_starts_each_turn_from_the_last(smollm2: str, servers: list[str]) -> None:
+    """``farm.chat()``: each turn's prompt is the whole conversation; turns 2 and 3 take the
+    whole batches of the turn before, and answer as a farm computing from scratch does."""
+    with Farm(smollm2, servers[:2], ctx_size=1024, batch=BATCH) as farm:
+        chat = farm.chat(system="You are a helpful assistant who answers in one short sentence.")
+        previous = 0
+        for i, question in enumerate(["What is the capital of Italy?", "How old is it?", "Name a famous building."]):
+            prompt = farm.tokenizer.encode_chat([*chat.messages, {"role": "user", "content": question}])
+            want = farm.generate(prompt, 16, temperature=0, cache_prompt=False)
+            hits = farm.prefix_stats.hits
+            assert chat.send(question, 16, temperature=0) == want
+            assert chat.messages[-1] == {"role": "assistant", "content": want}
+            assert farm.prefix_stats.hits - hits == (last_batch_start(previous, BATCH) if i else 0)
+            previous = len(prompt)
+        assert previous > 4 * BATCH and len(chat.messages) == 7

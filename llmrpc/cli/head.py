@@ -330,12 +330,19 @@ def status(rpc_servers: tuple[str, ...] | None, as_json: bool, link: Link) -> No
 @click.option("--api-key", envvar="LLMRPC_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every request (also from LLMRPC_API_KEY).")  # fmt: skip
 @click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
+@click.option("--batch-size", "-b", "batch", default=512, show_default=True, type=click.IntRange(1, 8192),
+              help="Prompt rows per batch (llama.cpp's -b). A prompt reuses the whole batches a held prefix computed: "
+              "smaller batches reuse more of a conversation.")  # fmt: skip
+@click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True,
+              help="Compute every prompt from an empty cache (by default the servers keep finished requests' caches "
+              "and a request takes the whole batches of its prompt they hold; a request opts out with "
+              '"cache_prompt": false).')  # fmt: skip
 @link_options
 @attention_options
 @verbose_option
 def serve(
     source: Source, link: Link, attention: Attention, host: str, port: int, parallel: int, ctx_size: int, api_key: str | None,
-    model_name: str | None, verbose: int,
+    model_name: str | None, batch: int, prefix_cache: bool, verbose: int,
 ) -> None:  # fmt: skip
     setup_logging(verbose)
     import signal
@@ -348,7 +355,10 @@ def serve(
 
     signal.signal(signal.SIGTERM, stop)  # so that the farm, and the servers it started, are stopped
     try:
-        with open_farm(source, link, ctx_size, max_sessions=parallel, **attention.farm_args()) as farm:
+        with open_farm(
+            source, link, ctx_size, max_sessions=parallel, batch=batch, prefix_cache=prefix_cache,
+            **attention.farm_args(),
+        ) as farm:  # fmt: skip
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
             _serve_api(farm, name, api_key, host, port, parallel)
     except KeyboardInterrupt:
