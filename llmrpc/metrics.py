@@ -49,20 +49,21 @@ class _Replays(Collector):
 
 
 class _PrefixCache(Collector):
-    """The farm's prefix cache queries and hits, in prompt tokens, read when scraped."""
+    """The farm's prefix cache queries and hits, in prompt tokens, per replica, read when scraped."""
 
     def __init__(self, farm: Farm, model_name: str) -> None:
         self.farm = farm
         self.model_name = model_name
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        stats = self.farm.prefix_stats
-        for name, doc, value in (
-            ("llmrpc:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.", stats.queries),
-            ("llmrpc:prefix_cache_hits", "Prefix cache hits, in prompt tokens taken from a held prefix.", stats.hits),
+        stats = list(self.farm.replica_stats)
+        for name, doc, field in (
+            ("llmrpc:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.", "queries"),
+            ("llmrpc:prefix_cache_hits", "Prefix cache hits, in prompt tokens taken from a held prefix.", "hits"),
         ):
-            family = CounterMetricFamily(name, doc, labels=["model_name"])
-            family.add_metric([self.model_name], float(value))
+            family = CounterMetricFamily(name, doc, labels=["model_name", "replica"])
+            for i, s in enumerate(stats):
+                family.add_metric([self.model_name, str(i)], float(getattr(s, field)))
             yield family
 
 

@@ -252,7 +252,8 @@ class Api:
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
-        self.slots = threading.BoundedSemaphore(self.farm.max_sessions)  # a session on every server each
+        # a session on every server of a replica each
+        self.slots = threading.BoundedSemaphore(self.farm.max_sessions * max(1, len(self.farm.replicas)))
         self.metrics = ServeMetrics(self.farm, self.model_id)
 
     def generate(self, req: GenerationRequest, outcome: Outcome) -> Generator[str, None, None]:

@@ -3,16 +3,23 @@ through real servers; what the servers keep stays within their budgets."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from llmrpc.farm import Farm
 from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
+from llmrpc.head.placement import model_layout
+from llmrpc.head.planner import PlanError, ServerReport, plan
 from llmrpc.head.prefix import last_batch_start, reusable_rows
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.kv import CacheConfig, kv_bytes
+from llmrpc.model.synthetic import SyntheticSpec
 from llmrpc.sampling import SamplingParams
+
+from .conftest import model_file
 
 GREEDY = SamplingParams(temperature=0)
 BATCH = 16
@@ -165,3 +172,44 @@ def test_a_farm_chat_starts_each_turn_from_the_last(smollm2: str, servers: list[
             assert farm.prefix_stats.hits - hits == (last_batch_start(previous, BATCH) if i else 0)
             previous = len(prompt)
         assert previous > 4 * BATCH and len(chat.messages) == 7
+
+
+def test_replicas_route_a_conversation_back_to_the_replica_that_holds_it(tmp_path: Path) -> None:
+    """Six servers, each capped (--mem) to hold a third of a 6-layer model: the farm forms two
+    replicas of three. Two conversations go to different replicas (the less loaded, then the one
+    holding fewer prefixes); their follow-ups go back to the replica holding each, take its
+    prefix there (counted for that replica) and answer as without the cache."""
+    path = model_file(tmp_path, "six.gguf", SyntheticSpec(n_layer=6, weight_type="Q8_0", seed=3))
+    layout = model_layout(read_model(path), CacheConfig())
+
+    def fits(cap: int, n: int) -> bool:
+        try:
+            plan(layout, [ServerReport(f"s{i}", "CPU", cap) for i in range(n)], ctx_size=256, n_batch=BATCH)
+        except PlanError:
+            return False
+        return True
+
+    low, cap = 1, 1 << 30  # the least memory on which three servers hold the model
+    while low < cap:
+        mid = (low + cap) // 2
+        low, cap = (low, mid) if fits(mid, 3) else (mid + 1, cap)
+    assert not fits(cap, 2)
+    args = ["--no-calibrate", "--mem", str(cap)]
+    with (
+        LocalServers(6, threads=1, extra_args=args) as local,
+        Farm(path, list(local.addresses), ctx_size=256, batch=BATCH, replicas=0) as farm,
+    ):
+        assert len(farm.replicas) == 2 and [len(p) for p in farm.plans] == [3, 3]
+        assert {a.address for p in farm.plans for a in p} == set(local.addresses)
+        rng = np.random.default_rng(22)
+        follow_ups, homes = [], []
+        for p in _prompts(2, 60, seed=21):
+            follow_ups.append(p + list(farm.generate_tokens(p, 6, GREEDY)) + [int(t) for t in rng.integers(3, 320, 12)])
+            homes.append(next(r.index for r in farm.replicas if any(h.tokens[:60] == p for h in r.prefix.kept())))
+        assert homes == [0, 1]
+        for follow_up, home in zip(follow_ups, homes, strict=True):
+            before = [s.hits for s in farm.replica_stats]
+            assert _answers_match(farm, follow_up) == 48
+            assert [s.hits - b for s, b in zip(farm.replica_stats, before, strict=True)] == [
+                48 if r == home else 0 for r in range(2)
+            ]

@@ -54,9 +54,10 @@ def tokenizer(smollm2: str) -> Tokenizer:
 
 
 def _counters(api: str) -> tuple[float, float]:
-    """The prefix cache's queries and hits so far, in tokens."""
+    """The prefix cache's queries and hits so far, in tokens (one replica)."""
     samples = scrape(api)[1]
-    return samples[("llmrpc:prefix_cache_queries_total", ())], samples[("llmrpc:prefix_cache_hits_total", ())]
+    one = (("replica", "0"),)
+    return samples[("llmrpc:prefix_cache_queries_total", one)], samples[("llmrpc:prefix_cache_hits_total", one)]
 
 
 def _ask(client: openai.OpenAI, messages: list[dict[str, str]], cache_prompt: bool = True) -> Any:

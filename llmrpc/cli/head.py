@@ -111,6 +111,21 @@ attention_options = gather(
 )  # fmt: skip
 
 
+class _Replicas(click.ParamType):
+    """'auto' -> 0 (as many as fit), or a count of at least 1."""
+
+    name = "N|auto"
+
+    def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        if str(value) == "auto":
+            return 0
+        if not str(value).isdigit() or int(str(value)) < 1:
+            self.fail(f"{value!r} is neither a count of at least 1 nor 'auto'", param, ctx)
+        return int(str(value))
+
+
 def open_farm(source: Source, link: Link, ctx_size: int, **extra: Any) -> Farm:
     """The farm the options describe (``extra``: more of :class:`llmrpc.farm.Farm`'s arguments)."""
     from llmrpc.farm import Farm
@@ -333,6 +348,10 @@ def status(rpc_servers: tuple[str, ...] | None, as_json: bool, link: Link) -> No
 @click.option("--batch-size", "-b", "batch", default=512, show_default=True, type=click.IntRange(1, 8192),
               help="Prompt rows per batch (llama.cpp's -b). A prompt reuses the whole batches a held prefix computed: "
               "smaller batches reuse more of a conversation.")  # fmt: skip
+@click.option("--replicas", default="1", show_default=True, type=_Replicas(),
+              help="Pipelines over disjoint groups of the servers, when they hold the model more than once "
+              "(auto: as many as fit); a request goes to the one holding the longest prefix of its prompt, or "
+              "the least loaded. --parallel applies to each.")  # fmt: skip
 @click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True,
               help="Compute every prompt from an empty cache (by default the servers keep finished requests' caches "
               "and a request takes the whole batches of its prompt they hold; a request opts out with "
@@ -342,7 +361,7 @@ def status(rpc_servers: tuple[str, ...] | None, as_json: bool, link: Link) -> No
 @verbose_option
 def serve(
     source: Source, link: Link, attention: Attention, host: str, port: int, parallel: int, ctx_size: int, api_key: str | None,
-    model_name: str | None, batch: int, prefix_cache: bool, verbose: int,
+    model_name: str | None, batch: int, replicas: int, prefix_cache: bool, verbose: int,
 ) -> None:  # fmt: skip
     setup_logging(verbose)
     import signal
@@ -356,7 +375,7 @@ def serve(
     signal.signal(signal.SIGTERM, stop)  # so that the farm, and the servers it started, are stopped
     try:
         with open_farm(
-            source, link, ctx_size, max_sessions=parallel, batch=batch, prefix_cache=prefix_cache,
+            source, link, ctx_size, max_sessions=parallel, batch=batch, prefix_cache=prefix_cache, replicas=replicas,
             **attention.farm_args(),
         ) as farm:  # fmt: skip
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]

@@ -79,6 +79,10 @@ class PrefixStats:
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
 
+    @staticmethod
+    def total(stats: list[PrefixStats]) -> PrefixStats:
+        return PrefixStats(sum(s.requests for s in stats), sum(s.queries for s in stats), sum(s.hits for s in stats))
+
 
 class PrefixCache:
     """What one pipeline's servers hold, and sessions that start from it."""
