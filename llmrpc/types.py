@@ -94,6 +94,7 @@ class ServerInfo:
     bytes_received: int = 0
     data_port: int = 0  # the data plane (0: this server has none)
     data_token: str = ""
+    machine_id: str = ""  # servers reporting the same one compute on the same cores (llmrpc.machine)
 
 
 @dataclass(frozen=True)
@@ -101,3 +102,4 @@ class ServerHealth:
     serving: bool
     open_sessions: int
     native_steps: int  # generation steps computed through the native hop
+    takes_turns: bool = False  # it shares its machine's cores with other servers, taking turns
