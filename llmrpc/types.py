@@ -119,6 +119,7 @@ class ServerInfo:
     bytes_received: int = 0
     data_port: int = 0  # the data plane (0: this server has none)
     data_token: str = ""
+    machine_id: str = ""  # servers reporting the same one compute on the same cores (llmrpc.machine)
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,7 @@ class ServerHealth:
     serving: bool
     open_sessions: int
     native_steps: int  # generation steps computed through the native hop
+    takes_turns: bool = False  # it shares its machine's cores with other servers, taking turns
     prefix_entries: int = 0  # closed sessions' caches kept as prefixes
     prefix_bytes: int = 0  # their bytes
     prefix_budget: int = 0  # the most bytes they may take

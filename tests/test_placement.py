@@ -230,3 +230,31 @@ def test_planned_bytes_are_what_the_servers_allocate(tmp_path: Path, servers: li
         assert sum(s.kv_bytes for s in farm.plan) < 0.8 * sum(
             farm.info.hparams.n_embd_k_gqa(il) * 4 * n_ctx for il in range(6)
         )
+
+
+def test_servers_started_alone_on_one_machine_are_told_to_take_turns(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """Three servers started by hand without the shared-host flags report one machine; the
+    head tells them to take turns (unless told not to), and the text is the same either way."""
+    started = [
+        LocalServers(1, threads=2, extra_args=["--no-calibrate", "--cache-dir", str(tmp_path / f"c{i}")])
+        for i in range(3)
+    ]
+    try:
+        addresses = [local.start()[0] for local in started]
+        clients = [StageClient(a) for a in addresses]
+        assert len({c.hello().machine_id for c in clients}) == 1
+        assert not any(c.health().takes_turns for c in clients)
+        prompt = [1, 5, 9, 33]
+        with Farm(tiny_models["Q8_0"], addresses, ctx_size=256, share_hosts=False) as farm:
+            alone = list(farm.generate_tokens(prompt, 12, SamplingParams(temperature=0), stop_at_eog=False))
+        assert not any(c.health().takes_turns for c in clients)
+        with Farm(tiny_models["Q8_0"], addresses, ctx_size=256) as farm:
+            assert len(farm.plan) == 3
+            taking_turns = list(farm.generate_tokens(prompt, 12, SamplingParams(temperature=0), stop_at_eog=False))
+        assert all(c.health().takes_turns for c in clients)
+        assert taking_turns == alone
+    finally:
+        for local in started:
+            local.stop()

@@ -110,13 +110,16 @@ class StageClient:
             raise self._error(e) from None
 
     def load(
-        self, model_path: str, start: int, end: int, model_hash: str = "", cache: CacheConfig | None = None
-    ) -> LoadedRange | None:
+        self, model_path: str, start: int, end: int, model_hash: str = "", cache: CacheConfig | None = None,
+        share_host: str = "",
+    ) -> LoadedRange | None:  # fmt: skip
         """Load layers [start, end) (their attention and KV cache as ``cache`` says, by default
-        llama.cpp's); None when the server has no copy (push the slice)."""
+        llama.cpp's; ``share_host``: take turns with the servers given the same name); None when
+        the server has no copy (push the slice)."""
         try:
             reply = self._stub.Load(
-                codec.load_request(model_path, start, end, model_hash, cache or CacheConfig()), timeout=self.timeout
+                codec.load_request(model_path, start, end, model_hash, cache or CacheConfig(), share_host),
+                timeout=self.timeout,
             )
         except grpc.RpcError as e:
             self.loaded = None

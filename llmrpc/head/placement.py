@@ -63,7 +63,31 @@ def model_layout(info: ModelInfo, cache: CacheConfig | None = None) -> ModelLayo
 
 
 def server_reports(infos: Sequence[ServerInfo]) -> list[ServerReport]:
-    return [ServerReport(i.address, i.device.name, i.memory_budget or i.device.memory_free, i.bandwidth) for i in infos]
+    """What the planner needs of each server. Servers of one machine and device are equal: they
+    get the best of their speeds (measured side by side, as servers started together measure
+    them, each figure is low and noisy, which would give equal servers unequal work)."""
+    best: dict[tuple[str, str], float] = {}
+    for i in infos:
+        if i.machine_id:
+            key = (i.machine_id, i.device.name)
+            best[key] = max(best.get(key, 0.0), i.bandwidth)
+    return [
+        ServerReport(
+            i.address, i.device.name, i.memory_budget or i.device.memory_free,
+            best.get((i.machine_id, i.device.name), i.bandwidth) if i.machine_id else i.bandwidth,
+        )
+        for i in infos
+    ]  # fmt: skip
+
+
+def shared_hosts(infos: Sequence[ServerInfo], used: Sequence[str]) -> dict[str, str]:
+    """The servers of a plan (``used`` addresses) that compute on one machine's CPU cores with
+    another of the plan, each with the name of that machine's turn-taking lock."""
+    by_machine: dict[str, list[str]] = {}
+    for i in infos:
+        if i.address in used and i.machine_id and i.device.kind == "cpu":
+            by_machine.setdefault(i.machine_id, []).append(i.address)
+    return {a: f"llmrpc-{m}" for m, addresses in by_machine.items() if len(addresses) > 1 for a in addresses}
 
 
 def format_size(n: float) -> str:

@@ -99,18 +99,19 @@ def _row(s: ServerStatus) -> tuple[str, ...]:
     return (
         s.address, f"{d.name} ({d.kind}, {size(d.memory_total)})", _layers(i), str(h.open_sessions),
         size(s.weight_bytes), size(i.memory_budget), _cached(i), f"{h.prefix_entries} ({size(h.prefix_bytes)})",
-        str(h.native_steps), _speed(s),
+        str(h.native_steps), _speed(s), "yes" if h.takes_turns else "no",
     )  # fmt: skip
 
 
-HEADER = ("server", "device", "layers", "sessions", "used", "budget", "cached", "prefixes", "C steps", "speed")
+HEADER = ("server", "device", "layers", "sessions", "used", "budget", "cached", "prefixes", "C steps", "speed", "turns")
 
 
 def format_status(rows: Sequence[ServerStatus]) -> str:
     """A table: used is the loaded weights; budget what the server can give a plan (its --mem cap,
     or its device's free memory and what it holds); speed its measured weight-read bandwidth and
     what reading its loaded weights once takes; prefixes the closed sessions' caches it keeps for later
-    ones; C steps the generation steps taken in the native hop."""
+    ones; C steps the generation steps taken in the native hop; turns whether it takes turns on its
+    machine's cores with other servers."""
     table = [HEADER] + [_row(s) for s in rows if not s.error]
     widths = [max(len(r[i]) for r in table) for i in range(len(HEADER))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]

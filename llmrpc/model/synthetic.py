@@ -43,6 +43,7 @@ class SyntheticSpec:
     n_ff_exp: int = 0  # FFN width of one expert (0: n_ff)
     sliding_window: int = 0  # 0: the family's default for a tiny model
     final_softcap: float = 0.0
+    chat_template: str = ""  # tokenizer.chat_template (Jinja), when the model should have one
 
     @property
     def hd(self) -> int:
@@ -615,6 +616,8 @@ def write_gguf(path: str | os.PathLike[str], spec: SyntheticSpec) -> str:
     w.add_bos_token_id(1)
     w.add_eos_token_id(2)
     w.add_unk_token_id(0)
+    if spec.chat_template:
+        w.add_chat_template(spec.chat_template)
 
     def tensor(kind: T, il: int | None, suffix: str, shape: Shape) -> None:
         name = tensor_name(kind, il, suffix)

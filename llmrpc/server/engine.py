@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import ssl
+import tempfile
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -199,6 +200,30 @@ class Engine:
         except TransferError as e:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"slice [{head.layer_start}, {head.layer_end}): {e}") from e
         return receiver.port, receiver.token
+
+    def takes_turns(self) -> bool:
+        """Whether this server takes turns with others on its machine's cores."""
+        return self._host_lock is not None
+
+    def share_host(self, name: str) -> None:
+        """Take turns with the other servers on this machine's cores that got ``name`` (their
+        head saw them on one machine): hold the machine's lock of that name while computing, and
+        let the compute threads go after each batch. Once on, it stays on."""
+        if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"share_host {name!r}: letters, digits, - and _ only")
+        if self.device.kind != "cpu" or self._host_lock is not None and self.release_threads:
+            return
+
+        def share() -> None:
+            if self._host_lock is None:
+                self._host_lock = open(os.path.join(tempfile.gettempdir(), f"{name}.lock"), "a+b")  # noqa: SIM115
+            if not self.release_threads:
+                self._backend.share_cores()
+                self.release_threads = True
+                self.loop.on_wake = self._backend.wake_threads
+            logger.info("taking turns on this machine's cores with the servers told %r", name)
+
+        self.loop.call(share)
 
     def load(
         self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "", cache: CacheConfig | None = None

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from llmrpc import __version__, codec
+from llmrpc.machine import machine_id
 from llmrpc.server.api import EngineError, ErrorCode, StageEngine, stage_outputs
 from llmrpc.types import PROTOCOL_VERSION, PrefixStart
 from llmrpc.v1 import llmrpc_pb2 as pb
@@ -75,15 +76,17 @@ class StageService(pb_grpc.StageServicer):
             bytes_received=e.bytes_received,
             data_port=self.data_port,
             data_token=self.data_token,
+            machine_id=machine_id(),
         )
         if loaded is not None:
             reply.loaded.CopyFrom(codec.range_to_proto(loaded))
         return reply
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:  # noqa: N802
-        entries, n_bytes, budget = self.engine.prefix_figures()
+        e = self.engine
+        entries, n_bytes, budget = e.prefix_figures()
         return pb.HealthReply(
-            serving=True, open_sessions=self.engine.open_sessions(), native_steps=self.engine.native_steps,
+            serving=True, open_sessions=e.open_sessions(), native_steps=e.native_steps, takes_turns=e.takes_turns(),
             prefix_entries=entries, prefix_bytes=n_bytes, prefix_budget=budget,
         )  # fmt: skip
 
@@ -96,6 +99,8 @@ class StageService(pb_grpc.StageServicer):
                 cache = codec.cache_from_request(request)
             except ValueError as e:
                 raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+            if request.share_host:
+                self.engine.share_host(request.share_host)
             loaded = self.engine.load(
                 request.model_path, request.layer_start, request.layer_end, request.model_hash, cache
             )

@@ -90,7 +90,7 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received", "data_port", "data_token")
+    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received", "data_port", "data_token", "machine_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class HelloReply(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     device: Device
@@ -119,7 +120,8 @@ class HelloReply(_message.Message):
     bytes_received: int
     data_port: int
     data_token: str
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., data_port: _Optional[int] = ..., data_token: _Optional[str] = ...) -> None: ...
+    machine_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., data_port: _Optional[int] = ..., data_token: _Optional[str] = ..., machine_id: _Optional[str] = ...) -> None: ...
 
 class CachedSlice(_message.Message):
     __slots__ = ("model_hash", "layer_start", "layer_end", "bytes")
@@ -138,23 +140,25 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "open_sessions", "native_steps", "prefix_entries", "prefix_bytes", "prefix_budget")
+    __slots__ = ("serving", "open_sessions", "native_steps", "takes_turns", "prefix_entries", "prefix_bytes", "prefix_budget")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TAKES_TURNS_FIELD_NUMBER: _ClassVar[int]
     PREFIX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BUDGET_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     open_sessions: int
     native_steps: int
+    takes_turns: bool
     prefix_entries: int
     prefix_bytes: int
     prefix_budget: int
-    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ...) -> None: ...
+    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., takes_turns: _Optional[bool] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v")
+    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v", "share_host")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +166,7 @@ class LoadRequest(_message.Message):
     FLASH_ATTN_FIELD_NUMBER: _ClassVar[int]
     CACHE_TYPE_K_FIELD_NUMBER: _ClassVar[int]
     CACHE_TYPE_V_FIELD_NUMBER: _ClassVar[int]
+    SHARE_HOST_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -169,7 +174,8 @@ class LoadRequest(_message.Message):
     flash_attn: FlashAttn
     cache_type_k: str
     cache_type_v: str
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ..., flash_attn: _Optional[_Union[FlashAttn, str]] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ...) -> None: ...
+    share_host: str
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ..., flash_attn: _Optional[_Union[FlashAttn, str]] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ..., share_host: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("loaded", "seconds", "needs_weights", "source")
