@@ -293,14 +293,15 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ---------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        if self.path in ("/health", "/healthz"):  # open to probes: says only that the API is up
+            self._json(HTTPStatus.OK, {"status": "ok"})
+            return
         try:
             self._authorize()
             if self.path.rstrip("/") in ("/v1/models", "/models"):
                 api = self.server.api
                 model = {"id": api.model_id, "object": "model", "created": api.created, "owned_by": "llmrpc"}
                 self._json(HTTPStatus.OK, {"object": "list", "data": [model]})
-            elif self.path in ("/health", "/healthz"):
-                self._json(HTTPStatus.OK, {"status": "ok"})
             elif self.path == "/metrics":
                 self._send(HTTPStatus.OK, self.server.api.metrics.exposition(), CONTENT_TYPE)
             else:
