@@ -202,15 +202,16 @@ def test_the_statefulsets_probes_answer(tiny_models: dict[str, str], tmp_path: P
     docs = {d["kind"]: d for name, d in documents() if name.startswith("statefulset.yaml")}
     server_c = docs["StatefulSet"]["spec"]["template"]["spec"]["containers"][0]
     head_c = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
-    grpc_port, http_port = _free_port(), _free_port()
+    grpc_port, http_port, metrics_port = _free_port(), _free_port(), _free_port()
     server_args = _local(server_c["args"], {"--host": "127.0.0.1", "--port": str(grpc_port), "--data-port": "0",
-                                            "--cache-dir": str(tmp_path / "slices")})  # fmt: skip
+                                            "--cache-dir": str(tmp_path / "slices"),
+                                            "--metrics-port": str(metrics_port)})  # fmt: skip
     server_proc = subprocess.Popen([sys.executable, "-m", "llmrpc.cli", "server", *server_args, "--no-calibrate"],
                                    stdout=subprocess.PIPE, text=True)  # fmt: skip
     head_proc = None
     try:
         address = read_ready(server_proc, 60)
-        assert not _probe(server_c, {50052: grpc_port})
+        assert not _probe(server_c, {50052: grpc_port, 9100: metrics_port})
         head_args = _local(head_c["args"], {"--model": tiny_models["Q8_0"], "--rpc-servers": address,
                                             "--min-servers": "1", "--connect-timeout": "30", "--host": "127.0.0.1",
                                             "--port": str(http_port), "--ctx-size": "128", "--parallel": "1",

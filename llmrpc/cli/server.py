@@ -33,6 +33,7 @@ class ServerOptions:
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
+    metrics_port: int | None  # None: no metrics
 
 
 _server_options = gather(
@@ -80,6 +81,10 @@ _server_options = gather(
     click.option("--tls-ca", default=None, type=click.Path(dir_okay=False),
                  help="With --tls-cert: what the next servers' certificates must chain to, on the data plane "
                  "(default: --tls-cert itself, for one self-signed certificate shared by the farm)."),
+    click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+                 help="Serve Prometheus metrics (GET /metrics: device memory, layers, sessions, steps, step latency, "
+                 "bytes in and out) and GET /health on this HTTP port of --host (0: any free port; the ready line "
+                 "says which). Without a token or TLS: it reveals no activations."),
 )  # fmt: skip
 
 
