@@ -66,11 +66,13 @@ class Namespace:
     def run(self, cmd: list[str], timeout: float = 60, **kwargs: Any) -> subprocess.CompletedProcess[str]:
         return subprocess.run(self.command(cmd), text=True, capture_output=True, timeout=timeout, check=False, **kwargs)
 
-    def server(self, host: str, port: int, cache_dir: Path, *extra: str) -> tuple[subprocess.Popen[str], str]:
+    def server(
+        self, host: str, port: int, cache_dir: Path, *extra: str, env: dict[str, str] | None = None
+    ) -> tuple[subprocess.Popen[str], str]:
         """An llmrpc-server in this namespace at host:port; (its process, its address)."""
         cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", host, "--port", str(port), "--threads", "1",
                "--no-calibrate", "--cache-dir", str(cache_dir), *extra]  # fmt: skip
-        proc = self.popen(cmd, stdout=subprocess.PIPE)
+        proc = self.popen(cmd, stdout=subprocess.PIPE, env=os.environ | (env or {}))
         try:
             return proc, read_ready(proc, 60)
         except Exception:
@@ -83,6 +85,55 @@ class Namespace:
 
     def __enter__(self) -> Namespace:
         return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Lan:
+    """Namespaces on one Ethernet segment: each node has a veth whose other end is on a bridge in a
+    namespace of its own (the switch); node i is 10.79.0.(i+1)/24, and multicast goes to the LAN."""
+
+    SUBNET = "10.79.0"
+
+    def __init__(self, nodes: int) -> None:
+        tag = f"l{os.getpid() % 100000}"
+        self.tag = tag
+        self.switch = Namespace(f"llmrpc-{tag}-sw")
+        self.nodes = [Namespace(f"llmrpc-{tag}-{i}") for i in range(nodes)]
+
+    def address(self, i: int) -> str:
+        return f"{self.SUBNET}.{i + 1}"
+
+    def start(self) -> Lan:
+        sw = self.switch.start().name
+        ip("-n", sw, "link", "add", "br0", "type", "bridge")
+        ip("-n", sw, "link", "set", "br0", "up")
+        for i, node in enumerate(self.nodes):
+            node.start()
+            end, port = f"{self.tag}n{i}", f"{self.tag}p{i}"  # at most 15 characters
+            ip("link", "add", end, "type", "veth", "peer", "name", port)
+            ip("link", "set", end, "netns", node.name)
+            ip("link", "set", port, "netns", sw)
+            ip("-n", sw, "link", "set", port, "master", "br0")
+            ip("-n", sw, "link", "set", port, "up")
+            ip("-n", node.name, "link", "set", end, "name", "eth0")
+            ip("-n", node.name, "addr", "add", f"{self.address(i)}/24", "dev", "eth0")
+            ip("-n", node.name, "link", "set", "eth0", "up")
+            ip("-n", node.name, "route", "add", "224.0.0.0/4", "dev", "eth0")
+        return self
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()  # its veth goes with it, and the peer on the bridge too
+        self.switch.close()
+
+    def __enter__(self) -> Lan:
+        try:
+            return self.start()
+        except BaseException:
+            self.close()
+            raise
 
     def __exit__(self, *exc: object) -> None:
         self.close()

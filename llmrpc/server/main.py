@@ -52,6 +52,7 @@ def serve(
     tls_key: str | None = None,
     tls_ca: str | None = None,
     metrics_port: int | None = None,
+    announce: bool = False,
 ) -> int:
     prepare_threads_env(omp_spin, pin_threads)
     from llmrpc.auth import TokenChecker, client_context, server_context, server_credentials
@@ -130,6 +131,18 @@ def serve(
             data.close()
             engine.close()
             return 2
+    announcer = None
+    if announce:
+        from llmrpc.discovery import Announcer
+
+        try:
+            announcer = Announcer(bound, token or "")
+        except (ValueError, OSError) as e:
+            print(f"llmrpc-server: cannot answer discovery: {e}", file=sys.stderr)
+            server.stop(grace=0).wait()
+            data.close()
+            engine.close()
+            return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
@@ -146,6 +159,8 @@ def serve(
     server.stop(grace=2).wait()
     if metrics is not None:
         metrics.close()
+    if announcer is not None:
+        announcer.close()
     data.close()
     engine.close()
     return 0
