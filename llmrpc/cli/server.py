@@ -34,6 +34,8 @@ class ServerOptions:
     tls_cert: str | None
     tls_key: str | None
     tls_ca: str | None
+    metrics_port: int | None  # None: no metrics
+    announce: bool  # answer heads' discovery on the LAN
 
 
 _server_options = gather(
@@ -85,6 +87,13 @@ _server_options = gather(
     click.option("--tls-ca", default=None, type=click.Path(dir_okay=False),
                  help="With --tls-cert: what the next servers' certificates must chain to, on the data plane "
                  "(default: --tls-cert itself, for one self-signed certificate shared by the farm)."),
+    click.option("--metrics-port", default=None, type=click.IntRange(0, 65535),
+                 help="Serve Prometheus metrics (GET /metrics: device memory, layers, sessions, steps, step latency, "
+                 "bytes in and out) and GET /health on this HTTP port of --host (0: any free port; the ready line "
+                 "says which). Without a token or TLS: it reveals no activations."),
+    click.option("--announce", is_flag=True,
+                 help="Let heads on this LAN find this server (llmrpc-head --discover, UDP multicast to "
+                 "239.255.77.77:50099): it answers with its port and a proof of --token, which it needs."),
 )  # fmt: skip
 
 
@@ -101,6 +110,8 @@ def server(options: ServerOptions, list_devices: bool, verbose: int) -> None:
     setup_logging(verbose)
     if bool(options.tls_cert) != bool(options.tls_key):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if options.announce and not options.token:
+        raise click.UsageError("--announce needs the farm's token (--token or LLMRPC_TOKEN): its answers prove it")
     from llmrpc.server.main import prepare_threads_env, serve
 
     if list_devices:

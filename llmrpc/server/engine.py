@@ -12,6 +12,7 @@ import logging
 import os
 import ssl
 import tempfile
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -30,6 +31,7 @@ from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache
 from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
+from llmrpc.server.metrics import StepMeter
 from llmrpc.server.native import Hop, NativeHop, hop_library
 from llmrpc.server.prefix import Kept, KeptCaches
 from llmrpc.server.store import TransferError, WeightStore
@@ -88,6 +90,7 @@ class Engine:
         self.release_threads = release_threads
         self.bytes_received = 0
         self.native_steps = 0
+        self.meter = StepMeter()  # every step's rows, time and bytes (llmrpc-server --metrics-port)
         self.threads = threads
         self.max_sessions = max_sessions
         self.max_ctx = max_ctx
@@ -125,6 +128,10 @@ class Engine:
 
     def open_sessions(self) -> int:
         return len(self._sessions)
+
+    def memory_used(self) -> int:
+        """Bytes of weights and KV caches this server holds on its device."""
+        return self._held
 
     def max_input_elements(self) -> int:
         n_embd = self._range.n_embd if self._range else 1
@@ -521,8 +528,11 @@ class Engine:
         def done(h: Hop) -> None:
             length[0], row.row.allowed = int(h.length), int(h.allowed)
             self.native_steps += 1
+            width = 4 * hp.n_embd  # F32 hidden states in and out; an I32 token at either end
+            self.meter.step("native", 1, native.seconds, 4 if stage.first else width, 4 if stage.last else width)
 
-        return NativeHop(lib, h, valid, done, row)
+        native = NativeHop(lib, h, valid, done, row)
+        return native
 
     def _settle(self) -> None:
         """Wait for the batch in flight, if any (its outputs stay with its Launched)."""
@@ -532,6 +542,7 @@ class Engine:
 
     def _launch(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool) -> Launched:
         self._settle()
+        started = time.perf_counter()
         stage = self._require_stage()
         if not items:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, "an empty batch")
@@ -569,7 +580,8 @@ class Engine:
             self._backend.release_threads()
         for session_id, start_pos, x in items:
             self._sessions[session_id][1][0] = start_pos + int(x.shape[0])
-        self._inflight = Launched(collect, ready=not self.overlaps)
+        rows, bytes_in = sum(int(x.shape[0]) for _, _, x in items), sum(int(x.nbytes) for _, _, x in items)
+        self._inflight = Launched(self.meter.timed(collect, started, rows, bytes_in), ready=not self.overlaps)
         return self._inflight
 
     def _check_input(self, stage: LayerStage, x: np.ndarray) -> int:

@@ -52,6 +52,8 @@ def serve(
     tls_cert: str | None = None,
     tls_key: str | None = None,
     tls_ca: str | None = None,
+    metrics_port: int | None = None,
+    announce: bool = False,
 ) -> int:
     prepare_threads_env(omp_spin, pin_threads)
     from llmrpc.auth import TokenChecker, client_context, server_context, server_credentials
@@ -118,19 +120,48 @@ def serve(
         engine.close()
         return 2
     server.start()
+    metrics = None
+    if metrics_port is not None:
+        from llmrpc.server.metrics import ServerMetrics
+
+        try:
+            metrics = ServerMetrics(engine, host, metrics_port)
+        except OSError as e:
+            print(f"llmrpc-server: cannot open the metrics port {host}:{metrics_port}: {e}", file=sys.stderr)
+            server.stop(grace=0).wait()
+            data.close()
+            engine.close()
+            return 2
+    announcer = None
+    if announce:
+        from llmrpc.discovery import Announcer
+
+        try:
+            announcer = Announcer(bound, token or "")
+        except (ValueError, OSError) as e:
+            print(f"llmrpc-server: cannot answer discovery: {e}", file=sys.stderr)
+            server.stop(grace=0).wait()
+            data.close()
+            engine.close()
+            return 2
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     # The ready line: tests and `llmrpc-head --local` read the bound port from it.
     print(
         f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}"
-        f" tls={'on' if credentials else 'off'} token={'on' if token else 'off'}",
+        f" tls={'on' if credentials else 'off'} token={'on' if token else 'off'}"
+        + (f" metrics={metrics.port}" if metrics else ""),
         flush=True,
     )
     logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
     stop.wait()
     logger.info("shutting down")
     server.stop(grace=2).wait()
+    if metrics is not None:
+        metrics.close()
+    if announcer is not None:
+        announcer.close()
     data.close()
     engine.close()
     return 0

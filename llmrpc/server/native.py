@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +125,7 @@ class NativeHop:
         self.valid = valid
         self._done = done
         self._keep = keep  # what the addresses in ``hop`` point into
+        self.seconds = 0.0  # the last step's time
 
     def route(self, in_fd: int, out_fd: int, link: int, rid: int, hop: int) -> None:
         h = self.hop
@@ -139,8 +141,10 @@ class NativeHop:
 
     def run(self) -> int:
         """Take the next STEP on the connection and send it on, or leave it (HOP_NOT_MINE)."""
+        started = time.perf_counter()
         result = int(self._call(self._ref))
         if result in (HOP_DONE, HOP_ENDED, HOP_REPORT_LEFT, HOP_COMPUTE_FAILED):  # a step computed
+            self.seconds = time.perf_counter() - started  # the step's time here, frame in to frame out
             self._done(self.hop)
         return result
 
