@@ -12,8 +12,6 @@ from typing import Any, TypeVar
 
 import click
 
-from llmrpc.head.resolve import check_spec
-
 F = TypeVar("F", bound=Callable[..., Any])
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -52,6 +50,10 @@ class Addresses(click.ParamType):
     name = "host:port,..."
 
     def convert(self, value: object, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, ...]:
+        # (imported here: llmrpc.head loads llama.cpp, which a server must not load before it has
+        # set OpenMP's thread binding, see llmrpc.server.main.prepare_threads_env)
+        from llmrpc.head.resolve import check_spec
+
         if isinstance(value, tuple):
             return value
         addresses = tuple(a.strip() for a in str(value).split(",") if a.strip())
