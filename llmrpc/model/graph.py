@@ -479,6 +479,16 @@ class Builder:
         cur = self.add(self.mm(down, cur), down_b)
         return self.name(cur, label, il)
 
+    def qk_norm(self, q: g.Tensor, k: g.Tensor, il: int) -> tuple[g.Tensor, g.Tensor]:
+        """Q and K normed per head by the layer's ``attn_q_norm`` and ``attn_k_norm``."""
+        q = self.norm(q, self.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
+        return q, self.norm(k, self.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+
+    def shared_expert(self, x: g.Tensor, il: int) -> g.Tensor:
+        """The layer's shared expert: a SwiGLU FFN every row goes through next to the routed ones."""
+        up, gate, down = (self.w(kind, il) for kind in (T.FFN_UP_SHEXP, T.FFN_GATE_SHEXP, T.FFN_DOWN_SHEXP))
+        return self.ffn(x, il, up, gate, down, Act.SILU, label="ffn_shexp")
+
     def moe(
         self, x: g.Tensor, il: int, act: Act = Act.SILU, gating: Gating = Gating.SOFTMAX,
         norm_weights: bool = False, weights_scale: float = 0.0, biased: bool = False,

@@ -97,10 +97,6 @@ def build(b: Builder) -> g.Tensor:
                 cur, il, Act.SILU, hp.expert_gating, hp.expert_weights_norm, hp.expert_weights_scale,
                 probs_bias=b.opt(T.FFN_EXP_PROBS_B, il, "bias"),
             )  # fmt: skip
-            shared = b.ffn(
-                cur, il, b.w(T.FFN_UP_SHEXP, il), b.w(T.FFN_GATE_SHEXP, il), b.w(T.FFN_DOWN_SHEXP, il), Act.SILU,
-                label="ffn_shexp",
-            )  # fmt: skip
-            cur = lib.ggml_add(ctx, moe, shared)
+            cur = lib.ggml_add(ctx, moe, b.shared_expert(cur, il))
         x = b.name(lib.ggml_add(ctx, cur, ffn_inp), "l_out", il)
     return b.output(x)

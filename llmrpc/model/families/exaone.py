@@ -30,8 +30,7 @@ def build_exaone4(b: Builder) -> g.Tensor:
     factors = b.rope_factors()
     for il in b.layers:
         q, k, v = b.qkv(il, x)
-        q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
-        k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+        q, k = b.qk_norm(q, k, il)
         if hp.has_rope(il):
             q, k = b.rope_full(q, il, factors), b.rope_full(k, il, factors)
         q, k = b.name(q, "Qcur", il), b.name(k, "Kcur", il)

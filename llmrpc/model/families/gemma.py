@@ -59,8 +59,7 @@ def _build(b: Builder, qk_norm: bool, post_norms: bool = True) -> g.Tensor:
         cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
         q, k, v = b.qkv(il, cur)
         if qk_norm:
-            q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
-            k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+            q, k = b.qk_norm(q, k, il)
         q, k = b.name(b.rope(q, il), "Qcur", il), b.name(b.rope(k, il), "Kcur", il)
         q = b.scale(q, hp.attn_scale)
         cur = b.attention(il, q, k, v, 1.0, b.w(T.ATTN_OUT, il))

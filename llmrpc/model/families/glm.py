@@ -70,10 +70,7 @@ def _glm4moe_ffn(b: Builder, il: int, x: g.Tensor) -> g.Tensor:
         x, il, Act.SILU, hp.expert_gating, hp.expert_weights_norm, hp.expert_weights_scale,
         probs_bias=b.w(T.FFN_EXP_PROBS_B, il, "bias"),
     )  # fmt: skip
-    shared = b.ffn(
-        x, il, b.w(T.FFN_UP_SHEXP, il), b.w(T.FFN_GATE_SHEXP, il), b.w(T.FFN_DOWN_SHEXP, il), Act.SILU,
-        label="ffn_shexp",
-    )  # fmt: skip
+    shared = b.shared_expert(x, il)
     return b.lib.ggml_add(b.ctx, moe, shared)
 
 

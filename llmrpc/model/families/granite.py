@@ -49,10 +49,7 @@ def _ffn(b: Builder, il: int, x: g.Tensor) -> g.Tensor:
     moe = b.moe(cur, il, Act.SILU, Gating.SOFTMAX, norm_weights=True, weights_scale=hp.expert_weights_scale)
     if not hp.n_ff_shexp:
         return moe
-    shared = b.ffn(
-        cur, il, b.w(T.FFN_UP_SHEXP, il), b.w(T.FFN_GATE_SHEXP, il), b.w(T.FFN_DOWN_SHEXP, il), Act.SILU,
-        label="ffn_shexp",
-    )  # fmt: skip
+    shared = b.shared_expert(cur, il)
     return lib.ggml_add(ctx, moe, shared)
 
 

@@ -129,10 +129,7 @@ def _ernie4_5_moe_ffn(b: Builder, il: int, x: g.Tensor) -> g.Tensor:
     )  # fmt: skip
     if not hp.n_ff_shexp:
         return moe
-    shared = b.ffn(
-        x, il, b.w(T.FFN_UP_SHEXP, il), b.w(T.FFN_GATE_SHEXP, il), b.w(T.FFN_DOWN_SHEXP, il), Act.SILU,
-        label="ffn_shexp",
-    )  # fmt: skip
+    shared = b.shared_expert(x, il)
     return b.lib.ggml_add(b.ctx, moe, shared)
 
 
@@ -154,8 +151,7 @@ def build_apertus(b: Builder) -> g.Tensor:
     for il in b.layers:
         cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
         q, k, v = b.qkv(il, cur)
-        q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
-        k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+        q, k = b.qk_norm(q, k, il)
         q, k = b.name(b.rope(q, il, factors), "Qcur", il), b.name(b.rope(k, il, factors), "Kcur", il)
         kq_scale = hp.attn_scale or inv_sqrt(hp.head_dim_k(il))
         cur = b.attention(il, q, k, v, kq_scale, b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))

@@ -26,8 +26,7 @@ def _build(b: Builder, qk_norm: bool, moe: bool) -> g.Tensor:
         cur = b.norm(x, b.w(T.ATTN_NORM, il), "attn_norm", il)
         q, k, v = b.qkv(il, cur)
         if qk_norm:
-            q = b.norm(q, b.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
-            k = b.norm(k, b.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
+            q, k = b.qk_norm(q, k, il)
         q, k = b.name(b.rope(q, il), "Qcur", il), b.name(b.rope(k, il), "Kcur", il)
         cur = b.attention(il, q, k, v, inv_sqrt(hp.head_dim_v(il)), b.w(T.ATTN_OUT, il), b.opt(T.ATTN_OUT, il, "bias"))
         cur, x = b.out_rows(il, cur, x)
@@ -65,10 +64,7 @@ def _qwen2moe_ffn(b: Builder, il: int, x: g.Tensor) -> g.Tensor:
     moe = b.moe(x, il, Act.SILU, Gating.SOFTMAX, weights_scale=b.hp.expert_weights_scale)
     z = b.mm(b.w(T.FFN_GATE_INP_SHEXP, il), x)
     gate = lib.ggml_div(ctx, lib.ggml_silu(ctx, z), z)
-    shared = b.ffn(
-        x, il, b.w(T.FFN_UP_SHEXP, il), b.w(T.FFN_GATE_SHEXP, il), b.w(T.FFN_DOWN_SHEXP, il), Act.SILU,
-        label="ffn_shexp",
-    )  # fmt: skip
+    shared = b.shared_expert(x, il)
     return lib.ggml_add(ctx, moe, lib.ggml_mul(ctx, shared, gate))
 
 
