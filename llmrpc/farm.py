@@ -203,7 +203,26 @@ class Farm:
         self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, *, stop_at_eog: bool = True
     ) -> Generator[int, None, None]:
         """Up to ``max_tokens`` tokens after the prompt; replayed on the servers left when one
-        fails (see ``replays``)."""
+        fails (see ``replays``). Bad arguments raise ValueError before any server sees them
+        (``sampling`` checked itself when it was made)."""
+        self._check_request(prompt_tokens, max_tokens, sampling)
+        return self._generate_replayed(prompt_tokens, max_tokens, sampling, stop_at_eog)
+
+    def _check_request(self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams) -> None:
+        if not isinstance(sampling, SamplingParams):
+            raise ValueError(f"sampling must be SamplingParams, not {type(sampling).__name__}")
+        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+            raise ValueError(f"max_tokens must be an integer of at least 0, got {max_tokens!r}")
+        if not prompt_tokens:
+            raise ValueError("the prompt is empty")
+        n_vocab = self.info.hparams.n_vocab
+        bad = [t for t in prompt_tokens if not isinstance(t, int | np.integer) or not 0 <= t < n_vocab]
+        if bad:
+            raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
+
+    def _generate_replayed(
+        self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop_at_eog: bool
+    ) -> Generator[int, None, None]:
         done: list[int] = []
         attempts = 0
         while len(done) < max_tokens:
