@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 
 import click
 
+from llmrpc.types import HUNG_AFTER
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
@@ -69,7 +71,7 @@ _farm_options = _stack(
 
 
 def _link_options(*, shared_path: bool = True) -> Callable[[F], F]:
-    """How the head reaches its servers: timeout, shared disk (where it loads), token, TLS."""
+    """How the head reaches its servers: timeout, shared disk (where it loads), liveness, token, TLS."""
     options = [
         click.option("--connect-timeout", default=10.0, show_default=True, type=float,
                      help="Seconds to wait for each server."),
@@ -77,6 +79,10 @@ def _link_options(*, shared_path: bool = True) -> Callable[[F], F]:
     if shared_path:
         options.append(click.option("--shared-path", is_flag=True,
                        help="The servers can read the model at the same path (shared disk): skip shipping."))  # fmt: skip
+        options.append(click.option("--hung-after", default=HUNG_AFTER, show_default=True,
+                       type=click.FloatRange(min=0, min_open=True),
+                       help="Seconds a server may answer nothing, not even a health check, before it is "
+                            "failed over as if it had died (noticed within 2.25 times this)."))  # fmt: skip
     options += [
         click.option("--token", envvar="LLMRPC_TOKEN", default=None,
                      help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN."),
@@ -261,7 +267,7 @@ def head(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, prompt: str, chat: bool,
     n_predict: int, temp: float, top_k: int, top_p: float, seed: int | None, ctx_size: int,
     connect_timeout: float, f16_activations: bool, micro_batch: int | None, via_head: bool, head_samples: bool,
-    shared_path: bool, token: str | None, tls_ca: str | None, verbose: int,
+    shared_path: bool, hung_after: float, token: str | None, tls_ca: str | None, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     from llmrpc.farm import Farm
@@ -275,7 +281,7 @@ def head(
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, connect_timeout=connect_timeout,
                   progress=sys.stderr.isatty(), share_path=True if shared_path else None,
                   f16_activations=f16_activations, micro_batch=micro_batch,
-                  data_plane=not via_head, server_generation=not head_samples,
+                  data_plane=not via_head, server_generation=not head_samples, hung_after=hung_after,
                   token=token or None, tls_ca=tls_ca) as farm:  # fmt: skip
             text = farm.tokenizer.encode_chat([{"role": "user", "content": prompt}]) if chat else prompt
             for piece in farm.stream(text, n_predict, temperature=temp, top_k=top_k, top_p=top_p, seed=seed):
@@ -363,7 +369,7 @@ def plan_command(
 def serve_command(
     model: str | None, rpc_servers: str | None, local: int, threads: int | None, host: str, port: int, parallel: int,
     ctx_size: int, api_key: str | None, model_name: str | None, connect_timeout: float, shared_path: bool,
-    token: str | None, tls_ca: str | None, verbose: int,
+    hung_after: float, token: str | None, tls_ca: str | None, verbose: int,
 ) -> None:  # fmt: skip
     _logging(verbose)
     import signal
@@ -386,7 +392,8 @@ def serve_command(
     try:
         with Farm(model, servers, local=local, threads=threads, ctx_size=ctx_size, max_sessions=parallel,
                   connect_timeout=connect_timeout, progress=sys.stderr.isatty(),
-                  share_path=True if shared_path else None, token=token or None, tls_ca=tls_ca) as farm:  # fmt: skip
+                  share_path=True if shared_path else None, hung_after=hung_after, token=token or None,
+                  tls_ca=tls_ca) as farm:  # fmt: skip
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
             try:
                 httpd = ApiServer((host, port), Api(farm, name, api_key))

