@@ -7,9 +7,8 @@ these sockets), and goes straight on to the next server of its route; only the l
 answers the head. A token through three servers is four messages instead of six, with no
 thread hand-off on the way.
 
-Connections authenticate with the server's data token (given by Hello over gRPC) in their
-first frame. A head connection names its link id, so a server can answer that head (a
-result, or an error of any hop) on the head's own connection.
+Who may connect, and the connections kept, are server/connections.py's; how a FORWARD is
+checked, server/steps.py's.
 
 A FORWARD that carries ``gen`` generates on its own: the last server samples the next token,
 sends it straight back to the first server as the next step (through one server, the step is
@@ -20,11 +19,8 @@ server none at all but the report.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
-import secrets
-import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -38,14 +34,13 @@ from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind, Generation, shown
 from llmrpc.sampling import Sampler
 from llmrpc.server.api import EngineError, ErrorCode, Launched, StageEngine, stage_outputs, top_k_logits
+from llmrpc.server.connections import Connections
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_ENDED, HOP_NOTHING, HOP_REPORT_LEFT, NativeHop
-from llmrpc.server.steps import MAX_GENERATIONS, MAX_LINK, FrameError, Step, introduces, parse_forward
-from llmrpc.types import PROTOCOL_VERSION, split_address
+from llmrpc.server.steps import MAX_GENERATIONS, FrameError, Step, introduces, parse_forward
 
 logger = logging.getLogger(__name__)
 
-HELLO_LIMIT = 1 << 16  # bytes a connection may send before it has authenticated
 HOLD_MAX = 0.25  # seconds a first server may wait for other generations' steps to share a batch
 BATCH_WAIT = 0.005  # seconds a server waits for the rest of a batch the previous one sent on
 
@@ -70,17 +65,12 @@ class DataPlane:
         """``tls_server``: connections to this port are TLS; ``tls_client``: so are this server's
         connections to the next ones (their certificates checked)."""
         self.engine = engine
-        self.tls_server, self.tls_client = tls_server, tls_client
         self.loop = loop
-        self.connect_timeout = connect_timeout
-        self.token = secrets.token_hex(16)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=64)
-        self._listener.setblocking(False)
-        self.port = int(self._listener.getsockname()[1])
-        self._conns: set[wire.Connection] = set()
-        self._links: dict[int, wire.Connection] = {}  # head link id -> that head's connection
-        self._peers: dict[str, wire.Connection] = {}  # next server's data address -> connection
+        self.conns = Connections(
+            loop, host, port, on_frame=self._on_frame, on_drop=self._dropped, frame_limit=self._frame_limit,
+            intercept=self._intercept, connect_timeout=connect_timeout, tls_server=tls_server, tls_client=tls_client,
+        )  # fmt: skip
+        self.port, self.token = self.conns.port, self.conns.token
         # generations this server samples for (it is their last): (link, request) -> sampler
         self._samplers: OrderedDict[tuple[int, int], Sampler] = OrderedDict()
         self._cancelled: set[tuple[int, int]] = set()
@@ -95,56 +85,22 @@ class DataPlane:
         self._known: dict[wire.Connection, OrderedDict[tuple[int, int], Step]] = {}
         # connections whose next STEP the native hop may take (see _native_step)
         self._native: dict[wire.Connection, _Native] = {}
-        loop.watch(self._listener, self._accept)
 
-    # -- connections (all on the loop thread) ---------------------------------------------
-    def _accept(self) -> None:
-        try:
-            sock, addr = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        wire.tune(sock)
-        if self.tls_server is not None:
-            sock = wire.accept_tls(sock, self.tls_server)
-        conn = wire.Connection(sock, f"{addr[0]}:{addr[1]}", HELLO_LIMIT)
-        self._conns.add(conn)
-        self.loop.watch(sock, lambda: self._on_readable(conn))
-
-    def _on_readable(self, conn: wire.Connection) -> None:
-        arrived = time.perf_counter()
+    # -- frames (all on the loop thread) --------------------------------------------------
+    def _intercept(self, conn: wire.Connection, arrived: float) -> bool:
         native = self._native.get(conn)
-        if native is not None and self._native_step(conn, native, arrived):
-            return
-        if conn.authenticated:
-            conn.reader.max_bytes = self._frame_limit()
+        return native is not None and self._native_step(conn, native, arrived)
+
+    def _on_frame(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
+        """An authenticated connection's frame; a fault with it fails its request alone."""
         try:
-            frames = conn.receive()
-        except codec.CodecError as e:
-            self._refuse(conn, 0, f"bad frame: {e}")
-            return
-        if frames is None:
-            self._drop(conn)
-            return
-        for frame in frames:
-            if conn.closed:
-                return
-            try:
-                self._handle(conn, frame, arrived)
-            except Exception as e:  # a fault with this frame fails its request alone
-                logger.exception("request %d from %s failed", frame.request_id, conn.peer)
-                link = conn.link or frame.meta.get("link")
-                self._fail(link, frame.request_id, ErrorCode.INTERNAL.value, f"{type(e).__name__}: {e}", "")
+            self._handle(conn, frame, arrived)
+        except Exception as e:
+            logger.exception("request %d from %s failed", frame.request_id, conn.peer)
+            link = conn.link or frame.meta.get("link")
+            self._fail(link, frame.request_id, ErrorCode.INTERNAL.value, f"{type(e).__name__}: {e}", "")
 
     def _handle(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
-        if not conn.authenticated:
-            token = frame.meta.get("token")
-            if frame.kind != FrameKind.HELLO or not isinstance(token, str):
-                self._refuse(conn, frame.request_id, "a data connection starts with HELLO and the server's token")
-            elif not hmac.compare_digest(token.encode(), self.token.encode()):
-                self._refuse(conn, frame.request_id, "wrong data token (ask the server's Hello for it)")
-            else:
-                self._welcome(conn, frame)
-            return
         if frame.kind == FrameKind.FORWARD:
             self._forward(conn, frame, arrived)
         elif frame.kind == FrameKind.STEP:
@@ -155,64 +111,20 @@ class DataPlane:
             if (conn.link, frame.request_id) in self._samplers:
                 self._cancelled.add((conn.link, frame.request_id))
         elif frame.kind == FrameKind.ERROR:  # from a peer we push to: it could not take our frame
-            logger.warning("%s: %s", conn.peer, frame.meta.get("message"))
+            logger.warning("%s: %s", conn.peer, shown(frame.meta.get("message"), 200))
         else:
-            self._refuse(conn, frame.request_id, f"unexpected {frame.kind.name} frame")
+            self.conns.refuse(conn, frame.request_id, f"unexpected {frame.kind.name} frame")
 
-    def _welcome(self, conn: wire.Connection, frame: codec.DataFrame) -> None:
-        """An authenticated HELLO: a head's names its link (a server's, 0), which no other open
-        connection may hold (it would take that head's results)."""
-        link = frame.meta.get("link") or 0
-        if not isinstance(link, int) or isinstance(link, bool) or not 0 <= link <= MAX_LINK:
-            self._refuse(conn, frame.request_id, f"link must be an integer within [0, {MAX_LINK}]")
-            return
-        if link and link in self._links:
-            self._refuse(conn, frame.request_id, "that link is another connection's")
-            return
-        conn.authenticated = True
-        conn.link = link
-        if link:
-            self._links[link] = conn
-        self._send(conn, FrameKind.WELCOME, frame.request_id, {"protocol": PROTOCOL_VERSION})
-
-    def _refuse(self, conn: wire.Connection, request_id: int, message: str) -> None:
-        logger.warning("data connection from %s: %s", conn.peer, message)
-        self._send(conn, FrameKind.ERROR, request_id, {"code": "invalid_argument", "message": message})
-        self._drop(conn)
-
-    def _drop(self, conn: wire.Connection) -> None:
-        if conn.closed:
-            return
-        self.loop.unwatch(conn.sock)
-        conn.close()
-        self._conns.discard(conn)
-        if self._links.get(conn.link) is conn:
-            del self._links[conn.link]
+    def _dropped(self, conn: wire.Connection, head: bool) -> None:
+        """A connection closed: forget what this server kept for it."""
+        if head:
             for key in [k for k in self._samplers if k[0] == conn.link]:  # nobody to report to
                 self._end_generation(key)
-        for address, peer in list(self._peers.items()):
-            if peer is conn:
-                del self._peers[address]
         self._sent.pop(conn, None)
         self._known.pop(conn, None)
         for c, native in list(self._native.items()):
             if conn in (c, native.peer, native.head):
                 del self._native[c]
-
-    def _send(
-        self, conn: wire.Connection, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
-    ) -> bool:
-        return self._send_encoded(conn, codec.encode_frame(kind, rid, meta, arrays))
-
-    def _send_encoded(self, conn: wire.Connection, pieces: Sequence[bytes | memoryview]) -> bool:
-        """Send an encoded frame; a broken connection is dropped (False)."""
-        try:
-            conn.send_encoded(pieces)
-            return True
-        except OSError as e:
-            logger.warning("sending to %s: %s", conn.peer, e)
-            self._drop(conn)
-            return False
 
     def _frame_limit(self) -> int:
         return self.engine.max_input_elements() * 4 + 4096
@@ -270,7 +182,7 @@ class DataPlane:
         connects to every server of its plan before it sends anything, and a new plan is a new
         link: this refuses the frames of a superseded plan (a server stopped and resumed goes on
         with what it was doing) and frames with a link made up."""
-        if link in self._links:
+        if link in self.conns.links:
             return True
         logger.warning("request %d of head link %s, which is not connected here: refused", rid, link)
         return False
@@ -441,7 +353,7 @@ class DataPlane:
         or a STEP where that connection carried one of the generation's FORWARDs; a failure is
         the head's answer."""
         try:
-            peer = self._peer(address, token)
+            peer = self.conns.peer(address, token)
         except (OSError, ValueError) as e:
             self._fail_next(s.link, s.rid, address, f"cannot reach it from {s.here}: {e}")
             return False
@@ -452,7 +364,7 @@ class DataPlane:
             if gen is not None:
                 meta["gen"] = gen.to_meta()
             pieces = codec.encode_frame(FrameKind.FORWARD, s.rid, meta, arrays)
-        if not self._send_encoded(peer, pieces):
+        if not self.conns.send_encoded(peer, pieces):
             self._fail_next(s.link, s.rid, address, f"the connection to it from {s.here} broke")
             return False
         if sent is not None:  # touched per frame, as the receiver does (see __init__)
@@ -472,7 +384,7 @@ class DataPlane:
         conn, gen = s.stepped, s.gen
         if conn is None or gen is None or conn.closed or trace.enabled() or len(s.items) != 1:
             return
-        head = self._links.get(s.key[0]) if s.last else None
+        head = self.conns.links.get(s.key[0]) if s.last else None
         if any(c is not None and c.tls for c in (conn, peer, head)):  # the C hop reads and writes plain TCP
             return
         hop = None
@@ -491,7 +403,7 @@ class DataPlane:
         when the frame is for Python: not the generation's plain next step, or not whole yet."""
         if (
             conn.reader.holds_part or not native.peer.idle() or self._ready or not native.hop.valid()
-            or native.key[0] not in self._links
+            or native.key[0] not in self.conns.links
             or (native.hop_index == 0 and not set(self._rounds) <= {native.key})
             or (native.head is not None and (not native.head.idle() or native.key in self._cancelled))
         ):  # fmt: skip
@@ -516,11 +428,11 @@ class DataPlane:
             self._fail(native.key[0], native.key[1], ErrorCode.INTERNAL.value, message, native.step.here)
             return True
         if h.err:
-            self._drop(native.peer)
+            self.conns.drop(native.peer)
             self._fail_next(native.key[0], native.key[1], native.peer.peer, f"sending to it failed (errno {h.err})")
             return True
         unsent = native.hop.unsent()
-        if unsent and not self._send_encoded(native.peer, [unsent]):
+        if unsent and not self.conns.send_encoded(native.peer, [unsent]):
             self._fail_next(native.key[0], native.key[1], native.peer.peer, "the connection to it broke")
             return True
         # what the Python path does per step, after the step has gone on
@@ -557,7 +469,7 @@ class DataPlane:
             end = "length"
         elif fed + 1 > gen.limit:
             end = "context"
-        elif key[0] not in self._links:
+        elif key[0] not in self.conns.links:
             end = "gone"  # the head's connection closed: nobody would read on
         else:
             end = None
@@ -578,7 +490,7 @@ class DataPlane:
                 at_once = self.engine.overlaps and self._lone(nxt_step)
                 self._take(nxt_step, time.perf_counter(), at_once)
                 if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
-                    self.loop.soon(lambda: self._to_head(s.link, s.rid, report))
+                    self.loop.soon(lambda: self.conns.to_head(s.link, s.rid, report))
                     return
             else:
                 # The next step is the token's path, the report is not; but on the CPU the
@@ -588,7 +500,7 @@ class DataPlane:
                 # from it (3 servers on 2 vCPUs: +2% tok/s, paired runs).
                 report_first = not self.engine.overlaps
                 if report_first:
-                    self._to_head(s.link, s.rid, report)
+                    self.conns.to_head(s.link, s.rid, report)
                 if not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x], then):
                     self._end_generation(key)
                     return
@@ -597,7 +509,7 @@ class DataPlane:
         else:
             self._end_generation(key)
             self._ended(s)
-        self._to_head(s.link, s.rid, report)
+        self.conns.to_head(s.link, s.rid, report)
 
     def _ended(self, s: Step) -> None:
         """Tell the first server that a generation's steps come no more (it waits for them)."""
@@ -606,7 +518,7 @@ class DataPlane:
             self._rounds.pop(s.key, None)
             return
         try:
-            self._send(self._peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": s.key[0]})
+            self.conns.send(self.conns.peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": s.key[0]})
         except (OSError, ValueError):
             pass  # it is gone: nothing waits there
 
@@ -627,42 +539,10 @@ class DataPlane:
     def _answer(
         self, link: Any, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
     ) -> None:
-        self._to_head(link, rid, codec.encode_frame(kind, rid, meta, arrays), str(meta.get("message", kind.name)))
-
-    def _to_head(self, link: Any, rid: int, pieces: Sequence[bytes | memoryview], what: str = "a token") -> None:
-        """Send an encoded frame (a TOKEN report: codec.encode_token) to the head on ``link``."""
-        conn = self._links.get(link) if isinstance(link, int) else None
-        if conn is None:
-            logger.warning("no connection to head link %s for request %d (%s)", shown(link), rid, shown(what, 200))
-            return
-        self._send_encoded(conn, pieces)
-
-    def _peer(self, address: str, token: str) -> wire.Connection:
-        """The connection to the next server, made (and authenticated) on first use."""
-        conn = self._peers.get(address)
-        if conn is not None and not conn.closed and conn.error is None:
-            return conn
-        host, port = split_address(address)
-        conn = wire.Connection(wire.connect(host, port, self.connect_timeout, self.tls_client), address, HELLO_LIMIT)
-        conn.send(FrameKind.HELLO, 0, {"token": token, "link": 0, "protocol": PROTOCOL_VERSION})
-        reply = wire.wait_frame(conn, self.connect_timeout)
-        if reply.kind != FrameKind.WELCOME:
-            conn.close()
-            raise ConnectionError(str(reply.meta.get("message", f"answered {reply.kind.name}")))
-        conn.authenticated = True
-        self._peers[address] = conn
-        self._conns.add(conn)
-        self.loop.watch(conn.sock, lambda: self._on_readable(conn))
-        return conn
+        self.conns.to_head(link, rid, codec.encode_frame(kind, rid, meta, arrays), str(meta.get("message", kind.name)))
 
     def close(self) -> None:
-        def shut() -> None:
-            for conn in list(self._conns):
-                self._drop(conn)
-            self.loop.unwatch(self._listener)
-            self._listener.close()
-
-        self.loop.call(shut)
+        self.conns.close()
 
 
 def _sample(sampler: Sampler, logits: np.ndarray) -> int:
