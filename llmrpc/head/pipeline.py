@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -66,6 +66,7 @@ class PipelineSession:
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     route: list[Hop] = field(default_factory=list)
+    on_close: Callable[[], None] | None = None  # called once, when the session is closed
 
     def __post_init__(self) -> None:
         waits = [c.start_open_session(self.n_ctx) for c in self.pipeline.stages]  # all servers at once
@@ -197,8 +198,13 @@ class PipelineSession:
             self.pipeline.coalescer.forget(self.ids[0])
         lost = self.pipeline.links.lost if self.pipeline.links is not None else {}
         stages = list(zip(self.pipeline.stages, self.ids, strict=False))
-        _close_all([(c, sid) for c, sid in stages if c.data_address not in lost])
-        self.ids = []
+        try:
+            _close_all([(c, sid) for c, sid in stages if c.data_address not in lost])
+        finally:
+            self.ids = []
+            done, self.on_close = self.on_close, None
+            if done is not None:
+                done()
 
     def __enter__(self) -> PipelineSession:
         return self
