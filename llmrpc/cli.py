@@ -122,6 +122,9 @@ def _link_options(*, shared_path: bool = True) -> Callable[[F], F]:
 @click.option(
     "--max-ctx", default=32768, show_default=True, type=click.IntRange(1), help="Largest context a session may ask for."
 )
+@click.option("--session-ttl", default=600.0, show_default=True, type=click.FloatRange(min=0),
+              help="Seconds a session may sit idle before it is closed (0: never). A head's sessions are also "
+              "closed when its data connection goes.")  # fmt: skip
 @click.option(
     "--mem",
     "memory_cap",
@@ -186,7 +189,7 @@ def _link_options(*, shared_path: bool = True) -> Callable[[F], F]:
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def server(
     host: str, port: int, data_port: int, device: str | None, threads: int | None, max_sessions: int, max_ctx: int,
-    memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
+    session_ttl: float, memory_cap: int | None, cache_dir: str | None, model_dirs: tuple[str, ...], omp_spin: int | None,
     host_lock: str | None, release_threads: bool, pin_threads: bool, no_calibrate: bool, token: str | None,
     tls_cert: str | None, tls_key: str | None, server_tls_ca: str | None, list_devices: bool, verbose: int,
 ) -> None:  # fmt: skip
@@ -210,7 +213,7 @@ def server(
             memory_cap=memory_cap or 0, cache_dir=cache_dir, model_dirs=model_dirs, calibrate=not no_calibrate,
             omp_spin=omp_spin, host_lock=host_lock, data_port=data_port,
             release_threads=release_threads, pin_threads=pin_threads, token=token or None,
-            tls_cert=tls_cert, tls_key=tls_key, tls_ca=server_tls_ca,
+            tls_cert=tls_cert, tls_key=tls_key, tls_ca=server_tls_ca, session_ttl=session_ttl,
         )
     )  # fmt: skip
 

@@ -37,6 +37,7 @@ from llmrpc.server.api import EngineError, ErrorCode, Launched, StageEngine, sta
 from llmrpc.server.connections import Connections
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_ENDED, HOP_NOTHING, HOP_REPORT_LEFT, NativeHop
+from llmrpc.server.sessions import SESSION_TTL, SessionKeeper
 from llmrpc.server.steps import MAX_GENERATIONS, FrameError, Step, introduces, parse_forward
 
 logger = logging.getLogger(__name__)
@@ -61,11 +62,14 @@ class DataPlane:
     def __init__(
         self, engine: StageEngine, loop: ComputeLoop, host: str, port: int = 0, connect_timeout: float = 5.0,
         tls_server: ssl.SSLContext | None = None, tls_client: ssl.SSLContext | None = None,
+        session_ttl: float = SESSION_TTL,
     ) -> None:  # fmt: skip
         """``tls_server``: connections to this port are TLS; ``tls_client``: so are this server's
-        connections to the next ones (their certificates checked)."""
+        connections to the next ones (their certificates checked). ``session_ttl``: seconds a
+        session may sit idle (see server/sessions.py)."""
         self.engine = engine
         self.loop = loop
+        self.sessions = SessionKeeper(engine, loop, session_ttl)
         self.conns = Connections(
             loop, host, port, on_frame=self._on_frame, on_drop=self._dropped, frame_limit=self._frame_limit,
             intercept=self._intercept, connect_timeout=connect_timeout, tls_server=tls_server, tls_client=tls_client,
@@ -120,6 +124,7 @@ class DataPlane:
         if head:
             for key in [k for k in self._samplers if k[0] == conn.link]:  # nobody to report to
                 self._end_generation(key)
+            self.sessions.link_gone(conn.link)
         self._sent.pop(conn, None)
         self._known.pop(conn, None)
         for c, native in list(self._native.items()):
@@ -205,6 +210,11 @@ class DataPlane:
         return step.hop > 0 or set(self._rounds) <= {step.key}
 
     def _take(self, step: Step, arrived: float, at_once: bool = False) -> None:
+        for session_id, _, _ in step.items:
+            if not self.sessions.claim(step.link, session_id):
+                message = f"session {session_id} belongs to another head link"
+                self._fail(step.link, step.rid, "permission_denied", message, step.here)
+                return
         step.arrived = arrived
         if self._native and step.gen is not None:  # steps of others go through here: batch them
             for c in [c for c, native in self._native.items() if native.key != step.key]:

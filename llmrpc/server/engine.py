@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import ssl
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from typing import TypeVar
@@ -80,6 +81,7 @@ class Engine:
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
+        self._used: dict[str, float] = {}  # id -> when it was opened or last computed (monotonic)
         self._inflight: Launched | None = None  # a batch started on the device, not waited for yet
         # the data plane works while the device computes (a GPU; the CPU computes as it starts)
         self.overlaps = {"1": True, "0": False}.get(os.environ.get(OVERLAP_ENV, ""), device.kind != "cpu")
@@ -246,6 +248,7 @@ class Engine:
                 self._stage.forget(cache)
             cache.free()
         self._sessions.clear()
+        self._used.clear()
         self._spare.clear()
         self._held = 0
         if self._stage is not None:
@@ -284,6 +287,7 @@ class Engine:
             self._held += cache.n_bytes
         session_id = uuid.uuid4().hex
         self._sessions[session_id] = (cache, [0])
+        self._used[session_id] = time.monotonic()
         logger.debug("session %s opened: n_ctx %d, %d bytes", session_id, n_ctx, cache.n_bytes)
         return session_id, n_ctx, cache.n_bytes
 
@@ -293,6 +297,7 @@ class Engine:
             entry = self._sessions.pop(session_id, None)
             if entry is None:
                 raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
+            self._used.pop(session_id, None)
             stage = self._require_stage()
             self._spare.append(entry[0])
             while len(self._spare) > SPARE_CACHES:
@@ -300,6 +305,17 @@ class Engine:
             trace.flush()  # a session's steps are on disk once it ends, whatever ends the server
 
         self.loop.call(close)
+
+    def session_ids(self) -> set[str]:
+        return set(self._sessions)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def idle_sessions(self, seconds: float) -> list[str]:
+        """The sessions nothing has computed in for ``seconds`` (nor opened)."""
+        since = time.monotonic() - seconds
+        return [sid for sid, used in self._used.items() if used < since]
 
     def _reuse_spare(self, stage: LayerStage, kv_size: int) -> SessionCache | None:
         """The newest spare cache of ``kv_size`` cells, cleared, if there is one."""
@@ -377,6 +393,7 @@ class Engine:
         def done(h: Hop) -> None:
             length[0], row.row.allowed = int(h.length), int(h.allowed)
             self.native_steps += 1
+            self._used[session_id] = time.monotonic()
 
         return NativeHop(lib, h, valid, done, row)
 
@@ -423,8 +440,10 @@ class Engine:
         # next stage's on the same cores (3 servers on 2 cores: 17 -> 28 ms per token).
         if self.release_threads:
             self._backend.release_threads()
+        now = time.monotonic()
         for session_id, start_pos, x in items:
             self._sessions[session_id][1][0] = start_pos + int(x.shape[0])
+            self._used[session_id] = now
         self._inflight = Launched(collect, ready=not self.overlaps)
         return self._inflight
 
