@@ -12,9 +12,10 @@ from typing import Any
 
 import numpy as np
 
+from llmrpc.model.kv import CacheConfig
 from llmrpc.model.slicefile import IncomingSlice, SliceLayout, SliceTensor
 from llmrpc.sampling import SamplingParams
-from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerInfo
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerHealth, ServerInfo
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 _DTYPES: dict[Any, np.dtype] = {
@@ -90,14 +91,38 @@ def range_to_proto(r: LoadedRange) -> pb.LoadedRange:
         weight_bytes=r.weight_bytes,
         model_hash=r.model_hash,
         source=r.source,
+        flash_attn=r.flash_attn,
+        cache_type_k=r.cache_type_k,
+        cache_type_v=r.cache_type_v,
     )
 
 
 def range_from_proto(r: pb.LoadedRange) -> LoadedRange:
     return LoadedRange(
         r.model_path, r.architecture, r.layer_start, r.layer_end, r.n_layer, r.n_embd, r.n_vocab, r.weight_bytes,
-        r.model_hash, r.source,
+        r.model_hash, r.source, r.flash_attn, r.cache_type_k or "f16", r.cache_type_v or "f16",
     )  # fmt: skip
+
+
+_FLASH = {None: pb.FLASH_ATTN_AUTO, False: pb.FLASH_ATTN_OFF, True: pb.FLASH_ATTN_ON}
+
+
+def load_request(
+    model_path: str, start: int, end: int, model_hash: str, cache: CacheConfig, share_host: str = ""
+) -> pb.LoadRequest:
+    return pb.LoadRequest(
+        model_path=model_path, layer_start=start, layer_end=end, model_hash=model_hash,
+        flash_attn=_FLASH[cache.flash_attn], cache_type_k=cache.type_k, cache_type_v=cache.type_v,
+        share_host=share_host,
+    )  # fmt: skip
+
+
+def cache_from_request(r: pb.LoadRequest) -> CacheConfig:
+    """The attention and cache a Load asks for (ValueError for a type or mix llama.cpp refuses)."""
+    flash = {v: k for k, v in _FLASH.items()}.get(r.flash_attn)
+    if r.flash_attn not in _FLASH.values():
+        raise ValueError(f"flash_attn {r.flash_attn} is not one of auto (0), off (1), on (2)")
+    return CacheConfig(flash, r.cache_type_k or "f16", r.cache_type_v or "f16")
 
 
 def slice_header_to_proto(model_hash: str, start: int, end: int, layout: SliceLayout) -> pb.SliceHeader:
@@ -132,7 +157,12 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
         bytes_received=reply.bytes_received,
         data_port=reply.data_port,
         data_token=reply.data_token,
+        machine_id=reply.machine_id,
     )
+
+
+def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
+    return ServerHealth(reply.serving, reply.open_sessions, reply.native_steps, reply.takes_turns)
 
 
 def cached_to_proto(c: CachedSlice) -> pb.CachedSlice:

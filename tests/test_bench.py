@@ -86,3 +86,17 @@ def test_llama_rpc_source_is_unpacked_once_and_past_a_dangling_link(tmp_path: Pa
     assert (src / "CMakeLists.txt").read_text() == "project(llama.cpp)\n"
     (src / "built").write_text("kept")  # a second call leaves what is there
     assert (unpacked_source(root, sdist) / "built").read_text() == "kept"
+
+
+def test_conformance_through_the_cli(tmp_path: Path) -> None:
+    """`llmrpc-bench conformance` on one family in a K-quant mix made by llama.cpp's quantizer:
+    its verdicts, its table and its JSON."""
+    out = tmp_path / "conformance.json"
+    cmd = [sys.executable, "-m", "llmrpc.bench.cli", "conformance", "--families", "qwen3", "--types", "Q4_K_M",
+           "--servers", "2", "--out", str(out)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "| qwen3 | Q4_K_M | identical | identical |" in run.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["servers"], r["stages"]) for r in rows] == [(1, 1), (2, 2)]
+    assert all(r["max_rel_diff"] == 0 and r["greedy_equal"] for r in rows)

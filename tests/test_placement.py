@@ -17,6 +17,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.placement import model_layout, slice_chunks
 from llmrpc.head.planner import PlanError, ServerReport, plan
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.synthetic import family_spec, write_gguf
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
@@ -209,3 +210,51 @@ def test_bulk_upload_checks_token_and_frames(tiny_models: dict[str, str], tmp_pa
         assert ship_slice(client, info, digest, 0, 2) == info.range_bytes(0, 2)
         loaded = client.load("", 0, 2, digest)
         assert loaded is not None and loaded.source == "cache"
+
+
+@pytest.mark.parametrize("family", ["qwen3moe", "gpt-oss", "gemma3", "deepseek2"])
+def test_planned_bytes_are_what_the_servers_allocate(tmp_path: Path, servers: list[str], family: str) -> None:
+    """Weights (all experts) and one session's KV cache (windowed layers keep their window,
+    latent attention its compressed K) as planned, within 2% of what each server allocates."""
+    path = write_gguf(tmp_path / "m.gguf", family_spec(family, weight_type="Q8_0", n_layer=6, sliding_window=64))
+    n_ctx = 2048
+    with Farm(path, servers, ctx_size=n_ctx) as farm:
+        assert len(farm.plan) == 3
+        for stage, client in zip(farm.plan, farm.pipeline.stages, strict=True):
+            assert client.loaded is not None
+            assert stage.weight_bytes == pytest.approx(client.loaded.weight_bytes, rel=0.02)
+            reply = client._stub.OpenSession(pb.OpenSessionRequest(n_ctx=n_ctx))
+            client.close_session(reply.session_id)
+            assert stage.kv_bytes == pytest.approx(reply.cache_bytes, rel=0.02)
+    if family in ("gemma3", "gpt-oss"):  # window + one batch, not the context
+        assert sum(s.kv_bytes for s in farm.plan) < 0.8 * sum(
+            farm.info.hparams.n_embd_k_gqa(il) * 4 * n_ctx for il in range(6)
+        )
+
+
+def test_servers_started_alone_on_one_machine_are_told_to_take_turns(
+    tiny_models: dict[str, str], tmp_path: Path
+) -> None:
+    """Three servers started by hand without the shared-host flags report one machine; the
+    head tells them to take turns (unless told not to), and the text is the same either way."""
+    started = [
+        LocalServers(1, threads=2, extra_args=["--no-calibrate", "--cache-dir", str(tmp_path / f"c{i}")])
+        for i in range(3)
+    ]
+    try:
+        addresses = [local.start()[0] for local in started]
+        clients = [StageClient(a) for a in addresses]
+        assert len({c.hello().machine_id for c in clients}) == 1
+        assert not any(c.health().takes_turns for c in clients)
+        prompt = [1, 5, 9, 33]
+        with Farm(tiny_models["Q8_0"], addresses, ctx_size=256, share_hosts=False) as farm:
+            alone = list(farm.generate_tokens(prompt, 12, SamplingParams(temperature=0), stop_at_eog=False))
+        assert not any(c.health().takes_turns for c in clients)
+        with Farm(tiny_models["Q8_0"], addresses, ctx_size=256) as farm:
+            assert len(farm.plan) == 3
+            taking_turns = list(farm.generate_tokens(prompt, 12, SamplingParams(temperature=0), stop_at_eog=False))
+        assert all(c.health().takes_turns for c in clients)
+        assert taking_turns == alone
+    finally:
+        for local in started:
+            local.stop()

@@ -80,3 +80,21 @@ def test_every_stage_respects_its_cap_and_ranges_are_contiguous() -> None:
         assert a.end == b.start
     assert all(0 <= s.free_after for s in p.stages)
     assert p.stages[0].weight_bytes >= 2 * MiB  # embeddings on the first stage
+
+
+def test_servers_of_one_machine_count_as_equally_fast() -> None:
+    """Servers started together on one machine measure their speed side by side (low, noisy
+    figures): the planner gets the best of them for each, so equal servers get equal work."""
+    from llmrpc.head.placement import server_reports, shared_hosts
+    from llmrpc.types import DeviceInfo, ServerInfo
+
+    cpu = DeviceInfo("CPU", "cpu", "cpu", 8 << 30, 8 << 30)
+
+    def info(address: str, machine: str, bandwidth: float) -> ServerInfo:
+        return ServerInfo(address, 3, "x", cpu, 2, None, 0, bandwidth=bandwidth, machine_id=machine)
+
+    infos = [info("a", "m1", 1e9), info("b", "m1", 3e9), info("c", "m1", 2e9), info("d", "m2", 1e9)]
+    assert [r.bandwidth for r in server_reports(infos)] == [3e9, 3e9, 3e9, 1e9]
+    p = plan(MODEL, server_reports(infos[:3]), ctx_size=512)
+    assert ranges(p) == [(0, 10), (10, 20), (20, 30)]
+    assert shared_hosts(infos, ["a", "b", "d"]) == {"a": "llmrpc-m1", "b": "llmrpc-m1"}

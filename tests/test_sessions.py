@@ -18,7 +18,7 @@ from llmrpc.farm import Farm
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.model.gguf_model import content_hash, read_model
-from llmrpc.model.kv import kv_bytes
+from llmrpc.model.kv import CacheConfig, kv_bytes
 from llmrpc.reference import reference_llama
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
@@ -48,7 +48,7 @@ def test_spare_caches_make_room_under_the_memory_cap(tiny_models: dict[str, str]
     path = tiny_models["F32"]
     info = read_model(path)
     n = info.hparams.n_layer
-    small = kv_bytes(info.hparams, 0, n, 512)
+    small = kv_bytes(info.hparams, 0, n, 512, CacheConfig())
     cap = info.range_bytes(0, n) + 2 * small + small // 2  # a 1024-cell cache fits only without the spare
     args = ["--no-calibrate", "--mem", str(cap), "--cache-dir", str(tmp_path)]
     with LocalServers(1, threads=1, extra_args=args) as local:

@@ -11,10 +11,13 @@ import pytest
 from llmrpc.farm import Farm
 from llmrpc.ggml.device import Backend, find_device
 from llmrpc.model.gguf_model import read_model
+from llmrpc.model.kv import CacheConfig
 from llmrpc.model.stage import CPU_ATTEND_PAD, LayerStage
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 from llmrpc.types import KV_PAD
+
+from .conftest import first_difference, llama_cpp_greedy_text
 
 PROMPTS = [
     "The capital of France is",
@@ -24,22 +27,9 @@ PROMPTS = [
 N_TOKENS = 64
 
 
-def llama_cpp_greedy(path: str, prompt: str) -> list[int]:
-    llm = reference_llama(path, n_ctx=512, n_threads=2)  # fresh state for every prompt
-    tokens = llm.tokenize(prompt.encode(), add_bos=True)
-    out: list[int] = []
-    for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):
-        if llm._model.token_is_eog(t) if hasattr(llm._model, "token_is_eog") else t == llm.token_eos():
-            break
-        out.append(int(t))
-        if len(out) == N_TOKENS:
-            break
-    return out
-
-
 @pytest.fixture(scope="module")
 def references(smollm2: str) -> dict[str, list[int]]:
-    return {p: llama_cpp_greedy(smollm2, p) for p in PROMPTS}
+    return {p: llama_cpp_greedy_text(smollm2, p, N_TOKENS) for p in PROMPTS}
 
 
 @pytest.mark.parametrize("n_servers", [1, 3])
@@ -53,40 +43,38 @@ def test_greedy_continuations_match_llama_cpp(
             got = list(farm.generate_tokens(tokens, N_TOKENS, SamplingParams(temperature=0)))
             assert len(got) >= 16, f"{prompt!r}: only {len(got)} tokens"
             assert got == references[prompt], (
-                f"{prompt!r} diverged at token {_first_difference(got, references[prompt])}"
+                f"{prompt!r} diverged at token {first_difference(got, references[prompt])}"
             )
 
 
-def _first_difference(a: list[int], b: list[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))
-
-
 def test_cpu_attends_fewer_cells_with_llama_cpps_numbers(smollm2: str) -> None:
-    """On the CPU a batch attends to its cells rounded up to 64, not llama.cpp's 256: a prompt,
-    then 180 decode steps whose graph is rebuilt as they cross 64, 128 and 192 cells give the
-    same logits, bit for bit, as llama.cpp's padding; each rebuilt decode graph takes the place
-    (scheduler and memory) of the one it supersedes."""
+    """Without flash attention a CPU batch attends to its cells rounded up to 64, not
+    llama.cpp's 256: a prompt, then 180 decode steps whose graph is rebuilt as they cross 64,
+    128 and 192 cells give llama.cpp's logits (its own padding, flash attention off), bit for
+    bit; each rebuilt decode graph takes the place (scheduler and memory) of the one it
+    supersedes."""
     info = read_model(smollm2)
     backend = Backend(find_device("CPU"), 2)
-    stage = LayerStage(info, 0, info.hparams.n_layer, backend)
+    stage = LayerStage(info, 0, info.hparams.n_layer, backend, cache=CacheConfig(flash_attn=False))
     assert stage.attend_pad == CPU_ATTEND_PAD < KV_PAD
     tokens = np.random.default_rng(1).integers(100, info.hparams.n_vocab, size=200).astype(np.int32)
-    logits = {}
+    cache = stage.new_cache(512)
     try:
-        for pad in (KV_PAD, CPU_ATTEND_PAD):
-            stage.attend_pad = pad
-            cache = stage.new_cache(512)
-            rows = [stage.forward(cache, tokens[:20], 0, True)]
-            rows += [stage.forward(cache, tokens[p : p + 1], p, False) for p in range(20, len(tokens))]
-            assert len(stage._kept) == 1  # one decode graph per session: superseded ones recycled
-            logits[pad] = np.concatenate(rows)
-            stage.forget(cache)
-            cache.free()
+        rows = [stage.forward(cache, tokens[:20], 0, True)]
+        rows += [stage.forward(cache, tokens[p : p + 1], p, False) for p in range(20, len(tokens))]
+        assert len(stage._kept) == 1  # one decode graph per session: superseded ones recycled
+        stage.forget(cache)
     finally:
+        cache.free()
         stage.close()
         backend.close()
-    assert logits[KV_PAD].shape == (len(tokens), info.hparams.n_vocab)
-    np.testing.assert_array_equal(logits[CPU_ATTEND_PAD], logits[KV_PAD])
+    llm = reference_llama(smollm2, n_ctx=512, logits_all=True, n_threads=2, flash_attn=False)
+    llm.eval(tokens[:20].tolist())
+    for t in tokens[20:]:
+        llm.eval([int(t)])
+    want = np.array(llm.scores[: len(tokens)], dtype=np.float32)
+    got = np.concatenate([rows[0]] + [r[-1:] for r in rows[1:]])
+    np.testing.assert_array_equal(got, want)
 
 
 def test_split_logits_identical(smollm2: str, servers: list[str]) -> None:

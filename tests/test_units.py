@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -175,3 +176,26 @@ def test_a_generation_crosses_the_wire_and_bad_ones_are_refused() -> None:
     ):
         with pytest.raises((ValueError, KeyError, TypeError)):
             codec.Generation.parse(bad)
+
+
+def test_a_models_hash_is_remembered_across_processes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hashed once: a later process (here: the in-process memo cleared) reads the record the
+    first one left, keyed by path, size, mtime and inode; a changed file is hashed again."""
+    from llmrpc.model import gguf_model
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"GGUF" + bytes(1000))
+    first = gguf_model.content_hash(model)
+    assert first == hashlib.sha256(model.read_bytes()).hexdigest()
+    gguf_model._HASHES.clear()
+
+    def no_reading(*args: object, **kwargs: object) -> str:
+        raise AssertionError("hashed again")
+
+    monkeypatch.setattr(gguf_model, "sha256_of", no_reading)
+    assert gguf_model.content_hash(model) == first
+    monkeypatch.undo()
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    model.write_bytes(b"GGUF" + bytes(1000) + b"x")  # (another size: mtime alone may not change)
+    assert gguf_model.content_hash(model) == hashlib.sha256(model.read_bytes()).hexdigest() != first

@@ -1,4 +1,4 @@
-"""Decode through one server that waits for each batch as it starts (LLMRPC_OVERLAP=0, as before)
+"""Decode through one server that waits for each batch as it starts (LLMRPC_OVERLAP=0)
 next to one that starts the next step and reports the token while the device computes
 (LLMRPC_OVERLAP=1, a GPU's default), and llama.cpp in this process, in turn, rep by rep:
     python bench/cuda/overlap_ab.py MODEL.gguf CUDA0 [REPS] [SPY_OUT]

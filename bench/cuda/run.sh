@@ -75,7 +75,7 @@ for part in $PARTS; do
     lbench synthetic-1b ;;
   # one stage in-process next to llama.cpp; then with ggml-cuda's fusions off (does llama.cpp's
   # graph get fusions ours misses?) and with its concurrent-stream graph optimization on
-  # one server waiting for each batch as it starts (as before session 5) next to one that starts
+  # one server waiting for each batch as it starts (LLMRPC_OVERLAP=0) next to one that starts
   # the next step and reports the token while the device computes, and llama.cpp; the second's
   # Python sampled by py-spy (raw stacks)
   ab1b) timeout 100 python3 bench/cuda/overlap_ab.py "$(model1b)" $DEVICE 5 "$OUTD/spy-1b.txt" 2>&1 \

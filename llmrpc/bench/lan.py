@@ -1,7 +1,7 @@
 """A simulated LAN for the bench: the head and every server in network namespaces of their own,
 joined by a switch that delays each packet and limits each link's rate.
 
-The kernels of these VMs have no netem qdisc, so the switch does in user space what
+The switch needs no netem qdisc (many VM kernels lack it): it does in user space what
 ``tc qdisc add dev X root netem delay 0.5ms rate 1gbit`` would: every node has a TUN device
 (10.77.0.x/24); the switch reads each IP packet, holds it for the one-way delay and for its
 serialisation time on the receiving node's link, then writes it to that node's device.

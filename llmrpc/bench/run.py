@@ -132,8 +132,8 @@ def paired_ratios(results: list[Result]) -> dict[tuple[str, str], list[float]]:
 def measure_interleaved(
     configs: list[Config], tests: list[tuple[str, int]], tokens: list[int], reps: int
 ) -> list[Result]:
-    """Every configuration once per repetition, in turn: this VM's speed drifts by tens of
-    percent within minutes, and a drift must hit every configuration alike, not one. The turn
+    """Every configuration once per repetition, in turn: a shared VM's speed drifts by tens
+    of percent within minutes, and a drift must hit every configuration alike, not one. The turn
     starts one configuration later each repetition, so that none always runs right after the
     same one (on an H200, one server's pp512 took 14.9 ms right after llama.cpp's and 10.4 ms
     after its own, every repetition)."""
@@ -212,7 +212,7 @@ def measure_interleaved(
     "The stamps cost the servers time (~2% of a token through three): make bench traces a "
     "short run of its own.",
 )
-@click.option("--out", default="bench/results/latest.json", show_default=True, type=click.Path())
+@click.option("--out", default="bench/out/latest.json", show_default=True, type=click.Path())
 def main(
     model: str | None,
     reps: int,

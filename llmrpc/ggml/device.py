@@ -117,6 +117,19 @@ class Backend:
             self.threadpool = lib.ggml_threadpool_new(ctypes.byref(params))
             lib.ggml_backend_cpu_set_threadpool(self.cpu_backend or self.backend, self.threadpool)
 
+    def share_cores(self) -> None:
+        """From now on leave the cores to other servers between graphs (what ``share_cores``
+        at construction does): a parked OpenMP team, or ggml's own threads sleeping at once."""
+        lib = g.ggml()
+        if self._team is None:
+            self._team = parked_team(lib.gomp_path, self.n_threads)
+        if self.threadpool:
+            params = lib.ggml_threadpool_params_default(self.n_threads)
+            params.poll = 0
+            old, self.threadpool = self.threadpool, lib.ggml_threadpool_new(ctypes.byref(params))
+            lib.ggml_backend_cpu_set_threadpool(self.cpu_backend or self.backend, self.threadpool)
+            lib.ggml_threadpool_free(old)
+
     @staticmethod
     def _set_threads(dev: int, backend: int, n_threads: int) -> None:
         lib = g.ggml()

@@ -100,6 +100,7 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_new_tensor_1d": (T, [P, c_int, c_int64]),
     "ggml_new_tensor_2d": (T, [P, c_int, c_int64, c_int64]),
     "ggml_new_tensor_3d": (T, [P, c_int, c_int64, c_int64, c_int64]),
+    "ggml_new_tensor_4d": (T, [P, c_int, c_int64, c_int64, c_int64, c_int64]),
     "ggml_set_name": (T, [T, c_char_p]),
     "ggml_set_input": (None, [T]),
     "ggml_set_output": (None, [T]),
@@ -146,6 +147,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_swiglu_oai": (T, [P, T, T, c_float, c_float]),
     "ggml_soft_max": (T, [P, T]),
     "ggml_soft_max_add_sinks": (None, [T, T]),
+    "ggml_flash_attn_ext": (T, [P, T, T, T, T, c_float, c_float, c_float]),
+    "ggml_flash_attn_ext_add_sinks": (None, [T, T]),
     "ggml_sum_rows": (T, [P, T]),
     "ggml_argsort_top_k": (T, [P, T, c_int]),
     "ggml_mul_mat_id": (T, [P, T, T, T]),
@@ -157,10 +160,14 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_view_4d": (T, [P, T, c_int64, c_int64, c_int64, c_int64, c_size_t, c_size_t, c_size_t, c_size_t]),
     "ggml_repeat_4d": (T, [P, T, c_int64, c_int64, c_int64, c_int64]),
     "ggml_pad": (T, [P, T, c_int, c_int, c_int, c_int]),
+    "ggml_fill": (T, [P, T, c_float]),
+    "ggml_xielu": (T, [P, T, c_float, c_float, c_float, c_float]),
     # graphs
     "ggml_new_graph_custom": (P, [P, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [P, T]),
     "ggml_graph_n_nodes": (c_int, [P]),
+    "ggml_graph_node": (T, [P, c_int]),
+    "ggml_op_name": (c_char_p, [c_int]),
     # backends and devices
     "ggml_backend_load_all": (None, []),
     "ggml_backend_dev_count": (c_size_t, []),
@@ -176,6 +183,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_backend_free": (None, [P]),
     "ggml_backend_name": (c_char_p, [P]),
     "ggml_backend_buft_name": (c_char_p, [P]),
+    "ggml_backend_buft_alloc_buffer": (P, [P, c_size_t]),
+    "ggml_backend_dev_supports_op": (c_bool, [P, T]),
     "ggml_backend_alloc_ctx_tensors_from_buft": (P, [P, P]),
     "ggml_backend_buffer_free": (None, [P]),
     "ggml_backend_buffer_get_size": (c_size_t, [P]),
@@ -296,3 +305,30 @@ def ggml() -> Ggml:
         _GGML = Ggml(library_dir())
         logger.debug("loaded libggml from %s", library_dir())
     return _GGML
+
+
+LogCallback = ctypes.CFUNCTYPE(None, c_int, c_char_p, c_void_p)
+_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_ggml_logger = logging.getLogger("ggml")
+_last_level = logging.INFO
+
+
+@LogCallback
+def _log(level: int, text: bytes, _user: int) -> None:
+    """ggml's log lines into Python's logging (logger ``ggml``): its debug notes (a tensor
+    repacked, a buffer allocated) at debug, warnings at warning."""
+    global _last_level
+    if level != 5:  # GGML_LOG_LEVEL_CONT continues the previous line
+        _last_level = _LEVELS.get(level, logging.INFO)
+    message = text.decode("utf-8", "replace").rstrip("\n")
+    if message:
+        _ggml_logger.log(_last_level, "%s", message)
+
+
+def route_logs() -> None:
+    """Send ggml's logging through Python's (a server's log, filtered by its level) instead of
+    straight to stderr."""
+    lib = ggml()
+    lib._base.ggml_log_set.restype = None
+    lib._base.ggml_log_set.argtypes = [LogCallback, c_void_p]
+    lib._base.ggml_log_set(_log, None)

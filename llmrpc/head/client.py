@@ -14,7 +14,16 @@ import numpy as np
 
 from llmrpc import codec
 from llmrpc.auth import ClientSecurity
-from llmrpc.types import HUNG_AFTER, PROTOCOL_VERSION, LoadedRange, ServerInfo, join_address, split_address
+from llmrpc.model.kv import CacheConfig
+from llmrpc.types import (
+    HUNG_AFTER,
+    PROTOCOL_VERSION,
+    LoadedRange,
+    ServerHealth,
+    ServerInfo,
+    join_address,
+    split_address,
+)
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
@@ -108,6 +117,12 @@ class StageClient:
             self.data_token = info.data_token
         return info
 
+    def health(self) -> ServerHealth:
+        try:
+            return codec.health_from_proto(self._stub.Health(pb.HealthRequest(), timeout=self.connect_timeout))
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
     def answers(self, timeout: float) -> bool:
         """Whether the server answers a health check within ``timeout`` (any answer, a refusal
         included: it is not hung). Its gRPC handlers answer while its layers compute."""
@@ -137,9 +152,14 @@ class StageClient:
             except grpc.RpcError as e:
                 raise self._error(e, layers) from None
 
-    def load(self, model_path: str, start: int, end: int, model_hash: str = "") -> LoadedRange | None:
-        """Load layers [start, end); None when the server has no copy (push the slice)."""
-        request = pb.LoadRequest(model_path=model_path, layer_start=start, layer_end=end, model_hash=model_hash)
+    def load(
+        self, model_path: str, start: int, end: int, model_hash: str = "", cache: CacheConfig | None = None,
+        share_host: str = "",
+    ) -> LoadedRange | None:  # fmt: skip
+        """Load layers [start, end) (their attention and KV cache as ``cache`` says, by default
+        llama.cpp's; ``share_host``: take turns with the servers given the same name); None when
+        the server has no copy (push the slice)."""
+        request = codec.load_request(model_path, start, end, model_hash, cache or CacheConfig(), share_host)
         try:
             reply = self._reply(self._stub.Load.future(request, timeout=self.timeout), f"[{start}, {end})")
         except StageError:

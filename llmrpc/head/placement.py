@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-import mmap
+import os
 import socket
 import ssl
 import zlib
@@ -17,7 +17,7 @@ from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.planner import ModelLayout, Plan, ServerReport
 from llmrpc.model.arch import Role, is_expert_tensor, tensor_role
 from llmrpc.model.gguf_model import ModelInfo, TensorInfo, tensor_view
-from llmrpc.model.kv import SWA, cell_bytes, layer_group
+from llmrpc.model.kv import SWA, CacheConfig, cell_bytes, layer_group
 from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.types import ServerInfo, split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
@@ -28,8 +28,9 @@ CHUNK = 1 << 22  # bytes of tensor data per PushSlice message
 BULK_CHUNK = 1 << 21  # bytes per frame on the bulk upload connection
 
 
-def model_layout(info: ModelInfo) -> ModelLayout:
+def model_layout(info: ModelInfo, cache: CacheConfig | None = None) -> ModelLayout:
     hp = info.hparams
+    cache = cache or CacheConfig()
     per_layer = [[info.tensors[n] for n in info.layer_tensor_names(i)] for i in range(hp.n_layer)]
     middle = set(info.range_tensor_names(1, 2)) if hp.n_layer > 2 else set()
     shared = {n for n in middle if tensor_role(n)[0] is Role.SHARED}  # every stage holds these (rope factors)
@@ -52,7 +53,7 @@ def model_layout(info: ModelInfo) -> ModelLayout:
         shared_bytes=sum(info.tensors[n].n_bytes for n in shared),
         layer_elements=tuple(round(sum(work(t) for t in ts)) for ts in per_layer),
         output_elements=sum(math.prod(info.tensors[n].shape) for n in last),
-        layer_kv_cell_bytes=tuple(cell_bytes(hp, il) for il in range(hp.n_layer)),
+        layer_kv_cell_bytes=tuple(cell_bytes(hp, il, cache) for il in range(hp.n_layer)),
         layer_windows=tuple(hp.n_swa if layer_group(hp, il) == SWA else 0 for il in range(hp.n_layer)),
         n_embd=hp.n_embd,
         n_ff=max(max(hp.n_ff_arr), hp.n_expert_used * hp.n_ff_exp),
@@ -62,10 +63,34 @@ def model_layout(info: ModelInfo) -> ModelLayout:
 
 
 def server_reports(infos: Sequence[ServerInfo]) -> list[ServerReport]:
-    return [ServerReport(i.address, i.device.name, i.memory_budget or i.device.memory_free, i.bandwidth) for i in infos]
+    """What the planner needs of each server. Servers of one machine and device are equal: they
+    get the best of their speeds (measured side by side, as servers started together measure
+    them, each figure is low and noisy, which would give equal servers unequal work)."""
+    best: dict[tuple[str, str], float] = {}
+    for i in infos:
+        if i.machine_id:
+            key = (i.machine_id, i.device.name)
+            best[key] = max(best.get(key, 0.0), i.bandwidth)
+    return [
+        ServerReport(
+            i.address, i.device.name, i.memory_budget or i.device.memory_free,
+            best.get((i.machine_id, i.device.name), i.bandwidth) if i.machine_id else i.bandwidth,
+        )
+        for i in infos
+    ]  # fmt: skip
 
 
-def _size(n: float) -> str:
+def shared_hosts(infos: Sequence[ServerInfo], used: Sequence[str]) -> dict[str, str]:
+    """The servers of a plan (``used`` addresses) that compute on one machine's CPU cores with
+    another of the plan, each with the name of that machine's turn-taking lock."""
+    by_machine: dict[str, list[str]] = {}
+    for i in infos:
+        if i.address in used and i.machine_id and i.device.kind == "cpu":
+            by_machine.setdefault(i.machine_id, []).append(i.address)
+    return {a: f"llmrpc-{m}" for m, addresses in by_machine.items() if len(addresses) > 1 for a in addresses}
+
+
+def format_size(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -77,8 +102,8 @@ def format_plan(p: Plan) -> str:
     rows = [("server", "device", "layers", "weights", "KV", "compute", "free after", "ms/token")]
     for s in p.stages:
         rows.append((
-            s.address, s.device, f"[{s.start}, {s.end})", _size(s.weight_bytes), _size(s.kv_bytes),
-            _size(s.compute_bytes), _size(s.free_after), f"{s.seconds * 1e3:.2f}",
+            s.address, s.device, f"[{s.start}, {s.end})", format_size(s.weight_bytes), format_size(s.kv_bytes),
+            format_size(s.compute_bytes), format_size(s.free_after), f"{s.seconds * 1e3:.2f}",
         ))  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
@@ -92,30 +117,28 @@ def ship_slice(
     progress: Callable[[int], None] | None = None, tls: ssl.SSLContext | None = None,
 ) -> int:  # fmt: skip
     """Send layers [start, end) over the bulk upload connection; returns the bytes the server
-    kept. Frames are checksummed (crc32); the file's bytes go out with sendfile (no copy; with
-    ``tls``, encrypted, the server's certificate checked)."""
+    kept. Frames are checksummed (crc32); the file is read a frame at a time into one buffer
+    (the head holds 2 MiB of the model however large it is; with ``tls``, encrypted, the
+    server's certificate checked)."""
     layout = build_slice_layout(info, start, end, model_hash, digests=False)
     port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
     host = split_address(client.address)[0]
-    with wire.open_tcp(host, port, 120, tls) as sock, open(info.path, "rb") as f:
+    buf = bytearray(BULK_CHUNK)
+    with wire.open_tcp(host, port, 120, tls) as sock, open(info.path, "rb", buffering=0) as f:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-        try:
-            view = memoryview(mm)
-            sock.sendall(token)
-            for index, t in enumerate(layout.tensors):
-                base = info.tensors[t.name].offset
-                for off in range(0, t.n_bytes, BULK_CHUNK):
-                    n = min(BULK_CHUNK, t.n_bytes - off)
-                    crc = zlib.crc32(view[base + off : base + off + n])
-                    sock.sendall(codec.UPLOAD_FRAME.pack(index, off, n, crc))
-                    sock.sendfile(f, base + off, n)
-                    if progress is not None:
-                        progress(n)
-            sock.sendall(codec.UPLOAD_FRAME.pack(codec.UPLOAD_END, 0, 0, 0))
-            view.release()
-        finally:
-            mm.close()
+        sock.sendall(token)
+        for index, t in enumerate(layout.tensors):
+            base = info.tensors[t.name].offset
+            for off in range(0, t.n_bytes, BULK_CHUNK):
+                n = min(BULK_CHUNK, t.n_bytes - off)
+                piece = memoryview(buf)[:n]
+                if os.preadv(f.fileno(), [piece], base + off) != n:
+                    raise ValueError(f"{info.path} ends inside tensor {t.name}")
+                sock.sendall(codec.UPLOAD_FRAME.pack(index, off, n, zlib.crc32(piece)))
+                sock.sendall(piece)
+                if progress is not None:
+                    progress(n)
+        sock.sendall(codec.UPLOAD_FRAME.pack(codec.UPLOAD_END, 0, 0, 0))
         ok, kept, msg_len = codec.UPLOAD_STATUS.unpack(_recv_exact(sock, codec.UPLOAD_STATUS.size))
         message = _recv_exact(sock, msg_len).decode("utf-8", "replace") if msg_len else ""
     if not ok:

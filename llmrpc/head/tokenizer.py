@@ -62,10 +62,9 @@ class Tokenizer:
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Messages rendered with the chat template, as tokens: the template's special tokens are
-        tokens (not their text), and no second BOS where the template wrote one."""
-        text = self.apply_chat_template(messages)
-        bos = self.bos_text()
-        return self.encode(text, add_bos=False if bos and text.startswith(bos) else None, special=True)
+        tokens (not their text), and the BOS only where the template writes it, as
+        llama-cpp-python's create_chat_completion tokenizes a rendered template."""
+        return self.encode(self.apply_chat_template(messages), add_bos=False, special=True)
 
 
 class TextStream:

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from llmrpc import paths
 from llmrpc.model.arch import Role, tensor_role
 from llmrpc.model.families import family
 from llmrpc.model.hparams import HParams, HParamsError, KeyReader, finish, read_base
@@ -136,12 +137,27 @@ def tensor_view(path: str, t: TensorInfo) -> np.ndarray:
 
 
 def content_hash(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
-    """sha256 of the whole file: identifies a model by content, not by name. Memoized per
-    (path, size, mtime) in this process, so a file is read once."""
+    """sha256 of the whole file: identifies a model by content, not by name. Remembered per
+    (path, size, mtime, inode) in this process and in llmrpc's cache folder, so a file is
+    read once, not at every start (a 40 GB model takes ~25 s to hash)."""
     st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if key not in _HASHES:
-        _HASHES[key] = sha256_of(path, 0, st.st_size, chunk)
+        record = paths.cache_dir("hashes") / hashlib.sha256(repr(key).encode()).hexdigest()
+        try:
+            digest = record.read_text().strip()
+        except OSError:
+            digest = ""
+        if len(digest) != 64:
+            digest = sha256_of(path, 0, st.st_size, chunk)
+            try:
+                record.parent.mkdir(parents=True, exist_ok=True)
+                tmp = record.with_suffix(f".{os.getpid()}")
+                tmp.write_text(digest + "\n")
+                tmp.replace(record)
+            except OSError as e:
+                logger.debug("cannot remember the hash of %s: %s", path, e)
+        _HASHES[key] = digest
     return _HASHES[key]
 
 
@@ -160,4 +176,4 @@ def sha256_of(path: str | os.PathLike[str], offset: int, n_bytes: int, chunk: in
     return h.hexdigest()
 
 
-_HASHES: dict[tuple[str, int, int], str] = {}
+_HASHES: dict[tuple[str, int, int, int], str] = {}

@@ -67,7 +67,7 @@ class Segment:
 class AttnInputs:
     kq_mask: g.Tensor  # F32 [n_kv, n]
     k_idxs: g.Tensor  # I64 [n]: the cell of each row
-    v_idxs: g.Tensor  # I64 [n * n_embd_v]: the V cache is stored transposed
+    v_idxs: g.Tensor | None  # I64 [n * n_embd_v]: the V cache is stored transposed (None: K only)
 
 
 @dataclass
@@ -79,12 +79,14 @@ class GraphInputs:
     pos: g.Tensor  # I32 [n]
     segments: list[dict[str, AttnInputs]]  # per segment, per KV group
     out_ids: g.Tensor | None  # I32 [n_out] when only some rows leave the last layer
+    attn_scale: g.Tensor | None = None  # F32 [1, 1, n]: each row's attention temperature, where the graph uses it
 
 
 @dataclass
 class LayerCache:
     k: g.Tensor  # F16 [n_embd_k_gqa, cells]
-    v: g.Tensor  # F16 [n_embd_v_gqa, cells], used transposed as in llama.cpp without flash-attn
+    v: g.Tensor | None  # F16 [n_embd_v_gqa, cells], used transposed as in llama.cpp without flash-attn;
+    # None for latent attention (MLA), whose V is the first columns of K
 
 
 class Norm(enum.Enum):
@@ -119,8 +121,10 @@ class Builder:
         caches: Sequence[Mapping[int, LayerCache]],  # one per segment
         start: int,
         end: int,
+        flash_attn: bool = False,
     ) -> None:
         self.lib = g.ggml()
+        self.flash_attn = flash_attn  # ggml's fused attention; the V cache a row per cell
         self.ctx = ctx
         self.gf = gf
         self.hp = hp
@@ -214,6 +218,16 @@ class Builder:
             cur = self.softcap(cur, self.hp.final_softcap)
         return self.name(cur, "result_output")
 
+    def attn_temp(self) -> g.Tensor:
+        """The attention temperature of each row's position, F32 [1, 1, n] (llama.cpp's
+        ``build_inp_attn_scale``): an input of the graph, which the stage sets from the
+        positions (:func:`llmrpc.model.hparams.attn_temp_scales`)."""
+        if self.inp.attn_scale is None:
+            t = self.lib.ggml_new_tensor_3d(self.ctx, g.GGML_TYPE_F32, 1, 1, self.n_tokens)
+            self.lib.ggml_set_input(t)
+            self.inp.attn_scale = self.name(t, "inp_attn_scale")
+        return self.inp.attn_scale
+
     # -- attention -----------------------------------------------------------------------
     def qkv(self, il: int, x: g.Tensor, head_dim: int | None = None) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
         """Q [hd, n_head, n], K and V [hd, n_head_kv, n]: from a fused QKV matrix or three,
@@ -249,6 +263,29 @@ class Builder:
             lib.ggml_reshape_3d(ctx, v, hd_v, n_kv, n),
         )
 
+    def qkv_flat(self, il: int, x: g.Tensor) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
+        """Q [n_embd_q, n], K and V [n_embd_kv, n], not split into heads (llama.cpp's
+        ``build_qkv`` with ``reshape`` false: for norms over all heads at once)."""
+        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
+        n_q, n_k = hp.head_dim_k(il) * hp.n_head(il), hp.n_embd_k_gqa(il)
+        wqkv = self.opt(T.ATTN_QKV, il)
+        if wqkv is None:
+            q = self.linear(self.w(T.ATTN_Q, il), x, self.opt(T.ATTN_Q, il, "bias"))
+            k = self.linear(self.w(T.ATTN_K, il), x, self.opt(T.ATTN_K, il, "bias"))
+            v = self.linear(self.w(T.ATTN_V, il), x, self.opt(T.ATTN_V, il, "bias"))
+            return q, k, v
+        qkv = self.mm(wqkv, x)
+        bias = self.opt(T.ATTN_QKV, il, "bias")
+        biases = [self.opt(kind, il, "bias") for kind in (T.ATTN_Q, T.ATTN_K, T.ATTN_V)]
+        if bias is None and all(b is not None for b in biases):  # separate biases of a fused matrix
+            bias = lib.ggml_concat(ctx, lib.ggml_concat(ctx, biases[0], biases[1], 0), biases[2], 0)
+        qkv = self.add(qkv, bias)
+        row, f32 = qkv.contents.nb[1], g.GGML_TYPE_F32
+        parts = ((n_q, 0), (n_k, n_q), (hp.n_embd_v_gqa(il), n_q + n_k))
+        q, k, v = (lib.ggml_cont(ctx, lib.ggml_view_2d(ctx, qkv, width, n, row, lib.ggml_row_size(f32, at)))
+                   for width, at in parts)  # fmt: skip
+        return q, k, v
+
     def rope_factors(self) -> g.Tensor | None:
         """The rope frequency factors, where the model has them (llama.cpp's
         ``get_rope_factors``): llama3's, or LongRoPE's long or short ones by context size."""
@@ -265,19 +302,35 @@ class Builder:
             hp.rope_base(il), hp.rope_scale(il), r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
         )  # fmt: skip
 
+    def rope_full(self, t: g.Tensor, il: int, factors: g.Tensor | None = None) -> g.Tensor:
+        """Rope with the full-attention layers' base and scale on any layer (families whose
+        sliding-window layers rotate as their full ones do)."""
+        hp, r = self.hp, self.hp.rope
+        return self.lib.ggml_rope_ext(
+            self.ctx, t, self.inp.pos, factors, hp.n_rot(il), hp.rope_type, r.n_ctx_orig,
+            r.freq_base, r.freq_scale, r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
+        )  # fmt: skip
+
     def attention(
         self, il: int, q: g.Tensor, k: g.Tensor, v: g.Tensor, kq_scale: float,
         wo: g.Tensor | None, wo_b: g.Tensor | None = None, sinks: g.Tensor | None = None,
+        v_mla: g.Tensor | None = None,
     ) -> g.Tensor:  # fmt: skip
         """Each segment stores its K and V in its cache and attends over its cells; the
         segments' results are joined back into one batch [n_embd_v * n_head, n], then
-        projected by ``wo`` (llama.cpp's ``build_attn``)."""
+        projected by ``wo`` (llama.cpp's ``build_attn``). ``v_mla``: latent attention (MLA),
+        whose cache holds K alone and whose V is K's first columns, decompressed by ``v_mla``."""
         lib, ctx = self.lib, self.ctx
         group = layer_group(self.hp, il)
+
+        def attend(seg: Segment, inp: Mapping[str, AttnInputs], cache: Mapping[int, LayerCache],
+                   q: g.Tensor, k: g.Tensor, v: g.Tensor) -> g.Tensor:  # fmt: skip
+            if v_mla is not None:
+                return self._attend_mla(seg.view(group), inp[group], cache[il], q, k, v, kq_scale, v_mla, il)
+            return self._attend(seg.view(group), inp[group], cache[il], q, k, v, kq_scale, sinks, il)
+
         if len(self.segments) == 1:
-            seg = self.segments[0]
-            out = self._attend(seg.view(group), self.inp.segments[0][group], self.caches[0][il], q, k, v,
-                               kq_scale, sinks, il)  # fmt: skip
+            out = attend(self.segments[0], self.inp.segments[0], self.caches[0], q, k, v)
         else:
             out = None
             for seg, seg_inp, cache in zip(self.segments, self.inp.segments, self.caches, strict=True):
@@ -286,56 +339,114 @@ class Builder:
                     c = t.contents
                     return lib.ggml_view_3d(ctx, t, c.ne[0], c.ne[1], seg.n, c.nb[1], c.nb[2], seg.offset * c.nb[2])
 
-                cur = self._attend(seg.view(group), seg_inp[group], cache[il], rows(q), rows(k), rows(v),
-                                   kq_scale, sinks, il)  # fmt: skip
+                cur = attend(seg, seg_inp, cache, rows(q), rows(k), rows(v))
                 out = cur if out is None else lib.ggml_concat(ctx, out, cur, 1)
             assert out is not None
         if wo is not None:
             out = self.mm(wo, out)
         return self.add(out, wo_b)
 
+    def _store_k(self, inp: AttnInputs, cache: LayerCache, k: g.Tensor) -> None:
+        """cpy_k: rows of [n_embd_k] go to the cells in k_idxs."""
+        lib, ctx = self.lib, self.ctx
+        c = k.contents
+        k2 = lib.ggml_view_2d(ctx, k, c.ne[0] * c.ne[1], c.ne[2], c.nb[2], 0)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
+
+    def _attend_mla(
+        self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
+        kq_scale: float, v_mla: g.Tensor, il: int,
+    ) -> g.Tensor:  # fmt: skip
+        """Latent attention over a K-only cache (llama.cpp's ``build_attn`` with a K input)."""
+        lib, ctx = self.lib, self.ctx
+        self._store_k(inp, cache, k)
+        kc = self._cells(cache.k, k.contents.ne[0], k.contents.ne[1], view)
+        c = kc.contents
+        vc = lib.ggml_view_4d(ctx, kc, v.contents.ne[0], c.ne[1], c.ne[2], c.ne[3], c.nb[1], c.nb[2], c.nb[3], 0)
+        q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
+        kc = lib.ggml_permute(ctx, kc, 0, 2, 1, 3)
+        vc = lib.ggml_permute(ctx, vc, 0, 2, 1, 3)
+        if self.flash_attn:
+            return self._flash(q, kc, vc, inp.kq_mask, kq_scale, None, v_mla)
+        kq = self._scores(kc, q, inp.kq_mask, kq_scale, None, il)
+        vc = lib.ggml_cont(ctx, lib.ggml_transpose(ctx, vc))
+        kqv = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_mul_mat(ctx, vc, kq))
+        cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
+        c = cur.contents
+        return lib.ggml_cont_2d(ctx, cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
+
     def _attend(
         self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
         kq_scale: float, sinks: g.Tensor | None, il: int,
     ) -> g.Tensor:  # fmt: skip
-        lib, ctx, hp = self.lib, self.ctx, self.hp
+        lib, ctx = self.lib, self.ctx
         n = q.contents.ne[2]
         hd_k, hd_v, n_head_kv = k.contents.ne[0], v.contents.ne[0], k.contents.ne[1]
-        n_embd_k, n_embd_v = hd_k * n_head_kv, hd_v * n_head_kv
-        n_kv, size = view.n_kv, view.size
-        f16 = g.GGML_TYPE_F16
-        # cpy_k: rows of [n_embd_k] go to the cells in k_idxs
-        k2 = lib.ggml_view_2d(ctx, k, n_embd_k, n, k.contents.nb[2], 0)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
-        # cpy_v (transposed cache): each element is its own row
+        n_embd_v = hd_v * n_head_kv
+        self._store_k(inp, cache, k)
+        assert cache.v is not None and inp.v_idxs is not None
         if lib.ggml_row_size(g.GGML_TYPE_F32, n_embd_v) == v.contents.nb[2]:
             v2 = lib.ggml_reshape_2d(ctx, v, n_embd_v, n)
         else:
             v2 = lib.ggml_cont_2d(ctx, v, n_embd_v, n)  # a view of a fused QKV
-        v_flat = lib.ggml_reshape_2d(ctx, v2, 1, n_embd_v * n)
-        v_cells = lib.ggml_reshape_2d(ctx, cache.v, 1, n_embd_v * size)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_cells, v_flat, inp.v_idxs))
-
         q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
-        k_view = lib.ggml_view_3d(
-            ctx, cache.k, hd_k, n_kv, n_head_kv,
-            lib.ggml_row_size(f16, n_embd_k), lib.ggml_row_size(f16, hd_k), 0,
-        )  # fmt: skip
+        k_view = lib.ggml_permute(ctx, self._cells(cache.k, hd_k, n_head_kv, view), 0, 2, 1, 3)
+        if self.flash_attn:  # V stored a row per cell, as K
+            lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.v, v2, inp.v_idxs))
+            v_view = lib.ggml_permute(ctx, self._cells(cache.v, hd_v, n_head_kv, view), 0, 2, 1, 3)
+            return self._flash(q, k_view, v_view, inp.kq_mask, kq_scale, sinks)
+        # cpy_v (transposed cache): each element is its own row
+        v_flat = lib.ggml_reshape_2d(ctx, v2, 1, n_embd_v * n)
+        v_cells = lib.ggml_reshape_2d(ctx, cache.v, 1, n_embd_v * view.size)
+        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_cells, v_flat, inp.v_idxs))
+        tv = cache.v.contents.type
         v_view = lib.ggml_view_3d(
-            ctx, cache.v, n_kv, hd_v, n_head_kv,
-            lib.ggml_row_size(f16, size), lib.ggml_row_size(f16, size * hd_v), 0,
+            ctx, cache.v, view.n_kv, hd_v, n_head_kv,
+            lib.ggml_row_size(tv, view.size), lib.ggml_row_size(tv, view.size * hd_v), 0,
         )  # fmt: skip
-        kq = lib.ggml_mul_mat(ctx, k_view, q)
-        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
-        if hp.attn_softcap:
-            kq = self.softcap(kq, hp.attn_softcap)
-        kq = lib.ggml_soft_max_ext(ctx, kq, inp.kq_mask, kq_scale, 0.0)
-        if sinks is not None:
-            lib.ggml_soft_max_add_sinks(kq, sinks)
-        kq = self.name(kq, "kq_soft_max", il)
+        kq = self._scores(k_view, q, inp.kq_mask, kq_scale, sinks, il)
         kqv = lib.ggml_mul_mat(ctx, v_view, kq)
         cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
         return lib.ggml_cont_2d(ctx, cur, hd_v * q.contents.ne[2], n)
+
+    def _cells(self, t: g.Tensor, hd: int, n_head_kv: int, view: CacheView) -> g.Tensor:
+        """A cache of rows per cell seen as [hd, n_head_kv, n_kv] (llama.cpp's ``get_k``)."""
+        lib, typ = self.lib, t.contents.type
+        width = t.contents.ne[0]
+        return lib.ggml_view_4d(
+            self.ctx, t, hd, n_head_kv, view.n_kv, 1, lib.ggml_row_size(typ, hd), lib.ggml_row_size(typ, width),
+            lib.ggml_row_size(typ, width * view.size), 0,
+        )  # fmt: skip
+
+    def _scores(
+        self, k: g.Tensor, q: g.Tensor, mask: g.Tensor, kq_scale: float, sinks: g.Tensor | None, il: int
+    ) -> g.Tensor:
+        """softmax(K.Q * scale + mask) without flash attention (soft-capped where the model says)."""
+        lib, ctx = self.lib, self.ctx
+        kq = lib.ggml_mul_mat(ctx, k, q)
+        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
+        if self.hp.attn_softcap:
+            kq = self.softcap(kq, self.hp.attn_softcap)
+        kq = lib.ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0)
+        if sinks is not None:
+            lib.ggml_soft_max_add_sinks(kq, sinks)
+        return self.name(kq, "kq_soft_max", il)
+
+    def _flash(
+        self, q: g.Tensor, k: g.Tensor, v: g.Tensor, mask: g.Tensor, kq_scale: float, sinks: g.Tensor | None,
+        v_mla: g.Tensor | None = None,
+    ) -> g.Tensor:  # fmt: skip
+        """ggml's fused attention (llama.cpp's ``build_attn_mha`` with flash attention)."""
+        lib, ctx = self.lib, self.ctx
+        cur = lib.ggml_flash_attn_ext(ctx, q, k, v, mask, kq_scale, 0.0, self.hp.attn_softcap)
+        if sinks is not None:
+            lib.ggml_flash_attn_ext_add_sinks(cur, sinks)
+        lib.ggml_prec_set_acc(cur, g.GGML_PREC_F32)
+        if v_mla is not None:
+            cur = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_permute(ctx, cur, 0, 2, 1, 3))
+            cur = lib.ggml_cont(ctx, lib.ggml_permute(ctx, cur, 0, 2, 1, 3))
+        c = cur.contents
+        return lib.ggml_reshape_2d(ctx, cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
 
     # -- feed-forward --------------------------------------------------------------------
     def ffn(
@@ -377,8 +488,9 @@ class Builder:
         ``n_expert_used`` experts per row, each runs its FFN (``ggml_mul_mat_id``), and their
         outputs are summed with the router's weights. ``biased``: the router and the experts
         have biases (gpt-oss)."""
-        lib, ctx, hp, n = self.lib, self.ctx, self.hp, self.n_tokens
-        n_embd, n_exp, n_used = x.contents.ne[0], hp.n_expert, hp.n_expert_used
+        lib, ctx, hp = self.lib, self.ctx, self.hp
+        n_embd, n = x.contents.ne[0], x.contents.ne[1]  # rows: fewer than the batch's after out_rows
+        n_exp, n_used = hp.n_expert, hp.n_expert_used
 
         def bias(kind: T) -> g.Tensor | None:
             return self.w(kind, il, "bias") if biased else None
@@ -393,6 +505,8 @@ class Builder:
         else:
             raise ValueError(f"{hp.arch}: expert gating {gating!r} is not supported")
         selection = lib.ggml_add(ctx, probs, probs_bias) if probs_bias is not None else probs
+        if hp.n_expert_groups > 1:
+            selection = self._best_groups(selection, n)
         selected = lib.ggml_argsort_top_k(ctx, selection, n_used)  # I32 [n_used, n]
         probs = lib.ggml_reshape_3d(ctx, probs, 1, n_exp, n)
         weights = lib.ggml_get_rows(ctx, probs, selected)  # [1, n_used, n]
@@ -414,8 +528,15 @@ class Builder:
             b = bias(kind)
             return out if b is None else lib.ggml_add_id(ctx, out, b, selected)
 
-        up = experts(T.FFN_UP_EXP, cur)
-        gate = experts(T.FFN_GATE_EXP, cur) if self.opt(T.FFN_GATE_EXP, il) is not None else None
+        if self.opt(T.FFN_GATE_UP_EXP, il) is not None:  # gate and up in one matrix
+            gate_up = experts(T.FFN_GATE_UP_EXP, cur)
+            c = gate_up.contents
+            half = c.ne[0] // 2
+            gate = lib.ggml_view_3d(ctx, gate_up, half, c.ne[1], c.ne[2], c.nb[1], c.nb[2], 0)
+            up = lib.ggml_view_3d(ctx, gate_up, half, c.ne[1], c.ne[2], c.nb[1], c.nb[2], half * c.nb[0])
+        else:
+            up = experts(T.FFN_UP_EXP, cur)
+            gate = experts(T.FFN_GATE_EXP, cur) if self.opt(T.FFN_GATE_EXP, il) is not None else None
         if act is Act.SILU:
             cur = lib.ggml_swiglu_split(ctx, gate, up) if gate is not None else lib.ggml_silu(ctx, up)
         elif act is Act.GELU:
@@ -437,3 +558,21 @@ class Builder:
         if n_used == 1:
             moe_out = lib.ggml_cont(ctx, moe_out)
         return self.name(moe_out, "ffn_moe_out", il)
+
+    def _best_groups(self, selection: g.Tensor, n: int) -> g.Tensor:
+        """Only the experts of the ``n_group_used`` groups whose two best experts score
+        highest stay selectable (DeepSeek V3's group-limited routing)."""
+        lib, ctx, hp = self.lib, self.ctx, self.hp
+        n_groups = hp.n_expert_groups
+        per_group = hp.n_expert // n_groups
+        groups = lib.ggml_reshape_3d(ctx, selection, per_group, n_groups, n)
+        top2 = lib.ggml_argsort_top_k(ctx, groups, 2)  # [2, n_groups, n]
+        scores = lib.ggml_get_rows(ctx, lib.ggml_reshape_4d(ctx, groups, 1, per_group, n_groups, n), top2)
+        c = scores.contents
+        scores = lib.ggml_sum_rows(ctx, lib.ggml_reshape_3d(ctx, scores, c.ne[1], c.ne[2], c.ne[3]))
+        c = scores.contents
+        scores = lib.ggml_reshape_2d(ctx, scores, c.ne[1], c.ne[2])  # [n_groups, n]
+        best = lib.ggml_argsort_top_k(ctx, scores, hp.n_group_used)
+        kept = lib.ggml_get_rows(ctx, groups, best)  # [per_group, n_group_used, n]
+        masked = lib.ggml_set_rows(ctx, lib.ggml_fill(ctx, groups, float("-inf")), kept, best)
+        return lib.ggml_reshape_2d(ctx, masked, hp.n_expert, n)

@@ -92,17 +92,23 @@ class HParams:
     rope_freq_base_swa: float = 10000.0  # of sliding-window layers (llama.cpp's default)
     rope_freq_scale_swa: float = 1.0
     rope_yarn_log_mul: float = 0.0
+    rope_layers: tuple[bool, ...] = ()  # which layers rotate Q and K (llama.cpp's has_rope); empty: all
     # sliding windows
     n_swa: int = 0
     swa_type: SwaType = SwaType.NONE
     is_swa_arr: tuple[bool, ...] = ()
     # attention
     attn_scale: float = 0.0  # the family's kq scale (0: 1/sqrt(head dim))
+    attn_temp_scale: float = 0.0  # Q times a factor growing with the position (llama 4's temperature; 0: off)
+    attn_temp_floor: int = 0  # positions per step of that factor
+    attn_temp_offset: float = 0.0
     attn_softcap: float = 0.0  # tanh soft-capping of attention scores (0: off)
     final_softcap: float = 0.0  # of the output logits
     embedding_scale: float = 0.0  # multiplies token embeddings (0: off)
     residual_scale: float = 0.0  # multiplies each block's output before the residual add (0: off)
     logit_scale: float = 0.0  # multiplies (or divides, by family) the output logits (0: off)
+    # per layer: alpha_n, alpha_p, beta and eps of the xIELU activation (apertus)
+    xielu: tuple[tuple[float, float, float, float], ...] = ()
     # mixture of experts
     n_expert: int = 0
     n_expert_used: int = 0
@@ -113,6 +119,9 @@ class HParams:
     expert_weights_norm: bool = False
     expert_gating: Gating = Gating.NONE
     n_layer_dense_lead: int = 0
+    n_moe_layer_step: int = 0  # experts on every n-th layer (after the dense leading ones; 0: every layer)
+    n_expert_groups: int = 0  # experts in groups, only the best n_group_used selectable (DeepSeek V3)
+    n_group_used: int = 0
     # multi-head latent attention (deepseek2)
     n_lora_q: int = 0
     n_lora_kv: int = 0
@@ -131,6 +140,10 @@ class HParams:
 
     def is_swa(self, il: int) -> bool:
         return bool(self.is_swa_arr) and self.is_swa_arr[il]
+
+    def has_rope(self, il: int) -> bool:
+        """Whether layer ``il`` rotates Q and K (layers without are NoPE layers)."""
+        return not self.rope_layers or self.rope_layers[il]
 
     def head_dim_k(self, il: int = 0) -> int:
         return self.head_dim_k_swa if self.is_swa(il) else self.head_dim_k_full
@@ -157,6 +170,11 @@ class HParams:
         return self.attn_scale if self.attn_scale else 1.0 / math.sqrt(head_dim)
 
     @property
+    def is_mla(self) -> bool:
+        """Latent attention: the cache holds one compressed K per position, V its first part."""
+        return self.head_dim_k_mla > 0 and self.head_dim_v_mla > 0
+
+    @property
     def is_moe(self) -> bool:
         return self.n_expert > 0
 
@@ -167,6 +185,16 @@ class HParams:
     def swa_masked(self, p0: int, p1: int) -> bool:
         """Whether a row at position ``p1`` may not see a cell at ``p0`` (sliding window)."""
         return swa_masked(self.swa_type, self.n_swa, p0, p1)
+
+
+def attn_temp_scales(hp: HParams, pos: np.ndarray) -> np.ndarray:
+    """F32 [1, 1, n]: the attention temperature factor of each row's position
+    (``log(floor((pos + offset) / floor_scale) + 1) * scale + 1``), in llama.cpp's float and
+    double arithmetic (``llm_graph_input_attn_temp``)."""
+    f32 = np.float32
+    steps = np.floor((pos.astype(f32) + f32(hp.attn_temp_offset)) / f32(hp.attn_temp_floor)).astype(f32)
+    scales = np.log(steps.astype(np.float64) + 1.0) * float(f32(hp.attn_temp_scale)) + 1.0
+    return scales.astype(f32).reshape(1, 1, -1)
 
 
 def swa_masked(swa_type: SwaType, n_swa: int, p0: int, p1: int) -> bool:
@@ -218,6 +246,15 @@ class KeyReader:
                 raise HParamsError(f"{self.path}: {self.key(template)} has {value.count} values for {n_layer} layers")
             return tuple(int(v) for v in value.values)
         return (int(value),) * n_layer
+
+    def per_layer_float(self, template: str, n_layer: int) -> tuple[float, ...]:
+        """A required key of one number for every layer or one per layer (as ``per_layer``)."""
+        values = self.array(template)
+        if values is None:
+            return (float(self.req(template)),) * n_layer
+        if len(values) != n_layer:
+            raise HParamsError(f"{self.path}: {self.key(template)} has {len(values)} values for {n_layer} layers")
+        return tuple(float(v) for v in values)
 
     def array(self, template: str) -> tuple[Any, ...] | None:
         value = self.fields.get(self.key(template))
@@ -271,6 +308,8 @@ def read_base(r: KeyReader, n_vocab: int) -> dict[str, Any]:
         norm_eps=float(r.get(Keys.Attention.LAYERNORM_EPS, 0.0)),
         n_expert=int(r.get(Keys.LLM.EXPERT_COUNT, 0)),
         n_expert_used=int(r.get(Keys.LLM.EXPERT_USED_COUNT, 0)),
+        n_expert_groups=int(r.get(Keys.LLM.EXPERT_GROUP_COUNT, 0)),
+        n_group_used=int(r.get(Keys.LLM.EXPERT_GROUP_USED_COUNT, 0)),
         is_swa_arr=(False,) * n_layer,
         rope=dict(
             freq_base=float(r.get(Keys.Rope.FREQ_BASE, 10000.0)),
@@ -278,12 +317,21 @@ def read_base(r: KeyReader, n_vocab: int) -> dict[str, Any]:
             scaling=_SCALING[scaling_name],
             n_ctx_orig=int(r.get(Keys.Rope.SCALING_ORIG_CTX_LEN, n_ctx_train)),
             rope_attn_factor=float(r.get(Keys.Rope.SCALING_ATTN_FACTOR, 1.0)),
-            yarn_ext_factor=float(r.get(Keys.Rope.SCALING_YARN_EXT_FACTOR, -1.0)),
-            yarn_attn_factor=float(r.get(Keys.Rope.SCALING_YARN_ATTN_FACTOR, 1.0)),
-            beta_fast=float(r.get(Keys.Rope.SCALING_YARN_BETA_FAST, 32.0)),
-            beta_slow=float(r.get(Keys.Rope.SCALING_YARN_BETA_SLOW, 1.0)),
+            # YaRN's own keys are read by the families that read them (read_yarn_betas)
+            yarn_ext_factor=-1.0,
+            yarn_attn_factor=1.0,
+            beta_fast=32.0,
+            beta_slow=1.0,
         ),
     )
+
+
+def read_yarn_betas(r: KeyReader, fields: dict[str, Any]) -> None:
+    """YaRN's correction dimensions from the GGUF, for the families whose llama.cpp loader
+    reads them (the others keep 32 and 1)."""
+    rope = fields["rope"]
+    rope["beta_fast"] = float(r.get(Keys.Rope.SCALING_YARN_BETA_FAST, rope["beta_fast"]))
+    rope["beta_slow"] = float(r.get(Keys.Rope.SCALING_YARN_BETA_SLOW, rope["beta_slow"]))
 
 
 def context_rope(rope: Mapping[str, Any], rope_yarn_log_mul: float, mscale_is_log_mul: bool) -> Rope:
@@ -371,5 +419,9 @@ def _check(hp: HParams) -> None:
             raise HParamsError(f"{hp.arch}: layer {il} has {hp.n_head(il)} heads, not a multiple of {hp.n_head_kv(il)}")
     if hp.n_expert and not 0 < hp.n_expert_used <= hp.n_expert:
         raise HParamsError(f"{hp.arch}: expert_used_count {hp.n_expert_used} is not within 1..{hp.n_expert}")
+    if hp.n_expert_groups > 1 and (hp.n_expert % hp.n_expert_groups or not 0 < hp.n_group_used < hp.n_expert_groups):
+        raise HParamsError(
+            f"{hp.arch}: {hp.n_expert} experts in {hp.n_expert_groups} groups, {hp.n_group_used} of them used"
+        )
     if hp.swa_type != SwaType.NONE and hp.n_swa <= 0:
         raise HParamsError(f"{hp.arch}: a sliding window of {hp.n_swa} positions")

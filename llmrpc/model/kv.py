@@ -10,7 +10,7 @@ llama.cpp's own. Everything else (the stage, the planner) asks this module.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -19,7 +19,55 @@ from llmrpc.types import UBATCH, kv_cells, swa_cells
 
 FULL = "full"
 SWA = "swa"
-KV_BYTES = 2  # f16 K and V
+CACHE_TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1")  # llama.cpp's -ctk/-ctv
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How the attention stores and reads its cache (llama.cpp's ``-fa``, ``-ctk``, ``-ctv``):
+    with flash attention the V cache is stored like K (a row per cell), else transposed; a
+    quantized V needs flash attention. ``flash_attn`` None is llama.cpp's auto: on where the
+    device computes it (a server resolves it for its device, :meth:`resolved`)."""
+
+    flash_attn: bool | None = None
+    type_k: str = "f16"
+    type_v: str = "f16"
+
+    def __post_init__(self) -> None:
+        for t in (self.type_k, self.type_v):
+            if t not in CACHE_TYPES:
+                raise ValueError(f"cache type {t!r} is not one of {', '.join(CACHE_TYPES)}")
+        if self.flash_attn is False and self.type_v not in ("f32", "f16", "bf16"):
+            raise ValueError(f"a {self.type_v} V cache needs flash attention (as in llama.cpp)")
+
+    def resolved(self) -> CacheConfig:
+        """Auto made definite: on (ggml computes fused attention on the CPU and the GPU
+        backends llmrpc runs on, where llama.cpp's auto turns it on)."""
+        return self if self.flash_attn is not None else replace(self, flash_attn=True)
+
+    @staticmethod
+    def ggml_type(name: str) -> int:
+        from gguf.constants import GGMLQuantizationType
+
+        return int(GGMLQuantizationType[name.upper()])
+
+    @property
+    def ggml_k(self) -> int:
+        return self.ggml_type(self.type_k)
+
+    @property
+    def ggml_v(self) -> int:
+        return self.ggml_type(self.type_v)
+
+    @staticmethod
+    def row_bytes(name: str, n: int) -> int:
+        """Bytes of ``n`` values in cache type ``name``."""
+        from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType[name.upper()]]
+        if n % block:
+            raise ValueError(f"a {name} cache holds rows of whole {block}-value blocks; these have {n} values")
+        return n // block * size
 
 
 @dataclass(frozen=True)
@@ -28,7 +76,7 @@ class KVGroup:
 
     name: str  # FULL or SWA
     layers: tuple[int, ...]
-    n_embd_v: int  # V rows per cell, the same for the group's layers (the V index input's shape)
+    n_embd_v: int  # V rows per cell, the same for the group's layers (the V index input's shape; 0: K only)
     window: int = 0  # sliding window (SWA groups)
     swa_type: SwaType = SwaType.NONE
 
@@ -48,7 +96,7 @@ def kv_groups(hp: HParams, start: int = 0, end: int | None = None) -> list[KVGro
         layers = tuple(il for il in range(start, end) if layer_group(hp, il) == name)
         if not layers:
             continue
-        widths = {hp.n_embd_v_gqa(il) for il in layers}
+        widths = {v_width(hp, il) for il in layers}
         if len(widths) > 1:
             raise ValueError(f"{hp.arch}: {name} layers with different V widths {sorted(widths)} are not supported")
         window = hp.n_swa if name == SWA else 0
@@ -56,20 +104,50 @@ def kv_groups(hp: HParams, start: int = 0, end: int | None = None) -> list[KVGro
     return groups
 
 
-def cell_bytes(hp: HParams, il: int) -> int:
+def v_width(hp: HParams, il: int) -> int:
+    """Values a cell of layer ``il`` keeps in the V cache: none with latent attention (MLA),
+    whose V is the first part of its K."""
+    return 0 if hp.is_mla else hp.n_embd_v_gqa(il)
+
+
+def check_cache(hp: HParams, cache: CacheConfig) -> None:
+    """Refuse a cache type whose blocks do not fit the model's heads, and quantized caches of
+    heads whose size is a multiple of 64 (llama.cpp rotates those by a Hadamard matrix, which
+    llmrpc does not do yet: their numbers would differ)."""
+    for name, width, head in (
+        (cache.type_k, "K", hp.head_dim_k),
+        (cache.type_v, "V", hp.head_dim_v),
+    ):
+        if name in ("f32", "f16", "bf16") or (width == "V" and hp.is_mla):  # (latent attention: no V cache)
+            continue
+        for il in range(hp.n_layer):
+            hd = head(il)
+            try:
+                cache.row_bytes(name, hd)
+            except ValueError:
+                raise ValueError(f"a {name} {width} cache does not fit heads of {hd} values") from None
+            if hd % 64 == 0:
+                raise ValueError(
+                    f"a {name} {width} cache of {hd}-value heads: llama.cpp rotates those (Hadamard), which is not "
+                    "supported; use f16"
+                )
+
+
+def cell_bytes(hp: HParams, il: int, cache: CacheConfig) -> int:
     """K and V bytes of one cell of layer ``il``."""
-    return (hp.n_embd_k_gqa(il) + hp.n_embd_v_gqa(il)) * KV_BYTES
+    v = v_width(hp, il)
+    return cache.row_bytes(cache.type_k, hp.n_embd_k_gqa(il)) + (cache.row_bytes(cache.type_v, v) if v else 0)
 
 
-def layer_kv_bytes(hp: HParams, il: int, n_ctx: int) -> int:
+def layer_kv_bytes(hp: HParams, il: int, n_ctx: int, cache: CacheConfig) -> int:
     window = hp.n_swa if layer_group(hp, il) == SWA else 0
     cells = swa_cells(n_ctx, window) if window else kv_cells(n_ctx)
-    return cell_bytes(hp, il) * cells
+    return cell_bytes(hp, il, cache) * cells
 
 
-def kv_bytes(hp: HParams, start: int, end: int, n_ctx: int) -> int:
+def kv_bytes(hp: HParams, start: int, end: int, n_ctx: int, cache: CacheConfig) -> int:
     """Bytes of one session's cache for layers [start, end)."""
-    return sum(layer_kv_bytes(hp, il, n_ctx) for il in range(start, end))
+    return sum(layer_kv_bytes(hp, il, n_ctx, cache) for il in range(start, end))
 
 
 class NoCellError(RuntimeError):

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmrpc.ggml import lib as g
+from llmrpc.ggml.bufts import MUL_MAT, MUL_MAT_ID
 from llmrpc.ggml.device import Backend, prefer_huge_pages
 from llmrpc.model.families import family
-from llmrpc.model.gguf_model import ModelInfo, tensor_view
+from llmrpc.model.gguf_model import ModelInfo
 from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
-from llmrpc.model.kv import FULL, KVGroup, NoCellError, SlidingCells, full_mask, kv_groups
+from llmrpc.model.hparams import attn_temp_scales
+from llmrpc.model.kv import FULL, CacheConfig, KVGroup, NoCellError, SlidingCells, check_cache, full_mask, kv_groups
+from llmrpc.model.weights import StageWeights
 from llmrpc.types import KV_PAD, kv_cells
 
 logger = logging.getLogger(__name__)
@@ -31,7 +34,6 @@ GRAPH_SIZE = 8192  # nodes per graph: ~30 per layer, room for 200+ layers
 # Larger batches share one scheduler: their buffers are big, and their shapes rarely repeat.
 KEPT_GRAPH_ROWS = 16
 KEPT_GRAPHS = 16
-KV_TYPE = g.GGML_TYPE_F16
 # Cells a batch attends to are padded to this on the CPU (llama.cpp's 256 elsewhere). Every
 # padded cell is computed, then masked: at 256, that was ~8% of a SmolLM2 token at short
 # contexts. The decode graph is rebuilt every 64 positions instead (~1.2 ms per 10 layers, its
@@ -85,12 +87,12 @@ class _RowInputs:
     with np.where costs ~150 us and each new array ~20-40. Only for a full-attention cache,
     where position p is at cell p."""
 
-    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray) -> None:
+    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray, mask_dtype: type) -> None:
         self.pos = np.zeros(1, dtype=np.int32)
         self.k_idx = np.zeros(1, dtype=np.int64)
         self.v_rows = v_rows.reshape(-1)
         self.v_idx = self.v_rows.copy()
-        self.mask = np.full(n_kv, -np.inf, dtype=np.float32)
+        self.mask: np.ndarray = np.full(n_kv, -np.inf, dtype=mask_dtype)
         self.allowed = 0  # mask cells [0, allowed) are 0, the rest -inf
         self._sets = [
             (t, a.__array_interface__["data"][0], a.nbytes)
@@ -173,6 +175,7 @@ class LayerStage:
         end: int,
         backend: Backend,
         progress: Callable[[int], None] | None = None,
+        cache: CacheConfig | None = None,
     ) -> None:
         if not 0 <= start < end <= info.hparams.n_layer:
             raise ValueError(f"layer range [{start}, {end}) is outside the model's 0..{info.hparams.n_layer}")
@@ -181,17 +184,22 @@ class LayerStage:
         self.start, self.end = start, end
         self.first, self.last = start == 0, end == info.hparams.n_layer
         self.backend = backend
-        self.attend_pad = CPU_ATTEND_PAD if backend.device.kind == "cpu" else KV_PAD
+        self.cache = (cache or CacheConfig()).resolved()
+        check_cache(self.hp, self.cache)
+        self.flash_attn = bool(self.cache.flash_attn)
+        # the mask's type: flash attention takes an F16 mask
+        self.mask_dtype: type = np.float16 if self.flash_attn else np.float32
+        # Flash attention splits the attended cells among the threads by their number: only
+        # llama.cpp's pad gives its numbers (masked cells cost it little)
+        self.attend_pad = CPU_ATTEND_PAD if backend.device.kind == "cpu" and not self.flash_attn else KV_PAD
         self._build_fn = family(info.arch).build
         self.groups: list[KVGroup] = kv_groups(self.hp, start, end)
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
         # place (cell = position), and the native hop can compute it
-        self.simple_cells = [grp.name for grp in self.groups] == [FULL]
-        self.weights: dict[str, g.Tensor] = {}
-        self._wctx = 0
-        self._wbuf = 0
-        self.weight_bytes = 0
-        self._load_weights(progress)
+        self.simple_cells = [(grp.name, grp.n_embd_v > 0) for grp in self.groups] == [(FULL, True)]
+        self._stage_weights = StageWeights(info, start, end, backend, self._weight_ops, progress)
+        self.weights: dict[str, g.Tensor] = self._stage_weights.tensors
+        self.weight_bytes = self._stage_weights.n_bytes
         self._sched = self._new_sched()
         self._graph_mem = _graph_arena()  # the large-batch graph's, reused: one lives at a time
         self._graph: _Graph | None = None  # the last large-batch graph (on self._sched)
@@ -203,37 +211,36 @@ class LayerStage:
         arr = (ctypes.c_void_p * len(backends))(*backends)
         return int(lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True))
 
-    def _load_weights(self, progress: Callable[[int], None] | None) -> None:
+    def _weight_ops(self, meta: dict[str, g.Tensor]) -> dict[str, str]:
+        """Which of these (data-less) weights the layers' graph multiplies by, from a one-row
+        graph built over them; building it also shows that the GGUF has every tensor the
+        family's graph needs."""
         lib = g.ggml()
-        names = self.info.range_tensor_names(self.start, self.end)
-        params = g.ggml_init_params(lib.ggml_tensor_overhead() * (len(names) + 1), None, True)
-        self._wctx = lib.ggml_init(params)
-        for name in names:
-            t = self.info.tensors[name]
-            ne = (ctypes.c_int64 * len(t.shape))(*t.shape)
-            tensor = lib.ggml_new_tensor(self._wctx, t.ggml_type, len(t.shape), ne)
-            lib.ggml_set_name(tensor, name.encode())
-            if lib.ggml_nbytes(tensor) != t.n_bytes:
-                raise ValueError(f"{name}: size in file does not match its type and shape")
-            self.weights[name] = tensor
-        self._wbuf = lib.ggml_backend_alloc_ctx_tensors_from_buft(self._wctx, self.backend.buffer_type)
-        if not self._wbuf:
-            raise MemoryError(
-                f"cannot allocate {self.info.range_bytes(self.start, self.end)} bytes of weights on {self.backend.device.name}"
-            )
-        lib.ggml_backend_buffer_set_usage(self._wbuf, g.GGML_BACKEND_BUFFER_USAGE_WEIGHTS)
-        prefer_huge_pages(self._wbuf)
-        for name in names:
-            data = tensor_view(self.info.path, self.info.tensors[name])
-            lib.ggml_backend_tensor_set(self.weights[name], data.ctypes.data, 0, data.nbytes)
-            self.weight_bytes += data.nbytes
-            if progress is not None:
-                progress(data.nbytes)
-            del data
-        logger.info(
-            "loaded layers [%d, %d) of %s: %d tensors, %.1f MiB on %s",
-            self.start, self.end, self.info.path, len(names), self.weight_bytes / 2**20, self.backend.device.name,
-        )  # fmt: skip
+        mem = _graph_arena()
+        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
+        try:
+            gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
+            seg = Segment(0, 1, tuple(CacheView(grp.name, KV_PAD, KV_PAD) for grp in self.groups))
+            caches = {}
+            for grp in self.groups:
+                for il in grp.layers:
+                    k = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_k, self.hp.n_embd_k_gqa(il), KV_PAD)
+                    v = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_v, grp.n_embd_v, KV_PAD) if grp.n_embd_v else None
+                    caches[il] = LayerCache(k, v)
+            inp = self._graph_inputs(ctx, [seg], False)
+            b = Builder(ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end, self.flash_attn)
+            out = self._build_fn(b)
+            lib.ggml_build_forward_expand(gf, out)
+            names = {_address(t): name for name, t in meta.items()}
+            ops = {}
+            for i in range(lib.ggml_graph_n_nodes(gf)):
+                node = lib.ggml_graph_node(gf, i).contents
+                op = lib.ggml_op_name(node.op).decode()
+                if op in (MUL_MAT, MUL_MAT_ID) and node.src[0] in names:
+                    ops[names[node.src[0]]] = op
+            return ops
+        finally:
+            lib.ggml_free(ctx)
 
     def new_cache(self, n_ctx: int) -> SessionCache:
         lib = g.ggml()
@@ -247,10 +254,12 @@ class LayerStage:
             if group.name != FULL:
                 sliding[group.name] = SlidingCells(size, group.window, group.swa_type)
             for il in group.layers:
-                k = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_k_gqa(il), size)
-                v = lib.ggml_new_tensor_2d(ctx, KV_TYPE, self.hp.n_embd_v_gqa(il), size)
+                k = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_k, self.hp.n_embd_k_gqa(il), size)
                 lib.ggml_set_name(k, f"cache_k_l{il}".encode())
-                lib.ggml_set_name(v, f"cache_v_l{il}".encode())
+                v = None
+                if group.n_embd_v:
+                    v = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_v, group.n_embd_v, size)
+                    lib.ggml_set_name(v, f"cache_v_l{il}".encode())
                 layers[il] = LayerCache(k, v)
         buf = lib.ggml_backend_alloc_ctx_tensors_from_buft(ctx, self.backend.buffer_type)
         if not buf:
@@ -324,6 +333,7 @@ class LayerStage:
                 [np.arange(p, p + seg.n, dtype=np.int32) for (_, _, p), seg in zip(items, segments, strict=True)]
             )
             _set(inp.pos, pos)
+            _set(inp.attn_scale, None if inp.attn_scale is None else attn_temp_scales(self.hp, pos))
             for j, ((cache, _, _), seg) in enumerate(zip(items, segments, strict=True)):
                 self._set_cells(graph, j, cache, pos[seg.offset : seg.offset + seg.n], cells[j])
         if want_rows:
@@ -386,9 +396,10 @@ class LayerStage:
                 mask, k_cells = full_mask(rows, n_kv), rows.astype(np.int64)
             else:
                 mask, k_cells = sliding.mask(rows, n_kv), placed[group]
-            _set(inputs.kq_mask, mask)
+            _set(inputs.kq_mask, mask.astype(self.mask_dtype, copy=False))
             _set(inputs.k_idxs, k_cells)
-            _set(inputs.v_idxs, graph.v_rows[j][group] + k_cells[:, None])
+            if inputs.v_idxs is not None:
+                _set(inputs.v_idxs, graph.v_rows[j][group] + k_cells[:, None])
 
     def row_graph(self, cache: SessionCache, pos: int) -> RowGraph | None:
         """The kept graph that decodes the row at ``pos`` of ``cache``'s session, if it is built:
@@ -455,12 +466,14 @@ class LayerStage:
         try:
             gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
             inp = self._graph_inputs(ctx, segments, want_rows)
-            b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end)
+            b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end,
+                        self.flash_attn)  # fmt: skip
             out = self._build_fn(b)
             if top1:
                 out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
+            lib.ggml_build_forward_expand(gf, inp.pos)  # set for every graph, read by none without rope (NoPE)
             lib.ggml_backend_sched_reset(sched)
             if not lib.ggml_backend_sched_alloc_graph(sched, gf):
                 raise ComputeError("cannot allocate the compute graph")
@@ -469,23 +482,31 @@ class LayerStage:
             if own_sched:
                 lib.ggml_backend_sched_free(sched)
             raise
-        v_rows = [
-            {
-                grp.name: np.arange(grp.n_embd_v, dtype=np.int64)[None, :] * seg.view(grp.name).size
-                for grp in self.groups
-            }
-            for seg in segments
-        ]
+        v_rows = [{grp.name: self._v_rows(grp, seg.view(grp.name).size) for grp in self.groups} for seg in segments]
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
         dtype = np.int32 if top1 else np.float32
         graph = _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, v_rows)
-        if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1:
-            graph.row = _RowInputs(inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL])
+        if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
+            graph.row = _RowInputs(
+                inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL], self.mask_dtype
+            )
         return graph
+
+    def _v_index_rows(self, grp: KVGroup) -> int:
+        """V cache rows a position writes: one per value of a transposed cache, else one."""
+        return 1 if self.flash_attn else grp.n_embd_v
+
+    def _v_rows(self, grp: KVGroup, size: int) -> np.ndarray:
+        """The first V row of each of a position's values ([1, rows]): the V indices are these
+        plus the position's cell."""
+        if self.flash_attn:
+            return np.zeros((1, 1), dtype=np.int64)
+        return np.arange(grp.n_embd_v, dtype=np.int64)[None, :] * size
 
     def _graph_inputs(self, ctx: int, segments: list[Segment], want_rows: bool) -> GraphInputs:
         lib, hp = g.ggml(), self.hp
         n = sum(seg.n for seg in segments)
+        mask_type = g.GGML_TYPE_F16 if self.flash_attn else g.GGML_TYPE_F32
 
         def new(ggml_type: int, *ne: int, label: str) -> g.Tensor:
             t = (
@@ -504,9 +525,11 @@ class LayerStage:
             segments=[
                 {
                     grp.name: AttnInputs(
-                        kq_mask=new(g.GGML_TYPE_F32, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
+                        kq_mask=new(mask_type, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
                         k_idxs=new(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{grp.name}.{j}"),
-                        v_idxs=new(g.GGML_TYPE_I64, seg.n * grp.n_embd_v, label=f"v_idxs.{grp.name}.{j}"),
+                        v_idxs=new(g.GGML_TYPE_I64, seg.n * self._v_index_rows(grp), label=f"v_idxs.{grp.name}.{j}")
+                        if grp.n_embd_v
+                        else None,
                     )
                     for grp in self.groups
                 }
@@ -540,12 +563,7 @@ class LayerStage:
         if self._sched:
             lib.ggml_backend_sched_free(self._sched)
             self._sched = 0
-        if self._wbuf:
-            lib.ggml_backend_buffer_free(self._wbuf)
-            self._wbuf = 0
-        if self._wctx:
-            lib.ggml_free(self._wctx)
-            self._wctx = 0
+        self._stage_weights.close()
 
 
 def _shape(key: GraphKey) -> tuple[object, ...]:

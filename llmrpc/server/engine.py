@@ -11,6 +11,7 @@ import fcntl
 import logging
 import os
 import ssl
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -24,7 +25,7 @@ from llmrpc.ggml.lib import ggml
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import content_hash, read_model
-from llmrpc.model.kv import kv_bytes
+from llmrpc.model.kv import CacheConfig, kv_bytes
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache
 from llmrpc.server.api import EngineError, ErrorCode, Launched
@@ -184,14 +185,43 @@ class Engine:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"slice [{head.layer_start}, {head.layer_end}): {e}") from e
         return receiver.port, receiver.token
 
-    def load(self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "") -> LoadedRange | None:
+    def takes_turns(self) -> bool:
+        """Whether this server takes turns with others on its machine's cores."""
+        return self._host_lock is not None
+
+    def share_host(self, name: str) -> None:
+        """Take turns with the other servers on this machine's cores that got ``name`` (their
+        head saw them on one machine): hold the machine's lock of that name while computing, and
+        let the compute threads go after each batch. Once on, it stays on."""
+        if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"share_host {name!r}: letters, digits, - and _ only")
+        if self.device.kind != "cpu" or self._host_lock is not None and self.release_threads:
+            return
+
+        def share() -> None:
+            if self._host_lock is None:
+                self._host_lock = open(os.path.join(tempfile.gettempdir(), f"{name}.lock"), "a+b")  # noqa: SIM115
+            if not self.release_threads:
+                self._backend.share_cores()
+                self.release_threads = True
+                self.loop.on_wake = self._backend.wake_threads
+            logger.info("taking turns on this machine's cores with the servers told %r", name)
+
+        self.loop.call(share)
+
+    def load(
+        self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "", cache: CacheConfig | None = None
+    ) -> LoadedRange | None:
         """Load a range; None when this server has no copy of the weights (push them)."""
+        cache = (cache or CacheConfig()).resolved()
         current = self._range
         if current and (current.model_hash or current.model_path, current.layer_start, current.layer_end) == (
             model_hash or model_path,
             layer_start,
             layer_end,
-        ):
+        ) and (current.flash_attn, current.cache_type_k, current.cache_type_v) == (
+            cache.flash_attn, cache.type_k, cache.type_v
+        ):  # fmt: skip
             return current
         found = self.locate(model_path, model_hash, layer_start, layer_end)
         if found is None:
@@ -228,14 +258,17 @@ class Engine:
             self._settle()
             self._unload()
             try:
-                self._stage = LayerStage(info, layer_start, layer_end, self._backend)
+                self._stage = LayerStage(info, layer_start, layer_end, self._backend, cache=cache)
             except MemoryError as e:
                 raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, str(e)) from e
+            except ValueError as e:  # the GGUF lacks a tensor its family needs, or the cache does not fit its rows
+                raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{path}: {e}") from e
             hp = info.hparams
             self._held = self._stage.weight_bytes
             self._range = LoadedRange(
                 path, hp.arch, layer_start, layer_end, n_layer, hp.n_embd, hp.n_vocab, self._stage.weight_bytes,
-                model_hash=model_hash, source=source,
+                model_hash=model_hash, source=source, flash_attn=bool(cache.flash_attn), cache_type_k=cache.type_k,
+                cache_type_v=cache.type_v,
             )  # fmt: skip
             return self._range
 
@@ -267,7 +300,7 @@ class Engine:
             raise EngineError(ErrorCode.OUT_OF_RANGE, f"n_ctx {n_ctx} must be within 1..{limit}")
         if len(self._sessions) >= self.max_sessions:
             raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{self.max_sessions} sessions are open; close one first")
-        want = kv_bytes(stage.hp, stage.start, stage.end, n_ctx)
+        want = kv_bytes(stage.hp, stage.start, stage.end, n_ctx, stage.cache)
         cache = self._reuse_spare(stage, kv_cells(n_ctx))
         if cache is None:
             # No spare of this size: give the spares back before taking more memory, so that
@@ -373,7 +406,8 @@ class Engine:
         self._settle()
         lib_ggml, hp = ggml(), stage.hp
         h = Hop(lock_fd=self._host_lock.fileno() if self._host_lock else -1, first=int(stage.first))
-        h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, stage.groups[0].n_embd_v
+        h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, len(row.row.v_rows)
+        h.mask_f16 = int(row.row.mask.dtype == np.float16)
         h.length, h.limit, h.n_kv, h.allowed = length[0], min(row.n_kv, self.max_ctx), row.n_kv, row.row.allowed
         for name in ("pos_buf", "k_buf", "v_rows", "v_buf", "mask_buf", "sched", "gf", "out", "inp_x", "inp_pos",
                      "inp_k", "inp_v", "inp_mask"):  # fmt: skip

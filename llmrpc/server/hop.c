@@ -50,7 +50,7 @@ typedef struct {
     int64_t allowed;               /* mask cells [0, allowed) are 0, the rest -inf */
     int32_t *pos_buf;
     int64_t *k_buf, *v_rows, *v_buf;
-    float *mask_buf;
+    void *mask_buf;                /* F32, or F16 (mask_f16) for flash attention */
     void *sched, *gf, *out, *inp_x, *inp_pos, *inp_k, *inp_v, *inp_mask;
     /* the parked OpenMP team (openmp.py): state[0] parked, state[1] woken; NULL: no team */
     int64_t *team_state;
@@ -70,6 +70,7 @@ typedef struct {
     int32_t *eog;
     /* what the last call did */
     int64_t pos, step, n, sent, status, err, token;
+    int64_t mask_f16;              /* the mask row holds F16 values (0x0000 keep, 0xFC00 -inf) */
 } Hop;
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -179,10 +180,19 @@ int llmrpc_hop(Hop *h) {
     h->pos_buf[0] = pos;
     h->k_buf[0] = pos;
     for (int64_t i = 0; i < h->n_embd_kv; i++) h->v_buf[i] = h->v_rows[i] + pos;
-    if (pos + 1 > h->allowed)
-        for (int64_t j = h->allowed; j < pos + 1; j++) h->mask_buf[j] = 0.0f;
-    else
-        for (int64_t j = pos + 1; j < h->allowed; j++) h->mask_buf[j] = -INFINITY;
+    if (h->mask_f16) {
+        uint16_t *m = (uint16_t *)h->mask_buf;
+        if (pos + 1 > h->allowed)
+            for (int64_t j = h->allowed; j < pos + 1; j++) m[j] = 0x0000;
+        else
+            for (int64_t j = pos + 1; j < h->allowed; j++) m[j] = 0xFC00;
+    } else {
+        float *m = (float *)h->mask_buf;
+        if (pos + 1 > h->allowed)
+            for (int64_t j = h->allowed; j < pos + 1; j++) m[j] = 0.0f;
+        else
+            for (int64_t j = pos + 1; j < h->allowed; j++) m[j] = -INFINITY;
+    }
     h->allowed = pos + 1;
 
     /* the parked workers back (openmp.py's claim), the host's turn, the graph, the workers parked */
@@ -199,7 +209,7 @@ int llmrpc_hop(Hop *h) {
     h->tensor_set(h->inp_pos, h->pos_buf, 0, 4);
     h->tensor_set(h->inp_k, h->k_buf, 0, 8);
     h->tensor_set(h->inp_v, h->v_buf, 0, (size_t)h->n_embd_kv * 8);
-    h->tensor_set(h->inp_mask, h->mask_buf, 0, (size_t)h->n_kv * 4);
+    h->tensor_set(h->inp_mask, h->mask_buf, 0, (size_t)h->n_kv * (h->mask_f16 ? 2 : 4));
     int status = h->compute(h->sched, h->gf);
     h->synchronize(h->sched);
     if (h->lock_fd >= 0) flock((int)h->lock_fd, LOCK_UN);

@@ -65,11 +65,13 @@ def serve(
         except ValueError as e:
             print(f"llmrpc-server: {e}", file=sys.stderr)
             return 2
+    from llmrpc.ggml import lib
     from llmrpc.ggml.device import find_device
     from llmrpc.server.engine import Engine
     from llmrpc.server.service import GRPC_OPTIONS, StageService
     from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
+    lib.route_logs()
     try:
         dev = find_device(device)
     except (ValueError, RuntimeError) as e:

@@ -15,6 +15,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+from llmrpc import paths
+
 logger = logging.getLogger(__name__)
 
 ENV = "LLMRPC_NATIVE_HOP"  # "0": never use the native hop
@@ -44,13 +46,12 @@ class Hop(ctypes.Structure):
         ("buf", _p),
         ("last", _i64), ("head_fd", _i64), ("n_eog", _i64), ("gen_limit", _i64), ("eog", _p),
         ("pos", _i64), ("step", _i64), ("n", _i64), ("sent", _i64), ("status", _i64), ("err", _i64),
-        ("token", _i64),
+        ("token", _i64), ("mask_f16", _i64),
     ]  # fmt: skip
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llmrpc" / "native"
+    return paths.cache_dir("native")
 
 
 @functools.cache

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 import grpc
 
 from llmrpc import __version__, codec
+from llmrpc.machine import machine_id
 from llmrpc.server.api import EngineError, ErrorCode, StageEngine, stage_outputs
 from llmrpc.types import PROTOCOL_VERSION
 from llmrpc.v1 import llmrpc_pb2 as pb
@@ -75,14 +76,16 @@ class StageService(pb_grpc.StageServicer):
             bytes_received=e.bytes_received,
             data_port=self.data_port,
             data_token=self.data_token,
+            machine_id=machine_id(),
         )
         if loaded is not None:
             reply.loaded.CopyFrom(codec.range_to_proto(loaded))
         return reply
 
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:  # noqa: N802
+        e = self.engine
         return pb.HealthReply(
-            serving=True, open_sessions=self.engine.open_sessions(), native_steps=self.engine.native_steps
+            serving=True, open_sessions=e.open_sessions(), native_steps=e.native_steps, takes_turns=e.takes_turns()
         )
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802
@@ -90,7 +93,15 @@ class StageService(pb_grpc.StageServicer):
             if not request.model_path and not request.model_hash:
                 raise EngineError(ErrorCode.INVALID_ARGUMENT, "give a model_path or a model_hash")
             t0 = time.perf_counter()
-            loaded = self.engine.load(request.model_path, request.layer_start, request.layer_end, request.model_hash)
+            try:
+                cache = codec.cache_from_request(request)
+            except ValueError as e:
+                raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+            if request.share_host:
+                self.engine.share_host(request.share_host)
+            loaded = self.engine.load(
+                request.model_path, request.layer_start, request.layer_end, request.model_hash, cache
+            )
             if loaded is None:
                 return pb.LoadReply(needs_weights=True)
             return pb.LoadReply(

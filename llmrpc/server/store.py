@@ -18,6 +18,7 @@ import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
+from llmrpc import paths
 from llmrpc.model.gguf_model import content_hash
 from llmrpc.model.slicefile import IncomingSlice, SliceTensor
 from llmrpc.types import CachedSlice
@@ -30,8 +31,7 @@ class TransferError(ValueError):
 
 
 def default_cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "llmrpc" / "slices"
+    return paths.cache_dir("slices")
 
 
 class WeightStore:

@@ -13,10 +13,19 @@ class DType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     DTYPE_F32: _ClassVar[DType]
     DTYPE_F16: _ClassVar[DType]
     DTYPE_I32: _ClassVar[DType]
+
+class FlashAttn(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FLASH_ATTN_AUTO: _ClassVar[FlashAttn]
+    FLASH_ATTN_OFF: _ClassVar[FlashAttn]
+    FLASH_ATTN_ON: _ClassVar[FlashAttn]
 DTYPE_UNSPECIFIED: DType
 DTYPE_F32: DType
 DTYPE_F16: DType
 DTYPE_I32: DType
+FLASH_ATTN_AUTO: FlashAttn
+FLASH_ATTN_OFF: FlashAttn
+FLASH_ATTN_ON: FlashAttn
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "data")
@@ -43,7 +52,7 @@ class Device(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., kind: _Optional[str] = ..., memory_total: _Optional[int] = ..., memory_free: _Optional[int] = ...) -> None: ...
 
 class LoadedRange(_message.Message):
-    __slots__ = ("model_path", "architecture", "layer_start", "layer_end", "n_layer", "n_embd", "n_vocab", "weight_bytes", "model_hash", "source")
+    __slots__ = ("model_path", "architecture", "layer_start", "layer_end", "n_layer", "n_embd", "n_vocab", "weight_bytes", "model_hash", "source", "flash_attn", "cache_type_k", "cache_type_v")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +63,9 @@ class LoadedRange(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FLASH_ATTN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_K_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_V_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     architecture: str
     layer_start: int
@@ -64,7 +76,10 @@ class LoadedRange(_message.Message):
     weight_bytes: int
     model_hash: str
     source: str
-    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_vocab: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., model_hash: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+    flash_attn: bool
+    cache_type_k: str
+    cache_type_v: str
+    def __init__(self, model_path: _Optional[str] = ..., architecture: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., n_layer: _Optional[int] = ..., n_embd: _Optional[int] = ..., n_vocab: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., model_hash: _Optional[str] = ..., source: _Optional[str] = ..., flash_attn: _Optional[bool] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ...) -> None: ...
 
 class HelloRequest(_message.Message):
     __slots__ = ("protocol_version", "client")
@@ -75,7 +90,7 @@ class HelloRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., client: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received", "data_port", "data_token")
+    __slots__ = ("protocol_version", "server_version", "device", "threads", "loaded", "open_sessions", "memory_cap", "memory_budget", "bandwidth", "matmul_flops", "cached", "bytes_received", "data_port", "data_token", "machine_id")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
     DEVICE_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +105,7 @@ class HelloReply(_message.Message):
     BYTES_RECEIVED_FIELD_NUMBER: _ClassVar[int]
     DATA_PORT_FIELD_NUMBER: _ClassVar[int]
     DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    MACHINE_ID_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     server_version: str
     device: Device
@@ -104,7 +120,8 @@ class HelloReply(_message.Message):
     bytes_received: int
     data_port: int
     data_token: str
-    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., data_port: _Optional[int] = ..., data_token: _Optional[str] = ...) -> None: ...
+    machine_id: str
+    def __init__(self, protocol_version: _Optional[int] = ..., server_version: _Optional[str] = ..., device: _Optional[_Union[Device, _Mapping]] = ..., threads: _Optional[int] = ..., loaded: _Optional[_Union[LoadedRange, _Mapping]] = ..., open_sessions: _Optional[int] = ..., memory_cap: _Optional[int] = ..., memory_budget: _Optional[int] = ..., bandwidth: _Optional[float] = ..., matmul_flops: _Optional[float] = ..., cached: _Optional[_Iterable[_Union[CachedSlice, _Mapping]]] = ..., bytes_received: _Optional[int] = ..., data_port: _Optional[int] = ..., data_token: _Optional[str] = ..., machine_id: _Optional[str] = ...) -> None: ...
 
 class CachedSlice(_message.Message):
     __slots__ = ("model_hash", "layer_start", "layer_end", "bytes")
@@ -123,26 +140,36 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "open_sessions", "native_steps")
+    __slots__ = ("serving", "open_sessions", "native_steps", "takes_turns")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    TAKES_TURNS_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     open_sessions: int
     native_steps: int
-    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ...) -> None: ...
+    takes_turns: bool
+    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., takes_turns: _Optional[bool] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash")
+    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v", "share_host")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
     MODEL_HASH_FIELD_NUMBER: _ClassVar[int]
+    FLASH_ATTN_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_K_FIELD_NUMBER: _ClassVar[int]
+    CACHE_TYPE_V_FIELD_NUMBER: _ClassVar[int]
+    SHARE_HOST_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
     model_hash: str
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ...) -> None: ...
+    flash_attn: FlashAttn
+    cache_type_k: str
+    cache_type_v: str
+    share_host: str
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ..., flash_attn: _Optional[_Union[FlashAttn, str]] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ..., share_host: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("loaded", "seconds", "needs_weights", "source")

@@ -1,0 +1,5 @@
+"""``python -m llmrpc.cli server|head|run|plan|serve|status ...``"""
+
+from llmrpc.cli import main
+
+main()
