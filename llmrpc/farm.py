@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -164,7 +165,11 @@ class Farm:
         used = [by_address[a.address] for a in self.plan]
         for a in self.plan:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
-        self._shared = shared_hosts(infos, [a.address for a in self.plan]) if self.share_hosts else {}
+        # each plan takes turns under a lock of its own: a server stopped in its turn keeps the
+        # lock, and the servers it is failed over to must not wait for it (server/turns.py)
+        plan_id = secrets.token_hex(4)
+        shared = shared_hosts(infos, [a.address for a in self.plan]) if self.share_hosts else {}
+        self._shared = {a: f"{name}-{plan_id}" for a, name in shared.items()}
         for name in sorted(set(self._shared.values())):
             together = [a for a, n in self._shared.items() if n == name]
             logger.info("%s compute on one machine's cores: they take turns", ", ".join(together))
@@ -205,6 +210,12 @@ class Farm:
         self.bytes_shipped[client.address] = shipped
         self.load_sources[client.address] = loaded.source
         return loaded
+
+    @property
+    def turns(self) -> dict[str, str]:
+        """The servers of the plan that take turns on one machine's cores: address -> the name
+        of their lock."""
+        return dict(self._shared)
 
     # -- generation ---------------------------------------------------------------------
     def session(self) -> PipelineSession:
@@ -299,7 +310,7 @@ class Farm:
         return sorted(self._gone)
 
     def _answers(self, address: str) -> bool:
-        return bool(_answering([address], self.connect_timeout, self.hung_after, self.security))
+        return bool(_answering([address], self.connect_timeout, self.hung_after, self.security, quiet=True))
 
     def _rejoin(self, back: list[str]) -> None:
         """Plan the servers ``back`` in again with those of the plan, between generations."""
@@ -441,10 +452,13 @@ def _check_request(prompt_tokens: list[int], max_tokens: int, sampling: Sampling
         raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
 
 
-def _answering(addresses: list[str], connect_timeout: float, hung_after: float, security: ClientSecurity) -> list[str]:
+def _answering(
+    addresses: list[str], connect_timeout: float, hung_after: float, security: ClientSecurity, quiet: bool = False
+) -> list[str]:
     """The servers that answer, all asked at once: a dead one's port refuses at once, where
     gRPC would go on retrying until its timeout; a hung one (stopped: its port still takes
-    connections) has ``hung_after`` to answer a Hello."""
+    connections) has ``hung_after`` to answer a Hello. ``quiet``: why one does not, logged at
+    debug level only (asked every few seconds)."""
 
     def answers(address: str) -> bool:
         if not _listening(address, connect_timeout):
@@ -454,7 +468,7 @@ def _answering(addresses: list[str], connect_timeout: float, hung_after: float, 
             client.hello()
             return True
         except StageError as e:
-            logger.warning("%s", e)
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "%s", e)
             return False
         finally:
             client.close()

@@ -4,11 +4,13 @@ doing is refused everywhere. Real server processes on 127.0.0.1, stopped and res
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -132,3 +134,33 @@ def test_a_slow_server_is_waited_for(smollm2: str, three: _Servers) -> None:
         assert farm.pipeline is not None and farm.pipeline.links is not None
         assert farm.pipeline.links.liveness.checked > 0, took  # (it was slow enough to be checked)
         assert farm.replays == 0
+
+
+def test_a_server_stopped_in_its_turn_does_not_stop_the_others(smollm2: str, three: _Servers) -> None:
+    """Servers on one machine take turns on its cores under a lock: one stopped while it holds
+    the lock (here the test holds it, as that server would) must not stop the servers it is
+    failed over to. Each plan takes turns under a lock of its own."""
+    victim = three.procs[1]
+    with Farm(smollm2, three.addresses, ctx_size=256, hung_after=HUNG_AFTER) as farm:
+        assert len(set(farm.turns.values())) == 1 and len(farm.turns) == 3  # one machine: they take turns
+        prompt = farm.tokenizer.encode(PROMPT)
+        want = list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False))
+        lock = open(os.path.join(tempfile.gettempdir(), f"{next(iter(farm.turns.values()))}.lock"), "a+b")  # noqa: SIM115
+        try:
+            got: list[int] = []
+            finished = threading.Event()
+
+            def generate() -> None:
+                for i, token in enumerate(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False)):
+                    got.append(token)
+                    if i + 1 == STOP_AT:
+                        fcntl.flock(lock, fcntl.LOCK_EX)  # the turn, never given back
+                        os.kill(victim.pid, signal.SIGSTOP)
+                finished.set()
+
+            threading.Thread(target=generate, daemon=True).start()
+            assert finished.wait(60), "the servers left wait for the stopped server's turn"
+        finally:
+            lock.close()
+        assert got == want and farm.replays == 1
+        assert three.addresses[1] not in farm.turns and len(farm.turns) == 2

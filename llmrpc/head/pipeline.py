@@ -193,13 +193,15 @@ class PipelineSession:
 
     def close(self) -> None:
         """Close the session on every server, but those the data plane gave up (dead or hung:
-        a close would only wait for them)."""
+        a close would only wait for them). When the pipeline has lost a server, the closes are
+        not waited for: a server left may be waiting for the lost one (its turn on a shared
+        machine), and each server also closes a head's sessions when its data link goes."""
         if self.pipeline.coalescer is not None and self.ids:
             self.pipeline.coalescer.forget(self.ids[0])
         lost = self.pipeline.links.lost if self.pipeline.links is not None else {}
         stages = list(zip(self.pipeline.stages, self.ids, strict=False))
         try:
-            _close_all([(c, sid) for c, sid in stages if c.data_address not in lost])
+            _close_all([(c, sid) for c, sid in stages if c.data_address not in lost], wait=not lost)
         finally:
             self.ids = []
             done, self.on_close = self.on_close, None
@@ -217,10 +219,10 @@ def _ids(tokens: list[int]) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int32)
 
 
-def _close_all(sessions: list[tuple[StageClient, str]]) -> None:
+def _close_all(sessions: list[tuple[StageClient, str]], wait: bool = True) -> None:
     """Close sessions on their servers, all at once; a refusal is only logged."""
     waits = [client.start_close_session(sid) for client, sid in sessions]
-    for done in waits:
+    for done in waits if wait else []:
         try:
             done()
         except StageError as e:

@@ -7,7 +7,6 @@ and refused with an :class:`EngineError` that names the problem.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import ssl
@@ -32,6 +31,7 @@ from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.native import Hop, NativeHop, hop_library
 from llmrpc.server.store import TransferError, WeightStore
+from llmrpc.server.turns import HostTurn
 from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, kv_cells
 
@@ -70,7 +70,7 @@ class Engine:
         # Servers that share a machine's cores take turns computing: several OpenMP teams
         # at once on the same cores thrash at every barrier (4 streams through 3 servers on
         # 2 cores fell to 5 tok/s; one at a time keeps the cores busy with one team).
-        self._host_lock = open(host_lock, "a+b") if host_lock else None  # noqa: SIM115
+        self._turn = HostTurn(host_lock) if host_lock else None
         # ... and let their compute threads go after each batch: an idle stage whose threads
         # spin (as OpenMP's do for ~3 ms) takes a core from the stage that computes now.
         self.release_threads = release_threads
@@ -187,20 +187,26 @@ class Engine:
 
     def takes_turns(self) -> bool:
         """Whether this server takes turns with others on its machine's cores."""
-        return self._host_lock is not None
+        return self._turn is not None
 
     def share_host(self, name: str) -> None:
         """Take turns with the other servers on this machine's cores that got ``name`` (their
         head saw them on one machine): hold the machine's lock of that name while computing, and
-        let the compute threads go after each batch. Once on, it stays on."""
+        let the compute threads go after each batch. Once on, it stays on; a new name (a new
+        plan: each takes turns under a lock of its own) replaces the lock."""
         if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"share_host {name!r}: letters, digits, - and _ only")
-        if self.device.kind != "cpu" or self._host_lock is not None and self.release_threads:
+        if self.device.kind != "cpu":
             return
+        path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
+        if self._turn is not None and self._turn.path != path:  # a new plan's lock: the old one's
+            self._turn.call_off()  # holder may be stopped mid-turn, and the loop waiting for it
 
         def share() -> None:
-            if self._host_lock is None:
-                self._host_lock = open(os.path.join(tempfile.gettempdir(), f"{name}.lock"), "a+b")  # noqa: SIM115
+            if self._turn is None or self._turn.path != path:
+                old, self._turn = self._turn, HostTurn(path)
+                if old is not None:
+                    old.close()
             if not self.release_threads:
                 self._backend.share_cores()
                 self.release_threads = True
@@ -405,7 +411,8 @@ class Engine:
             return None
         self._settle()
         lib_ggml, hp = ggml(), stage.hp
-        h = Hop(lock_fd=self._host_lock.fileno() if self._host_lock else -1, first=int(stage.first))
+        turn = self._turn
+        h = Hop(lock_fd=turn.fileno() if turn else -1, first=int(stage.first))
         h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, len(row.row.v_rows)
         h.mask_f16 = int(row.row.mask.dtype == np.float16)
         h.length, h.limit, h.n_kv, h.allowed = length[0], min(row.n_kv, self.max_ctx), row.n_kv, row.row.allowed
@@ -422,7 +429,10 @@ class Engine:
             setattr(h, field, ctypes.cast(fn, ctypes.c_void_p).value)
 
         def valid() -> bool:
-            return self._stage is stage and self._sessions.get(session_id) is entry and stage.holds(row.graph)
+            return (
+                self._stage is stage and self._sessions.get(session_id) is entry and stage.holds(row.graph)
+                and self._turn is turn
+            )  # fmt: skip
 
         def done(h: Hop) -> None:
             length[0], row.row.allowed = int(h.length), int(h.allowed)
@@ -520,10 +530,11 @@ class Engine:
         self.loop.stop()
 
     def _locked(self, fn: Callable[[], T]) -> T:
-        if self._host_lock is None:
+        turn = self._turn
+        if turn is None:
             return fn()
-        fcntl.flock(self._host_lock, fcntl.LOCK_EX)
+        turn.acquire()  # (False: the wait was called off, a new plan's lock on its way)
         try:
             return fn()
         finally:
-            fcntl.flock(self._host_lock, fcntl.LOCK_UN)
+            turn.release()
