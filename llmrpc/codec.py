@@ -236,20 +236,36 @@ class Generation:
 
     @staticmethod
     def parse(gen: Any) -> Generation:
-        """Checked: a bad ``gen`` raises ValueError (or KeyError, TypeError)."""
-        temperature, top_k, top_p, seed, *drawn = gen["sampling"]
-        out = Generation(
-            int(gen["n"]), int(gen["step"]), int(gen["limit"]), frozenset(int(t) for t in gen["eog"]),
-            SamplingParams(
-                float(temperature), int(top_k), float(top_p), None if seed is None else int(seed),
-                int(drawn[0]) if drawn else 0,
-            ),
+        """Checked field by field: a bad ``gen`` raises ValueError naming the field."""
+        if not isinstance(gen, dict):
+            raise ValueError("gen must be an object")
+        sampling, eog = gen.get("sampling"), gen.get("eog")
+        if not isinstance(sampling, list) or not 4 <= len(sampling) <= 5:
+            raise ValueError("gen.sampling must be [temperature, top_k, top_p, seed] or those and drawn")
+        if not isinstance(eog, list) or len(eog) > MAX_EOG:
+            raise ValueError(f"gen.eog must be a list of at most {MAX_EOG} token ids")
+        temperature, top_k, top_p, seed, *drawn = sampling
+        return Generation(
+            _count(gen.get("n"), 1, "gen.n"), _count(gen.get("step"), 0, "gen.step"),
+            _count(gen.get("limit"), 1, "gen.limit"), frozenset(_count(t, 0, "gen.eog") for t in eog),
+            SamplingParams(temperature, top_k, top_p, seed, drawn[0] if drawn else 0),
         )  # fmt: skip
-        if out.n < 1 or out.step < 0 or out.limit < 1 or not 0 < out.sampling.top_p <= 1:
-            raise ValueError
-        if len(drawn) > 1 or not 0 <= out.sampling.drawn <= 1 << 32:
-            raise ValueError
-        return out
+
+
+MAX_EOG = 1024  # tokens that end a generation
+MAX_COUNT = (1 << 31) - 1  # steps, positions and token ids: a STEP carries them as int32
+
+
+def _count(value: Any, low: int, what: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= MAX_COUNT:
+        raise ValueError(f"{what} must be an integer within [{low}, {MAX_COUNT}], got {shown(value)}")
+    return value
+
+
+def shown(value: Any, limit: int = 40) -> str:
+    """``value`` for an error message: its repr, cut short (messages are logged and sent back)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 @dataclass

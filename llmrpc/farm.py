@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import secrets
 import socket
 import sys
 import threading
@@ -21,12 +22,13 @@ import numpy as np
 
 from llmrpc.auth import ENV_TOKEN, ClientSecurity
 from llmrpc.chat import Chat
-from llmrpc.head.client import StageClient, StageError
+from llmrpc.head.client import HungError, StageClient, StageError
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError
 from llmrpc.head.prefix import PrefixCache, PrefixStats, last_batch_start
+from llmrpc.head.rejoin import REJOIN_EVERY, Rejoiner, SessionGate
 from llmrpc.head.replicas import Replica, Router, plan_replicas
 from llmrpc.head.resolve import resolve, resolve_servers
 from llmrpc.head.tokenizer import TextStream, Tokenizer
@@ -34,7 +36,7 @@ from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.kv import CacheConfig, check_cache
 from llmrpc.sampling import Sampler, SamplingParams
-from llmrpc.types import LoadedRange, split_address
+from llmrpc.types import HUNG_AFTER, LoadedRange, split_address
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +73,8 @@ class Farm:
         prefix_cache: bool = True,
         replicas: int = 1,
         min_servers: int = 1,
+        hung_after: float = HUNG_AFTER,
+        rejoin_every: float | None = REJOIN_EVERY,
     ) -> None:
         """``share_path``: servers may read the model from this path (default: only servers the
         farm starts itself). Otherwise a server uses its own copy (``--model-dir``, matched by
@@ -104,7 +108,11 @@ class Farm:
         ``servers`` may name several at once: ``dns:NAME:PORT`` is every address NAME resolves to,
         ``lws:PORT`` the workers of this pod's LeaderWorkerSet group (:mod:`llmrpc.head.resolve`);
         they are resolved again at every re-plan. ``min_servers``: wait up to ``connect_timeout``
-        until the list gives this many."""
+        until the list gives this many.
+        ``hung_after``: a server silent this long, to a health check too (answered while it
+        computes), is failed over like one that died, within 2.25 times this (head/datalink.py).
+        ``rejoin_every``: how often to ask servers failed over whether they answer again; one that
+        does is planned back in between generations (None: never; head/rejoin.py)."""
         self.cache = CacheConfig(flash_attn, cache_type_k, cache_type_v)
         self.use_prefix_cache = prefix_cache
         self.replica_count = replicas
@@ -120,13 +128,10 @@ class Farm:
         self.model_path = os.path.abspath(path)
         self.ctx_size = ctx_size
         self.max_sessions = max_sessions
-        if not 1 <= batch <= 8192:
-            raise ValueError(f"batch must be within 1..8192, got {batch}")
+        _check_options(batch, micro_batch, hung_after)
         self.batch = batch
         # Prompt rows per micro-batch: the servers work on consecutive micro-batches at the same
         # time, a pipeline. Default: a quarter of the batch with several remote servers.
-        if micro_batch is not None and not 1 <= micro_batch <= batch:
-            raise ValueError(f"micro_batch must be within 1..batch ({batch}), got {micro_batch}")
         self.micro_batch = micro_batch
         self.f16_activations = f16_activations
         self.data_plane = data_plane
@@ -146,10 +151,15 @@ class Farm:
         token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self.security = ClientSecurity(token, tls_ca)
         self._tls = self.security.ssl_context()  # for the data plane and weight shipping
+        self.hung_after = hung_after
         self.max_replays = replays
         self.replays = 0  # plans made again after servers failed
         self.connect_timeout = connect_timeout
         self._recovering = threading.Lock()
+        self._gate = SessionGate()  # sessions shared, a re-plan that plans servers back in alone
+        self._gone: set[str] = set()  # servers failed over that did not answer
+        self.rejoins = 0  # plans made again with servers that came back
+        self._rejoiner = Rejoiner(self._lost, self._answers, self._rejoin, rejoin_every) if rejoin_every else None
         self._local: LocalServers | None = None
         self._clients: list[StageClient] = []
         try:
@@ -167,7 +177,10 @@ class Farm:
             raise
 
     def _connect(self, addresses: list[str], connect_timeout: float, progress: bool, fewer: bool = False) -> None:
-        self._clients = [StageClient(a, connect_timeout=connect_timeout, security=self.security) for a in addresses]
+        self._clients = [
+            StageClient(a, connect_timeout=connect_timeout, security=self.security, hung_after=self.hung_after)
+            for a in addresses
+        ]
         infos = [c.hello() for c in self._clients]
         self.model_hash = content_hash(self.model_path)
         self.plans = [
@@ -183,7 +196,11 @@ class Farm:
         used = [by_address[a.address] for a in stages]
         for a in stages:
             logger.info("%s: layers [%d, %d)", a.address, a.start, a.end)
-        self._shared = shared_hosts(infos, [a.address for a in stages]) if self.share_hosts else {}
+        # each plan takes turns under a lock of its own: a server stopped in its turn keeps the
+        # lock, and the servers it is failed over to must not wait for it (server/turns.py)
+        plan_id = secrets.token_hex(4)
+        shared = shared_hosts(infos, [a.address for a in stages]) if self.share_hosts else {}
+        self._shared = {a: f"{name}-{plan_id}" for a, name in shared.items()}
         for name in sorted(set(self._shared.values())):
             together = [a for a, n in self._shared.items() if n == name]
             logger.info("%s compute on one machine's cores: they take turns", ", ".join(together))
@@ -237,11 +254,27 @@ class Farm:
         self.load_sources[client.address] = loaded.source
         return loaded
 
+    @property
+    def turns(self) -> dict[str, str]:
+        """The servers of the plan that take turns on one machine's cores: address -> the name
+        of their lock."""
+        return dict(self._shared)
+
     # -- generation ---------------------------------------------------------------------
     def session(self) -> PipelineSession:
-        if self.pipeline is None:
-            raise RuntimeError("the farm is closed")
-        return self.pipeline.session(self.ctx_size)
+        """A session on every server of the plan (waits while servers are planned back in)."""
+        self._gate.enter()
+        try:
+            if self.pipeline is None and not self._closed:  # a re-plan failed: plan over what answers
+                self._recover(None, RuntimeError("the farm has no plan"))
+            if self.pipeline is None:
+                raise RuntimeError("the farm is closed")
+            session = self.pipeline.session(self.ctx_size)
+        except BaseException:
+            self._gate.leave()
+            raise
+        session.on_close = self._gate.leave
+        return session
 
     def prefill(self, session: PipelineSession, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
         """Feed tokens in batches of ``batch`` rows; returns the logits of the last batch."""
@@ -274,7 +307,15 @@ class Farm:
     ) -> Generator[int, None, None]:
         """Up to ``max_tokens`` tokens after the prompt; replayed on the servers left when one
         fails (see ``replays``). ``cache_prompt`` False: this generation neither takes a held
-        prefix nor leaves its cache behind (see ``prefix_cache``)."""
+        prefix nor leaves its cache behind (see ``prefix_cache``). Bad arguments raise ValueError
+        before any server sees them (``sampling`` checked itself when it was made)."""
+        _check_request(prompt_tokens, max_tokens, sampling, self.info.hparams.n_vocab)
+        return self._generate_replayed(prompt_tokens, max_tokens, sampling, stop_at_eog, cache_prompt)
+
+    def _generate_replayed(
+        self, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop_at_eog: bool,
+        cache_prompt: bool,
+    ) -> Generator[int, None, None]:  # fmt: skip
         done: list[int] = []
         attempts = 0
         while len(done) < max_tokens:
@@ -304,7 +345,10 @@ class Farm:
                 return
             self._disconnect()
             self.addresses = resolve(self.servers)[0] or self.addresses
-            alive = [a for a in self.addresses if _listening(a, self.connect_timeout)]
+            # one found hung a moment ago is not asked again (it would have hung_after to answer)
+            hung = {cause.address} if isinstance(cause, HungError) else set()
+            alive = _answering([a for a in self.addresses if a not in hung], self.connect_timeout, self.hung_after,
+                               self.security)  # fmt: skip
             if not alive:
                 raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause
             try:
@@ -312,7 +356,34 @@ class Farm:
             except (StageError, PlanError) as e:
                 raise RuntimeError(f"{cause}; the servers left cannot take the model: {e}") from e
             self.replays += 1
+            self._gone = set(self.addresses) - set(alive)
             logger.warning("re-planned over %d of %d servers", len(alive), len(self.addresses))
+
+    def _lost(self) -> list[str]:
+        return sorted(self._gone)
+
+    def _answers(self, address: str) -> bool:
+        return bool(_answering([address], self.connect_timeout, self.hung_after, self.security, quiet=True))
+
+    def _rejoin(self, back: list[str]) -> None:
+        """Plan the servers ``back`` in again with those of the plan, between generations."""
+        with self._gate.alone(), self._recovering:
+            if self._closed or self.pipeline is None:
+                return
+            before = [a.address for p in self.plans for a in p]
+            wanted = set(before) | set(back)
+            self._gone -= set(back)  # planned in now, or (if they cannot be) not tried again
+            self._disconnect()
+            try:
+                self._connect([a for a in self.addresses if a in wanted], self.connect_timeout, progress=False)
+            except (StageError, PlanError, RuntimeError) as e:
+                logger.warning("planning %s back in failed: %s", ", ".join(back), e)
+                self._disconnect()
+                self._connect(before, self.connect_timeout, progress=False)
+                return
+            self.rejoins += 1
+            planned = sum(len(p) for p in self.plans)
+            logger.warning("planned %s back in: %d of %d servers", ", ".join(back), planned, len(self.addresses))
 
     def _generate(
         self,
@@ -324,10 +395,29 @@ class Farm:
         cache_prompt: bool = True,
     ) -> Generator[int, None, None]:
         """The tokens after ``replay`` (tokens generated before a server failed, fed again)."""
-        router = self.router
-        if router is None:
-            raise RuntimeError("the farm is closed")
-        use = cache_prompt and self.use_prefix_cache
+        with self._entered():
+            router = self.router
+            if router is None:
+                raise RuntimeError("the farm is closed")
+            use = cache_prompt and self.use_prefix_cache
+            yield from self._generate_on(router, prompt_tokens, max_tokens, sampling, stop_at_eog, replay, use)
+
+    @contextlib.contextmanager
+    def _entered(self) -> Iterator[None]:
+        """Within: the farm's plan stays (a re-plan that plans servers back in waits for it to end);
+        a re-plan that failed is tried again first."""
+        self._gate.enter()
+        try:
+            if self.router is None and not self._closed:
+                self._recover(None, RuntimeError("the farm has no plan"))
+            yield
+        finally:
+            self._gate.leave()
+
+    def _generate_on(
+        self, router: Router, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop_at_eog: bool,
+        replay: list[int], use: bool,
+    ) -> Generator[int, None, None]:  # fmt: skip
         with router.session(prompt_tokens, reuse=use and not replay, keep=use) as s:
             cut = last_batch_start(len(prompt_tokens), self.batch)  # batches as llama.cpp's n_batch
             if cut > len(s.tokens):  # (the positions before len(s.tokens) were taken from a held prefix)
@@ -405,6 +495,8 @@ class Farm:
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
         self._closed = True
+        if self._rejoiner is not None:
+            self._rejoiner.stop()
         for r in self.replicas:
             r.prefix.clear()  # the servers free what they kept for this farm
         self._disconnect()
@@ -425,6 +517,53 @@ class Farm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _check_options(batch: int, micro_batch: int | None, hung_after: float) -> None:
+    if not 1 <= batch <= 8192:
+        raise ValueError(f"batch must be within 1..8192, got {batch}")
+    if micro_batch is not None and not 1 <= micro_batch <= batch:
+        raise ValueError(f"micro_batch must be within 1..batch ({batch}), got {micro_batch}")
+    if not hung_after > 0:
+        raise ValueError(f"hung_after must be a positive number of seconds, got {hung_after!r}")
+
+
+def _check_request(prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, n_vocab: int) -> None:
+    if not isinstance(sampling, SamplingParams):
+        raise ValueError(f"sampling must be SamplingParams, not {type(sampling).__name__}")
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 0:
+        raise ValueError(f"max_tokens must be an integer of at least 0, got {max_tokens!r}")
+    if not prompt_tokens:
+        raise ValueError("the prompt is empty")
+    bad = [t for t in prompt_tokens if not isinstance(t, int | np.integer) or not 0 <= t < n_vocab]
+    if bad:
+        raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
+
+
+def _answering(
+    addresses: list[str], connect_timeout: float, hung_after: float, security: ClientSecurity, quiet: bool = False
+) -> list[str]:
+    """The servers that answer, all asked at once: a dead one's port refuses at once, where
+    gRPC would go on retrying until its timeout; a hung one (stopped: its port still takes
+    connections) has ``hung_after`` to answer a Hello. ``quiet``: why one does not, logged at
+    debug level only (asked every few seconds)."""
+
+    def answers(address: str) -> bool:
+        if not _listening(address, connect_timeout):
+            return False
+        client = StageClient(address, connect_timeout=hung_after, security=security)
+        try:
+            client.hello()
+            return True
+        except StageError as e:
+            logger.log(logging.DEBUG if quiet else logging.WARNING, "%s", e)
+            return False
+        finally:
+            client.close()
+
+    with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
+        ok = list(pool.map(answers, addresses))
+    return [a for a, answered in zip(addresses, ok, strict=True) if answered]
 
 
 def _listening(address: str, timeout: float) -> bool:

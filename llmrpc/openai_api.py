@@ -27,12 +27,13 @@ from llmrpc.dashboard import page as dashboard_page
 from llmrpc.farm import Farm
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.metrics import CONTENT_TYPE, RequestTimer, ServeMetrics
-from llmrpc.sampling import SamplingParams
+from llmrpc.sampling import MAX_SEED, MAX_TOP_K, MIN_TEMPERATURE, SamplingParams
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 << 20  # bytes of a request body
 MAX_STOPS = 4  # as OpenAI
+PENALTIES = ("presence_penalty", "frequency_penalty")
 # Fields this server does not implement, and the values that ask for nothing.
 UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
@@ -105,13 +106,15 @@ def parse_request(body: object, tokenizer: Tokenizer, ctx_size: int, *, chat: bo
             param=key, code="context_length_exceeded",
         )  # fmt: skip
     temperature = _number(body, "temperature", 1.0, 0.0, 2.0)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ApiError(f"'temperature' must be 0 or at least {MIN_TEMPERATURE:g}", param="temperature")
     top_p = _number(body, "top_p", 1.0, 0.0, 1.0)
     if top_p <= 0:
         raise ApiError("'top_p' must be greater than 0", param="top_p")
-    top_k = _integer(body, "top_k", 0, 0, None)  # not OpenAI's, but llama.cpp's servers take it
-    seed = body.get("seed")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ApiError("'seed' must be an integer", param="seed")
+    top_k = _integer(body, "top_k", 0, 0, MAX_TOP_K)  # not OpenAI's, but llama.cpp's servers take it
+    seed = _integer(body, "seed", -1, 0, MAX_SEED)  # (llama.cpp's -1, "random", is omitting it here)
+    for key in PENALTIES:  # accepted as OpenAI does, not applied
+        _number(body, key, 0.0, -2.0, 2.0)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise ApiError("'stream' must be true or false", param="stream")
@@ -119,13 +122,14 @@ def parse_request(body: object, tokenizer: Tokenizer, ctx_size: int, *, chat: bo
     if not isinstance(cache_prompt, bool):
         raise ApiError("'cache_prompt' must be true or false", param="cache_prompt")
     options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise ApiError("'stream_options' must be an object", param="stream_options")
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise ApiError("'stream_options' must be an object whose include_usage is true or false",
+                       param="stream_options")  # fmt: skip
     return GenerationRequest(
         chat=chat,
         prompt_tokens=prompt,
         max_tokens=max_tokens,
-        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed),
+        sampling=SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, seed=None if seed < 0 else seed),
         stop=_stops(body.get("stop")),
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),

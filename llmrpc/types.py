@@ -5,6 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 PROTOCOL_VERSION = 3  # 2: STEP frames on the data plane; 3: binary TOKEN frames
+# Seconds a server may go without answering before the head asks it for a health check, and
+# for that check's answer: one that answers neither is hung (a stopped process, a machine gone
+# whose connections linger) and is failed over like one that died, within 2.25 times this.
+HUNG_AFTER = 5.0
 KV_PAD = 256  # llama.cpp pads KV cells (and the attended length) to this, so graphs keep their shape
 
 

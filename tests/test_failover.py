@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,17 +106,17 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _server(port: int) -> subprocess.Popen[str]:
+def _server(port: int, cache: Path) -> subprocess.Popen[str]:
     cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", str(port),
-           "--threads", "1", "--no-calibrate"]  # fmt: skip
+           "--threads", "1", "--no-calibrate", "--cache-dir", str(cache)]  # fmt: skip
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=os.environ.copy())
     read_ready(proc, 60)
     return proc
 
 
-def test_a_server_restarted_at_its_address_is_planned_in_again(smollm2: str) -> None:
+def test_a_server_restarted_at_its_address_is_planned_in_again(smollm2: str, tmp_path: Path) -> None:
     ports = [_free_port() for _ in range(2)]
-    procs = [_server(p) for p in ports]
+    procs = [_server(p, tmp_path / str(p)) for p in ports]
     try:
         with Farm(smollm2, [f"127.0.0.1:{p}" for p in ports], ctx_size=256) as farm:
             prompt = farm.tokenizer.encode(PROMPTS[1])
@@ -126,10 +127,38 @@ def test_a_server_restarted_at_its_address_is_planned_in_again(smollm2: str) -> 
                 if i + 1 == KILL_AT:  # it dies and is back before the farm notices
                     procs[0].send_signal(signal.SIGKILL)
                     procs[0].wait()
-                    procs[0] = _server(ports[0])
+                    procs[0] = _server(ports[0], tmp_path / str(ports[0]))
             assert got == want
             assert farm.replays == 1
             assert [a.address for a in farm.plan] == [f"127.0.0.1:{p}" for p in ports]
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=10)
+
+
+def test_a_server_back_at_its_address_is_planned_in_between_generations(smollm2: str, tmp_path: Path) -> None:
+    """Killed mid-generation, the middle server is failed over; restarted at its address, the farm
+    plans it back in on its own, between generations, within seconds: every request meanwhile
+    gets the text it gets alone, and none fails."""
+    ports = [_free_port() for _ in range(3)]
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    procs = [_server(p, tmp_path / str(p)) for p in ports]
+    try:
+        with Farm(smollm2, addresses, ctx_size=256, rejoin_every=0.5) as farm:
+            prompt = farm.tokenizer.encode(PROMPTS[0])
+            want = list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False))
+            assert _generate_and_kill(farm, PROMPTS[0], procs[1]) == want
+            assert farm.replays == 1 and [a.address for a in farm.plan] == [addresses[0], addresses[2]]
+            procs[1] = _server(ports[1], tmp_path / str(ports[1]))
+            back, requests = time.monotonic(), 0
+            while len(farm.plan) < 3:  # requests go on meanwhile
+                assert list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False)) == want
+                requests += 1
+                assert time.monotonic() - back < 60, "not planned back in"
+            assert [a.address for a in farm.plan] == addresses and farm.rejoins == 1
+            assert list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False)) == want
+            assert farm.replays == 1  # nothing failed on the way
     finally:
         for p in procs:
             p.terminate()

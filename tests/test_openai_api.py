@@ -4,6 +4,7 @@ OpenAI's own Python client, answering what llama.cpp answers."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -80,6 +81,22 @@ def tokenizer(smollm2: str) -> Tokenizer:
         (False, {"prompt": "hi", "stop": 3}, "stop", "string or a list"),
         (False, {"prompt": "hi", "logprobs": 2}, "logprobs", "not supported"),
         (False, {"prompt": "hi", "seed": 1.5}, "seed", "integer"),
+        (False, {"prompt": "hi", "seed": -1}, "seed", "within [0, 18446744073709551615]"),
+        (False, {"prompt": "hi", "seed": 1 << 64}, "seed", "within [0, "),
+        (False, {"prompt": "hi", "seed": True}, "seed", "integer"),
+        (False, {"prompt": "hi", "temperature": math.nan}, "temperature", "within [0, 2]"),
+        (False, {"prompt": "hi", "temperature": -0.1}, "temperature", "within [0, 2]"),
+        (False, {"prompt": "hi", "temperature": 1e-9}, "temperature", "0 or at least"),
+        (False, {"prompt": "hi", "top_p": math.inf}, "top_p", "within [0, 1]"),
+        (False, {"prompt": "hi", "top_k": -1}, "top_k", "within [0, "),
+        (False, {"prompt": "hi", "top_k": 1 << 40}, "top_k", "within [0, "),
+        (False, {"prompt": "hi", "max_tokens": -5}, "max_tokens", "at least 1"),
+        (False, {"prompt": "hi", "max_tokens": 2.5}, "max_tokens", "integer"),
+        (False, {"prompt": "hi", "n": 0}, "n", "only n=1"),
+        (False, {"prompt": "hi", "presence_penalty": 3}, "presence_penalty", "within [-2, 2]"),
+        (False, {"prompt": "hi", "frequency_penalty": "x"}, "frequency_penalty", "within [-2, 2]"),
+        (False, {"prompt": "hi", "stream_options": {"include_usage": "yes"}}, "stream_options", "true or false"),
+        (False, {"prompt": "hi", "stop": ["a", 5]}, "stop", "list of strings"),
         (False, {"prompt": "hi", "stream": "yes"}, "stream", "true or false"),
         (True, {"messages": []}, "messages", "non-empty list"),
         (True, {"messages": [{"content": "hi"}]}, "messages[0]", "'role'"),
@@ -236,6 +253,20 @@ def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict[str, 
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+
+
+@pytest.mark.parametrize(
+    "values",
+    [{"seed": -1}, {"seed": 1 << 64}, {"temperature": math.nan}, {"top_p": 0}, {"top_k": -1}, {"max_tokens": -1},
+     {"n": 2}, {"stop": [1]}, {"presence_penalty": 9}],
+)  # fmt: skip
+def test_out_of_range_sampling_values_get_a_400_at_once(api: str, values: dict[str, Any]) -> None:
+    """A negative seed used to reach the last server's sampler, which raised: the request had no
+    answer for 10 minutes and held one of the --parallel slots all that time."""
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 5, **values}).encode()
+    status, reply = _post(api + "/completions", body)
+    assert status == 400 and reply["error"]["param"] == next(iter(values))
+    assert reply["error"]["type"] == "invalid_request_error"
 
 
 def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(api: str, client: openai.OpenAI) -> None:

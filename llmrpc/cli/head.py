@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from llmrpc.cli.common import Addresses, gather, setup_logging, verbose_option
+from llmrpc.types import HUNG_AFTER
 
 if TYPE_CHECKING:
     from llmrpc.auth import ClientSecurity
@@ -25,6 +26,7 @@ class Link:
     """How the head reaches its servers."""
 
     connect_timeout: float
+    hung_after: float  # seconds a server may answer nothing, a health check included, before it is failed over
     token: str | None  # the servers' token (llmrpc-server --token)
     tls_ca: str | None  # PEM file the servers' certificates chain to: TLS on every link
 
@@ -75,6 +77,9 @@ link_options = gather(
     "link", Link,
     click.option("--connect-timeout", default=10.0, show_default=True, type=float,
                  help="Seconds to wait for each server."),
+    click.option("--hung-after", default=HUNG_AFTER, show_default=True, type=click.FloatRange(min=0, min_open=True),
+                 help="Seconds a server may answer nothing, not even a health check, before it is failed over as "
+                 "if it had died (noticed within 2.25 times this)."),
     click.option("--token", envvar="LLMRPC_TOKEN", default=None,
                  help="The servers' token (llmrpc-server --token), sent with every call; also from LLMRPC_TOKEN."),
     click.option("--tls-ca", default=None, type=click.Path(dir_okay=False, exists=True),
@@ -151,7 +156,8 @@ def open_farm(source: Source, link: Link, ctx_size: int, **extra: Any) -> Farm:
         source.model, list(servers) if servers else None, local=source.local,
         threads=source.threads, ctx_size=ctx_size, connect_timeout=link.connect_timeout,
         progress=sys.stderr.isatty(), share_path=True if source.shared_path else None,
-        token=link.token or None, tls_ca=link.tls_ca, min_servers=source.min_servers, **extra,
+        hung_after=link.hung_after, token=link.token or None, tls_ca=link.tls_ca, min_servers=source.min_servers,
+        **extra,
     )  # fmt: skip
 
 

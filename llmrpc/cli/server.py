@@ -21,6 +21,7 @@ class ServerOptions:
     threads: int | None
     max_sessions: int
     max_ctx: int
+    session_ttl: float  # seconds a session may sit idle (0: for ever)
     memory_cap: int  # 0: the device's free memory
     prefix_cache: int | None  # None: the --mem cap, or a quarter of the device's free memory
     cache_dir: str | None
@@ -52,6 +53,9 @@ _server_options = gather(
                  help="Open sessions allowed at once."),
     click.option("--max-ctx", default=32768, show_default=True, type=click.IntRange(1),
                  help="Largest context a session may ask for."),
+    click.option("--session-ttl", default=600.0, show_default=True, type=click.FloatRange(min=0),
+                 help="Seconds a session may sit idle before it is closed (0: never). A head's sessions are also "
+                 "closed when its data connection goes."),
     click.option("--mem", "memory_cap", default=0, type=Bytes(),
                  help="Most memory to use for weights, KV caches and compute, e.g. 6GiB "
                  "(default: the device's free memory)."),

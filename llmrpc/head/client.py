@@ -7,6 +7,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -15,6 +16,7 @@ from llmrpc import codec
 from llmrpc.auth import ClientSecurity
 from llmrpc.model.kv import CacheConfig
 from llmrpc.types import (
+    HUNG_AFTER,
     PROTOCOL_VERSION,
     ClosedSession,
     LoadedRange,
@@ -48,14 +50,29 @@ class StageError(RuntimeError):
         self.detail = detail
 
 
+class HungError(StageError):
+    """A server that answered nothing for ``hung_after`` seconds, not even a health check: it
+    is stopped or hung, and is failed over as one that died (code UNAVAILABLE)."""
+
+    def __init__(self, address: str, layers: str, hung_after: float) -> None:
+        detail = f"no answer within {hung_after:g} s, nor to a health check: the server is stopped or hung"
+        super().__init__(address, layers, grpc.StatusCode.UNAVAILABLE, detail)
+
+
 class StageClient:
     def __init__(
         self, address: str, *, timeout: float = 600.0, connect_timeout: float = 10.0,
         security: ClientSecurity = ClientSecurity(),  # noqa: B008 (frozen)
+        hung_after: float = HUNG_AFTER,
     ) -> None:  # fmt: skip
+        """``timeout``: the most any call may take; ``hung_after``: a call that has no answer
+        this long is given up when a health check has none either (see HUNG_AFTER)."""
+        if not hung_after > 0:
+            raise ValueError(f"hung_after must be a positive number of seconds, got {hung_after!r}")
         self.address = address
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.hung_after = hung_after
         self.loaded: LoadedRange | None = None
         self.data_address = ""  # host:port of its data plane (from Hello; "" when it has none)
         self.data_token = ""
@@ -109,6 +126,35 @@ class StageClient:
         except grpc.RpcError as e:
             raise self._error(e) from None
 
+    def answers(self, timeout: float) -> bool:
+        """Whether the server answers a health check within ``timeout`` (any answer, a refusal
+        included: it is not hung). Its gRPC handlers answer while its layers compute."""
+        try:
+            self._stub.Health(pb.HealthRequest(), timeout=timeout)
+        except grpc.RpcError as e:
+            code = e.code() if hasattr(e, "code") else None
+            return code not in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        return True
+
+    def _reply(self, future: grpc.Future, layers: str | None = None) -> Any:
+        """A call's reply, waited for up to ``timeout``; a server that has not answered within
+        ``hung_after`` and does not answer a health check either is given up (UNAVAILABLE)."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                return future.result(timeout=max(0.0, min(self.hung_after, deadline - time.monotonic())))
+            except grpc.FutureTimeoutError:
+                if time.monotonic() < deadline and self.answers(self.hung_after):
+                    continue
+                future.cancel()
+                layers = self.layers if layers is None else layers
+                if time.monotonic() < deadline:
+                    raise HungError(self.address, layers, self.hung_after) from None
+                code, detail = grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {self.timeout:g} s"
+                raise StageError(self.address, layers, code, detail) from None
+            except grpc.RpcError as e:
+                raise self._error(e, layers) from None
+
     def load(
         self, model_path: str, start: int, end: int, model_hash: str = "", cache: CacheConfig | None = None,
         share_host: str = "",
@@ -116,14 +162,12 @@ class StageClient:
         """Load layers [start, end) (their attention and KV cache as ``cache`` says, by default
         llama.cpp's; ``share_host``: take turns with the servers given the same name); None when
         the server has no copy (push the slice)."""
+        request = codec.load_request(model_path, start, end, model_hash, cache or CacheConfig(), share_host)
         try:
-            reply = self._stub.Load(
-                codec.load_request(model_path, start, end, model_hash, cache or CacheConfig(), share_host),
-                timeout=self.timeout,
-            )
-        except grpc.RpcError as e:
+            reply = self._reply(self._stub.Load.future(request, timeout=self.timeout), f"[{start}, {end})")
+        except StageError:
             self.loaded = None
-            raise self._error(e, f"[{start}, {end})") from None
+            raise
         if reply.needs_weights:
             return None
         self.loaded = codec.range_from_proto(reply.loaded)
@@ -165,10 +209,7 @@ class StageClient:
         future = self._stub.OpenSession.future(request, timeout=self.timeout)
 
         def opened() -> OpenedSession:
-            try:
-                r = future.result()
-            except grpc.RpcError as e:
-                raise self._error(e) from None
+            r = self._reply(future)
             return OpenedSession(str(r.session_id), int(r.n_ctx), int(r.cache_bytes), tuple(r.evicted))
 
         return opened
@@ -207,12 +248,15 @@ class StageClient:
         with self._stream_lock:
             try:
                 if self._stream is None:
-                    self._stream = _ForwardStream(self._stub)
+                    self._stream = _ForwardStream(self._stub, self.answers, self.hung_after)
                 reply = self._stream.call(request, self.timeout)
             except grpc.RpcError as e:
+                hung = self._stream is not None and self._stream.hung
                 if self._stream is not None:
                     self._stream.close()
                 self._stream = None
+                if hung:
+                    raise HungError(self.address, self.layers, self.hung_after) from None
                 raise self._error(e) from None
         out = codec.tensor_from_proto(reply.output, max_elements=1 << 31)
         ids = codec.tensor_from_proto(reply.token_ids, max_elements=1 << 31) if reply.HasField("token_ids") else None
@@ -233,13 +277,11 @@ class StageClient:
     def start_close(self, session_id: str, keep: bool = False) -> Callable[[], ClosedSession]:
         """:meth:`start_close_session`; ``keep``: the server keeps the cache as a prefix (if its
         budget allows: the answer says), or frees a kept prefix given its id."""
-        future = self._stub.CloseSession.future(pb.CloseSessionRequest(session_id=session_id, keep=keep), timeout=30)
+        request = pb.CloseSessionRequest(session_id=session_id, keep=keep)
+        future = self._stub.CloseSession.future(request, timeout=self.timeout)
 
         def closed() -> ClosedSession:
-            try:
-                r = future.result()
-            except grpc.RpcError as e:
-                raise self._error(e) from None
+            r = self._reply(future)
             return ClosedSession(bool(r.kept), tuple(r.evicted))
 
         return closed
@@ -258,25 +300,38 @@ class _ForwardStream:
 
     _END = object()
 
-    def __init__(self, stub: pb_grpc.StageStub) -> None:
+    def __init__(self, stub: pb_grpc.StageStub, answers: Callable[[float], bool], hung_after: float) -> None:
         self._requests: queue.Queue[object] = queue.Queue()
         self._call = stub.ForwardStream(iter(self._requests.get, self._END))
         self._replies = iter(self._call)
         self._deadline: float | None = None
+        self._checked = 0.0  # when the call in flight last had a sign of life
+        self._answers, self._hung_after = answers, hung_after
+        self.hung = False  # cancelled because the server answered nothing, a health check included
         self._closed = threading.Event()
         threading.Thread(target=self._watchdog, daemon=True, name="forward-stream-watchdog").start()
 
     def _watchdog(self) -> None:
-        """Cancel the stream when a reply is overdue (a per-call timer thread costs too much)."""
-        while not self._closed.wait(0.5):
+        """Cancel the stream when a reply is overdue, or when the server has been silent for
+        ``hung_after`` and answers no health check (a per-call timer thread costs too much)."""
+        while not self._closed.wait(min(0.5, self._hung_after / 4)):
             deadline = self._deadline
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is None:
+                continue
+            if time.monotonic() > deadline:
                 self._call.cancel()
                 return
+            if time.monotonic() - self._checked > self._hung_after:
+                if not self._answers(self._hung_after) and self._deadline is not None:
+                    self.hung = True
+                    self._call.cancel()
+                    return
+                self._checked = time.monotonic()
 
     def call(self, request: pb.ForwardRequest, timeout: float) -> pb.ForwardReply:
         self._requests.put(request)
-        self._deadline = time.monotonic() + timeout
+        self._checked = time.monotonic()
+        self._deadline = self._checked + timeout
         try:
             return next(self._replies)  # type: ignore[no-any-return]
         except StopIteration:

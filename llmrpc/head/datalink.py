@@ -13,6 +13,7 @@ import itertools
 import logging
 import secrets
 import select
+import socket
 import ssl
 import threading
 import time
@@ -26,8 +27,8 @@ import numpy as np
 
 from llmrpc import codec, trace, wire
 from llmrpc.codec import FrameKind
-from llmrpc.head.client import StageError
-from llmrpc.types import PROTOCOL_VERSION, split_address
+from llmrpc.head.client import HungError, StageError
+from llmrpc.types import HUNG_AFTER, PROTOCOL_VERSION, split_address
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,10 @@ class Hop:
 
 class DataLinks:
     def __init__(
-        self, timeout: float = 600.0, connect_timeout: float = 10.0, tls: ssl.SSLContext | None = None
-    ) -> None:
+        self, timeout: float = 600.0, connect_timeout: float = 10.0, tls: ssl.SSLContext | None = None,
+        hung_after: float = HUNG_AFTER,
+    ) -> None:  # fmt: skip
+        """``timeout``: the most a request may take; ``hung_after``: see :class:`Liveness`."""
         self.timeout = timeout
         self.tls = tls
         self.connect_timeout = connect_timeout
@@ -58,8 +61,17 @@ class DataLinks:
         self._pending: dict[int, list[Hop]] = {}  # request id -> its route
         self._done: dict[int, tuple[codec.DataFrame | StageError, list[Hop]]] = {}
         self._streams: dict[int, deque[codec.DataFrame | StageError]] = {}  # generations' frames
+        self.lost: dict[str, str] = {}  # data address -> why its server was given up
+        self.hung: set[str] = set()  # data addresses of those given up as hung
+        self.liveness = Liveness(self, hung_after)
 
-    def connect(self, address: str, layers: str, data_address: str, token: str) -> None:
+    def connect(
+        self, address: str, layers: str, data_address: str, token: str, answers: Callable[[float], bool] | None = None
+    ) -> None:
+        """Connect to a server's data port. ``answers(timeout)``: whether the server answers a
+        health check (see :class:`Liveness`); without it, only the request's timeout ends a wait."""
+        if answers is not None:
+            self.liveness.checks[data_address] = answers
         if data_address in self._conns:
             return
         try:
@@ -104,6 +116,7 @@ class DataLinks:
         first = route[0]
         with self._cond:
             self._pending[rid] = route
+            self.liveness.progressed(rid)
             if gen is not None:
                 self._streams[rid] = deque()
             conn = self._conns.get(first.data_address)
@@ -115,6 +128,7 @@ class DataLinks:
             with self._cond:
                 del self._pending[rid]
                 self._streams.pop(rid, None)
+                self.liveness.forget(rid)
             raise StageError(first.address, first.layers, grpc.StatusCode.UNAVAILABLE, f"data plane: {e}") from None
         return rid
 
@@ -164,6 +178,7 @@ class DataLinks:
     def _end_stream(self, rid: int) -> None:
         self._streams.pop(rid, None)
         self._pending.pop(rid, None)
+        self.liveness.forget(rid)
 
     def _wait_for(self, rid: int, ready: Callable[[], bool]) -> None:
         """Read the sockets (or let another waiting thread read them) until ``ready()``."""
@@ -176,6 +191,7 @@ class DataLinks:
                 if left <= 0:
                     route = self._pending.pop(rid, [])
                     self._streams.pop(rid, None)
+                    self.liveness.forget(rid)
                     names = ", ".join(h.address for h in route)
                     raise StageError(names, "", grpc.StatusCode.DEADLINE_EXCEEDED, f"no answer in {self.timeout:.0f} s")
                 if self._reading:
@@ -191,11 +207,15 @@ class DataLinks:
 
     def _read(self, timeout: float) -> None:
         """Read whatever the servers sent (waiting up to ``timeout``) and file it by request."""
-        socks = {c.sock: c for c in self._conns.values() if not c.closed}
+        with self._cond:
+            socks = {c.sock: c for c in self._conns.values() if not c.closed}
         if not socks:
             time.sleep(timeout)
             return
-        ready, _, _ = select.select(list(socks), [], [], timeout)
+        try:
+            ready, _, _ = select.select(list(socks), [], [], timeout)
+        except (OSError, ValueError):  # a connection closed meanwhile (given up as hung): filed already
+            return
         woke = time.perf_counter()
         for sock in ready:
             conn = socks[sock]
@@ -212,36 +232,140 @@ class DataLinks:
                     stream = self._streams.get(f.request_id)
                     if stream is not None and f.kind in (FrameKind.TOKEN, FrameKind.ERROR):
                         stream.append(f)
+                        self.liveness.progressed(f.request_id)
                         trace.stamp(self.link_id, f.request_id, "head.recv", woke, f.meta.get("step"))
                         continue
                     answer = f.kind in (FrameKind.RESULT, FrameKind.ERROR)
                     route = self._pending.pop(f.request_id, None) if answer else None
                     if route is not None:
+                        self.liveness.forget(f.request_id)
                         self._done[f.request_id] = (f, route)
                         trace.stamp(self.link_id, f.request_id, "head.recv", woke)
                     elif f.kind != FrameKind.WELCOME:
                         logger.warning("data plane %s: unexpected %s frame %d", conn.peer, f.kind.name, f.request_id)
 
     def _lost(self, conn: wire.Connection) -> None:
-        """A server closed its connection: fail every request whose route runs through it."""
+        """A server closed its connection, or was given up (:meth:`give_up`): fail every request
+        whose route runs through it. Under ``_cond``."""
         conn.close()
+        if self._conns.get(conn.peer) is not conn:
+            return
         del self._conns[conn.peer]
+        why = self.lost.setdefault(conn.peer, "the server closed its data connection")
         for rid, route in list(self._pending.items()):
             hop = next((h for h in route if h.data_address == conn.peer), None)
             if hop is not None:
-                lost = StageError(
-                    hop.address, hop.layers, grpc.StatusCode.UNAVAILABLE, "the server closed its data connection"
+                lost = (
+                    HungError(hop.address, hop.layers, self.liveness.hung_after)
+                    if conn.peer in self.hung
+                    else StageError(hop.address, hop.layers, grpc.StatusCode.UNAVAILABLE, why)
                 )
                 if rid in self._streams:
                     self._streams[rid].append(lost)
                     continue
                 del self._pending[rid]
+                self.liveness.forget(rid)
                 self._done[rid] = (lost, route)
+        self._cond.notify_all()
+
+    def give_up(self, data_address: str) -> None:
+        """Treat the server at ``data_address`` as gone (it is hung): its requests fail with a
+        :class:`HungError`, and whatever it sends later on this connection is never read."""
+        with self._cond:
+            conn = self._conns.get(data_address)
+            if conn is None:
+                return
+            self.hung.add(data_address)
+            self.lost[data_address] = f"no answer within {self.liveness.hung_after:g} s, nor to a health check"
+            logger.warning("data plane %s: %s", data_address, self.lost[data_address])
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)  # wakes a reader waiting on it
+            except OSError:
+                pass
+            self._lost(conn)
+
+    def stalled(self, since: float) -> dict[int, list[Hop]]:
+        """The requests (their routes) that have made no progress since ``since``."""
+        with self._cond:
+            return {rid: self._pending[rid] for rid in self.liveness.stalled(since) if rid in self._pending}
 
     def close(self) -> None:
-        for conn in self._conns.values():
-            conn.close()
-        self._conns.clear()
+        self.liveness.stop()
+        with self._cond:
+            for conn in self._conns.values():
+                conn.close()
+            self._conns.clear()
+
+
+class Liveness:
+    """Tells a hung server from a slow one, for :class:`DataLinks`. A request that has made no
+    progress (sent, or a frame of its answer come) for ``hung_after`` seconds has every server
+    on its route asked for a health check, answered by its gRPC handlers while its layers
+    compute; a server that does not answer within ``hung_after`` either is given up, as if it
+    had closed its connection: its requests fail (UNAVAILABLE, naming it), and a farm fails it
+    over. So a hung server is noticed within 2.25 times ``hung_after`` (its silence, a look
+    every quarter of it, the check); one that answers is waited for, up to the request's timeout."""
+
+    def __init__(self, links: DataLinks, hung_after: float) -> None:
+        if not hung_after > 0:
+            raise ValueError(f"hung_after must be a positive number of seconds, got {hung_after!r}")
+        self.links = links
+        self.hung_after = hung_after
+        self.checks: dict[str, Callable[[float], bool]] = {}  # data address -> health check
+        self._progress: dict[int, float] = {}  # request id -> when it last made progress
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self.checked = 0  # health checks made
+
+    def progressed(self, rid: int) -> None:
+        """Request ``rid`` was sent, or a frame of its answer came."""
+        with self._lock:
+            self._progress[rid] = time.monotonic()
+            if self._watcher is None and self.checks:
+                self._watcher = threading.Thread(target=self._watch, daemon=True, name="data-liveness")
+                self._watcher.start()
+
+    def forget(self, rid: int) -> None:
+        with self._lock:
+            self._progress.pop(rid, None)
+
+    def stalled(self, since: float) -> list[int]:
+        with self._lock:
+            return [rid for rid, t in self._progress.items() if t < since]
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.hung_after / 4):
+            started = time.monotonic()
+            stalled = self.links.stalled(started - self.hung_after)
+            addresses = {h.data_address for route in stalled.values() for h in route} & set(self.checks)
+            if not addresses:
+                continue
+            answered = self._check(sorted(addresses))
+            self.checked += len(answered)
+            for address, ok in answered.items():
+                if not ok:
+                    self.links.give_up(address)
+            with self._lock:  # the rest are slow, not hung: wait for them again
+                for rid in stalled:
+                    if rid in self._progress and self._progress[rid] < started:
+                        self._progress[rid] = started
+
+    def _check(self, addresses: list[str]) -> dict[str, bool]:
+        """Each server's health check, all at once."""
+        answers: dict[str, bool] = {}
+        threads = [
+            threading.Thread(target=lambda a=a: answers.__setitem__(a, self.checks[a](self.hung_after)), daemon=True)
+            for a in addresses
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(self.hung_after + 5)
+        return {a: answers.get(a, False) for a in addresses}
+
+    def stop(self) -> None:
+        self._stop.set()
 
 
 def _refusal(frame: codec.DataFrame, route: list[Hop]) -> StageError:

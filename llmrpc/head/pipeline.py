@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import ssl
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,11 +41,10 @@ class Pipeline:
         if expect != self.n_layer:
             raise ValueError(f"the servers hold layers [0, {expect}) of {self.n_layer}")
         if self.data_plane and all(c.data_address for c in self.stages):
-            self.links = DataLinks(
-                timeout=self.stages[0].timeout, connect_timeout=self.stages[0].connect_timeout, tls=self.tls
-            )
+            first = self.stages[0]
+            self.links = DataLinks(first.timeout, first.connect_timeout, self.tls, first.hung_after)
             for c in self.stages:
-                self.links.connect(c.address, c.layers, c.data_address, c.data_token)
+                self.links.connect(c.address, c.layers, c.data_address, c.data_token, answers=c.answers)
             self.coalescer = Coalescer(self.links, self.f16_activations)
 
     def close(self) -> None:
@@ -67,6 +66,7 @@ class PipelineSession:
     ids: list[str] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     route: list[Hop] = field(default_factory=list)
+    on_close: Callable[[], None] | None = None  # called once, when the session is closed
 
     def __post_init__(self) -> None:
         if not self.ids:  # (ids given: sessions opened already, one on each stage)
@@ -196,10 +196,21 @@ class PipelineSession:
         return pos
 
     def close(self) -> None:
+        """Close the session on every server, but those the data plane gave up (dead or hung:
+        a close would only wait for them). When the pipeline has lost a server, the closes are
+        not waited for: a server left may be waiting for the lost one (its turn on a shared
+        machine), and each server also closes a head's sessions when its data link goes."""
         if self.pipeline.coalescer is not None and self.ids:
             self.pipeline.coalescer.forget(self.ids[0])
-        _close_all(list(zip(self.pipeline.stages, self.ids, strict=False)))
-        self.ids = []
+        lost = self.pipeline.links.lost if self.pipeline.links is not None else {}
+        stages = list(zip(self.pipeline.stages, self.ids, strict=False))
+        try:
+            _close_all([(c, sid) for c, sid in stages if c.data_address not in lost], wait=not lost)
+        finally:
+            self.ids = []
+            done, self.on_close = self.on_close, None
+            if done is not None:
+                done()
 
     def __enter__(self) -> PipelineSession:
         return self
@@ -212,10 +223,10 @@ def _ids(tokens: list[int]) -> np.ndarray:
     return np.asarray(tokens, dtype=np.int32)
 
 
-def _close_all(sessions: list[tuple[StageClient, str]]) -> None:
+def _close_all(sessions: list[tuple[StageClient, str]], wait: bool = True) -> None:
     """Close sessions on their servers, all at once; a refusal is only logged."""
     waits = [client.start_close_session(sid) for client, sid in sessions]
-    for done in waits:
+    for done in waits if wait else []:
         try:
             done()
         except StageError as e:

@@ -7,9 +7,8 @@ these sockets), and goes straight on to the next server of its route; only the l
 answers the head. A token through three servers is four messages instead of six, with no
 thread hand-off on the way.
 
-Connections authenticate with the server's data token (given by Hello over gRPC) in their
-first frame. A head connection names its link id, so a server can answer that head (a
-result, or an error of any hop) on the head's own connection.
+Who may connect, and the connections kept, are server/connections.py's; how a FORWARD is
+checked, server/steps.py's.
 
 A FORWARD that carries ``gen`` generates on its own: the last server samples the next token,
 sends it straight back to the first server as the next step (through one server, the step is
@@ -20,11 +19,8 @@ server none at all but the report.
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
-import secrets
-import socket
 import ssl
 import time
 from collections import OrderedDict
@@ -35,60 +31,19 @@ from typing import Any
 import numpy as np
 
 from llmrpc import codec, trace, wire
-from llmrpc.codec import FrameKind, Generation
+from llmrpc.codec import FrameKind, Generation, shown
 from llmrpc.sampling import Sampler
 from llmrpc.server.api import EngineError, ErrorCode, Launched, StageEngine, stage_outputs, top_k_logits
+from llmrpc.server.connections import Connections
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_ENDED, HOP_NOTHING, HOP_REPORT_LEFT, NativeHop
-from llmrpc.types import PROTOCOL_VERSION, split_address
+from llmrpc.server.sessions import SESSION_TTL, SessionKeeper
+from llmrpc.server.steps import MAX_GENERATIONS, FrameError, Step, introduces, parse_forward
 
 logger = logging.getLogger(__name__)
 
-HELLO_LIMIT = 1 << 16  # bytes a connection may send before it has authenticated
-MAX_GENERATIONS = 1024  # generations one server samples for at once (their samplers' states)
 HOLD_MAX = 0.25  # seconds a first server may wait for other generations' steps to share a batch
 BATCH_WAIT = 0.005  # seconds a server waits for the rest of a batch the previous one sent on
-
-
-@dataclass
-class _Step:
-    """One FORWARD frame, checked: its rows per session, and where it goes next."""
-
-    m: dict[str, Any]
-    rid: int
-    route: list[Any]
-    hop: int
-    items: list[tuple[str, int, np.ndarray]]  # (session, position, rows)
-    gen: Generation | None
-    arrived: float = 0.0
-    stepped: wire.Connection | None = None  # the connection it came on as a STEP frame
-
-    @property
-    def link(self) -> Any:
-        return self.m.get("link")
-
-    @property
-    def here(self) -> str:
-        return str(self.route[self.hop][0])
-
-    @property
-    def step(self) -> int | None:
-        return None if self.gen is None else self.gen.step
-
-    @property
-    def key(self) -> tuple[int, int]:
-        """(head link, request): names a generation on every server."""
-        return (self.link if isinstance(self.link, int) else 0, self.rid)
-
-    @property
-    def last(self) -> bool:
-        """This server is the route's last."""
-        return self.hop + 1 == len(self.route)
-
-    @property
-    def alone(self) -> bool:
-        """This server is also the route's first: a generation goes round without a socket."""
-        return str(self.route[0][0]) == self.here
 
 
 @dataclass
@@ -99,7 +54,7 @@ class _Native:
     key: tuple[int, int]  # the generation
     hop_index: int  # this server's place on its route
     peer: wire.Connection  # the next server's connection
-    step: _Step  # the step it was armed after (the generation, its route)
+    step: Step  # the step it was armed after (the generation, its route)
     head: wire.Connection | None  # at the last server: the head's, for the tokens' reports
 
 
@@ -107,25 +62,23 @@ class DataPlane:
     def __init__(
         self, engine: StageEngine, loop: ComputeLoop, host: str, port: int = 0, connect_timeout: float = 5.0,
         tls_server: ssl.SSLContext | None = None, tls_client: ssl.SSLContext | None = None,
+        session_ttl: float = SESSION_TTL,
     ) -> None:  # fmt: skip
         """``tls_server``: connections to this port are TLS; ``tls_client``: so are this server's
-        connections to the next ones (their certificates checked)."""
+        connections to the next ones (their certificates checked). ``session_ttl``: seconds a
+        session may sit idle (see server/sessions.py)."""
         self.engine = engine
-        self.tls_server, self.tls_client = tls_server, tls_client
         self.loop = loop
-        self.connect_timeout = connect_timeout
-        self.token = secrets.token_hex(16)
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._listener = socket.create_server((host, port), family=family, backlog=64)
-        self._listener.setblocking(False)
-        self.port = int(self._listener.getsockname()[1])
-        self._conns: set[wire.Connection] = set()
-        self._links: dict[int, wire.Connection] = {}  # head link id -> that head's connection
-        self._peers: dict[str, wire.Connection] = {}  # next server's data address -> connection
+        self.sessions = SessionKeeper(engine, loop, session_ttl)
+        self.conns = Connections(
+            loop, host, port, on_frame=self._on_frame, on_drop=self._dropped, frame_limit=self._frame_limit,
+            intercept=self._intercept, connect_timeout=connect_timeout, tls_server=tls_server, tls_client=tls_client,
+        )  # fmt: skip
+        self.port, self.token = self.conns.port, self.conns.token
         # generations this server samples for (it is their last): (link, request) -> sampler
         self._samplers: OrderedDict[tuple[int, int], Sampler] = OrderedDict()
         self._cancelled: set[tuple[int, int]] = set()
-        self._ready: list[_Step] = []  # generation steps to compute at the end of this loop turn
+        self._ready: list[Step] = []  # generation steps to compute at the end of this loop turn
         # at the first server: generations whose steps come round, (last arrival, period)
         self._rounds: dict[tuple[int, int], tuple[float, float]] = {}
         self._batches = itertools.count(1)
@@ -133,58 +86,25 @@ class DataPlane:
         # their next steps on it are STEP frames. Both sides touch a key per frame, in the
         # frames' order, so the receiver, keeping twice as many, has every key the sender has.
         self._sent: dict[wire.Connection, OrderedDict[tuple[int, int], None]] = {}
-        self._known: dict[wire.Connection, OrderedDict[tuple[int, int], _Step]] = {}
+        self._known: dict[wire.Connection, OrderedDict[tuple[int, int], Step]] = {}
         # connections whose next STEP the native hop may take (see _native_step)
         self._native: dict[wire.Connection, _Native] = {}
-        loop.watch(self._listener, self._accept)
 
-    # -- connections (all on the loop thread) ---------------------------------------------
-    def _accept(self) -> None:
-        try:
-            sock, addr = self._listener.accept()
-        except (BlockingIOError, InterruptedError):
-            return
-        wire.tune(sock)
-        if self.tls_server is not None:
-            sock = wire.accept_tls(sock, self.tls_server)
-        conn = wire.Connection(sock, f"{addr[0]}:{addr[1]}", HELLO_LIMIT)
-        self._conns.add(conn)
-        self.loop.watch(sock, lambda: self._on_readable(conn))
-
-    def _on_readable(self, conn: wire.Connection) -> None:
-        arrived = time.perf_counter()
+    # -- frames (all on the loop thread) --------------------------------------------------
+    def _intercept(self, conn: wire.Connection, arrived: float) -> bool:
         native = self._native.get(conn)
-        if native is not None and self._native_step(conn, native, arrived):
-            return
-        if conn.authenticated:
-            conn.reader.max_bytes = self._frame_limit()
+        return native is not None and self._native_step(conn, native, arrived)
+
+    def _on_frame(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
+        """An authenticated connection's frame; a fault with it fails its request alone."""
         try:
-            frames = conn.receive()
-        except codec.CodecError as e:
-            self._refuse(conn, 0, f"bad frame: {e}")
-            return
-        if frames is None:
-            self._drop(conn)
-            return
-        for frame in frames:
-            if conn.closed:
-                return
             self._handle(conn, frame, arrived)
+        except Exception as e:
+            logger.exception("request %d from %s failed", frame.request_id, conn.peer)
+            link = conn.link or frame.meta.get("link")
+            self._fail(link, frame.request_id, ErrorCode.INTERNAL.value, f"{type(e).__name__}: {e}", "")
 
     def _handle(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
-        if not conn.authenticated:
-            token = frame.meta.get("token")
-            if frame.kind != FrameKind.HELLO or not isinstance(token, str):
-                self._refuse(conn, frame.request_id, "a data connection starts with HELLO and the server's token")
-            elif not hmac.compare_digest(token.encode(), self.token.encode()):
-                self._refuse(conn, frame.request_id, "wrong data token (ask the server's Hello for it)")
-            else:
-                conn.authenticated = True
-                conn.link = int(frame.meta.get("link") or 0)
-                if conn.link:
-                    self._links[conn.link] = conn
-                self._send(conn, FrameKind.WELCOME, frame.request_id, {"protocol": PROTOCOL_VERSION})
-            return
         if frame.kind == FrameKind.FORWARD:
             self._forward(conn, frame, arrived)
         elif frame.kind == FrameKind.STEP:
@@ -195,58 +115,35 @@ class DataPlane:
             if (conn.link, frame.request_id) in self._samplers:
                 self._cancelled.add((conn.link, frame.request_id))
         elif frame.kind == FrameKind.ERROR:  # from a peer we push to: it could not take our frame
-            logger.warning("%s: %s", conn.peer, frame.meta.get("message"))
+            logger.warning("%s: %s", conn.peer, shown(frame.meta.get("message"), 200))
         else:
-            self._refuse(conn, frame.request_id, f"unexpected {frame.kind.name} frame")
+            self.conns.refuse(conn, frame.request_id, f"unexpected {frame.kind.name} frame")
 
-    def _refuse(self, conn: wire.Connection, request_id: int, message: str) -> None:
-        logger.warning("data connection from %s: %s", conn.peer, message)
-        self._send(conn, FrameKind.ERROR, request_id, {"code": "invalid_argument", "message": message})
-        self._drop(conn)
-
-    def _drop(self, conn: wire.Connection) -> None:
-        if conn.closed:
-            return
-        self.loop.unwatch(conn.sock)
-        conn.close()
-        self._conns.discard(conn)
-        if self._links.get(conn.link) is conn:
-            del self._links[conn.link]
+    def _dropped(self, conn: wire.Connection, head: bool) -> None:
+        """A connection closed: forget what this server kept for it."""
+        if head:
             for key in [k for k in self._samplers if k[0] == conn.link]:  # nobody to report to
                 self._end_generation(key)
-        for address, peer in list(self._peers.items()):
-            if peer is conn:
-                del self._peers[address]
+            self.sessions.link_gone(conn.link)
         self._sent.pop(conn, None)
         self._known.pop(conn, None)
         for c, native in list(self._native.items()):
-            if conn in (c, native.peer):
+            if conn in (c, native.peer, native.head):
                 del self._native[c]
-
-    def _send(
-        self, conn: wire.Connection, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
-    ) -> bool:
-        return self._send_encoded(conn, codec.encode_frame(kind, rid, meta, arrays))
-
-    def _send_encoded(self, conn: wire.Connection, pieces: Sequence[bytes | memoryview]) -> bool:
-        """Send an encoded frame; a broken connection is dropped (False)."""
-        try:
-            conn.send_encoded(pieces)
-            return True
-        except OSError as e:
-            logger.warning("sending to %s: %s", conn.peer, e)
-            self._drop(conn)
-            return False
 
     def _frame_limit(self) -> int:
         return self.engine.max_input_elements() * 4 + 4096
 
     # -- forwarding -----------------------------------------------------------------------
     def _forward(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
-        step = self._parse(frame)
-        if step is None:
+        try:
+            step = parse_forward(frame, conn.link)
+        except FrameError as e:
+            self._refuse_frame(conn, frame, str(e))
             return
-        if _introduces(step.gen, step.m):  # its next steps on conn are STEPs
+        if not self._linked(step.link, frame.request_id):
+            return
+        if introduces(step.gen, step.m):  # its next steps on conn are STEPs
             known = self._known.setdefault(conn, OrderedDict())
             # not its rows (a prompt's, the first time), nor its "gen": a step's Generation is
             # the one truth (a FORWARD sent on describes it anew)
@@ -260,6 +157,13 @@ class DataPlane:
     def _step(self, conn: wire.Connection, frame: codec.DataFrame, arrived: float) -> None:
         """A STEP frame: the generation's last FORWARD on this connection, with what changed."""
         f, rid = frame.meta, frame.request_id
+        if conn.link and f["link"] != conn.link:
+            self._refuse_frame(
+                conn, frame, f"link {f['link']} is not the link {conn.link} this connection said HELLO with"
+            )
+            return
+        if not self._linked(f["link"], rid):
+            return
         key = (f["link"], rid)
         known = self._known.get(conn)
         base = known.get(key) if known is not None else None
@@ -267,15 +171,35 @@ class DataPlane:
             message = "a STEP frame for a generation this connection carried no FORWARD of (or a hop off its route)"
             self._fail(f["link"], rid, "invalid_argument", message, "")
             return
+        if f["n"] < 1 or f["step"] < 0 or f["pos"] < 0:
+            self._refuse_frame(conn, frame, f"a STEP's n, step and pos must be at least 1, 0 and 0, not {f}")
+            return
         known.move_to_end(key)
         (x,) = frame.arrays
         hop, pos = f["hop"], f["pos"]
         m = {**base.m, "hop": hop, "pos": [pos], "rows": [int(x.shape[0])]}
         gen = replace(base.gen, n=f["n"], step=f["step"])
-        step = _Step(m, rid, base.route, hop, [(str(base.route[hop][2][0]), pos, x)], gen, stepped=conn)
+        step = Step(m, rid, base.route, hop, [(str(base.route[hop][2][0]), pos, x)], gen, stepped=conn)
         self._take(step, arrived, at_once=self._lone(step))
 
-    def _lone(self, step: _Step) -> bool:
+    def _linked(self, link: int, rid: int) -> bool:
+        """Whether the head ``link`` is connected here; frames of any other are refused. A head
+        connects to every server of its plan before it sends anything, and a new plan is a new
+        link: this refuses the frames of a superseded plan (a server stopped and resumed goes on
+        with what it was doing) and frames with a link made up."""
+        if link in self.conns.links:
+            return True
+        logger.warning("request %d of head link %s, which is not connected here: refused", rid, link)
+        return False
+
+    def _refuse_frame(self, conn: wire.Connection, frame: codec.DataFrame, message: str) -> None:
+        """Answer a malformed FORWARD or STEP: on the head's own connection, or for a server's
+        frame to the head it names."""
+        link = conn.link or frame.meta.get("link")
+        logger.warning("request %d from %s refused: %s", frame.request_id, conn.peer, message)
+        self._fail(link, frame.request_id, ErrorCode.INVALID_ARGUMENT.value, message, "")
+
+    def _lone(self, step: Step) -> bool:
         """A generation step with nothing to batch it with, which need not wait for the end of
         the loop's turn: one that arrived (a hop's work runs cold after the others' compute,
         where a loop turn costs ~0.1 ms), or the next step a GPU server alone queues itself.
@@ -285,7 +209,12 @@ class DataPlane:
             return False
         return step.hop > 0 or set(self._rounds) <= {step.key}
 
-    def _take(self, step: _Step, arrived: float, at_once: bool = False) -> None:
+    def _take(self, step: Step, arrived: float, at_once: bool = False) -> None:
+        for session_id, _, _ in step.items:
+            if not self.sessions.claim(step.link, session_id):
+                message = f"session {session_id} belongs to another head link"
+                self._fail(step.link, step.rid, "permission_denied", message, step.here)
+                return
         step.arrived = arrived
         if self._native and step.gen is not None:  # steps of others go through here: batch them
             for c in [c for c, native in self._native.items() if native.key != step.key]:
@@ -301,34 +230,7 @@ class DataPlane:
         self._ready.append(step)
         self.loop.soon(self._compute_ready)
 
-    def _parse(self, frame: codec.DataFrame) -> _Step | None:
-        """A FORWARD frame, checked; None (and an answer to the head) when it is malformed."""
-        m, rid = frame.meta, frame.request_id
-        try:
-            route, hop = m["route"], int(m["hop"])
-            sessions = [str(sid) for sid in route[hop][2]]
-            positions = [int(p) for p in m["pos"]]
-            rows = [int(n) for n in m["rows"]]
-            (x,) = frame.arrays
-            gen = Generation.parse(m["gen"]) if "gen" in m else None
-            if not (
-                isinstance(route, list) and 0 <= hop < len(route)
-                and len(sessions) == len(positions) == len(rows) > 0
-                and min(rows) > 0 and sum(rows) == x.shape[0]
-                and (gen is None or (len(sessions) == 1 and not m.get("all_logits")))
-            ):  # fmt: skip
-                raise ValueError
-        except (KeyError, ValueError, TypeError, IndexError):
-            message = (
-                "a FORWARD frame needs route, hop, pos and rows (one per session) and one array of all rows; "
-                "one that generates (gen: n, step, limit, eog, sampling) holds one session and no all_logits"
-            )
-            self._fail(m.get("link"), rid, "invalid_argument", message, "")
-            return None
-        parts = np.split(x, np.cumsum(rows)[:-1]) if len(rows) > 1 else [x]
-        return _Step(m, rid, route, hop, list(zip(sessions, positions, parts, strict=True)), gen)
-
-    def _arrived(self, step: _Step, now: float) -> None:
+    def _arrived(self, step: Step, now: float) -> None:
         self._arrived_key(step.key, now)
 
     def _arrived_key(self, key: tuple[int, int], now: float) -> None:
@@ -339,13 +241,25 @@ class DataPlane:
             del self._rounds[k]  # stalled: not waited for
 
     def _compute_ready(self) -> None:
-        """Compute the ready steps; at the first server, first wait for the other generations
-        that are on their way round (at most about one of their periods): rings that started
-        apart would otherwise never share a batch, each step computed alone (4 streams through
-        3 servers: 34 tok/s instead of 80). Once together they stay together, their frames sent
-        on and back one after the other; the last server says when one ends (ENDED)."""
-        if not self._ready:
+        """Compute the ready steps (see :meth:`_batch_ready`); a fault fails those steps alone."""
+        try:
+            steps = self._batch_ready()
+        except Exception as e:
+            steps, self._ready = self._ready, []
+            self._failed(steps, e)
             return
+        if steps:
+            self._compute(steps)
+
+    def _batch_ready(self) -> list[Step]:
+        """The ready steps to compute now, or none yet (called again later): at the first
+        server, wait for the other generations that are on their way round (at most about one
+        of their periods): rings that started apart would otherwise never share a batch, each
+        step computed alone (4 streams through 3 servers: 34 tok/s instead of 80). Once together
+        they stay together, their frames sent on and back one after the other; the last server
+        says when one ends (ENDED)."""
+        if not self._ready:
+            return []
         now = time.perf_counter()
         # steps one server computed in one batch come as separate frames: wait for them all
         tags: dict[str, list[int]] = {}
@@ -355,7 +269,7 @@ class DataPlane:
                 tags.setdefault(str(tag[0]), [0, int(tag[1])])[0] += 1
         if any(got < want for got, want in tags.values()) and now - self._ready[0].arrived < BATCH_WAIT:
             self.loop.soon(self._compute_ready, BATCH_WAIT / 10)
-            return
+            return []
         if all(s.hop == 0 and s.gen is not None for s in self._ready):
             ready = {s.key for s in self._ready}
             first = min(s.arrived for s in self._ready)
@@ -363,11 +277,11 @@ class DataPlane:
             hold = min(HOLD_MAX, max(due)) if due else 0.0
             if now - first < hold:
                 self.loop.soon(self._compute_ready, first + hold - now)
-                return
+                return []
         steps, self._ready = self._ready, []
-        self._compute(steps)
+        return steps
 
-    def _compute(self, steps: list[_Step]) -> None:
+    def _compute(self, steps: list[Step]) -> None:
         """Run the steps' rows through the layers in one batch, then send each on."""
         for s in steps:
             trace.stamp(s.link, s.rid, f"s{s.hop}.start", None, s.step)
@@ -382,24 +296,43 @@ class DataPlane:
                 for s in steps:
                     self._compute([s])
                 return
+            self._end_generation(steps[0].key)
             self._fail(steps[0].link, steps[0].rid, e.code.value, e.message, steps[0].here)
+            return
+        except Exception as e:
+            self._failed(steps, e)
             return
         if launched.ready:
             self._complete(steps, launched)
         else:  # the device computes while this loop goes on (a token's report, the sockets)
             self.loop.soon(lambda: self._complete(steps, launched))
 
-    def _complete(self, steps: list[_Step], launched: Launched) -> None:
-        outs = launched.result()
+    def _complete(self, steps: list[Step], launched: Launched) -> None:
+        try:
+            outs = launched.result()
+        except Exception as e:
+            self._failed(steps, e)
+            return
         # generation steps that go on together are marked so, for the next server to keep them together
         gens = len(steps) > 1 and all(s.gen is not None and not s.last for s in steps)
         tag = [f"{self.port}.{next(self._batches)}", len(steps)] if gens else None
         at = 0
         for s in steps:
-            self._finish(s, outs[at : at + len(s.items)], tag)
+            try:
+                self._finish(s, outs[at : at + len(s.items)], tag)
+            except Exception as e:  # (sampling, sending on): this step's request alone fails
+                self._failed([s], e)
             at += len(s.items)
 
-    def _finish(self, s: _Step, outs: list[np.ndarray], tag: list[Any] | None) -> None:
+    def _failed(self, steps: list[Step], error: Exception) -> None:
+        """Steps that met an unexpected fault: each one's request fails with it, and its
+        generation ends; the loop, and every other step, go on."""
+        logger.error("%d steps failed", len(steps), exc_info=error)
+        for s in steps:
+            self._end_generation(s.key)
+            self._fail(s.link, s.rid, ErrorCode.INTERNAL.value, f"{type(error).__name__}: {error}", s.here)
+
+    def _finish(self, s: Step, outs: list[np.ndarray], tag: list[Any] | None) -> None:
         """Send a computed step on (marked with its batch's ``tag``), or answer or generate at
         the last server."""
         trace.stamp(s.link, s.rid, f"s{s.hop}.end", None, s.step)
@@ -423,25 +356,25 @@ class DataPlane:
         self._pass_on(s, str(nxt[0]), str(nxt[1]), meta, outputs, s.gen)
 
     def _pass_on(
-        self, s: _Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray],
+        self, s: Step, address: str, token: str, meta: dict[str, Any], arrays: Sequence[np.ndarray],
         gen: Generation | None = None,
     ) -> bool:  # fmt: skip
         """Send a FORWARD (of generation step ``gen``, if one) on to the server at ``address``,
         or a STEP where that connection carried one of the generation's FORWARDs; a failure is
         the head's answer."""
         try:
-            peer = self._peer(address, token)
+            peer = self.conns.peer(address, token)
         except (OSError, ValueError) as e:
             self._fail_next(s.link, s.rid, address, f"cannot reach it from {s.here}: {e}")
             return False
-        sent = self._sent.setdefault(peer, OrderedDict()) if _introduces(gen, meta) else None
+        sent = self._sent.setdefault(peer, OrderedDict()) if introduces(gen, meta) else None
         if gen is not None and sent is not None and s.key in sent and len(arrays) == 1:
             pieces = codec.encode_step(s.rid, s.key[0], meta["hop"], meta["pos"][0], gen.step, gen.n, arrays[0])
         else:
             if gen is not None:
                 meta["gen"] = gen.to_meta()
             pieces = codec.encode_frame(FrameKind.FORWARD, s.rid, meta, arrays)
-        if not self._send_encoded(peer, pieces):
+        if not self.conns.send_encoded(peer, pieces):
             self._fail_next(s.link, s.rid, address, f"the connection to it from {s.here} broke")
             return False
         if sent is not None:  # touched per frame, as the receiver does (see __init__)
@@ -454,14 +387,14 @@ class DataPlane:
         return True
 
     # -- the native hop --------------------------------------------------------------------
-    def _arm(self, s: _Step, peer: wire.Connection) -> None:
+    def _arm(self, s: Step, peer: wire.Connection) -> None:
         """After a generation's step came as a STEP and went on as one: its next steps on that
         connection may take the native hop (server/hop.c), which reads, computes and sends a
         step in one C call instead of ~0.5 ms of cold Python."""
         conn, gen = s.stepped, s.gen
         if conn is None or gen is None or conn.closed or trace.enabled() or len(s.items) != 1:
             return
-        head = self._links.get(s.key[0]) if s.last else None
+        head = self.conns.links.get(s.key[0]) if s.last else None
         if any(c is not None and c.tls for c in (conn, peer, head)):  # the C hop reads and writes plain TCP
             return
         hop = None
@@ -480,6 +413,7 @@ class DataPlane:
         when the frame is for Python: not the generation's plain next step, or not whole yet."""
         if (
             conn.reader.holds_part or not native.peer.idle() or self._ready or not native.hop.valid()
+            or native.key[0] not in self.conns.links
             or (native.hop_index == 0 and not set(self._rounds) <= {native.key})
             or (native.head is not None and (not native.head.idle() or native.key in self._cancelled))
         ):  # fmt: skip
@@ -504,11 +438,11 @@ class DataPlane:
             self._fail(native.key[0], native.key[1], ErrorCode.INTERNAL.value, message, native.step.here)
             return True
         if h.err:
-            self._drop(native.peer)
+            self.conns.drop(native.peer)
             self._fail_next(native.key[0], native.key[1], native.peer.peer, f"sending to it failed (errno {h.err})")
             return True
         unsent = native.hop.unsent()
-        if unsent and not self._send_encoded(native.peer, [unsent]):
+        if unsent and not self.conns.send_encoded(native.peer, [unsent]):
             self._fail_next(native.key[0], native.key[1], native.peer.peer, "the connection to it broke")
             return True
         # what the Python path does per step, after the step has gone on
@@ -519,7 +453,7 @@ class DataPlane:
                 lru.move_to_end(native.key)
         return True
 
-    def _generated(self, s: _Step, gen: Generation, out: np.ndarray, fed: int) -> None:
+    def _generated(self, s: Step, gen: Generation, out: np.ndarray, fed: int) -> None:
         """The last server of a generation: sample (or take the greedy token the device found,
         I32 ``out``), start the next step, report the token."""
         key = s.key
@@ -531,7 +465,7 @@ class DataPlane:
         token = int(out[-1]) if out.dtype == np.int32 else _sample(sampler, out[-1:])
         self._after_token(s, gen, token, fed)
 
-    def _after_token(self, s: _Step, gen: Generation, token: int, fed: int, reported: int = 0) -> None:
+    def _after_token(self, s: Step, gen: Generation, token: int, fed: int, reported: int = 0) -> None:
         """Report ``token`` (the first ``reported`` bytes of its report are sent already: then
         the generation goes on, as they say) and start the next step, or end the generation."""
         key = s.key
@@ -545,7 +479,7 @@ class DataPlane:
             end = "length"
         elif fed + 1 > gen.limit:
             end = "context"
-        elif key[0] not in self._links:
+        elif key[0] not in self.conns.links:
             end = "gone"  # the head's connection closed: nobody would read on
         else:
             end = None
@@ -560,13 +494,13 @@ class DataPlane:
             x = np.array([token], dtype=np.int32)
             first = s.route[0]
             if s.alone:  # through this server alone: no socket on the way, nothing to parse
-                nxt_step = _Step(nxt, s.rid, s.route, 0, [(s.items[0][0], fed, x)], then)
+                nxt_step = Step(nxt, s.rid, s.route, 0, [(s.items[0][0], fed, x)], then)
                 # on a GPU with no other generation to batch it with, the next step starts
                 # now and the token is reported while the device computes it
                 at_once = self.engine.overlaps and self._lone(nxt_step)
                 self._take(nxt_step, time.perf_counter(), at_once)
                 if self.engine.overlaps and not at_once:  # after the batch starts (queued before)
-                    self.loop.soon(lambda: self._to_head(s.link, s.rid, report))
+                    self.loop.soon(lambda: self.conns.to_head(s.link, s.rid, report))
                     return
             else:
                 # The next step is the token's path, the report is not; but on the CPU the
@@ -576,7 +510,7 @@ class DataPlane:
                 # from it (3 servers on 2 vCPUs: +2% tok/s, paired runs).
                 report_first = not self.engine.overlaps
                 if report_first:
-                    self._to_head(s.link, s.rid, report)
+                    self.conns.to_head(s.link, s.rid, report)
                 if not self._pass_on(s, str(first[0]), str(first[1]), nxt, [x], then):
                     self._end_generation(key)
                     return
@@ -585,16 +519,16 @@ class DataPlane:
         else:
             self._end_generation(key)
             self._ended(s)
-        self._to_head(s.link, s.rid, report)
+        self.conns.to_head(s.link, s.rid, report)
 
-    def _ended(self, s: _Step) -> None:
+    def _ended(self, s: Step) -> None:
         """Tell the first server that a generation's steps come no more (it waits for them)."""
         first = s.route[0]
         if s.alone:
             self._rounds.pop(s.key, None)
             return
         try:
-            self._send(self._peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": s.key[0]})
+            self.conns.send(self.conns.peer(str(first[0]), str(first[1])), FrameKind.ENDED, s.rid, {"link": s.key[0]})
         except (OSError, ValueError):
             pass  # it is gone: nothing waits there
 
@@ -615,49 +549,10 @@ class DataPlane:
     def _answer(
         self, link: Any, kind: FrameKind, rid: int, meta: dict[str, Any], arrays: Sequence[np.ndarray] = ()
     ) -> None:
-        self._to_head(link, rid, codec.encode_frame(kind, rid, meta, arrays), str(meta.get("message", kind.name)))
-
-    def _to_head(self, link: Any, rid: int, pieces: Sequence[bytes | memoryview], what: str = "a token") -> None:
-        """Send an encoded frame (a TOKEN report: codec.encode_token) to the head on ``link``."""
-        conn = self._links.get(link) if isinstance(link, int) else None
-        if conn is None:
-            logger.warning("no connection to head link %s for request %d (%s)", link, rid, what)
-            return
-        self._send_encoded(conn, pieces)
-
-    def _peer(self, address: str, token: str) -> wire.Connection:
-        """The connection to the next server, made (and authenticated) on first use."""
-        conn = self._peers.get(address)
-        if conn is not None and not conn.closed and conn.error is None:
-            return conn
-        host, port = split_address(address)
-        conn = wire.Connection(wire.connect(host, port, self.connect_timeout, self.tls_client), address, HELLO_LIMIT)
-        conn.send(FrameKind.HELLO, 0, {"token": token, "link": 0, "protocol": PROTOCOL_VERSION})
-        reply = wire.wait_frame(conn, self.connect_timeout)
-        if reply.kind != FrameKind.WELCOME:
-            conn.close()
-            raise ConnectionError(str(reply.meta.get("message", f"answered {reply.kind.name}")))
-        conn.authenticated = True
-        self._peers[address] = conn
-        self._conns.add(conn)
-        self.loop.watch(conn.sock, lambda: self._on_readable(conn))
-        return conn
+        self.conns.to_head(link, rid, codec.encode_frame(kind, rid, meta, arrays), str(meta.get("message", kind.name)))
 
     def close(self) -> None:
-        def shut() -> None:
-            for conn in list(self._conns):
-                self._drop(conn)
-            self.loop.unwatch(self._listener)
-            self._listener.close()
-
-        self.loop.call(shut)
-
-
-def _introduces(gen: Generation | None, meta: dict[str, Any]) -> bool:
-    """Whether a FORWARD introduces its generation to the connection it crosses (both ends
-    decide with this): a generation's step not tagged as part of a batch. Its next untagged
-    steps on that connection go as STEP frames."""
-    return gen is not None and "batch" not in meta
+        self.conns.close()
 
 
 def _sample(sampler: Sampler, logits: np.ndarray) -> int:

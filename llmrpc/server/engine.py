@@ -7,7 +7,6 @@ and refused with an :class:`EngineError` that names the problem.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import logging
 import os
 import ssl
@@ -35,6 +34,7 @@ from llmrpc.server.metrics import StepMeter
 from llmrpc.server.native import Hop, NativeHop, hop_library
 from llmrpc.server.prefix import Kept, KeptCaches
 from llmrpc.server.store import TransferError, WeightStore
+from llmrpc.server.turns import HostTurn
 from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import (
     CachedSlice,
@@ -84,7 +84,7 @@ class Engine:
         # Servers that share a machine's cores take turns computing: several OpenMP teams
         # at once on the same cores thrash at every barrier (4 streams through 3 servers on
         # 2 cores fell to 5 tok/s; one at a time keeps the cores busy with one team).
-        self._host_lock = open(host_lock, "a+b") if host_lock else None  # noqa: SIM115
+        self._turn = HostTurn(host_lock) if host_lock else None
         # ... and let their compute threads go after each batch: an idle stage whose threads
         # spin (as OpenMP's do for ~3 ms) takes a core from the stage that computes now.
         self.release_threads = release_threads
@@ -97,6 +97,7 @@ class Engine:
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
+        self._used: dict[str, float] = {}  # id -> when it was opened or last computed (monotonic)
         self._inflight: Launched | None = None  # a batch started on the device, not waited for yet
         # the data plane works while the device computes (a GPU; the CPU computes as it starts)
         self.overlaps = {"1": True, "0": False}.get(os.environ.get(OVERLAP_ENV, ""), device.kind != "cpu")
@@ -210,20 +211,26 @@ class Engine:
 
     def takes_turns(self) -> bool:
         """Whether this server takes turns with others on its machine's cores."""
-        return self._host_lock is not None
+        return self._turn is not None
 
     def share_host(self, name: str) -> None:
         """Take turns with the other servers on this machine's cores that got ``name`` (their
         head saw them on one machine): hold the machine's lock of that name while computing, and
-        let the compute threads go after each batch. Once on, it stays on."""
+        let the compute threads go after each batch. Once on, it stays on; a new name (a new
+        plan: each takes turns under a lock of its own) replaces the lock."""
         if not name.replace("-", "").replace("_", "").isalnum() or len(name) > 64:
             raise EngineError(ErrorCode.INVALID_ARGUMENT, f"share_host {name!r}: letters, digits, - and _ only")
-        if self.device.kind != "cpu" or self._host_lock is not None and self.release_threads:
+        if self.device.kind != "cpu":
             return
+        path = os.path.join(tempfile.gettempdir(), f"{name}.lock")
+        if self._turn is not None and self._turn.path != path:  # a new plan's lock: the old one's
+            self._turn.call_off()  # holder may be stopped mid-turn, and the loop waiting for it
 
         def share() -> None:
-            if self._host_lock is None:
-                self._host_lock = open(os.path.join(tempfile.gettempdir(), f"{name}.lock"), "a+b")  # noqa: SIM115
+            if self._turn is None or self._turn.path != path:
+                old, self._turn = self._turn, HostTurn(path)
+                if old is not None:
+                    old.close()
             if not self.release_threads:
                 self._backend.share_cores()
                 self.release_threads = True
@@ -304,6 +311,7 @@ class Engine:
                 self._stage.forget(cache)
             cache.free()
         self._sessions.clear()
+        self._used.clear()
         self._spare.clear()
         self._held = 0
         if self._stage is not None:
@@ -337,6 +345,7 @@ class Engine:
             rows = prefix.rows
         session_id = uuid.uuid4().hex
         self._sessions[session_id] = (cache, [rows])
+        self._used[session_id] = time.monotonic()
         logger.debug("session %s opened: n_ctx %d, %d bytes, %d positions reused", session_id, n_ctx, cache.n_bytes,
                      rows)  # fmt: skip
         return OpenedSession(session_id, n_ctx, cache.n_bytes, tuple(evicted))
@@ -430,6 +439,7 @@ class Engine:
                     raise EngineError(ErrorCode.NOT_FOUND, f"unknown session {session_id!r}")
                 self._to_spare(stage, kept.cache)
                 return ClosedSession(False)
+            self._used.pop(session_id, None)
             trace.flush()  # a session's steps are on disk once it ends, whatever ends the server
             over = (
                 self._kept.put(session_id, Kept(entry[0], entry[1][0])) if keep else [(session_id, Kept(entry[0], 0))]
@@ -448,6 +458,17 @@ class Engine:
         self._spare.append(cache)
         while len(self._spare) > SPARE_CACHES:
             self._free_spare(stage)
+
+    def session_ids(self) -> set[str]:
+        return set(self._sessions)
+
+    def has_session(self, session_id: str) -> bool:
+        return session_id in self._sessions
+
+    def idle_sessions(self, seconds: float) -> list[str]:
+        """The sessions nothing has computed in for ``seconds`` (nor opened)."""
+        since = time.monotonic() - seconds
+        return [sid for sid, used in self._used.items() if used < since]
 
     def _reuse_spare(self, stage: LayerStage, kv_size: int) -> SessionCache | None:
         """The newest spare cache of ``kv_size`` cells, cleared, if there is one."""
@@ -506,7 +527,8 @@ class Engine:
             return None
         self._settle()
         lib_ggml, hp = ggml(), stage.hp
-        h = Hop(lock_fd=self._host_lock.fileno() if self._host_lock else -1, first=int(stage.first))
+        turn = self._turn
+        h = Hop(lock_fd=turn.fileno() if turn else -1, first=int(stage.first))
         h.n_embd, h.n_vocab, h.n_embd_kv = hp.n_embd, hp.n_vocab, len(row.row.v_rows)
         h.mask_f16 = int(row.row.mask.dtype == np.float16)
         h.length, h.limit, h.n_kv, h.allowed = length[0], min(row.n_kv, self.max_ctx), row.n_kv, row.row.allowed
@@ -523,13 +545,17 @@ class Engine:
             setattr(h, field, ctypes.cast(fn, ctypes.c_void_p).value)
 
         def valid() -> bool:
-            return self._stage is stage and self._sessions.get(session_id) is entry and stage.holds(row.graph)
+            return (
+                self._stage is stage and self._sessions.get(session_id) is entry and stage.holds(row.graph)
+                and self._turn is turn
+            )  # fmt: skip
 
         def done(h: Hop) -> None:
             length[0], row.row.allowed = int(h.length), int(h.allowed)
             self.native_steps += 1
             width = 4 * hp.n_embd  # F32 hidden states in and out; an I32 token at either end
             self.meter.step("native", 1, native.seconds, 4 if stage.first else width, 4 if stage.last else width)
+            self._used[session_id] = time.monotonic()
 
         native = NativeHop(lib, h, valid, done, row)
         return native
@@ -578,8 +604,10 @@ class Engine:
         # next stage's on the same cores (3 servers on 2 cores: 17 -> 28 ms per token).
         if self.release_threads:
             self._backend.release_threads()
+        now = time.monotonic()
         for session_id, start_pos, x in items:
             self._sessions[session_id][1][0] = start_pos + int(x.shape[0])
+            self._used[session_id] = now
         rows, bytes_in = sum(int(x.shape[0]) for _, _, x in items), sum(int(x.nbytes) for _, _, x in items)
         self._inflight = Launched(self.meter.timed(collect, started, rows, bytes_in), ready=not self.overlaps)
         return self._inflight
@@ -623,10 +651,11 @@ class Engine:
         self.loop.stop()
 
     def _locked(self, fn: Callable[[], T]) -> T:
-        if self._host_lock is None:
+        turn = self._turn
+        if turn is None:
             return fn()
-        fcntl.flock(self._host_lock, fcntl.LOCK_EX)
+        turn.acquire()  # (False: the wait was called off, a new plan's lock on its way)
         try:
             return fn()
         finally:
-            fcntl.flock(self._host_lock, fcntl.LOCK_UN)
+            turn.release()

@@ -161,6 +161,9 @@ int llmrpc_hop(Hop *h) {
             if (!isfinite(v)) return HOP_NOT_MINE;
         }
     }
+    /* this machine's turn, without waiting: a turn that does not come at once is waited for in
+       Python (server/turns.py), where the wait can be called off (its holder may be stopped) */
+    if (h->lock_fd >= 0 && flock((int)h->lock_fd, LOCK_EX | LOCK_NB) != 0) return HOP_NOT_MINE;
     /* the frame is ours: take it off the socket (it is all there, peeked) */
     size_t have = 0;
     while (have < in_total) {
@@ -168,6 +171,7 @@ int llmrpc_hop(Hop *h) {
         if (r <= 0) {
             if (r < 0 && errno == EINTR) continue;
             h->err = r < 0 ? errno : 0;
+            if (h->lock_fd >= 0) flock((int)h->lock_fd, LOCK_UN);
             return HOP_BROKEN;
         }
         have += (size_t)r;
@@ -204,7 +208,6 @@ int llmrpc_hop(Hop *h) {
         while (sem_trywait((sem_t *)h->sem) == 0) {
         }
     }
-    if (h->lock_fd >= 0) flock((int)h->lock_fd, LOCK_EX);
     h->tensor_set(h->inp_x, x, 0, in_data);
     h->tensor_set(h->inp_pos, h->pos_buf, 0, 4);
     h->tensor_set(h->inp_k, h->k_buf, 0, 8);

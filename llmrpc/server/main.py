@@ -54,6 +54,7 @@ def serve(
     tls_ca: str | None = None,
     metrics_port: int | None = None,
     announce: bool = False,
+    session_ttl: float = 600.0,
 ) -> int:
     prepare_threads_env(omp_spin, pin_threads)
     from llmrpc.auth import TokenChecker, client_context, server_context, server_credentials
@@ -100,7 +101,9 @@ def serve(
         calibrate_device=calibrate, loop=loop, release_threads=release_threads, upload_tls=tls_server,
     )  # fmt: skip
     try:
-        data = DataPlane(engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client)
+        data = DataPlane(
+            engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client, session_ttl=session_ttl
+        )
     except OSError as e:
         print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
         engine.close()
