@@ -206,8 +206,17 @@ class PrefixCache:
             self._drop([sid for sid, c in zip(ids, closed, strict=True) if c is not None and c.kept], holder)
 
     def _close_all(self, ids: list[str], keep: bool) -> list[ClosedSession | None]:
-        """Close sessions (or free kept prefixes) on every stage at once; "" ids are skipped."""
+        """Close sessions (or free kept prefixes) on every stage at once; "" ids are skipped.
+        Once the pipeline has lost a server (dead or hung), nothing is kept and the closes are
+        not waited for, as a :class:`PipelineSession`'s (a server left may be waiting for the
+        lost one; each server closes a head's sessions when its data link goes)."""
         stages = self.pipeline.stages
+        lost = self.pipeline.links.lost if self.pipeline.links is not None else {}
+        if lost:
+            for c, sid in zip(stages, ids, strict=True):
+                if sid and c.data_address not in lost:
+                    c.start_close(sid, False)
+            return [None] * len(stages)
         waits = [c.start_close(sid, keep) if sid else None for c, sid in zip(stages, ids, strict=True)]
         out: list[ClosedSession | None] = []
         for wait in waits:
