@@ -28,8 +28,8 @@ from llmrpc.bench.serve import ServingResult, bench_serving
 from llmrpc.bench.timeline import print_folder
 from llmrpc.farm import Farm
 from llmrpc.ggml.device import find_device
+from llmrpc.reference import extra_bufts_enabled, reference_llama
 from llmrpc.reference import gpu_layers as reference_gpu_layers
-from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 
 SERVING_TOKENS = 64  # generated per stream in the serving measurement
@@ -52,6 +52,18 @@ def cpu_ticks() -> tuple[int, int]:
     except (OSError, ValueError):
         return 0, 0
     return sum(fields), fields[7] if len(fields) > 7 else 0
+
+
+def settings() -> dict[str, object]:
+    """What each side ran with: llama.cpp's extra weight buffer types (repacking) and flash
+    attention, and the servers' (the same unless LLMRPC_EXTRA_BUFTS=0)."""
+    from llmrpc.ggml.bufts import cpu_extra_names
+
+    names = cpu_extra_names()
+    return {
+        "llama_cpp": {"extra_buffer_types": extra_bufts_enabled(), "flash_attn": True},
+        "servers": {"extra_buffer_types": names, "flash_attn": "auto (on)"},
+    }
 
 
 class Config:
@@ -330,6 +342,7 @@ def main(
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "model": model, "threads": threads, "device": device, "reps": reps, "steal_fraction": steal,
+        "settings": settings(),
         "results": [asdict(r) | {"paired_ratios": paired[(r.config, r.test)]} for r in results],
         "load": None if load_times is None else asdict(load_times) | {
             "ship_rate": load_times.ship_rate, "copy_rate": load_times.copy_rate},

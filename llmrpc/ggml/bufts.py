@@ -65,6 +65,16 @@ def extra_buffer_types(dev: int) -> list[int]:
     return out
 
 
+def cpu_extra_names() -> list[str]:
+    """The names of the CPU device's extra buffer types llmrpc uses (e.g. ``CPU_REPACK``)."""
+    lib = g.ggml()
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        if lib.ggml_backend_dev_type(dev) == 0:  # GGML_BACKEND_DEVICE_TYPE_CPU
+            return [lib.ggml_backend_buft_name(b).decode() for b in extra_buffer_types(dev)]
+    return []
+
+
 def _probe(ctx: int, w: g.Tensor, op: str, n_used: int) -> g.Tensor:
     """The operation llama.cpp's ``weight_buft_supported`` asks about for a weight."""
     lib, c = g.ggml(), w.contents
