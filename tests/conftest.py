@@ -52,9 +52,10 @@ def gemma3_270m() -> str:
     return path
 
 
-def llama_cpp_greedy_text(path: str, prompt: str, n: int) -> list[int]:
-    """llama.cpp's greedy continuation of a text prompt (BOS added), up to an end token."""
-    llm = reference_llama(path, n_ctx=512, n_threads=2)  # fresh state for every prompt
+def llama_cpp_greedy_text(path: str, prompt: str, n: int, **kwargs: object) -> list[int]:
+    """llama.cpp's greedy continuation of a text prompt (BOS added), up to an end token
+    (``kwargs``: more of llama-cpp-python's arguments)."""
+    llm = reference_llama(path, n_ctx=512, n_threads=2, **kwargs)  # fresh state for every prompt
     tokens = llm.tokenize(prompt.encode(), add_bos=True)
     out: list[int] = []
     for t in llm.generate(tokens, temp=0.0, top_k=1, repeat_penalty=1.0, reset=True):

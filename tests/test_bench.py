@@ -96,7 +96,7 @@ def test_conformance_through_the_cli(tmp_path: Path) -> None:
            "--servers", "2", "--out", str(out)]  # fmt: skip
     run = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert "| qwen3 | Q4_K_M | identical | identical |" in run.stdout
+    assert "| `qwen3` | Q4_K_M | identical | identical |" in run.stdout
     rows = json.loads(out.read_text())["rows"]
     assert [(r["servers"], r["stages"]) for r in rows] == [(1, 1), (2, 2)]
     assert all(r["max_rel_diff"] == 0 and r["greedy_equal"] for r in rows)

@@ -77,6 +77,15 @@ def test_cpu_attends_fewer_cells_with_llama_cpps_numbers(smollm2: str) -> None:
     np.testing.assert_array_equal(got, want)
 
 
+def test_greedy_text_without_flash_attention_matches_llama_cpp(smollm2: str, servers: list[str]) -> None:
+    """Flash attention off on both sides (the V cache transposed, a softmax of its own)."""
+    prompt = PROMPTS[0]
+    with Farm(smollm2, servers, ctx_size=512, flash_attn=False) as farm:
+        got = list(farm.generate_tokens(farm.tokenizer.encode(prompt), N_TOKENS, SamplingParams(temperature=0)))
+    want = llama_cpp_greedy_text(smollm2, prompt, N_TOKENS, flash_attn=False)
+    assert got == want, f"diverged at token {first_difference(got, want)}"
+
+
 def test_split_logits_identical(smollm2: str, servers: list[str]) -> None:
     with Farm(smollm2, servers[:1], ctx_size=512) as farm:
         tokens = farm.tokenizer.encode(PROMPTS[2])

@@ -113,23 +113,24 @@ def _cells(rows: Sequence[Row]) -> str:
 
 
 def markdown(rows: Sequence[Row]) -> str:
-    """The support matrix: one line per family, the types with their verdicts."""
-    lines = [
-        "| family (`general.architecture`) | tensor types | logits through 1 / 2 / 3 servers | greedy 32 tokens |",
-        "| --- | --- | --- | --- |",
-    ]
+    """The support matrix: the families with the same tensor types and verdicts in one line."""
     by_family: dict[str, list[Row]] = {}
     for r in rows:
         by_family.setdefault(r.family, []).append(r)
+    lines: dict[tuple[str, str, str], list[str]] = {}
     for family, rs in by_family.items():
-        arch = rs[0].arch if family == rs[0].arch else f"{rs[0].arch}, with experts"
-        types = sorted({r.type for r in rs}, key=TYPES.index if all(r.type in TYPES for r in rs) else str)
-        exact = all(r.max_rel_diff == 0 for r in rs)
+        arch = f"`{rs[0].arch}`" if family == rs[0].arch else f"`{rs[0].arch}` with experts"
+        types = ", ".join(sorted({r.type for r in rs}, key=lambda t: TYPES.index(t) if t in TYPES else len(TYPES)))
         worst = max(r.max_rel_diff for r in rs)
-        logits = "identical" if exact else f"max Δ {worst:.1e} of max logit"
+        logits = "identical" if worst == 0 else f"max Δ {worst:.1e} of max logit"
         greedy = "identical" if all(r.greedy_equal for r in rs) else "differs"
-        lines.append(f"| {arch} | {', '.join(types)} | {logits} | {greedy} |")
-    return "\n".join(lines)
+        lines.setdefault((types, logits, greedy), []).append(arch)
+    out = [
+        "| families (`general.architecture`) | tensor types | logits through 1 / 2 / 3 servers | greedy 32 tokens |",
+        "| --- | --- | --- | --- |",
+    ]
+    out += [f"| {', '.join(archs)} | {t} | {lg} | {gr} |" for (t, lg, gr), archs in lines.items()]
+    return "\n".join(out)
 
 
 @click.command()
