@@ -17,7 +17,7 @@ proto:  ## regenerate llmrpc/v1 from proto/llmrpc/v1/llmrpc.proto
 	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/llmrpc/v1/llmrpc.proto
 
 bench:  ## pp512/tg128 through 1, 2 and 3 loopback servers next to llama.cpp, same run; then a 1B-class model
-	$(PY) -m llmrpc.bench.run
+	$(PY) -m llmrpc.bench.run --by-hand 3
 	@# where a step's time goes: a short run of its own (stamps cost time, kept out of the figures above)
 	$(PY) -m llmrpc.bench.run --reps 1 --pp 64 --serving "" --no-lan --no-llama-rpc --no-via-head --no-load \
 		--trace bench/out/trace --out bench/out/trace.json

@@ -70,7 +70,8 @@ def resolve_model(name: str | None) -> str:
             f"{QUANTIZABLE}-f16",
             lambda tmp: write_gguf(tmp, replace(SYNTHETIC[QUANTIZABLE], weight_type="F16", fast_random=False)),
         )
-        return _written(name, lambda tmp: quantize_gguf(f16, tmp, ftype, threads=os.cpu_count() or 1))
+        stem = f"{QUANTIZABLE}-quantized-{ftype.lower()}"  # (synthetic-1b-q4_0 is the random-block file)
+        return _written(stem, lambda tmp: quantize_gguf(f16, tmp, ftype, threads=os.cpu_count() or 1))
     if not os.path.isfile(name):
         raise SystemExit(
             f"--model {name!r}: no such file, and not one of smollm2, {', '.join(SYNTHETIC)}, "

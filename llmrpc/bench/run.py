@@ -28,6 +28,7 @@ from llmrpc.bench.serve import ServingResult, bench_serving
 from llmrpc.bench.timeline import print_folder
 from llmrpc.farm import Farm
 from llmrpc.ggml.device import find_device
+from llmrpc.head.local import LocalServers
 from llmrpc.reference import extra_bufts_enabled, reference_llama
 from llmrpc.reference import gpu_layers as reference_gpu_layers
 from llmrpc.sampling import SamplingParams
@@ -128,6 +129,28 @@ def farm_config(farm: Farm, name: str, head_samples: bool = False) -> Config:
     return Config(name, prefill, decode, farm.close)
 
 
+def by_hand_config(model: str, n: int, threads: int, device: str | None, n_ctx: int) -> Config:
+    """Servers started one by one as a user would on one machine, without the flags that make
+    them take turns: the head sees them share the machine and tells them to."""
+    started = [LocalServers(1, threads=threads, device=device, calibrate=False) for _ in range(n)]
+    try:
+        addresses = [local.start()[0] for local in started]
+        farm = Farm(model, addresses, ctx_size=n_ctx)
+    except BaseException:
+        for local in started:
+            local.stop()
+        raise
+    config = farm_config(farm, f"x{n} by hand")
+
+    def close() -> None:
+        farm.close()
+        for local in started:
+            local.stop()
+
+    config.close = close
+    return config
+
+
 def paired_ratios(results: list[Result]) -> dict[tuple[str, str], list[float]]:
     """Each configuration's tok/s over llama.cpp's in the same repetition, repetition by
     repetition: within one the configurations run in turn, so a drift of the machine's speed
@@ -215,6 +238,11 @@ def measure_interleaved(
     "--load/--no-load", default=True, show_default=True, help="Also time loading the model (file, shipped, cached)."
 )
 @click.option(
+    "--by-hand", default=0, show_default=True, type=click.IntRange(0, 8),
+    help="Also N servers started one by one without the shared-host flags (as a user would on one "
+    "machine): the head sees them share it and tells them to take turns.",
+)  # fmt: skip
+@click.option(
     "--trace",
     "trace_dir",
     default=None,
@@ -239,6 +267,7 @@ def main(
     llama_rpc: bool,
     device: str | None,
     load: bool,
+    by_hand: int,
     trace_dir: str | None,
     out: str,
 ) -> None:
@@ -280,6 +309,8 @@ def main(
                 rpc = LlamaRpc(bins, model, max(farms), threads)
                 configs.append(Config(f"llama.cpp RPC x{rpc.n}", lambda t: rpc.rate(len(t), 0),
                                       lambda t: rpc.rate(0, len(t)), rpc.close))  # fmt: skip
+        if by_hand:
+            configs.append(by_hand_config(model, by_hand, threads, device, n_ctx))
         if via_head and farms:
             n = max(farms)
             configs.append(farm_config(Farm(model, local=n, threads=threads, device=device, ctx_size=n_ctx,
