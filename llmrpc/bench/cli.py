@@ -1,11 +1,12 @@
 """``llmrpc-bench``: the benchmark (``run``, the default) and the other checks a user can run
-on their own machine (``conformance``), and a large model's start and restart (``restart``)."""
+on their own machine (``conformance``), a large model's start and restart (``restart``), and the prefix cache at work (``prefix``)."""
 
 from __future__ import annotations
 
 import click
 
 from llmrpc.bench.conformance import conformance
+from llmrpc.bench.prefix import prefix
 from llmrpc.bench.restart import restart
 from llmrpc.bench.run import main as run
 
@@ -27,6 +28,7 @@ def main() -> None:
 main.add_command(run, "run")
 main.add_command(conformance, "conformance")
 main.add_command(restart, "restart")
+main.add_command(prefix, "prefix")
 
 
 if __name__ == "__main__":
