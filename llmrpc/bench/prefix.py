@@ -23,7 +23,8 @@ QUESTIONS = ["What is a lighthouse?", "Who keeps it?", "Why at night?", "Name on
 
 def _system_prompt(farm: Farm, n_tokens: int) -> str:
     """Plain text of about ``n_tokens`` tokens (a rule book, numbered so that no line repeats)."""
-    lines, text = [], ""
+    lines: list[str] = []
+    text = ""
     while len(farm.tokenizer.encode(text)) < n_tokens:
         lines.append(f"Rule {len(lines) + 1}: answer briefly, in plain words, and stay on the topic of lighthouses.")
         text = " ".join(lines)
