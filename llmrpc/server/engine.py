@@ -28,6 +28,7 @@ from llmrpc.model.kv import CacheConfig, kv_bytes
 from llmrpc.model.prefix import copy_cells, refusal, start_from
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache
+from llmrpc.server import cores
 from llmrpc.server.api import EngineError, ErrorCode, Launched
 from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.metrics import StepMeter
@@ -288,7 +289,8 @@ class Engine:
             self._settle()
             self._unload()
             try:
-                self._stage = LayerStage(info, layer_start, layer_end, self._backend, cache=cache)
+                with cores.any_core():  # copying and repacking weights: single-threaded work
+                    self._stage = LayerStage(info, layer_start, layer_end, self._backend, cache=cache)
             except MemoryError as e:
                 raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, str(e)) from e
             except ValueError as e:  # the GGUF lacks a tensor its family needs, or the cache does not fit its rows

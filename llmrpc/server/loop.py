@@ -44,6 +44,11 @@ class ComputeLoop:
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
+    @property
+    def native_id(self) -> int | None:
+        """The compute thread's id in the kernel."""
+        return self._thread.native_id
+
     def on_loop(self) -> bool:
         return threading.current_thread() is self._thread
 

@@ -11,6 +11,8 @@ from concurrent import futures
 
 import grpc
 
+from llmrpc.server import cores
+
 logger = logging.getLogger(__name__)
 
 
@@ -26,6 +28,7 @@ def prepare_threads_env(spin: int | None = None, pin: bool = False) -> None:
     if spin is not None and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(spin)
     if pin and "OMP_PROC_BIND" not in os.environ:
+        cores.remember()
         os.environ["OMP_PROC_BIND"] = "true"
         os.environ.setdefault("OMP_PLACES", "cores")
 
@@ -94,7 +97,8 @@ def serve(
     from llmrpc.server.dataplane import DataPlane
     from llmrpc.server.loop import ComputeLoop
 
-    loop = ComputeLoop()
+    loop = ComputeLoop()  # the compute thread: on the core OpenMP bound this one to, if pinned
+    cores.free_others(loop.native_id)
     engine = Engine(
         dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store, data_host=host,
         host_lock=host_lock, prefix_cache=prefix_cache,
