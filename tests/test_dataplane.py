@@ -19,6 +19,7 @@ from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.datalink import Hop
 from llmrpc.head.local import LocalServers
 from llmrpc.types import split_address
+from tests.threads import pinned_threads
 
 
 def test_frames_round_trip_and_refuse_damage() -> None:
@@ -388,18 +389,6 @@ def test_a_refused_step_fails_only_its_own_session(
     assert np.abs(values - np.sort(want)[::-1][:3]).max() <= 1e-4 * np.abs(want).max()
 
 
-def _pinned_threads(pid: int) -> list[str]:
-    """The CPU lists of a process's threads that may run on one CPU only."""
-    lists = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for line in (task / "status").read_text().splitlines():
-            if line.startswith("Cpus_allowed_list:"):
-                cpus = line.split(":", 1)[1].strip()
-                if cpus.isdigit():
-                    lists.append(cpus)
-    return lists
-
-
 @pytest.mark.skipif(
     (os.cpu_count() or 1) < 2 or not Path("/proc/self/task").exists() or "OMP_PROC_BIND" in os.environ,
     reason="needs 2 CPUs, /proc, and OpenMP's binding left to the servers",
@@ -415,7 +404,7 @@ def test_servers_that_share_a_machine_keep_their_compute_threads_on_cores(
             with Farm(tiny_models["F32"], addresses, ctx_size=64) as farm:
                 farm.generate(" ".join(["w"] * 4), 4)
         for p in together.processes:
-            pinned, threads = _pinned_threads(p.pid), len(list(Path(f"/proc/{p.pid}/task").iterdir()))
+            pinned, threads = pinned_threads(p.pid), len(list(Path(f"/proc/{p.pid}/task").iterdir()))
             assert len(pinned) == 2, pinned  # the compute thread and its one worker (threads=2)
             assert threads > len(pinned)
-        assert not _pinned_threads(alone.processes[0].pid)
+        assert not pinned_threads(alone.processes[0].pid)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zlib
@@ -12,6 +13,8 @@ import numpy as np
 import pytest
 
 from llmrpc.farm import Farm
+from llmrpc.ggml.lib import ggml
+from llmrpc.ggml.openmp import core_places
 from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
 from llmrpc.head.placement import model_layout, slice_chunks
@@ -21,6 +24,7 @@ from llmrpc.model.synthetic import family_spec, write_gguf
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
+from tests.threads import pinned_threads
 
 MB = 10**6
 
@@ -246,6 +250,7 @@ def test_servers_started_alone_on_one_machine_are_told_to_take_turns(
         clients = [StageClient(a) for a in addresses]
         assert len({c.hello().machine_id for c in clients}) == 1
         assert not any(c.health().takes_turns for c in clients)
+        assert not any(pinned_threads(local.processes[0].pid) for local in started)
         prompt = [1, 5, 9, 33]
         with Farm(tiny_models["Q8_0"], addresses, ctx_size=256, share_hosts=False) as farm:
             alone = list(farm.generate_tokens(prompt, 12, SamplingParams(temperature=0), stop_at_eog=False))
@@ -255,6 +260,15 @@ def test_servers_started_alone_on_one_machine_are_told_to_take_turns(
             taking_turns = list(farm.generate_tokens(prompt, 12, SamplingParams(temperature=0), stop_at_eog=False))
         assert all(c.health().takes_turns for c in clients)
         assert taking_turns == alone
+        places = core_places()
+        if (
+            len(places) >= 2
+            and all(len(p) == 1 for p in places)
+            and "OMP_PROC_BIND" not in os.environ
+            and ggml().gomp_path
+        ):
+            # told to take turns, each keeps its compute thread and its OpenMP worker on a core each
+            assert [len(pinned_threads(local.processes[0].pid)) for local in started] == [2, 2, 2]
     finally:
         for local in started:
             local.stop()

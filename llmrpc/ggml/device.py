@@ -7,7 +7,7 @@ import logging
 import sys
 
 from llmrpc.ggml import lib as g
-from llmrpc.ggml.openmp import ParkedTeam, parked_team
+from llmrpc.ggml.openmp import ParkedTeam, parked_team, pin_team
 from llmrpc.types import DeviceInfo
 
 logger = logging.getLogger(__name__)
@@ -119,9 +119,11 @@ class Backend:
 
     def share_cores(self) -> None:
         """From now on leave the cores to other servers between graphs (what ``share_cores``
-        at construction does): a parked OpenMP team, or ggml's own threads sleeping at once."""
+        at construction does): a parked OpenMP team, or ggml's own threads sleeping at once; and
+        keep the compute threads on a core each (what ``--pin-threads`` does at start)."""
         lib = g.ggml()
         if self._team is None:
+            pin_team(lib.gomp_path, self.n_threads)  # before the team is parked
             self._team = parked_team(lib.gomp_path, self.n_threads)
         if self.threadpool:
             params = lib.ggml_threadpool_params_default(self.n_threads)

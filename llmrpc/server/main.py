@@ -27,8 +27,8 @@ def prepare_threads_env(spin: int | None = None, pin: bool = False) -> None:
     Must run before libggml is loaded; the environment's own OMP_* settings win."""
     if spin is not None and "OMP_WAIT_POLICY" not in os.environ:
         os.environ["GOMP_SPINCOUNT"] = str(spin)
+    cores.remember()
     if pin and "OMP_PROC_BIND" not in os.environ:
-        cores.remember()
         os.environ["OMP_PROC_BIND"] = "true"
         os.environ.setdefault("OMP_PLACES", "cores")
 
