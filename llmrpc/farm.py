@@ -27,7 +27,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError
-from llmrpc.head.prefix import PrefixCache, PrefixStats, last_batch_start
+from llmrpc.head.prefix import PrefixCache, PrefixStats, exact_in_batch, last_batch_start, row_exact
 from llmrpc.head.rejoin import REJOIN_EVERY, Rejoiner, SessionGate
 from llmrpc.head.replicas import Replica, Router, plan_replicas
 from llmrpc.head.resolve import resolve, resolve_servers
@@ -220,7 +220,8 @@ class Farm:
             pipeline = Pipeline(clients, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self._tls)
             while len(self.replica_stats) <= i:
                 self.replica_stats.append(PrefixStats())
-            prefix = PrefixCache(pipeline, hp, self.ctx_size, self.batch, self.replica_stats[i])
+            fine = row_exact(self.batch, self._micro_batch(pipeline))
+            prefix = PrefixCache(pipeline, hp, self.ctx_size, self.batch, self.replica_stats[i], fine)
             self.replicas.append(Replica(i, pipeline, prefix))
         self.router = Router(self.replicas)
         self.pipeline, self.prefix = self.replicas[0].pipeline, self.replicas[0].prefix
@@ -284,12 +285,18 @@ class Farm:
         rows = []
         # Servers on different machines overlap consecutive micro-batches; servers this farm
         # started share this machine's cores, where smaller batches only cost (~9% on 1B).
-        overlap = len(session.pipeline.stages) > 1 and self._local is None
-        chunk = self.micro_batch or (max(32, self.batch // 4) if overlap else self.batch)
+        chunk = self._micro_batch(session.pipeline)
         for i in range(0, len(tokens), self.batch):
             logits = session.forward_pipelined(tokens[i : i + self.batch], chunk, all_logits=all_logits)
             rows.append(logits)
         return np.concatenate(rows) if all_logits else logits
+
+    def _micro_batch(self, pipeline: Pipeline) -> int:
+        """The rows of a batch sent at once: servers on different machines overlap consecutive
+        micro-batches; servers this farm started share this machine's cores, where smaller
+        batches only cost (~9% on 1B)."""
+        overlap = len(pipeline.stages) > 1 and self._local is None
+        return self.micro_batch or (max(32, self.batch // 4) if overlap else self.batch)
 
     def logits(self, tokens: list[int]) -> np.ndarray:
         """Logits for every position of ``tokens`` in a fresh session: [n, n_vocab]."""
@@ -419,11 +426,12 @@ class Farm:
         replay: list[int], use: bool,
     ) -> Generator[int, None, None]:  # fmt: skip
         with router.session(prompt_tokens, reuse=use and not replay, keep=use) as s:
-            cut = last_batch_start(len(prompt_tokens), self.batch)  # batches as llama.cpp's n_batch
-            if cut > len(s.tokens):  # (the positions before len(s.tokens) were taken from a held prefix)
-                self.prefill(s, prompt_tokens[len(s.tokens) : cut])
+            cut = self.prefill_prompt(s, prompt_tokens)
             router.computed(s, cut)
             feed = prompt_tokens[cut:]
+            # the last batch's rows are reusable once it is computed, in one piece, by the servers
+            # generating (the head's steps may share a batch with other sessions' rows)
+            last = exact_in_batch(cut, len(feed), router.fine(s))
             if replay:
                 # fed as they were the first time, the rest of the prompt in one batch and then a
                 # step a token, so that the cache holds the same bits (a batch computes differently)
@@ -431,11 +439,13 @@ class Farm:
                     s.forward_top_k(step, 1)
                 feed = replay[-1:]
                 max_tokens -= len(replay)
+                last = cut
             if s.pipeline.links is not None and self.server_generation:
                 # the servers generate on their own: the head is off each token's path
                 eog = self.tokenizer.eog_ids() if stop_at_eog else []
                 with contextlib.closing(s.generate(feed, max_tokens, sampling, eog)) as tokens:
                     for token in tokens:
+                        router.computed(s, last)
                         if token in eog:
                             return
                         yield token
@@ -454,6 +464,19 @@ class Farm:
                     logger.warning("stopping: the context of %d positions is full", self.ctx_size)
                     return
                 ids, logits = self._next(s, [token], k)
+
+    def prefill_prompt(self, s: PipelineSession, prompt: list[int]) -> int:
+        """Compute the prompt's rows before its last batch (those of ``s.tokens`` are taken from
+        a held prefix) in the batches a fresh session computes them in (llama.cpp's n_batch),
+        the rest of a batch a held prefix ends in as one; returns where the rest of the prompt
+        starts (its last batch, or what a held prefix left of it), to be computed in one piece."""
+        start, cut = len(s.tokens), last_batch_start(len(prompt), self.batch)
+        edge = min(cut, -(-start // self.batch) * self.batch)
+        if edge > start:
+            s.forward_pipelined(prompt[start:edge], edge - start)
+        if cut > max(start, edge):
+            self.prefill(s, prompt[max(start, edge) : cut])
+        return max(start, cut)
 
     def _next(self, s: PipelineSession, tokens: list[int], k: int) -> tuple[np.ndarray | None, np.ndarray]:
         """Candidates for the next token: the top k (ids, logits), or all logits when k is 0."""

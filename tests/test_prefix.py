@@ -13,7 +13,7 @@ from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
 from llmrpc.head.placement import model_layout
 from llmrpc.head.planner import PlanError, ServerReport, plan
-from llmrpc.head.prefix import last_batch_start, reusable_rows
+from llmrpc.head.prefix import exact_in_batch, last_batch_start, reusable_rows, row_exact
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.kv import CacheConfig, kv_bytes
 from llmrpc.model.synthetic import SyntheticSpec
@@ -42,6 +42,83 @@ def test_reusable_rows_are_whole_batches_of_the_same_tokens(
     held: list[int], exact: int, prompt: list[int], ring: int | None, rows: int
 ) -> None:
     assert reusable_rows(held, exact, prompt, BATCH, ring) == rows
+
+
+@pytest.mark.parametrize(
+    ("held", "exact", "prompt", "rows"),
+    [
+        (list(range(300)), 300, list(range(400)), 300),  # 84 rows of its batch [256, 384) left to compute
+        (list(range(340)), 340, list(range(400)), 320),  # at least 64 left
+        (list(range(300)), 170, list(range(400)), 168),  # up to a group of four
+        (list(range(300)), 300, list(range(300)), 256),  # before the prompt's last batch (starts at 256)
+        (list(range(300)), 300, list(range(200)), 136),  # into the last batch [128, 200), leaving it 64 rows
+        (list(range(300)), 134, list(range(200)), 132),  # a group of four into it
+        (list(range(300)), 130, list(range(400)), 128),  # 2 rows: not a group
+        (list(range(300)), 300, list(range(150)) + [7] * 200, 148),
+    ],
+)
+def test_rows_are_reused_one_by_one_where_batches_are_large(
+    held: list[int], exact: int, prompt: list[int], rows: int
+) -> None:
+    assert reusable_rows(held, exact, prompt, 128, None, fine=True) == rows
+
+
+@pytest.mark.parametrize(
+    ("batch", "micro_batch", "fine"),
+    [(512, 512, True), (512, 128, True), (512, 32, False), (64, 64, True), (16, 16, False), (512, 96, False)],
+)
+def test_rows_are_reused_one_by_one_only_where_every_piece_is_large(batch: int, micro_batch: int, fine: bool) -> None:
+    assert row_exact(batch, micro_batch) is fine
+
+
+@pytest.mark.parametrize(
+    ("start", "n", "fine", "end"), [(256, 100, True, 352), (256, 63, True, 256), (256, 100, False, 256)]
+)
+def test_a_last_batch_is_reusable_but_for_its_last_group(start: int, n: int, fine: bool, end: int) -> None:
+    assert exact_in_batch(start, n, fine) == end
+
+
+def test_a_session_from_rows_of_a_partly_held_batch_computes_the_bits_of_a_new_one(
+    tiny_models: dict[str, str], servers: list[str]
+) -> None:
+    """Batches of 128 rows sent 64 at a time: rows are reused one by one. A generation leaves
+    the 200 rows of its prompt (its last batch, [128, 200), computed in one piece); a longer
+    prompt takes 192 of them, computes [192, 256) as one batch and goes on in batches of 128:
+    its last batch's logits and its greedy text are those of a session computed from scratch;
+    and a prompt whose last batch starts in what is held takes rows of that batch too."""
+    path = tiny_models["Q8_0"]
+    rng = np.random.default_rng(7)
+    first = [1] + [int(t) for t in rng.integers(3, 320, size=199)]
+    with Farm(path, servers, ctx_size=512, batch=128, micro_batch=64) as farm:
+        assert farm.prefix is not None and farm.prefix.fine
+        reply = list(farm.generate_tokens(first, 8, GREEDY))
+        second = first + reply + [int(t) for t in rng.integers(3, 320, size=150)]
+        with farm.prefix.session(second) as s:
+            assert len(s.tokens) == 192
+            cut = farm.prefill_prompt(s, second)
+            got = s.forward(second[cut:], all_logits=True)
+        with farm.prefix.session(second, reuse=False, keep=False) as s:
+            cut = farm.prefill_prompt(s, second)
+            want = s.forward(second[cut:], all_logits=True)
+        assert cut == 256
+        np.testing.assert_array_equal(got, want)
+        cached = list(farm.generate_tokens(second, 16, GREEDY))
+        fresh = list(farm.generate_tokens(second, 16, GREEDY, cache_prompt=False))
+        assert cached == fresh
+        # into a prompt's last batch: [256, 370) computed in one piece from scratch, [304, 370) here
+        third = second[:340] + [int(t) for t in rng.integers(3, 320, size=30)]
+        with farm.prefix.session(third) as s:
+            assert len(s.tokens) == 304
+            start = farm.prefill_prompt(s, third)
+            got = s.forward(third[start:], all_logits=True)
+        with farm.prefix.session(third, reuse=False, keep=False) as s:
+            assert farm.prefill_prompt(s, third) == 256
+            want = s.forward(third[256:], all_logits=True)
+        assert start == 304
+        np.testing.assert_array_equal(got, want[304 - 256 :])
+        assert list(farm.generate_tokens(third, 16, GREEDY)) == list(
+            farm.generate_tokens(third, 16, GREEDY, cache_prompt=False)
+        )
 
 
 def test_a_session_from_a_held_prefix_computes_the_bits_of_a_new_one(

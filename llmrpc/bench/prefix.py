@@ -21,12 +21,12 @@ GREEDY = SamplingParams(temperature=0)
 QUESTIONS = ["What is a lighthouse?", "Who keeps it?", "Why at night?", "Name one famous one."]
 
 
-def _system_prompt(farm: Farm, n_tokens: int) -> str:
+def _system_prompt(farm: Farm, n_tokens: int, topic: str) -> str:
     """Plain text of about ``n_tokens`` tokens (a rule book, numbered so that no line repeats)."""
     lines: list[str] = []
     text = ""
     while len(farm.tokenizer.encode(text)) < n_tokens:
-        lines.append(f"Rule {len(lines) + 1}: answer briefly, in plain words, and stay on the topic of lighthouses.")
+        lines.append(f"Rule {len(lines) + 1}: answer briefly, in plain words, and stay on the topic of {topic}.")
         text = " ".join(lines)
     return text
 
@@ -68,17 +68,18 @@ def _users(farm: Farm, system: str, users: int) -> dict[str, float]:
 @click.option("--system-tokens", default=1500, show_default=True, type=click.IntRange(16))
 @click.option("--users", default=8, show_default=True, type=click.IntRange(1, 64))
 @click.option("--batch", default=512, show_default=True, type=click.IntRange(1, 8192),
-              help="Prompt rows per batch: whole batches are what a later prompt can take.")  # fmt: skip
+              help="Prompt rows per batch (llama.cpp's n_batch).")  # fmt: skip
 @click.option("--out", default="bench/out/prefix.json", show_default=True, type=click.Path())
 def prefix(model: str | None, n_servers: int, system_tokens: int, users: int, batch: int, out: str) -> None:
     """Time to first token of a 4-turn chat with a long system prompt, with and without the
     prefix cache, and the prompt tokens several users sharing that prompt compute."""
     path = resolve_model(model)
     with Farm(path, local=n_servers, ctx_size=4096, batch=batch) as farm:
-        system = _system_prompt(farm, system_tokens)
+        system = _system_prompt(farm, system_tokens, "lighthouses")
         without = _chat(farm, system, cache=False)
         with_cache = _chat(farm, system, cache=True)
-        shared = _users(farm, system, users)
+        # the users' system prompt is one the servers hold nothing of yet
+        shared = _users(farm, "Rules for a team's assistant. " + system, users)
     results = {
         "model": path, "servers": n_servers, "system_tokens": system_tokens, "batch": batch,
         "ttft_without_cache_s": without, "ttft_with_cache_s": with_cache,

@@ -2,13 +2,22 @@
 session may start from.
 
 A prompt is computed in batches of ``batch`` rows up to its last batch's start, then the rest
-in one batch, then a row a step (:func:`last_batch_start`, llama.cpp's ``n_batch`` layout). The
-bits of a cell depend on the batch it was computed in, so a new session reuses only whole
-batches that an earlier session computed exactly as the new one would have (the same tokens,
-the same batch boundaries, on the same cells): its cache then holds the bits a fresh
-computation would, and its text is the same. Every server of a pipeline gets the same
-instruction (the head knows what it sent through each), so the stages never disagree; a
-server that no longer holds a prefix refuses, and the session starts empty instead.
+in one batch, then a row a step (:func:`last_batch_start`, llama.cpp's ``n_batch`` layout). A
+new session reuses only rows whose bits are those a fresh computation of its prompt would give,
+so that its text is the same:
+
+- rows of whole batches that an earlier session computed as the new one would have (the same
+  tokens, the same batch boundaries, on the same cells);
+- where batches are large enough (:func:`row_exact`), any row of a batch computed with at least
+  :data:`EXACT_ROWS` rows, short of its last ``n % ROW_GROUP``: from that size on ggml's kernels
+  compute each row as in any other such batch (its CPU flash attention tiles the queries by 64,
+  one row at a time below; its matrix products take activation rows four at a time, the rest
+  one at a time). The session then computes the rest of the reused row's batch as one batch of
+  at least :data:`EXACT_ROWS` rows, and goes on on the batch grid.
+
+Every server of a pipeline gets the same instruction (the head knows what it sent through each),
+so the stages never disagree; a server that no longer holds a prefix refuses, and the session
+starts empty instead.
 """
 
 from __future__ import annotations
@@ -40,16 +49,51 @@ def common_length(a: list[int], b: list[int]) -> int:
     return next((i for i in range(n) if a[i] != b[i]), n)
 
 
-def reusable_rows(held: list[int], exact: int, prompt: list[int], batch: int, ring: int | None) -> int:
+EXACT_ROWS = 64  # a batch of this many rows or more computes each row as any other such batch does
+ROW_GROUP = 4  # activation rows a matrix product takes at once (the last n % 4 one at a time)
+
+
+def row_exact(batch: int, micro_batch: int) -> bool:
+    """Whether rows may be reused one by one (not only in whole batches) when prompts are
+    computed in batches of ``batch`` rows sent ``micro_batch`` rows at a time: every batch
+    before a prompt's last then computes its rows in pieces of at least :data:`EXACT_ROWS` rows
+    that leave none to the one-at-a-time rest."""
+    return batch % micro_batch == 0 and micro_batch % ROW_GROUP == 0 and micro_batch >= EXACT_ROWS
+
+
+def exact_in_batch(start: int, n: int, fine: bool) -> int:
+    """Of a batch of ``n`` rows from position ``start`` (computed as one piece), the end of the
+    rows a new session may reuse (``start``: none): all but its last group of rows and the rest
+    after it, which a server computing the batch together with another session's rows may take
+    one at a time."""
+    if not fine or n < EXACT_ROWS:
+        return start
+    return start + n - n % ROW_GROUP - ROW_GROUP
+
+
+def reusable_rows(
+    held: list[int], exact: int, prompt: list[int], batch: int, ring: int | None, fine: bool = False
+) -> int:
     """Positions of ``prompt`` a new session can take from a cache that holds the tokens
-    ``held``, whose first ``exact`` positions were computed in whole batches as a new session
-    computes them: whole batches of the same tokens, before the prompt's last batch. ``ring``:
-    the cells of the model's sliding-window caches (None: it has none); a cache that has held
-    more positions than that may have reused cells a new sequence still holds (none taken)."""
+    ``held``, whose first ``exact`` positions have the bits a new session's batches give them:
+    rows of the same tokens; whole batches of them before the prompt's last batch unless
+    ``fine`` (:func:`row_exact`), else as many as leave at least :data:`EXACT_ROWS` rows of
+    their batch to compute (of the last batch too, where it has that many). ``ring``: the cells of the model's sliding-window caches (None: it
+    has none); a cache that has held more positions than that may have reused cells a new
+    sequence still holds (none taken)."""
     if ring is not None and len(held) > ring:
         return 0
-    rows = min(common_length(held[:exact], prompt), last_batch_start(len(prompt), batch))
-    return rows // batch * batch
+    common, n = common_length(held[:exact], prompt), len(prompt)
+    cut = last_batch_start(n, batch)
+    if fine and common > cut and n - cut >= EXACT_ROWS:  # into the last batch, leaving it EXACT_ROWS rows
+        rows = min(common, n - EXACT_ROWS)
+        return max(cut, rows - (rows - cut) % ROW_GROUP)
+    rows = min(common, cut)
+    whole = rows // batch * batch
+    if not fine or rows == whole:
+        return whole
+    rows = min(rows, whole + batch - EXACT_ROWS)
+    return max(whole, rows - rows % ROW_GROUP)
 
 
 _USES = itertools.count(1)
@@ -61,7 +105,7 @@ class Holder:
 
     ids: tuple[str, ...]  # its session id on each stage, in order
     tokens: list[int]  # the tokens in its cache (an open session's own list: it grows)
-    exact: int  # positions computed in whole batches, as a new session computes them
+    exact: int  # positions whose bits are those a new session's batches give them
     live: bool = True
     used: int = field(default_factory=lambda: next(_USES))
 
@@ -87,10 +131,13 @@ class PrefixStats:
 class PrefixCache:
     """What one pipeline's servers hold, and sessions that start from it."""
 
-    def __init__(self, pipeline: Pipeline, hp: HParams, n_ctx: int, batch: int, stats: PrefixStats) -> None:
+    def __init__(
+        self, pipeline: Pipeline, hp: HParams, n_ctx: int, batch: int, stats: PrefixStats, fine: bool = False
+    ) -> None:
         self.pipeline = pipeline
         self.n_ctx = n_ctx
         self.batch = batch
+        self.fine = fine  # rows reused one by one (row_exact), not only in whole batches
         self.stats = stats
         rings = [grp.cells(n_ctx) for grp in kv_groups(hp) if grp.name == SWA]
         self.ring = min(rings) if rings else None
@@ -110,7 +157,7 @@ class PrefixCache:
             return max((self._rows(h, prompt) for h in self._holders.values()), default=0)
 
     def _rows(self, h: Holder, prompt: list[int]) -> int:
-        return reusable_rows(h.tokens, h.exact, prompt, self.batch, self.ring)
+        return reusable_rows(h.tokens, h.exact, prompt, self.batch, self.ring, self.fine)
 
     def _choose(self, prompt: list[int]) -> tuple[Holder | None, int, bool]:
         """The holder to start from, its rows, and whether to take its cache (a kept one whose
@@ -148,12 +195,12 @@ class PrefixCache:
             self._close(s, holder, keep and ok)
 
     def computed(self, s: PipelineSession, exact: int) -> None:
-        """The session's first ``exact`` positions are computed in whole batches, as a new
-        session computes them: others may start from them now."""
+        """The session's first ``exact`` positions are computed and have the bits a new
+        session's batches give them: others may start from them now."""
         with self._lock:
             h = self._holders.get(s.ids[0]) if s.ids else None
             if h is not None:
-                h.exact = exact
+                h.exact = max(h.exact, exact)
 
     def _open(self, prompt: list[int], reuse: bool) -> PipelineSession:
         holder, rows, take = self._choose(prompt) if reuse else (None, 0, False)

@@ -107,3 +107,7 @@ class Router:
         for r in self.replicas:
             if r.pipeline is s.pipeline:
                 r.prefix.computed(s, exact)
+
+    def fine(self, s: PipelineSession) -> bool:
+        """Whether the session's replica reuses rows one by one (:func:`row_exact`)."""
+        return any(r.prefix.fine for r in self.replicas if r.pipeline is s.pipeline)
