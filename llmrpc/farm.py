@@ -220,7 +220,9 @@ class Farm:
             pipeline = Pipeline(clients, hp.n_vocab, hp.n_layer, self.f16_activations, self.data_plane, tls=self._tls)
             while len(self.replica_stats) <= i:
                 self.replica_stats.append(PrefixStats())
-            fine = row_exact(self.batch, self._micro_batch(pipeline))
+            # (row by row where the kernels' batch sizes are known: ggml's CPU ones)
+            cpu = all(a.device.upper().startswith("CPU") for a in p)
+            fine = cpu and row_exact(self.batch, self._micro_batch(pipeline))
             prefix = PrefixCache(pipeline, hp, self.ctx_size, self.batch, self.replica_stats[i], fine)
             self.replicas.append(Replica(i, pipeline, prefix))
         self.router = Router(self.replicas)
