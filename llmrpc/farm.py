@@ -35,6 +35,7 @@ from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.kv import CacheConfig, check_cache
+from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.types import HUNG_AFTER, LoadedRange, split_address
 
@@ -164,8 +165,9 @@ class Farm:
         self._clients: list[StageClient] = []
         try:
             if servers is None:
-                self._local = LocalServers(
-                    local, threads=threads, device=device, extra_args=list(server_args),
+                self._local = LocalServers(  # (they load the model from its folder)
+                    local, threads=threads, device=device,
+                    extra_args=["--model-dir", os.path.dirname(self.model_path), *server_args],
                     env={ENV_TOKEN: token} if token else {},
                 )  # fmt: skip
                 servers = self._local.start()
@@ -234,7 +236,8 @@ class Farm:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
         share = self._shared.get(client.address, "")
-        loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
+        digest = build_slice_layout(self.info, start, end, self.model_hash).digest  # what a cached slice must be
+        loaded = client.load(hint, start, end, self.model_hash, self.cache, share, digest)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -247,7 +250,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
+            loaded = client.load(hint, start, end, self.model_hash, self.cache, share, digest)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped
