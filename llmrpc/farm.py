@@ -236,8 +236,16 @@ class Farm:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
         share = self._shared.get(client.address, "")
-        digest = build_slice_layout(self.info, start, end, self.model_hash).digest  # what a cached slice must be
-        loaded = client.load(hint, start, end, self.model_hash, self.cache, share, digest)
+
+        def load(digest: str) -> LoadedRange | None:
+            return client.load(hint, start, end, self.model_hash, self.cache, share, digest)
+
+        # A server that may read the model at its path needs nothing more; one loads a slice it
+        # received only by its digest (the head reads the model once for it, then remembers it).
+        loaded = load("") if hint else None
+        if loaded is None:
+            digest = build_slice_layout(self.info, start, end, self.model_hash).digest
+            loaded = load(digest)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -250,7 +258,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash, self.cache, share, digest)
+            loaded = load(digest)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped

@@ -369,6 +369,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def setup(self) -> None:
         super().setup()
+        self.rfile.close()  # (the socket stays open: only this reader of it goes)
         self._reader = _DeadlineReader(self.connection, self.server.api.read_timeout)
         self.rfile = io.BufferedReader(self._reader)
 

@@ -256,3 +256,16 @@ def test_model_paths_are_confined_to_the_model_directories(victim: tuple[ModelIn
     assert WeightStore(tmp_path / "cache2", max_bytes=NO_LIMIT).model_path(str(inside)) is None  # no model dirs
     os.unlink(inside)
     assert store.model_file(h, str(outside)) is None
+
+
+def test_slices_kept_under_a_claimed_model_hash_are_removed_at_start(tmp_path: Path) -> None:
+    """Finding 4: such slices survived restarts; nothing vouches for what they hold."""
+    claimed = tmp_path / ("ab" * 32)
+    claimed.mkdir()
+    for name in ("0-2.gguf", "0-2.json", "2-4.part123"):
+        (claimed / name).write_bytes(b"x")
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "0-2.gguf").write_bytes(b"x")  # not a folder of the store's: left alone
+    WeightStore(tmp_path, max_bytes=NO_LIMIT)
+    assert not claimed.exists() and (other / "0-2.gguf").exists()
