@@ -166,13 +166,15 @@ def test_a_whole_request_whose_client_leaves_frees_its_slot(api: tuple[str, int]
     before = metrics(api)
     tokens = before.get(("llmrpc:generation_tokens_total", ""), 0.0)
     aborts = before.get(("llmrpc:request_success_total", "abort"), 0.0)
-    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 230, "temperature": 0}).encode()
+    body = json.dumps({"prompt": "1, 2, 3, 4, 5,", "max_tokens": 230, "temperature": 0}).encode()  # (counts on)
     leaving = socket.create_connection(api, timeout=60)
     leaving.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))  # fmt: skip
     deadline = time.monotonic() + 120
+    polled = threading.Event()
     while metrics(api).get(("llmrpc:generation_tokens_total", ""), 0.0) == tokens:  # it generates
         assert time.monotonic() < deadline, "the abandoned request never started"
+        polled.wait(0.02)  # (a poll's interval, to leave the cores to the generation)
     leaving.close()
     status, reply = request(api, "POST", "/v1/completions", {"prompt": "Hi", "max_tokens": 4, "temperature": 0})
     assert status == 200 and reply["usage"]["completion_tokens"] == 4

@@ -63,10 +63,10 @@ def test_a_slice_pushed_under_another_models_hash_never_reaches_its_heads(models
     assert {(c.model_hash, c.layer_start, c.layer_end) for c in attacker.hello().cached} == {(h, 0, 4), (h, 2, 4)}
     want = llama_cpp_logits(real, TOKENS)
     assert not np.array_equal(llama_cpp_logits(tampered, TOKENS), want)  # the poison would show
-    with Farm(real, [server], ctx_size=256) as farm:
+    with Farm(real, [server], ctx_size=512) as farm:
         assert farm.load_sources[server] == "cache" and farm.bytes_shipped[server] == read_model(real).range_bytes(0, 4)
         np.testing.assert_array_equal(farm.logits(TOKENS), want)
-    with Farm(real, [server], ctx_size=256) as farm:  # the real slice is cached now: nothing shipped
+    with Farm(real, [server], ctx_size=512) as farm:  # the real slice is cached now: nothing shipped
         assert farm.bytes_shipped[server] == 0
         np.testing.assert_array_equal(farm.logits(TOKENS), want)
     # and a server without --model-dir loads no path it is given
@@ -111,7 +111,7 @@ def test_a_slice_with_a_five_dimensional_tensor_gets_a_clean_error(
         assert info.value.code == grpc.StatusCode.INVALID_ARGUMENT
         assert other.health().serving
     assert client.health().serving
-    with Farm(real, [server], ctx_size=256) as farm:
+    with Farm(real, [server], ctx_size=512) as farm:
         np.testing.assert_array_equal(farm.logits(TOKENS), llama_cpp_logits(real, TOKENS))
 
 
