@@ -199,3 +199,14 @@ def test_an_upload_belongs_to_the_caller_of_open_upload(models: tuple[str, str],
     digest = build_slice_layout(info, 2, 4, h).digest
     loaded = StageClient(server).load("", 2, 4, h, slice_digest=digest)
     assert loaded is not None and loaded.source == "cache"
+
+
+def test_servers_a_head_starts_read_the_model_from_its_folder(models: tuple[str, str], tmp_path: Path) -> None:
+    """The head gives the servers it starts the model's folder as their --model-dir: they read
+    the model there (a path is read only inside one), nothing is shipped."""
+    real, _ = models
+    with Farm(real, local=1, threads=1, ctx_size=512, server_args=["--cache-dir", str(tmp_path)]) as farm:
+        (address,) = farm.addresses
+        assert (farm.load_sources[address], farm.bytes_shipped[address]) == ("model-dir", 0)
+        np.testing.assert_array_equal(farm.logits(TOKENS), llama_cpp_logits(real, TOKENS))
+    assert not list(tmp_path.iterdir())
