@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -404,7 +405,7 @@ def status(
 @click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
 @click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
               help="Without --api-key, requests must name this server (Host, and Origin when a browser sends one) "
-              "by an IP address, localhost, --host or a NAME given here; repeatable. Other names are refused (403): "
+              "by an IP address, localhost, --host, this machine's name or a NAME given here; repeatable. Other names are refused (403): "
               "a web page elsewhere cannot reach the API through DNS rebinding.")  # fmt: skip
 @click.option("--read-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a client has to send a whole request (line, headers, body), and an idle connection "
@@ -446,7 +447,7 @@ def serve(
             from llmrpc.openai_api import Api
 
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
-            api = Api(farm, name, api_key, read_timeout, (*allowed_hosts, host))
+            api = Api(farm, name, api_key, read_timeout, (*allowed_hosts, host, socket.gethostname()))
             _serve_api(api, host, port, parallel)
     except KeyboardInterrupt:
         pass
