@@ -108,12 +108,13 @@ _FLASH = {None: pb.FLASH_ATTN_AUTO, False: pb.FLASH_ATTN_OFF, True: pb.FLASH_ATT
 
 
 def load_request(
-    model_path: str, start: int, end: int, model_hash: str, cache: CacheConfig, share_host: str = ""
-) -> pb.LoadRequest:
+    model_path: str, start: int, end: int, model_hash: str, cache: CacheConfig, share_host: str = "",
+    slice_digest: str = "",
+) -> pb.LoadRequest:  # fmt: skip
     return pb.LoadRequest(
         model_path=model_path, layer_start=start, layer_end=end, model_hash=model_hash,
         flash_attn=_FLASH[cache.flash_attn], cache_type_k=cache.type_k, cache_type_v=cache.type_v,
-        share_host=share_host,
+        share_host=share_host, slice_digest=slice_digest,
     )  # fmt: skip
 
 
@@ -164,7 +165,7 @@ def server_info_from_proto(address: str, reply: pb.HelloReply) -> ServerInfo:
 def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
     return ServerHealth(
         reply.serving, reply.open_sessions, reply.native_steps, reply.takes_turns, reply.prefix_entries,
-        reply.prefix_bytes, reply.prefix_budget,
+        reply.prefix_bytes, reply.prefix_budget, reply.slice_cache_bytes, reply.slice_cache_budget,
     )  # fmt: skip
 
 

@@ -35,6 +35,7 @@ from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.kv import CacheConfig, check_cache
+from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.types import HUNG_AFTER, LoadedRange, split_address
 
@@ -164,8 +165,9 @@ class Farm:
         self._clients: list[StageClient] = []
         try:
             if servers is None:
-                self._local = LocalServers(
-                    local, threads=threads, device=device, extra_args=list(server_args),
+                self._local = LocalServers(  # (they load the model from its folder)
+                    local, threads=threads, device=device,
+                    extra_args=["--model-dir", os.path.dirname(self.model_path), *server_args],
                     env={ENV_TOKEN: token} if token else {},
                 )  # fmt: skip
                 servers = self._local.start()
@@ -237,7 +239,16 @@ class Farm:
         """Load a range; ship its tensors first when the server has no copy of them."""
         hint = self.model_path if self.share_path else ""
         share = self._shared.get(client.address, "")
-        loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
+
+        def load(digest: str) -> LoadedRange | None:
+            return client.load(hint, start, end, self.model_hash, self.cache, share, digest)
+
+        # A server that may read the model at its path needs nothing more; one loads a slice it
+        # received only by its digest (the head reads the model once for it, then remembers it).
+        loaded = load("") if hint else None
+        if loaded is None:
+            digest = build_slice_layout(self.info, start, end, self.model_hash).digest
+            loaded = load(digest)
         shipped = 0
         if loaded is None:
             n = self.info.range_bytes(start, end)
@@ -250,7 +261,7 @@ class Farm:
                 bar.close()
             if shipped != n:
                 raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = client.load(hint, start, end, self.model_hash, self.cache, share)
+            loaded = load(digest)
             if loaded is None:
                 raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
         self.bytes_shipped[client.address] = shipped

@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import hmac
+import io
+import ipaddress
 import json
 import logging
+import select
+import socket
 import threading
 import time
+import urllib.parse
 import uuid
 from collections.abc import Generator
 from dataclasses import dataclass, field
@@ -32,6 +37,7 @@ from llmrpc.sampling import MAX_SEED, MAX_TOP_K, MIN_TEMPERATURE, SamplingParams
 logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 << 20  # bytes of a request body
+READ_TIMEOUT = 30.0  # seconds a client has to send a request (line, headers, body); an idle connection's life
 MAX_STOPS = 4  # as OpenAI
 PENALTIES = ("presence_penalty", "frequency_penalty")
 # Fields this server does not implement, and the values that ask for nothing.
@@ -78,12 +84,13 @@ def parse_request(body: object, tokenizer: Tokenizer, ctx_size: int, *, chat: bo
         raise ApiError("the request body must be a JSON object")
     if chat:
         messages = _messages(body.get("messages"))
+        _check_length(sum(len(m["content"].encode()) for m in messages), tokenizer, ctx_size, "messages")
         try:
             prompt = tokenizer.encode_chat(messages)
         except ValueError as e:
             raise ApiError(str(e), param="messages") from e
     else:
-        prompt = _prompt(body.get("prompt"), tokenizer)
+        prompt = _prompt(body.get("prompt"), tokenizer, ctx_size)
     if not prompt:
         raise ApiError("the prompt is empty", param="prompt")
     _integer(body, "n", 1, 1, 1, "only n=1 is supported")
@@ -160,10 +167,21 @@ def _messages(value: object) -> list[dict[str, str]]:
     return out
 
 
-def _prompt(value: object, tokenizer: Tokenizer) -> list[int]:
+def _check_length(n_bytes: int, tokenizer: Tokenizer, ctx_size: int, param: str) -> None:
+    """Refuse, before tokenizing it, a text that cannot fit the context: it is at least
+    n_bytes / (the longest token's bytes) tokens long."""
+    if n_bytes > ctx_size * tokenizer.max_token_bytes:
+        raise ApiError(
+            f"the prompt is {n_bytes} bytes, more than {ctx_size} tokens; this server's context holds {ctx_size}",
+            param=param, code="context_length_exceeded",
+        )  # fmt: skip
+
+
+def _prompt(value: object, tokenizer: Tokenizer, ctx_size: int) -> list[int]:
     if isinstance(value, list) and len(value) == 1:  # a batch of one prompt
         value = value[0]
     if isinstance(value, str):
+        _check_length(len(value.encode()), tokenizer, ctx_size, "prompt")
         return tokenizer.encode(value)
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         bad = [t for t in value if not 0 <= t < tokenizer.n_vocab]
@@ -250,11 +268,15 @@ class Outcome:
 
 @dataclass
 class Api:
-    """What every request handler shares: the farm, the model's name, the slots, the key."""
+    """What every request handler shares: the farm, the model's name, the slots, the key, and
+    the limits on clients: ``read_timeout`` (seconds to send a request) and, without a key, the
+    host names requests may use besides IP addresses and localhost (:meth:`host_allowed`)."""
 
     farm: Farm
     model_id: str
     api_key: str | None = None
+    read_timeout: float = READ_TIMEOUT
+    allowed_hosts: tuple[str, ...] = ()
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -262,6 +284,20 @@ class Api:
         self.slots = threading.BoundedSemaphore(self.farm.max_sessions * max(1, len(self.farm.replicas)))
         self.metrics = ServeMetrics(self.farm, self.model_id)
         self.dashboard = Dashboard(self.farm, self.metrics)
+        self.farm.tokenizer.max_token_bytes  # noqa: B018 (read once now, not by the first request)
+
+    def host_allowed(self, host: str | None) -> bool:
+        """Whether a request naming ``host`` (its Host, or its Origin's host) is served without
+        an API key: an IP address, localhost, or one of ``allowed_hosts``. Any other name is
+        how a web page elsewhere reaches this server through DNS rebinding."""
+        if not host:
+            return False
+        host = host.lower().rstrip(".")
+        try:
+            ipaddress.ip_address(host)
+            return True
+        except ValueError:
+            return host == "localhost" or host in (h.lower().rstrip(".") for h in self.allowed_hosts)
 
     def generate(self, req: GenerationRequest, outcome: Outcome) -> Generator[str, None, None]:
         """Text pieces of the completion; ``outcome`` holds the finish reason once it ends."""
@@ -299,15 +335,54 @@ class Api:
             outcome.finish_reason = "stop" if stop.stopped or stopped_early else "length"
 
 
+class _DeadlineReader(io.RawIOBase):
+    """A client socket's bytes, read against a deadline when one is armed: a request must
+    arrive whole within the read timeout, however slowly its bytes trickle in (slowloris)."""
+
+    def __init__(self, sock: socket.socket, timeout: float) -> None:
+        self.sock, self.timeout = sock, timeout
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        if self.deadline is not None:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"the request did not arrive within {self.timeout:g} s")
+            self.sock.settimeout(left)
+        return self.sock.recv_into(buffer)
+
+    def arm(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def disarm(self) -> None:
+        """The request is in: from now on each read and write may take the timeout."""
+        self.deadline = None
+        self.sock.settimeout(self.timeout)
+
+
 class Handler(BaseHTTPRequestHandler):
     server: ApiServer
     protocol_version = "HTTP/1.1"
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile.close()  # (the socket stays open: only this reader of it goes)
+        self._reader = _DeadlineReader(self.connection, self.server.api.read_timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
+    def handle_one_request(self) -> None:
+        self._reader.arm()  # (a TimeoutError is the stdlib's "Request timed out": the connection closes)
+        super().handle_one_request()
 
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 (the stdlib's name)
         logger.info("%s %s", self.address_string(), format % args)
 
     # -- routes ---------------------------------------------------------------------------------
     def do_GET(self) -> None:  # noqa: N802 (the stdlib's name)
+        self._reader.disarm()
         if self.path in ("/health", "/healthz"):  # open to probes: says only that the API is up
             self._json(HTTPStatus.OK, {"status": "ok"})
             return
@@ -346,8 +421,9 @@ class Handler(BaseHTTPRequestHandler):
                 self._stream(req)
             else:
                 self._whole(req)
-        except (BrokenPipeError, ConnectionResetError):
+        except (BrokenPipeError, ConnectionResetError, TimeoutError):
             logger.info("%s went away during a generation", self.address_string())
+            self.close_connection = True
         except Exception as e:  # a server failed: say so, keep serving
             logger.exception("generation failed")
             if not self._started:
@@ -361,7 +437,14 @@ class Handler(BaseHTTPRequestHandler):
 
     def _whole(self, req: GenerationRequest) -> None:
         outcome = Outcome()
-        text = "".join(self.server.api.generate(req, outcome))
+        parts = []
+        pieces = self.server.api.generate(req, outcome)
+        with contextlib.closing(pieces):  # (closed early: the generation is called off)
+            for piece in pieces:
+                parts.append(piece)
+                if self._client_gone():
+                    raise ConnectionResetError("the client closed its connection")
+        text = "".join(parts)
         ident, created = _ident(req), int(time.time())
         if req.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
@@ -418,22 +501,50 @@ class Handler(BaseHTTPRequestHandler):
         self._send(status, json.dumps(body).encode(), "application/json")
 
     def _send(self, status: int, data: bytes, content_type: str) -> None:
+        self._reader.disarm()  # (a request refused before its body was read)
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
 
+    def _client_gone(self) -> bool:
+        """Whether the client closed its end (it has nothing more to send while it waits)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     # -- input ----------------------------------------------------------------------------------
     def _authorize(self) -> None:
         key = self.server.api.api_key
         if key is None:
+            self._check_host()
             return
         given = self.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):
             self.close_connection = True
             raise ApiError("invalid or missing API key (Authorization: Bearer ...)", status=401,
                            code="invalid_api_key", kind="authentication_error")  # fmt: skip
+
+    def _check_host(self) -> None:
+        """Without a key: refuse a request whose Host or Origin names this server by a name it
+        was not given (a page elsewhere reaching it through DNS rebinding, or posting to it)."""
+        for header in ("Host", "Origin"):
+            value = self.headers.get(header)
+            if value is None:
+                continue
+            try:
+                host = urllib.parse.urlsplit(value if header == "Origin" else f"//{value}").hostname
+            except ValueError:
+                host = None
+            if not self.server.api.host_allowed(host):
+                self.close_connection = True
+                raise ApiError(
+                    f"{header} {value!r} is not a name of this server (llmrpc-head serve --allow-host)",
+                    status=403, kind="permission_error",
+                )  # fmt: skip
 
     def _read_body(self) -> object:
         try:
@@ -444,6 +555,7 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             raise ApiError(f"the body must come with a Content-Length of at most {MAX_BODY} bytes", status=413)
         data = self.rfile.read(length)
+        self._reader.disarm()
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:

@@ -135,3 +135,5 @@ class ServerHealth:
     prefix_entries: int = 0  # closed sessions' caches kept as prefixes
     prefix_bytes: int = 0  # their bytes
     prefix_budget: int = 0  # the most bytes they may take
+    slice_cache_bytes: int = 0  # disk taken by received slices (and uploads under way)
+    slice_cache_budget: int = 0  # the most they may take (--cache-max)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -14,14 +16,22 @@ import pytest
 from llmrpc.codec import tensor_to_proto
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
+from llmrpc.model.gguf_model import content_hash
 from llmrpc.types import PROTOCOL_VERSION
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
 
 @pytest.fixture()
-def fresh_server() -> Iterator[str]:
-    with LocalServers(1, threads=1) as local:
+def fresh_server(tiny_models: dict[str, str], tmp_path: Path) -> Iterator[str]:
+    """A server that may load the tiny models, and a folder holding a .gguf that is not one."""
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.gguf").write_text("not a model")
+    (junk / "escape.gguf").symlink_to(__file__)
+    args = ["--cache-dir", str(tmp_path / "cache"), "--model-dir", os.path.dirname(tiny_models["F32"]),
+            "--model-dir", str(junk)]  # fmt: skip
+    with LocalServers(1, threads=1, extra_args=args) as local:
         yield local.addresses[0]
 
 
@@ -57,10 +67,26 @@ def test_load_errors(fresh_server: str, tiny_models: dict[str, str]) -> None:
     assert code == grpc.StatusCode.OUT_OF_RANGE and "[2, 9)" in msg and "4 layers" in msg
     code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path=path, layer_start=3, layer_end=3))
     assert code == grpc.StatusCode.OUT_OF_RANGE
-    code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path="/nonexistent.gguf", layer_end=1))
-    assert code == grpc.StatusCode.NOT_FOUND and "/nonexistent.gguf" in msg
-    code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path=__file__, layer_end=1))
-    assert code == grpc.StatusCode.INVALID_ARGUMENT and "GGUF" in msg
+    assert_serving(fresh_server)
+
+
+def test_load_reveals_nothing_outside_the_model_directories(fresh_server: str, tmp_path: Path) -> None:
+    """Finding 8: Load(model_path=...) opened any path on the server, and its errors told which
+    files exist. A path outside --model-dir, missing, or a link leading out get one answer."""
+    answers = set()
+    for path in ("/nonexistent.gguf", __file__, "/etc/passwd", str(tmp_path / "junk" / "escape.gguf"),
+                 str(tmp_path / "junk" / ".." / ".." / "x.gguf")):  # fmt: skip
+        code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path=path, layer_end=1))
+        assert code == grpc.StatusCode.NOT_FOUND and "not available" in msg and path not in msg
+        answers.add(msg)
+    assert len(answers) == 1
+    code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path=str(tmp_path / "junk" / "notes.gguf"),
+                                                               layer_end=1))  # fmt: skip
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "GGUF" in msg  # inside: its own error
+    # with a hash: a path outside is never read (no content oracle), whatever it holds
+    reply = call(fresh_server, "Load", pb.LoadRequest(model_path=__file__, model_hash=content_hash(__file__),
+                                                      layer_end=1))  # fmt: skip
+    assert reply.needs_weights  # type: ignore[attr-defined]
     assert_serving(fresh_server)
 
 

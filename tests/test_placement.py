@@ -20,6 +20,7 @@ from llmrpc.head.local import LocalServers
 from llmrpc.head.placement import model_layout, slice_chunks
 from llmrpc.head.planner import PlanError, ServerReport, plan
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.model.synthetic import family_spec, write_gguf
 from llmrpc.reference import reference_llama
 from llmrpc.sampling import SamplingParams
@@ -107,7 +108,7 @@ def test_weights_are_shipped_once_then_cached(tiny_models: dict[str, str], tmp_p
             assert np.array_equal(farm.logits([1, 5, 9, 200]), want)
         assert [StageClient(a).hello().bytes_received for a in local.addresses] == [0, 0]
     # a damaged cached slice is detected, removed and fetched again
-    damaged = next((tmp_path / "c1").glob("*/*.gguf"))
+    damaged = next((tmp_path / "c1").glob("*.gguf"))
     data = bytearray(damaged.read_bytes())
     data[-100] ^= 0xFF
     damaged.write_bytes(bytes(data))
@@ -122,9 +123,10 @@ def test_bad_transfers_are_refused_and_never_cached(tiny_models: dict[str, str],
     path = tiny_models["F32"]
     info = read_model(path)
     digest = content_hash(path)
+    wanted = build_slice_layout(info, 0, 2, digest).digest
     with LocalServers(1, threads=1, extra_args=["--cache-dir", str(tmp_path)]) as local:
         client = StageClient(local.addresses[0])
-        assert client.load("", 0, 2, digest) is None  # no copy: the head must push
+        assert client.load("", 0, 2, digest, slice_digest=wanted) is None  # no copy: the head must push
         _, messages = slice_chunks(info, digest, 0, 2)
         all_messages = list(messages)
 
@@ -148,10 +150,11 @@ def test_bad_transfers_are_refused_and_never_cached(tiny_models: dict[str, str],
         assert push(all_messages[:2] + [forged] + all_messages[3:]) == grpc.StatusCode.DATA_LOSS
         assert push(all_messages[1:]) == grpc.StatusCode.INVALID_ARGUMENT  # no header
         assert client.hello().cached == ()
-        assert not list(tmp_path.glob("*/*.gguf")) and not list(tmp_path.glob("*/*.part*"))
-        assert client.load("", 0, 2, digest) is None
+        assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*.part"))
+        assert client.load("", 0, 2, digest, slice_digest=wanted) is None
         assert client.push_slice(iter(all_messages), 0, 2) == info.range_bytes(0, 2)
-        loaded = client.load("", 0, 2, digest)
+        assert client.load("", 0, 2, digest) is None  # a slice is only loaded by its digest
+        loaded = client.load("", 0, 2, digest, slice_digest=wanted)
         assert loaded is not None and loaded.source == "cache"
 
 
@@ -174,12 +177,11 @@ def test_bulk_upload_checks_token_and_frames(tiny_models: dict[str, str], tmp_pa
     import socket
 
     from llmrpc import codec
-    from llmrpc.model.slicefile import build_slice_layout
 
     path = tiny_models["F32"]
     info = read_model(path)
     digest = content_hash(path)
-    layout = build_slice_layout(info, 0, 2, digest, digests=False)
+    layout = build_slice_layout(info, 0, 2, digest)
     header = codec.slice_header_to_proto(digest, 0, 2, layout)
     first = info.tensors[layout.tensors[0].name]
     data = Path(path).read_bytes()[first.offset : first.offset + first.n_bytes]
@@ -207,12 +209,12 @@ def test_bulk_upload_checks_token_and_frames(tiny_models: dict[str, str], tmp_pa
         ok, msg = upload(token_ok=True, crc_ok=True)  # only one tensor of several: incomplete
         assert ok == 0 and "interrupted" in msg
         assert client.hello().cached == ()
-        assert not list(tmp_path.glob("*/*.gguf")) and not list(tmp_path.glob("*/*.part*"))
+        assert not list(tmp_path.glob("*.gguf")) and not list(tmp_path.glob("*.part"))
         # the real sender delivers it all, and the server records the digests it computed
         from llmrpc.head.placement import ship_slice
 
         assert ship_slice(client, info, digest, 0, 2) == info.range_bytes(0, 2)
-        loaded = client.load("", 0, 2, digest)
+        loaded = client.load("", 0, 2, digest, slice_digest=layout.digest)
         assert loaded is not None and loaded.source == "cache"
 
 

@@ -86,6 +86,12 @@ def test_server_metrics_after_real_steps(metered: list[tuple[str, int]], tiny_mo
             assert d["llmrpc:server_sessions"] == 1 and m["llmrpc:server_sessions"] == 0
             assert m["llmrpc:server_weight_bytes"] > 0
             assert m["llmrpc:server_memory_used_bytes"] >= m["llmrpc:server_weight_bytes"]
+            # the slice shipped to it, on disk within its budget, as Health says; closed sessions kept as prefixes
+            health = StageClient(metered[farm.plan.index(stage)][0]).health()
+            assert m["llmrpc:server_slice_cache_bytes"] == health.slice_cache_bytes
+            assert 0 < m["llmrpc:server_slice_cache_bytes"] < m["llmrpc:server_slice_cache_budget_bytes"]
+            assert m["llmrpc:server_prefix_cache_bytes"] == health.prefix_bytes <= health.prefix_budget
+            assert m["llmrpc:server_prefix_cache_budget_bytes"] == health.prefix_budget > 0
             # the prompt twice (the session above, then the generation's), and each token but the last fed back
             assert m["llmrpc:server_step_rows_total"] == 2 * len(prompt) + n - 1
             assert _steps(m) >= 1 + n  # the prompt (in one or more micro-batches), then a step a token

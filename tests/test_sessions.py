@@ -4,6 +4,7 @@ that head's connection goes, refused to other links; any session idle too long i
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -50,7 +51,7 @@ def test_spare_caches_make_room_under_the_memory_cap(tiny_models: dict[str, str]
     n = info.hparams.n_layer
     small = kv_bytes(info.hparams, 0, n, 512, CacheConfig())
     cap = info.range_bytes(0, n) + 2 * small + small // 2  # a 1024-cell cache fits only without the spare
-    args = ["--no-calibrate", "--mem", str(cap), "--cache-dir", str(tmp_path)]
+    args = ["--no-calibrate", "--mem", str(cap), "--cache-dir", str(tmp_path), "--model-dir", os.path.dirname(path)]
     with LocalServers(1, threads=1, extra_args=args) as local:
         client = StageClient(local.addresses[0])
         client.hello()
@@ -127,7 +128,7 @@ def test_the_sessions_of_a_head_that_dies_are_closed(tiny_models: dict[str, str]
 def test_an_idle_session_is_closed_after_its_time(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """With --session-ttl 1, a session nobody computes in is closed; one in use is kept."""
     path = tiny_models["F32"]
-    args = ["--no-calibrate", "--session-ttl", "1", "--cache-dir", str(tmp_path)]
+    args = ["--no-calibrate", "--session-ttl", "1", "--cache-dir", str(tmp_path), "--model-dir", os.path.dirname(path)]
     with LocalServers(1, threads=1, extra_args=args) as local:
         client = StageClient(local.addresses[0])
         client.hello()

@@ -240,19 +240,20 @@ def head_run(model: str, servers: list[str], tg: int, pp: int, reps: int) -> dic
     return out
 
 
-def server_cmd(host: str, threads: int, lock: str) -> list[str]:
+def server_cmd(host: str, threads: int, lock: str, *extra: str) -> list[str]:
     return [
         sys.executable, "-m", "llmrpc.cli", "server", "--host", host, "--port", "50052", "--threads", str(threads),
-        "--no-calibrate", *SHARED_CORES_FLAGS, "--host-lock", lock,
+        "--no-calibrate", *SHARED_CORES_FLAGS, "--host-lock", lock, *extra,
     ]  # fmt: skip
 
 
 @contextlib.contextmanager
-def _servers_on_lan(lan: Lan, n: int, threads: int, lock: str) -> Iterator[list[str]]:
+def _servers_on_lan(lan: Lan, n: int, threads: int, lock: str, model_dir: str) -> Iterator[list[str]]:
     procs = []
     try:
         for i in range(1, n + 1):
-            procs.append(lan.run(i, server_cmd(lan.address(i), threads, lock), stdout=subprocess.PIPE))
+            cmd = server_cmd(lan.address(i), threads, lock, "--model-dir", model_dir)
+            procs.append(lan.run(i, cmd, stdout=subprocess.PIPE))
             read_ready(procs[-1], 60)
         yield [f"{lan.address(i)}:50052" for i in range(1, n + 1)]
     finally:
@@ -292,8 +293,9 @@ def bench_lan(model: str, n: int = 3, threads: int = 2, tg: int = 128, pp: int =
     fd, lock = tempfile.mkstemp(prefix="llmrpc-lan-", suffix=".lock")
     os.close(fd)
     try:
-        with Lan(n + 1, delay, rate) as lan, _servers_on_lan(lan, n, threads, lock) as on_lan:
-            with LocalServers(n, threads=threads, extra_args=["--no-calibrate"]) as local:
+        model_dir = os.path.dirname(os.path.abspath(model))  # (the servers read the model there)
+        with Lan(n + 1, delay, rate) as lan, _servers_on_lan(lan, n, threads, lock, model_dir) as on_lan:
+            with LocalServers(n, threads=threads, extra_args=["--no-calibrate", "--model-dir", model_dir]) as local:
                 for _ in range(reps):
                     for k, v in _head_in(lan, model, on_lan, tg, pp, 1).items():
                         lan_rates[k] += v

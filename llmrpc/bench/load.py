@@ -3,6 +3,7 @@ loopback, and from its cache; and the shipping rate next to a disk-to-disk copy.
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import tempfile
@@ -15,6 +16,7 @@ from llmrpc.head.client import StageClient
 from llmrpc.head.local import LocalServers
 from llmrpc.head.placement import ship_slice
 from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.slicefile import build_slice_layout
 
 
 @dataclass
@@ -62,11 +64,11 @@ def loopback_copy(src: Path, dst: Path, block: int = 1 << 22) -> float:
     return time.perf_counter() - t0
 
 
-def _timed_load(address: str, path: str, n_layer: int, digest: str) -> tuple[float, bool]:
+def _timed_load(address: str, path: str, n_layer: int, digest: str, slice_digest: str = "") -> tuple[float, bool]:
     client = StageClient(address)
     client.hello()
     t0 = time.perf_counter()
-    loaded = client.load(path, 0, n_layer, digest)
+    loaded = client.load(path, 0, n_layer, digest, slice_digest=slice_digest)
     return time.perf_counter() - t0, loaded is not None
 
 
@@ -74,10 +76,11 @@ def bench_load(model: str) -> LoadTimes:
     info = read_model(model)
     n = info.hparams.n_layer
     digest = content_hash(model)
+    whole = build_slice_layout(info, 0, n, digest).digest
     nbytes = info.range_bytes(0, n)
     with tempfile.TemporaryDirectory() as tmp:
         cache = ["--cache-dir", str(Path(tmp) / "cache"), "--no-calibrate"]
-        with LocalServers(1, threads=2, extra_args=cache) as local:
+        with LocalServers(1, threads=2, extra_args=[*cache, "--model-dir", os.path.dirname(model)]) as local:
             local_s, ok = _timed_load(local.addresses[0], model, n, digest)
             assert ok
         pushes, totals = [], []
@@ -87,15 +90,15 @@ def bench_load(model: str) -> LoadTimes:
                 client = StageClient(local.addresses[0])
                 client.hello()
                 t0 = time.perf_counter()
-                assert client.load("", 0, n, digest) is None
+                assert client.load("", 0, n, digest, slice_digest=whole) is None
                 t1 = time.perf_counter()
                 ship_slice(client, info, digest, 0, n)
                 pushes.append(time.perf_counter() - t1)
-                assert client.load("", 0, n, digest) is not None
+                assert client.load("", 0, n, digest, slice_digest=whole) is not None
                 totals.append(time.perf_counter() - t0)
         push_s, shipped_s = min(pushes), min(totals)
         with LocalServers(1, threads=2, extra_args=cache) as local:
-            cached_s, ok = _timed_load(local.addresses[0], "", n, digest)
+            cached_s, ok = _timed_load(local.addresses[0], "", n, digest, whole)
             assert ok
         src = Path(tmp) / "src.bin"
         shutil.copyfile(model, src)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -17,6 +18,7 @@ from llmrpc.types import HUNG_AFTER
 if TYPE_CHECKING:
     from llmrpc.auth import ClientSecurity
     from llmrpc.farm import Farm
+    from llmrpc.openai_api import Api
 
 DEFAULT_COMMAND = "run"
 
@@ -96,7 +98,8 @@ source_options = gather(
                  "cores: --host-lock --release-threads --pin-threads)."),
     click.option("--threads", default=None, type=click.IntRange(1, 1024), help="Threads of each local server."),
     click.option("--shared-path", is_flag=True,
-                 help="The servers can read the model at the same path (shared disk): skip shipping."),
+                 help="The servers can read the model at the same path (shared disk): skip shipping. A server "
+                 "reads it only inside its --model-dir."),
 )  # fmt: skip
 
 
@@ -400,6 +403,13 @@ def status(
 @click.option("--api-key", envvar="LLMRPC_API_KEY", default=None,
               help="Require 'Authorization: Bearer KEY' on every request (also from LLMRPC_API_KEY).")  # fmt: skip
 @click.option("--model-name", default=None, help="The model's id in the API (default: the GGUF file's name).")
+@click.option("--allow-host", "allowed_hosts", multiple=True, metavar="NAME",
+              help="Without --api-key, requests must name this server (Host, and Origin when a browser sends one) "
+              "by an IP address, localhost, --host, this machine's name or a NAME given here; repeatable. Other names are refused (403): "
+              "a web page elsewhere cannot reach the API through DNS rebinding.")  # fmt: skip
+@click.option("--read-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
+              help="Seconds a client has to send a whole request (line, headers, body), and an idle connection "
+              "stays open; a slower one is closed.")  # fmt: skip
 @click.option("--batch-size", "-b", "batch", default=512, show_default=True, type=click.IntRange(1, 8192),
               help="Prompt rows per batch (llama.cpp's -b). A prompt reuses the whole batches a held prefix computed: "
               "smaller batches reuse more of a conversation.")  # fmt: skip
@@ -416,7 +426,8 @@ def status(
 @verbose_option
 def serve(
     source: Source, link: Link, attention: Attention, host: str, port: int, parallel: int, ctx_size: int, api_key: str | None,
-    model_name: str | None, batch: int, replicas: int, prefix_cache: bool, verbose: int,
+    model_name: str | None, allowed_hosts: tuple[str, ...], read_timeout: float, batch: int, replicas: int,
+    prefix_cache: bool, verbose: int,
 ) -> None:  # fmt: skip
     setup_logging(verbose)
     import signal
@@ -433,8 +444,11 @@ def serve(
             source, link, ctx_size, max_sessions=parallel, batch=batch, prefix_cache=prefix_cache, replicas=replicas,
             **attention.farm_args(),
         ) as farm:  # fmt: skip
+            from llmrpc.openai_api import Api
+
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
-            _serve_api(farm, name, api_key, host, port, parallel)
+            api = Api(farm, name, api_key, read_timeout, (*allowed_hosts, host, socket.gethostname()))
+            _serve_api(api, host, port, parallel)
     except KeyboardInterrupt:
         pass
     except farm_errors() as e:
@@ -442,11 +456,12 @@ def serve(
         sys.exit(1)
 
 
-def _serve_api(farm: Farm, name: str, api_key: str | None, host: str, port: int, parallel: int) -> None:
-    from llmrpc.openai_api import Api, ApiServer
+def _serve_api(api: Api, host: str, port: int, parallel: int) -> None:
+    from llmrpc.openai_api import ApiServer
 
+    name = api.model_id
     try:
-        httpd = ApiServer((host, port), Api(farm, name, api_key))
+        httpd = ApiServer((host, port), api)
     except OSError as e:
         click.echo(f"llmrpc-head serve: cannot listen on {host}:{port}: {e.strerror}", err=True)
         sys.exit(1)

@@ -25,6 +25,7 @@ class ServerOptions:
     memory_cap: int  # 0: the device's free memory
     prefix_cache: int | None  # None: the --mem cap, or a quarter of the device's free memory
     cache_dir: str | None
+    cache_max: int | None  # None: half the cache's filesystem
     model_dirs: tuple[str, ...]
     omp_spin: int | None
     host_lock: str | None
@@ -65,8 +66,14 @@ _server_options = gather(
                  "least recently used first, when a new session needs the room."),
     click.option("--cache-dir", default=None, type=click.Path(file_okay=False),
                  help="Where received model slices are kept (default: ~/.cache/llmrpc/slices)."),
+    click.option("--cache-max", default=None, type=Bytes(),
+                 help="Most disk the received slices may take, e.g. 100GiB (default: half the size of the "
+                 "cache's filesystem). The least recently used ones other than the loaded one are removed to "
+                 "make room; a slice that cannot fit is refused before any of it is written."),
     click.option("--model-dir", "model_dirs", multiple=True, type=click.Path(file_okay=False, exists=True),
-                 help="A folder of GGUF files this server may load from (matched by content hash); repeatable."),
+                 help="A folder of GGUF files this server may load from (matched by content hash); repeatable. "
+                 "A head's Load may name a file only inside these folders (links that lead out do not count); "
+                 "without any, only shipped slices are loaded."),
     click.option("--omp-spin", default=None, type=click.IntRange(0),
                  help="OpenMP spin count of the compute threads between ops and after a batch "
                  "(default: libgomp's, about 3 ms; see --release-threads for servers that share cores)."),

@@ -157,12 +157,15 @@ class StageClient:
 
     def load(
         self, model_path: str, start: int, end: int, model_hash: str = "", cache: CacheConfig | None = None,
-        share_host: str = "",
+        share_host: str = "", slice_digest: str = "",
     ) -> LoadedRange | None:  # fmt: skip
         """Load layers [start, end) (their attention and KV cache as ``cache`` says, by default
         llama.cpp's; ``share_host``: take turns with the servers given the same name); None when
-        the server has no copy (push the slice)."""
-        request = codec.load_request(model_path, start, end, model_hash, cache or CacheConfig(), share_host)
+        the server has no copy (push the slice). ``slice_digest``: the slice's digest
+        (slicefile.py), without which a server loads no slice it received."""
+        request = codec.load_request(
+            model_path, start, end, model_hash, cache or CacheConfig(), share_host, slice_digest
+        )
         try:
             reply = self._reply(self._stub.Load.future(request, timeout=self.timeout), f"[{start}, {end})")
         except StageError:

@@ -120,7 +120,7 @@ def ship_slice(
     kept. Frames are checksummed (crc32); the file is read a frame at a time into one buffer
     (the head holds 2 MiB of the model however large it is; with ``tls``, encrypted, the
     server's certificate checked)."""
-    layout = build_slice_layout(info, start, end, model_hash, digests=False)
+    layout = build_slice_layout(info, start, end, model_hash)
     port, token = client.open_upload(codec.slice_header_to_proto(model_hash, start, end, layout), start, end)
     host = split_address(client.address)[0]
     buf = bytearray(BULK_CHUNK)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import logging
 from typing import Any
 
@@ -21,6 +23,18 @@ class Tokenizer:
         self.chat_template: str | None = meta.get("tokenizer.chat_template")
         self.add_bos = meta.get("tokenizer.ggml.add_bos_token", "true") != "false"
         self._eog: list[int] | None = None
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest text one token stands for, in bytes: a text of n bytes is at least
+        n / this tokens long (what a prompt's length is checked by before it is tokenized)."""
+        vocab = self._llm._model.vocab
+        buf = (ctypes.c_char * 256)()
+        longest = 1
+        for t in range(self.n_vocab):
+            n = self._llama_cpp.llama_token_to_piece(vocab, t, buf, len(buf), 0, True)
+            longest = max(longest, abs(n))  # (negative: the piece's length, longer than buf)
+        return longest
 
     def encode(self, text: str, *, add_bos: bool | None = None, special: bool = False) -> list[int]:
         bos = self.add_bos if add_bos is None else add_bos

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
+import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -78,8 +82,6 @@ class ModelInfo:
 
 def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     """Read a GGUF's metadata and tensor layout (header only; no tensor data is loaded)."""
-    from gguf.constants import GGML_QUANT_SIZES
-
     from llmrpc.model.gguf_reader import ArrayInfo, GGUFFormatError, read_header
 
     path = os.fspath(path)
@@ -98,13 +100,7 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     size = os.path.getsize(path)
     tensors: dict[str, TensorInfo] = {}
     for t in header.tensors:
-        if t.ggml_type not in GGML_QUANT_SIZES:
-            raise ValueError(f"{path}: tensor {t.name} has unknown type {t.ggml_type}")
-        block, type_size = GGML_QUANT_SIZES[t.ggml_type]  # type: ignore[index]
-        n_elements = math.prod(t.shape)
-        if n_elements % block:
-            raise ValueError(f"{path}: tensor {t.name} of {n_elements} elements is not whole blocks of {block}")
-        n_bytes = n_elements // block * type_size
+        n_bytes = tensor_bytes(t.name, t.ggml_type, t.shape, path)
         offset = header.data_offset + t.offset
         if offset + n_bytes > size:
             raise ValueError(f"{path}: tensor {t.name} lies past the end of the file (truncated?)")
@@ -131,6 +127,20 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
     return info
 
 
+def tensor_bytes(name: str, ggml_type: int, shape: tuple[int, ...], path: str) -> int:
+    """The bytes a tensor of this type and shape takes (ValueError for a type ggml does not
+    know, or a row that is not whole blocks of its type)."""
+    from gguf.constants import GGML_QUANT_SIZES
+
+    if ggml_type not in GGML_QUANT_SIZES:
+        raise ValueError(f"{path}: tensor {name} has unknown type {ggml_type}")
+    block, type_size = GGML_QUANT_SIZES[ggml_type]  # type: ignore[index]
+    n_elements = math.prod(shape)
+    if n_elements % block or shape[0] % block:
+        raise ValueError(f"{path}: tensor {name} of shape {list(shape)} is not whole blocks of {block}")
+    return n_elements // block * type_size
+
+
 def tensor_view(path: str, t: TensorInfo) -> np.ndarray:
     """The raw bytes of one tensor, memory-mapped read-only."""
     return np.memmap(path, dtype=np.uint8, mode="r", offset=t.offset, shape=(t.n_bytes,))
@@ -140,25 +150,61 @@ def content_hash(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
     """sha256 of the whole file: identifies a model by content, not by name. Remembered per
     (path, size, mtime, inode) in this process and in llmrpc's cache folder, so a file is
     read once, not at every start (a 40 GB model takes ~25 s to hash)."""
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
-    if key not in _HASHES:
-        record = paths.cache_dir("hashes") / hashlib.sha256(repr(key).encode()).hexdigest()
-        try:
-            digest = record.read_text().strip()
-        except OSError:
-            digest = ""
-        if len(digest) != 64:
-            digest = sha256_of(path, 0, st.st_size, chunk)
+    key = _file_key(path)
+    with _LOCK:
+        if key not in _HASHES:
+            record = _record(key, "")
             try:
-                record.parent.mkdir(parents=True, exist_ok=True)
-                tmp = record.with_suffix(f".{os.getpid()}")
-                tmp.write_text(digest + "\n")
-                tmp.replace(record)
-            except OSError as e:
-                logger.debug("cannot remember the hash of %s: %s", path, e)
-        _HASHES[key] = digest
-    return _HASHES[key]
+                digest = record.read_text().strip()
+            except OSError:
+                digest = ""
+            if len(digest) != 64:
+                digest = sha256_of(path, 0, key[1], chunk)
+                _remember(record, digest + "\n", path)
+            _HASHES[key] = digest
+        return _HASHES[key]
+
+
+def tensor_digests(info: ModelInfo, names: Iterable[str]) -> dict[str, str]:
+    """sha256 of each named tensor's bytes (a slice is identified by them: slicefile.py).
+    Remembered as :func:`content_hash` is; each tensor is read once, when first asked for."""
+    names = list(names)
+    key = _file_key(info.path)
+    with _LOCK:
+        known = _TENSOR_HASHES.get(key)
+        record = _record(key, ".tensors")
+        if known is None:
+            try:
+                known = {str(k): str(v) for k, v in json.loads(record.read_text()).items()}
+            except (OSError, ValueError, AttributeError):
+                known = {}
+            _TENSOR_HASHES[key] = known
+        missing = [n for n in names if n not in known]
+        for name in missing:
+            t = info.tensors[name]
+            known[name] = sha256_of(info.path, t.offset, t.n_bytes)
+        if missing:
+            _remember(record, json.dumps(known), info.path)
+        return {n: known[n] for n in names}
+
+
+def _file_key(path: str | os.PathLike[str]) -> tuple[str, int, int, int]:
+    st = os.stat(path)
+    return (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+def _record(key: tuple[str, int, int, int], suffix: str) -> Path:
+    return paths.cache_dir("hashes") / (hashlib.sha256(repr(key).encode()).hexdigest() + suffix)
+
+
+def _remember(record: Path, text: str, path: str | os.PathLike[str]) -> None:
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(f"{record.name}.{os.getpid()}")
+        tmp.write_text(text)
+        tmp.replace(record)
+    except OSError as e:
+        logger.debug("cannot remember the hashes of %s: %s", path, e)
 
 
 def sha256_of(path: str | os.PathLike[str], offset: int, n_bytes: int, chunk: int = 1 << 22) -> str:
@@ -177,3 +223,5 @@ def sha256_of(path: str | os.PathLike[str], offset: int, n_bytes: int, chunk: in
 
 
 _HASHES: dict[tuple[str, int, int, int], str] = {}
+_TENSOR_HASHES: dict[tuple[str, int, int, int], dict[str, str]] = {}
+_LOCK = threading.Lock()  # (a farm loads its ranges from several threads)

@@ -7,6 +7,7 @@ this reads the header with ``struct`` from a memory map and skips array contents
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -17,6 +18,8 @@ GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 SMALL_ARRAY = 4096  # numeric arrays this short are read (per-layer hyper-parameters), longer ones skipped
+MAX_DIMS = 4  # ggml's GGML_MAX_DIMS: a tensor with more (or none) aborts ggml_new_tensor
+MAX_DIM = 1 << 62  # a dimension, and a tensor's elements, at most (ggml's int64 sizes, with room for bytes)
 
 
 class GGUFFormatError(ValueError):
@@ -58,14 +61,21 @@ def read_header(path: str | os.PathLike[str]) -> GGUFHeader:
         except ValueError as e:  # empty file
             raise GGUFFormatError(f"{os.fspath(path)} is empty") from e
     try:
-        return _parse(mm, os.fspath(path))
-    except (struct.error, IndexError, UnicodeDecodeError) as e:
-        raise GGUFFormatError(f"{os.fspath(path)}: truncated or malformed GGUF header ({e})") from e
+        return parse_header(mm, os.fspath(path))
     finally:
         mm.close()
 
 
-def _parse(buf: mmap.mmap, path: str) -> GGUFHeader:
+def parse_header(buf: mmap.mmap | bytes, path: str) -> GGUFHeader:
+    """The header of a GGUF held in ``buf`` (``path`` names it in errors). Every tensor info is
+    checked as ggml needs it: 1 to 4 dimensions, each at least 1, a name used once."""
+    try:
+        return _parse(buf, path)
+    except (struct.error, IndexError, UnicodeDecodeError, OverflowError, MemoryError) as e:
+        raise GGUFFormatError(f"{path}: truncated or malformed GGUF header ({e})") from e
+
+
+def _parse(buf: mmap.mmap | bytes, path: str) -> GGUFHeader:
     if buf[:4] != GGUF_MAGIC:
         raise GGUFFormatError(f"{path} is not a GGUF file (bad magic)")
     version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
@@ -114,13 +124,23 @@ def _parse(buf: mmap.mmap, path: str) -> GGUFHeader:
         spans[key] = (start, pos)
     kv_end = pos
     tensors = []
+    names: set[str] = set()
     for _ in range(n_tensors):
         name, pos = string(pos)
         (n_dims,) = struct.unpack_from("<I", buf, pos)
+        if not 1 <= n_dims <= MAX_DIMS:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS} allowed)")
         dims = struct.unpack_from(f"<{n_dims}Q", buf, pos + 4)
+        if not all(1 <= d <= MAX_DIM for d in dims) or math.prod(dims) > MAX_DIM:
+            raise GGUFFormatError(f"{path}: tensor {name!r} has shape {list(dims)} (each dimension 1 to 2^62)")
+        if name in names:
+            raise GGUFFormatError(f"{path}: tensor {name!r} is listed twice")
+        names.add(name)
         ggml_type, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * n_dims)
         pos += 4 + 8 * n_dims + 12
         tensors.append(RawTensorInfo(name, tuple(int(d) for d in dims), int(ggml_type), int(offset)))
-    alignment = int(fields.get("general.alignment", 32))
+    alignment = fields.get("general.alignment", 32)
+    if not isinstance(alignment, int) or alignment < 1 or alignment & (alignment - 1):
+        raise GGUFFormatError(f"{path}: general.alignment {alignment!r} is not a power of two")
     data_offset = -(-pos // alignment) * alignment
     return GGUFHeader(version, fields, tensors, (kv_start, kv_end), data_offset, alignment, spans)

@@ -3,14 +3,21 @@
 The head builds a slice's header (metadata copied byte for byte from the model, tensor infos
 for the range, three ``llmrpc.slice.*`` keys) and streams exactly the range's tensor bytes;
 the server writes them at their offsets and ends up with an ordinary GGUF it can load.
+
+A slice is identified by its digest (:func:`slice_digest`): the sha256 of its header and of
+each tensor's bytes, which the head knows from its own file and the server computes from what
+it received. A server keeps slices under their digest and a head asks for one by it, so a slice
+is only ever given to a head whose own file has exactly those bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from llmrpc.model.gguf_model import ModelInfo, sha256_of
+from llmrpc.model.gguf_model import ModelInfo, tensor_digests
 
 GGUF_MAGIC = b"GGUF"
 GGUF_VERSION = 3
@@ -38,6 +45,18 @@ class SliceLayout:
     def tensor_bytes(self) -> int:
         return sum(t.n_bytes for t in self.tensors)
 
+    @property
+    def digest(self) -> str:
+        return slice_digest(hashlib.sha256(self.header).hexdigest(), self.tensors)
+
+
+def slice_digest(header_sha256: str, tensors: Sequence[SliceTensor]) -> str:
+    """What identifies a slice: its header's sha256 and its tensors' sizes and sha256, in order."""
+    h = hashlib.sha256(b"llmrpc slice 1\n" + header_sha256.encode() + b"\n")
+    for t in tensors:
+        h.update(f"{t.n_bytes} {t.sha256}\n".encode())
+    return h.hexdigest()
+
 
 @dataclass(frozen=True)
 class IncomingSlice:
@@ -60,9 +79,9 @@ def _pad(n: int, align: int) -> int:
     return -(-n // align) * align
 
 
-def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str, *, digests: bool = True) -> SliceLayout:
-    """The slice's header and data layout; ``digests=False`` leaves the tensors' sha256 for the
-    receiver to compute (the bulk path checks each frame with crc32 instead)."""
+def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str) -> SliceLayout:
+    """The slice's header and data layout, with each tensor's sha256 (read from the model once,
+    then remembered: gguf_model.tensor_digests)."""
     from llmrpc.model.gguf_reader import read_header
 
     header_info = read_header(info.path)
@@ -84,6 +103,7 @@ def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str, *
         kv += _string(key) + struct.pack("<I", vtype) + value
         n_kv += 1
     names = info.range_tensor_names(start, end)
+    digests = tensor_digests(info, names)
     ti = bytearray()
     tensors = []
     offset = 0
@@ -92,8 +112,7 @@ def build_slice_layout(info: ModelInfo, start: int, end: int, model_hash: str, *
         ti += _string(name) + struct.pack("<I", len(t.shape))
         ti += b"".join(struct.pack("<Q", d) for d in t.shape)
         ti += struct.pack("<IQ", t.ggml_type, offset)
-        digest = sha256_of(info.path, t.offset, t.n_bytes) if digests else ""
-        tensors.append(SliceTensor(name, offset, t.n_bytes, digest))
+        tensors.append(SliceTensor(name, offset, t.n_bytes, digests[name]))
         offset = _pad(offset + t.n_bytes, align)
     head = GGUF_MAGIC + struct.pack("<IQQ", GGUF_VERSION, len(names), n_kv) + bytes(kv) + bytes(ti)
     header = head + b"\0" * (_pad(len(head), align) - len(head))

@@ -23,7 +23,7 @@ from llmrpc.ggml.device import Backend
 from llmrpc.ggml.lib import ggml
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
-from llmrpc.model.gguf_model import content_hash, read_model
+from llmrpc.model.gguf_model import read_model
 from llmrpc.model.kv import CacheConfig, kv_bytes
 from llmrpc.model.prefix import copy_cells, refusal, start_from
 from llmrpc.model.slicefile import IncomingSlice
@@ -34,7 +34,8 @@ from llmrpc.server.loop import ComputeLoop
 from llmrpc.server.metrics import StepMeter
 from llmrpc.server.native import Hop, NativeHop, hop_library
 from llmrpc.server.prefix import Kept, KeptCaches
-from llmrpc.server.store import TransferError, WeightStore
+from llmrpc.server.receive import Chunk, TransferError
+from llmrpc.server.store import CacheFullError, Reservation, WeightStore
 from llmrpc.server.turns import HostTurn
 from llmrpc.server.upload import UploadReceiver
 from llmrpc.types import (
@@ -54,6 +55,8 @@ OVERLAP_ENV = "LLMRPC_OVERLAP"  # "0": wait for every batch as it starts; "1": n
 SPARE_CACHES = 4  # closed sessions' KV caches kept for reuse
 
 MAX_BATCH = 8192  # rows per Forward
+# the one answer to a model path outside the model directories, missing, or unreadable
+NOT_AVAILABLE = "that model is not available on this server (a path must name a file in its --model-dir)"
 T = TypeVar("T")
 
 
@@ -97,6 +100,8 @@ class Engine:
         self.max_ctx = max_ctx
         self._stage: LayerStage | None = None
         self._range: LoadedRange | None = None
+        # what the loaded range was asked as: ((kind, key), start, end, flash attention, K type, V type)
+        self._loaded_from: tuple[object, ...] | None = None
         self._sessions: dict[str, tuple[SessionCache, list[int]]] = {}  # id -> (cache, [length])
         self._used: dict[str, float] = {}  # id -> when it was opened or last computed (monotonic)
         self._inflight: Launched | None = None  # a batch started on the device, not waited for yet
@@ -158,43 +163,55 @@ class Engine:
         return self.store.cached() if self.store else []
 
     # -- load ---------------------------------------------------------------------------
-    def locate(self, model_path: str, model_hash: str, start: int, end: int) -> tuple[str, str] | None:
-        """Where to load [start, end) from: (path, source), or None when the weights must be
-        pushed. With a hash, a path is only used if its content matches."""
-        if not model_hash:
-            return (model_path, "path") if model_path else None
-        if self.store is not None:
-            try:
-                path = self.store.verified_slice(model_hash, start, end)
-            except ValueError as e:
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
-            if path:
-                return path, "cache"
-            path = self.store.model_file(model_hash)
-            if path:
-                return path, "model-dir"
-        if model_path and os.path.isfile(model_path) and content_hash(model_path) == model_hash:
-            return model_path, "path"
-        return None
-
-    def _slice_target(self) -> tuple[WeightStore, int]:
-        """The store that takes pushed slices and the most bytes one may hold."""
+    def locate(self, model_path: str, model_hash: str, start: int, end: int, digest: str = "") -> tuple[str, str]:
+        """Where to load [start, end) from: (path, source); EngineError NOT_FOUND when the
+        weights must be pushed. With a hash: the received slice of ``digest``, or a file of the
+        model directories with that content (``model_path`` tried first). Without: ``model_path``,
+        if it lies in a model directory; one error for every path that does not, so that
+        nothing is told about the files outside them."""
         if self.store is None:
-            raise EngineError(ErrorCode.FAILED_PRECONDITION, "this server has no cache directory")
-        return self.store, self.memory_cap or (1 << 62)
+            raise EngineError(ErrorCode.NOT_FOUND, NOT_AVAILABLE)
+        try:
+            if model_hash:
+                path = self.store.verified_slice(digest, model_hash, start, end) if digest else None
+                if path:
+                    return path, "cache"
+                path = self.store.model_file(model_hash, model_path)
+                if path:
+                    return path, "model-dir"
+            elif model_path:
+                path = self.store.model_path(model_path)
+                if path:
+                    return path, "path"
+        except ValueError as e:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, str(e)) from e
+        raise EngineError(ErrorCode.NOT_FOUND, NOT_AVAILABLE)
 
     def _count(self, n: int) -> None:
         self.bytes_received += n
 
-    def _counted(self, chunks: Iterable[tuple[int, int, bytes, int]]) -> Iterable[tuple[int, int, bytes, int]]:
+    def _counted(self, chunks: Iterable[Chunk]) -> Iterable[Chunk]:
         for chunk in chunks:
             self._count(len(chunk[2]))
             yield chunk
 
-    def push_slice(self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes, int]]) -> int:
-        store, limit = self._slice_target()
+    def _reserve(self, head: IncomingSlice) -> tuple[WeightStore, Reservation]:
+        """Room for a slice whose header is sound, before anything of it is written or opened."""
+        if self.store is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, "this server has no cache directory")
+        what = f"slice [{head.layer_start}, {head.layer_end})"
         try:
-            _, received = store.receive(head, self._counted(chunks), limit)
+            return self.store, self.store.reserve(head, self.memory_cap or (1 << 62))
+        except CacheFullError as e:
+            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"{what}: {e}") from e
+        except TransferError as e:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"{what}: {e}") from e
+
+    def push_slice(self, head: IncomingSlice, chunks: Iterable[Chunk]) -> int:
+        store, reservation = self._reserve(head)
+        try:
+            with reservation:
+                _, received = store.receive(reservation, self._counted(chunks))
         except TransferError as e:
             raise EngineError(ErrorCode.DATA_LOSS, f"slice [{head.layer_start}, {head.layer_end}) rejected: {e}") from e
         except ValueError as e:
@@ -203,12 +220,19 @@ class Engine:
 
     def open_upload(self, head: IncomingSlice) -> tuple[int, bytes]:
         """Open the bulk path for one slice; returns (port, token)."""
-        store, limit = self._slice_target()
+        store, reservation = self._reserve(head)
         try:
-            receiver = UploadReceiver(store, self.data_host, head, limit, self._count, self.upload_tls)
-        except TransferError as e:
-            raise EngineError(ErrorCode.INVALID_ARGUMENT, f"slice [{head.layer_start}, {head.layer_end}): {e}") from e
+            receiver = UploadReceiver(store, reservation, self.data_host, self._count, self.upload_tls)
+        except OSError as e:
+            reservation.release()
+            raise EngineError(ErrorCode.RESOURCE_EXHAUSTED, f"cannot open an upload port: {e}") from e
         return receiver.port, receiver.token
+
+    def slice_cache_figures(self) -> tuple[int, int]:
+        """The slice cache's bytes on disk and the most it may take."""
+        if self.store is None:
+            return 0, 0
+        return self.store.disk_bytes(), self.store.max_bytes
 
     def takes_turns(self) -> bool:
         """Whether this server takes turns with others on its machine's cores."""
@@ -241,29 +265,30 @@ class Engine:
         self.loop.call(share)
 
     def load(
-        self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "", cache: CacheConfig | None = None
-    ) -> LoadedRange | None:
-        """Load a range; None when this server has no copy of the weights (push them)."""
+        self, model_path: str, layer_start: int, layer_end: int, model_hash: str = "", cache: CacheConfig | None = None,
+        digest: str = "",
+    ) -> LoadedRange | None:  # fmt: skip
+        """Load a range; None when this server has no copy of the weights (push them). With a
+        model hash, ``digest`` names the received slice that may be loaded (slicefile.py)."""
+        if not model_path and not model_hash:
+            raise EngineError(ErrorCode.INVALID_ARGUMENT, "neither a model path nor a model hash was given")
         cache = (cache or CacheConfig()).resolved()
         current = self._range
-        if current and (current.model_hash or current.model_path, current.layer_start, current.layer_end) == (
-            model_hash or model_path,
-            layer_start,
-            layer_end,
-        ) and (current.flash_attn, current.cache_type_k, current.cache_type_v) == (
-            cache.flash_attn, cache.type_k, cache.type_v
+        settings = (layer_start, layer_end, cache.flash_attn, cache.type_k, cache.type_v)
+        if current and self._loaded_from is not None and self._loaded_from[1:] == settings and (
+            self._loaded_from[0] in ((("model", model_hash), ("slice", digest)) if model_hash else (("path", model_path),))
         ):  # fmt: skip
             return current
-        found = self.locate(model_path, model_hash, layer_start, layer_end)
-        if found is None:
-            if not model_hash:
-                raise EngineError(ErrorCode.INVALID_ARGUMENT, "neither a model path nor a model hash was given")
-            return None
-        path, source = found
+        try:
+            path, source = self.locate(model_path, model_hash, layer_start, layer_end, digest)
+        except EngineError as e:
+            if model_hash and e.code is ErrorCode.NOT_FOUND:
+                return None
+            raise
         try:
             info = read_model(path)
         except FileNotFoundError as e:
-            raise EngineError(ErrorCode.NOT_FOUND, str(e)) from e
+            raise EngineError(ErrorCode.NOT_FOUND, NOT_AVAILABLE) from e
         except UnsupportedArchitectureError as e:
             raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{path}: {e}") from e
         except ValueError as e:
@@ -288,6 +313,8 @@ class Engine:
         def swap() -> LoadedRange:
             self._settle()
             self._unload()
+            if self.store is not None:
+                self.store.use(path if source == "cache" else None)
             try:
                 with cores.any_core():  # copying and repacking weights: single-threaded work
                     self._stage = LayerStage(info, layer_start, layer_end, self._backend, cache=cache)
@@ -302,6 +329,8 @@ class Engine:
                 model_hash=model_hash, source=source, flash_attn=bool(cache.flash_attn), cache_type_k=cache.type_k,
                 cache_type_v=cache.type_v,
             )  # fmt: skip
+            kind = {"cache": ("slice", digest), "model-dir": ("model", model_hash)}.get(source, ("path", model_path))
+            self._loaded_from = (kind, *settings)
             return self._range
 
         return self.loop.call(swap)
@@ -318,7 +347,7 @@ class Engine:
         self._held = 0
         if self._stage is not None:
             self._stage.close()
-        self._stage, self._range = None, None
+        self._stage, self._range, self._loaded_from = None, None, None
 
     # -- sessions -----------------------------------------------------------------------
     def open_session(self, n_ctx: int, prefix: PrefixStart | None = None) -> OpenedSession:

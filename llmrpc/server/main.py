@@ -44,6 +44,7 @@ def serve(
     memory_cap: int = 0,
     prefix_cache: int | None = None,
     cache_dir: str | None = None,
+    cache_max: int | None = None,
     model_dirs: tuple[str, ...] = (),
     calibrate: bool = True,
     omp_spin: int | None = None,
@@ -93,7 +94,13 @@ def serve(
 
     from llmrpc.server.store import WeightStore, default_cache_dir
 
-    store = WeightStore(Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs])
+    try:
+        store = WeightStore(
+            Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs], cache_max
+        )
+    except OSError as e:
+        print(f"llmrpc-server: cannot use the cache directory: {e}", file=sys.stderr)
+        return 2
     from llmrpc.server.dataplane import DataPlane
     from llmrpc.server.loop import ComputeLoop
 

@@ -89,6 +89,8 @@ class _State(Collector):
         info.add_metric([], {"device": d.name, "kind": d.kind, "description": d.description, "version": __version__})
         yield info
         loaded = e.loaded()
+        _, prefix_bytes, prefix_budget = e.prefix_figures()
+        disk, disk_budget = e.slice_cache_figures()
         for name, doc, value in (
             ("device_memory_total_bytes", "The device's memory.", d.memory_total),
             ("device_memory_free_bytes", "The device's free memory now.", e.device_free()),
@@ -106,6 +108,10 @@ class _State(Collector):
             ("bandwidth_bytes_per_second", "Its measured weight-read bandwidth (0: not measured).",
              e.calibration_figures()[0]),
             ("weight_bytes_received", "Bytes of weights shipped to it since it started.", e.bytes_received),
+            ("prefix_cache_bytes", "Memory of closed sessions' caches kept as prefixes.", prefix_bytes),
+            ("prefix_cache_budget_bytes", "The most they may take (--prefix-cache).", prefix_budget),
+            ("slice_cache_bytes", "Disk taken by received slices and uploads under way.", disk),
+            ("slice_cache_budget_bytes", "The most the slice cache may take (--cache-max).", disk_budget),
         ):  # fmt: skip
             yield GaugeMetricFamily(f"llmrpc:server_{name}", doc, value=float(value))
         yield from e.meter.collect()

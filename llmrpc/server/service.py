@@ -85,9 +85,11 @@ class StageService(pb_grpc.StageServicer):
     def Health(self, request: pb.HealthRequest, context: grpc.ServicerContext) -> pb.HealthReply:  # noqa: N802
         e = self.engine
         entries, n_bytes, budget = e.prefix_figures()
+        disk, disk_budget = e.slice_cache_figures()
         return pb.HealthReply(
             serving=True, open_sessions=e.open_sessions(), native_steps=e.native_steps, takes_turns=e.takes_turns(),
-            prefix_entries=entries, prefix_bytes=n_bytes, prefix_budget=budget,
+            prefix_entries=entries, prefix_bytes=n_bytes, prefix_budget=budget, slice_cache_bytes=disk,
+            slice_cache_budget=disk_budget,
         )  # fmt: skip
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802
@@ -102,8 +104,9 @@ class StageService(pb_grpc.StageServicer):
             if request.share_host:
                 self.engine.share_host(request.share_host)
             loaded = self.engine.load(
-                request.model_path, request.layer_start, request.layer_end, request.model_hash, cache
-            )
+                request.model_path, request.layer_start, request.layer_end, request.model_hash, cache,
+                request.slice_digest,
+            )  # fmt: skip
             if loaded is None:
                 return pb.LoadReply(needs_weights=True)
             return pb.LoadReply(

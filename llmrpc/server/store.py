@@ -1,9 +1,14 @@
 """Where a server finds weights: its cache of received slices and its model directories.
 
-Models are matched by the sha256 of the whole GGUF, never by file name. A received slice is
-written to a temporary file, checked chunk by chunk (crc32) and tensor by tensor (sha256),
-and only then renamed into the cache; a cached slice is checked again before it is loaded,
-and one that fails is deleted so that the head ships it again.
+Received slices are kept under the digest the server computed while receiving them
+(receive.py), and found by the digest a head asks for: a slice pushed under another model's
+hash is never given to a head that loads that model. A cached slice is checked again (crc32 of
+its chunks) before it is loaded, and one that fails is deleted so that the head ships it again.
+
+The cache holds at most ``max_bytes`` on disk (``--cache-max``): room for a push is reserved
+before anything is written, by removing the least recently used slices other than the loaded
+one, and a push that cannot fit is refused. Model directories are matched by content hash, and
+a path a head names is used only inside them.
 """
 
 from __future__ import annotations
@@ -12,191 +17,248 @@ import hashlib
 import json
 import logging
 import os
-import queue
+import secrets
+import shutil
 import threading
+import time
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
 from llmrpc import paths
 from llmrpc.model.gguf_model import content_hash
-from llmrpc.model.slicefile import IncomingSlice, SliceTensor
+from llmrpc.model.slicefile import IncomingSlice
+from llmrpc.server.receive import Chunk, TransferError, check_slice, receive
 from llmrpc.types import CachedSlice
 
 logger = logging.getLogger(__name__)
 
-
-class TransferError(ValueError):
-    """A pushed slice that is malformed, incomplete or corrupted; nothing was kept."""
+STALE_PART = 24 * 3600  # seconds after which a partial upload left by a process that ended is removed
 
 
 def default_cache_dir() -> Path:
     return paths.cache_dir("slices")
 
 
+def default_cache_max(cache_dir: Path) -> int:
+    """Half the size of the filesystem the cache is on."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return shutil.disk_usage(cache_dir).total // 2
+
+
+class CacheFullError(TransferError):
+    """A slice the cache has no room for (--cache-max); nothing was written."""
+
+
+class Reservation:
+    """Room in the cache for one push, held until it is kept or refused."""
+
+    def __init__(self, store: WeightStore, head: IncomingSlice, n_bytes: int) -> None:
+        self.store, self.head, self.n_bytes = store, head, n_bytes
+
+    def release(self) -> None:
+        self.store._release(self)
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
 class WeightStore:
-    def __init__(self, cache_dir: Path, model_dirs: Iterable[Path] = ()) -> None:
+    def __init__(self, cache_dir: Path, model_dirs: Iterable[Path] = (), max_bytes: int | None = None) -> None:
         self.cache_dir = cache_dir
-        self.model_dirs = [Path(d) for d in model_dirs]
+        self.model_dirs = [Path(d).resolve() for d in model_dirs]
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        self.max_bytes = default_cache_max(cache_dir) if max_bytes is None else max_bytes
+        self._lock = threading.Lock()
+        self._reservations: list[Reservation] = []
+        self._in_use: str | None = None  # the slice the engine has loaded: never evicted
+        self._remove_stale()
 
     # -- lookup -------------------------------------------------------------------------
-    def _slice_path(self, model_hash: str, start: int, end: int) -> Path:
-        if not all(c in "0123456789abcdef" for c in model_hash) or len(model_hash) != 64:
-            raise ValueError(f"model hash {model_hash!r} is not a sha256 hex digest")
-        return self.cache_dir / model_hash / f"{start}-{end}.gguf"
+    def _slice_path(self, digest: str) -> Path:
+        if len(digest) != 64 or not all(c in "0123456789abcdef" for c in digest):
+            raise ValueError(f"slice digest {digest!r} is not a sha256 hex digest")
+        return self.cache_dir / f"{digest}.gguf"
 
     def cached(self) -> list[CachedSlice]:
         out = []
-        for manifest in sorted(self.cache_dir.glob("*/*.json")):
+        for manifest in sorted(self.cache_dir.glob("*.json")):
             try:
                 m = json.loads(manifest.read_text())
                 out.append(CachedSlice(m["model_hash"], m["layer_start"], m["layer_end"], m["tensor_bytes"]))
-            except (OSError, ValueError, KeyError):
+            except (OSError, ValueError, KeyError, TypeError):
                 continue
         return out
 
-    def verified_slice(self, model_hash: str, start: int, end: int) -> str | None:
-        """The cached slice's path if it is intact; a damaged one is removed."""
-        path = self._slice_path(model_hash, start, end)
+    def verified_slice(self, digest: str, model_hash: str, start: int, end: int) -> str | None:
+        """The cached slice of this digest if it is intact (and is layers [start, end) of
+        ``model_hash``, as its header says); a damaged one is removed."""
+        path = self._slice_path(digest)
         manifest = path.with_suffix(".json")
         if not path.exists() or not manifest.exists():
             return None
         try:
             m = json.loads(manifest.read_text())
+            if (m["model_hash"], m["layer_start"], m["layer_end"]) != (model_hash, start, end):
+                return None
             header_size = int(m["header_size"])
             with open(path, "rb") as f:
                 if hashlib.sha256(f.read(header_size)).hexdigest() != m["header_sha256"]:
                     raise TransferError("header checksum mismatch")
                 for t in m["tensors"]:
-                    # each chunk's crc32 as received (cheap to recheck), or the tensor's sha256
-                    for off, n, crc in t.get("chunks") or []:
+                    for off, n, crc in t["chunks"]:  # each chunk's crc32 as received: cheap to recheck
                         f.seek(header_size + t["offset"] + off)
                         if zlib.crc32(f.read(n)) != crc:
                             raise TransferError(f"tensor {t['name']} checksum mismatch at {off}")
-                    if not t.get("chunks"):
-                        f.seek(header_size + t["offset"])
-                        if hashlib.sha256(f.read(t["n_bytes"])).hexdigest() != t["sha256"]:
-                            raise TransferError(f"tensor {t['name']} checksum mismatch")
         except (OSError, ValueError, KeyError, TypeError) as e:
             logger.warning("cached slice %s is damaged (%s); removing it", path, e)
             path.unlink(missing_ok=True)
             manifest.unlink(missing_ok=True)
             return None
+        _touch(manifest)  # most recently used: evicted last
         return str(path)
 
-    def model_file(self, model_hash: str) -> str | None:
+    def model_file(self, model_hash: str, hint: str = "") -> str | None:
+        """A file of the model directories whose content hash is ``model_hash``: ``hint`` first
+        if it names one of their files, else every GGUF in them."""
+        named = self.model_path(hint) if hint else None
+        if named is not None and content_hash(named) == model_hash:
+            return named
         for d in self.model_dirs:
             for path in sorted(d.glob("*.gguf")):
                 try:
-                    if content_hash(path) == model_hash:
+                    if path.is_file() and self.model_path(str(path)) and content_hash(path) == model_hash:
                         return str(path)
                 except OSError:
                     continue
         return None
 
-    # -- receiving ----------------------------------------------------------------------
-    def receive(
-        self, head: IncomingSlice, chunks: Iterable[tuple[int, int, bytes | memoryview, int]], max_bytes: int
-    ) -> tuple[str, int]:
-        """Write a pushed slice; returns (path, tensor bytes received)."""
-        _check_layout(head, max_bytes)
-        path = self._slice_path(head.model_hash, head.layer_start, head.layer_end)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".part{os.getpid()}")
-        # sha256 only when the sender gave digests to compare with (PushSlice); otherwise the
-        # chunks' crc32, checked on arrival, are what the cache is verified against later.
-        hashers = _Hashers(len(head.tensors)) if any(t.sha256 for t in head.tensors) else None
-        chunk_crcs: list[list[tuple[int, int, int]]] = [[] for _ in head.tensors]
-        filled = [0] * len(head.tensors)
-        base = len(head.header)
-        received = 0
+    def model_path(self, path: str) -> str | None:
+        """``path`` resolved, if it is a file inside one of the model directories (links
+        followed: one that leads out of them does not count); None otherwise, whatever the reason."""
         try:
-            with open(tmp, "wb") as f:
-                f.write(head.header)
-                f.truncate(base + head.data_size)
-                for index, offset, data, crc in chunks:
-                    if not 0 <= index < len(head.tensors):
-                        raise TransferError(f"chunk for tensor {index}; the slice has {len(head.tensors)}")
-                    t = head.tensors[index]
-                    if offset != filled[index]:
-                        raise TransferError(
-                            f"{t.name}: chunk at {offset}, expected {filled[index]} (chunks come in order)"
-                        )
-                    if offset + len(data) > t.n_bytes:
-                        raise TransferError(f"{t.name}: chunk ends at {offset + len(data)}, past {t.n_bytes} bytes")
-                    if zlib.crc32(data) != crc:
-                        raise TransferError(f"{t.name}: chunk at {offset} is corrupted (crc32 mismatch)")
-                    os.pwrite(f.fileno(), data, base + t.offset + offset)
-                    chunk_crcs[index].append((offset, len(data), crc))
-                    if hashers is not None:
-                        hashers.update(index, data)
-                    filled[index] += len(data)
-                    received += len(data)
-            digests = hashers.finish() if hashers is not None else [""] * len(head.tensors)
-            for t, n in zip(head.tensors, filled, strict=True):
-                if n != t.n_bytes:
-                    raise TransferError(f"{t.name}: received {n} of {t.n_bytes} bytes (transfer interrupted)")
-            tensors = []
-            for t, digest, crcs in zip(head.tensors, digests, chunk_crcs, strict=True):
-                if t.sha256 and digest != t.sha256:
-                    raise TransferError(f"{t.name}: content does not match its sha256")
-                tensors.append(SliceTensor(t.name, t.offset, t.n_bytes, digest).__dict__ | {"chunks": crcs})
-            manifest = {
-                "model_hash": head.model_hash,
-                "layer_start": head.layer_start,
-                "layer_end": head.layer_end,
-                "tensor_bytes": received,
-                "header_size": base,
-                "header_sha256": hashlib.sha256(head.header).hexdigest(),
-                "tensors": tensors,
-            }
+            real = Path(path).resolve(strict=True)
+        except (OSError, RuntimeError, ValueError):
+            return None
+        if not real.is_file() or not any(real.is_relative_to(d) for d in self.model_dirs):
+            return None
+        return str(real)
+
+    # -- receiving ----------------------------------------------------------------------
+    def reserve(self, head: IncomingSlice, max_bytes: int) -> Reservation:
+        """Check a slice's header and make room for it (least recently used slices go first);
+        TransferError when it is malformed or cannot fit."""
+        check_slice(head, max_bytes)
+        need = len(head.header) + head.data_size
+        with self._lock:
+            if need > self.max_bytes:
+                raise CacheFullError(f"the slice takes {need} bytes; this server's slice cache holds {self.max_bytes}")
+            entries = self._entries()
+            evictable = sum(size for _, path, size in entries if path != self._in_use)
+            if self._used() - evictable + need > self.max_bytes:  # refused as it is: nothing removed for it
+                raise CacheFullError(
+                    f"the slice takes {need} bytes and the slice cache is full ({self.max_bytes} bytes: "
+                    "the loaded layers and uploads under way)"
+                )
+            for _, path, _ in entries:
+                if self._used() + need <= self.max_bytes:
+                    break
+                if path != self._in_use:
+                    logger.info("slice cache full: removing %s, the least recently used", path)
+                    Path(path).unlink(missing_ok=True)
+                    Path(path).with_suffix(".json").unlink(missing_ok=True)
+            reservation = Reservation(self, head, need)
+            self._reservations.append(reservation)
+        return reservation
+
+    def receive(self, reservation: Reservation, chunks: Iterable[Chunk]) -> tuple[str, int]:
+        """Write a reserved slice and keep it under its digest; returns (path, tensor bytes)."""
+        head = reservation.head
+        tmp = self.cache_dir / f"{secrets.token_hex(8)}.part"
+        got = receive(head, chunks, tmp)
+        path = self._slice_path(got.digest)
+        manifest = path.with_suffix(".json")
+        manifest_tmp = tmp.with_suffix(".manifest")
+        try:
+            manifest_tmp.write_text(json.dumps(got.manifest))
+            os.replace(manifest_tmp, manifest)  # (first: a slice file is never seen without its manifest)
+            _touch(manifest)
             os.replace(tmp, path)
-            path.with_suffix(".json").write_text(json.dumps(manifest))
         except BaseException:
-            if hashers is not None:
-                hashers.finish()
             tmp.unlink(missing_ok=True)
+            manifest_tmp.unlink(missing_ok=True)
             raise
         logger.info(
-            "received slice [%d, %d) of %s: %d bytes", head.layer_start, head.layer_end, head.model_hash[:12], received
-        )
-        return str(path), received
+            "received slice [%d, %d) of %s: %d bytes, digest %s",
+            head.layer_start, head.layer_end, head.model_hash[:12], got.tensor_bytes, got.digest[:12],
+        )  # fmt: skip
+        return str(path), got.tensor_bytes
+
+    def use(self, path: str | None) -> None:
+        """The slice the engine loaded now (None: none), kept whatever the cache needs."""
+        with self._lock:
+            self._in_use = path
+
+    def disk_bytes(self) -> int:
+        """Bytes the slice cache takes, uploads under way counted at their full size."""
+        with self._lock:
+            return self._used()
+
+    def _release(self, reservation: Reservation) -> None:
+        with self._lock:
+            if reservation in self._reservations:
+                self._reservations.remove(reservation)
+
+    def _used(self) -> int:
+        kept = 0
+        for p in self.cache_dir.glob("*.gguf"):
+            try:
+                kept += p.stat().st_size
+            except OSError:
+                continue
+        return kept + sum(r.n_bytes for r in self._reservations)
+
+    def _entries(self) -> list[tuple[int, str, int]]:
+        """Every kept slice as (last used, path, bytes), least recently used first; files
+        without a manifest (never complete) first of all."""
+        out = []
+        for path in self.cache_dir.glob("*.gguf"):
+            try:
+                size = path.stat().st_size
+                used = path.with_suffix(".json").stat().st_mtime_ns
+            except FileNotFoundError:
+                used = 0
+            except OSError:
+                continue
+            out.append((used, str(path), size))
+        return sorted(out)
+
+    def _remove_stale(self) -> None:
+        """Remove partial uploads a process left a day ago or more, and slices kept in folders
+        named by a model hash: keyed by what an uploader claimed, nothing vouches for them."""
+        now = time.time()
+        for p in self.cache_dir.glob("*.part"):
+            try:
+                if now - p.stat().st_mtime > STALE_PART:
+                    p.unlink()
+            except OSError:
+                continue
+        for d in self.cache_dir.iterdir():
+            if d.is_dir() and len(d.name) == 64 and all(c in "0123456789abcdef" for c in d.name):
+                for p in d.glob("*-*.*"):
+                    if p.suffix in (".gguf", ".json") or p.suffix.startswith(".part"):
+                        p.unlink(missing_ok=True)
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
 
 
-class _Hashers:
-    """sha256 of each tensor, computed on a thread of its own while the next chunk arrives
-    (hashlib releases the GIL), so hashing does not slow the transfer."""
-
-    def __init__(self, n: int) -> None:
-        self._h = [hashlib.sha256() for _ in range(n)]
-        self._q: queue.Queue[tuple[int, bytes | memoryview] | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, daemon=True, name="slice-sha256")
-        self._thread.start()
-        self._done = False
-
-    def _run(self) -> None:
-        while (item := self._q.get()) is not None:
-            self._h[item[0]].update(item[1])
-
-    def update(self, index: int, data: bytes | memoryview) -> None:
-        self._q.put((index, data))
-
-    def finish(self) -> list[str]:
-        if not self._done:
-            self._done = True
-            self._q.put(None)
-            self._thread.join()
-        return [h.hexdigest() for h in self._h]
-
-
-def _check_layout(head: IncomingSlice, max_bytes: int) -> None:
-    if not head.header.startswith(b"GGUF"):
-        raise TransferError("the slice header is not a GGUF header")
-    if head.data_size > max_bytes:
-        raise TransferError(f"the slice needs {head.data_size} bytes; this server may hold {max_bytes}")
-    end = 0
-    for t in head.tensors:
-        if t.offset < end or t.offset + t.n_bytes > head.data_size:
-            raise TransferError(f"tensor {t.name} lies outside the slice's data section or overlaps another")
-        end = t.offset + t.n_bytes
+def _touch(manifest: Path) -> None:
+    """Mark a slice used now (its manifest's mtime, to the nanosecond: the filesystem's own
+    clock ticks coarsely, and slices used one after the other must stay in order)."""
+    now = time.time_ns()
+    os.utime(manifest, ns=(now, now))

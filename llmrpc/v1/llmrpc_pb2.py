@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmrpc/v1/llmrpc.proto\x12\tllmrpc.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"d\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cmemory_total\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x05 \x01(\x04\"\x8b\x02\n\x0bLoadedRange\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x0f\n\x07n_layer\x18\x05 \x01(\r\x12\x0e\n\x06n_embd\x18\x06 \x01(\r\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x12\n\nmodel_hash\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nflash_attn\x18\x0b \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\r \x01(\t\"8\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\"\x80\x03\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12!\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Device\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12&\n\x06loaded\x18\x05 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x15\n\ropen_sessions\x18\x06 \x01(\r\x12\x12\n\nmemory_cap\x18\x07 \x01(\x04\x12\x15\n\rmemory_budget\x18\x08 \x01(\x04\x12\x11\n\tbandwidth\x18\t \x01(\x01\x12\x14\n\x0cmatmul_flops\x18\n \x01(\x01\x12&\n\x06\x63\x61\x63hed\x18\x0b \x03(\x0b\x32\x16.llmrpc.v1.CachedSlice\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x04\x12\x11\n\tdata_port\x18\r \x01(\r\x12\x12\n\ndata_token\x18\x0e \x01(\t\x12\x12\n\nmachine_id\x18\x0f \x01(\t\"X\n\x0b\x43\x61\x63hedSlice\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x0f\n\rHealthRequest\"\xa5\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\x12\x14\n\x0cnative_steps\x18\x03 \x01(\x04\x12\x13\n\x0btakes_turns\x18\x04 \x01(\x08\x12\x16\n\x0eprefix_entries\x18\x05 \x01(\r\x12\x14\n\x0cprefix_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefix_budget\x18\x07 \x01(\x04\"\xc7\x01\n\x0bLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12(\n\nflash_attn\x18\x05 \x01(\x0e\x32\x14.llmrpc.v1.FlashAttn\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\x07 \x01(\t\x12\x12\n\nshare_host\x18\x08 \x01(\t\"k\n\tLoadReply\x12&\n\x06loaded\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rneeds_weights\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\"P\n\x0fSliceTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0f\n\x07n_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x99\x01\n\x0bSliceHeader\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x11\n\tdata_size\x18\x05 \x01(\x04\x12+\n\x07tensors\x18\x06 \x03(\x0b\x32\x1a.llmrpc.v1.SliceTensorInfo\"I\n\nTensorData\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"e\n\nSliceChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.SliceHeaderH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.llmrpc.v1.TensorDataH\x00\x42\x06\n\x04part\"+\n\x0cUploadTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\"7\n\x0ePushSliceReply\x12\x14\n\x0ctensor_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"e\n\x12OpenSessionRequest\x12\r\n\x05n_ctx\x18\x01 \x01(\r\x12\x16\n\x0eprefix_session\x18\x02 \x01(\t\x12\x13\n\x0bprefix_rows\x18\x03 \x01(\r\x12\x13\n\x0bprefix_take\x18\x04 \x01(\x08\"[\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05n_ctx\x18\x02 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x04 \x03(\t\"\xab\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12 \n\x05input\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x12\n\nall_logits\x18\x04 \x01(\x08\x12&\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\x14\n\x0clogits_top_k\x18\x06 \x01(\r\"p\n\x0c\x46orwardReply\x12!\n\x06output\x18\x01 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12$\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\"2\n\x11\x43loseSessionReply\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12\x0f\n\x07\x65victed\x18\x02 \x03(\t*K\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\r\n\tDTYPE_I32\x10\x03*G\n\tFlashAttn\x12\x13\n\x0f\x46LASH_ATTN_AUTO\x10\x00\x12\x12\n\x0e\x46LASH_ATTN_OFF\x10\x01\x12\x11\n\rFLASH_ATTN_ON\x10\x02\x32\xd3\x04\n\x05Stage\x12\x37\n\x05Hello\x12\x17.llmrpc.v1.HelloRequest\x1a\x15.llmrpc.v1.HelloReply\x12:\n\x06Health\x12\x18.llmrpc.v1.HealthRequest\x1a\x16.llmrpc.v1.HealthReply\x12\x34\n\x04Load\x12\x16.llmrpc.v1.LoadRequest\x1a\x14.llmrpc.v1.LoadReply\x12?\n\tPushSlice\x12\x15.llmrpc.v1.SliceChunk\x1a\x19.llmrpc.v1.PushSliceReply(\x01\x12=\n\nOpenUpload\x12\x16.llmrpc.v1.SliceHeader\x1a\x17.llmrpc.v1.UploadTicket\x12I\n\x0bOpenSession\x12\x1d.llmrpc.v1.OpenSessionRequest\x1a\x1b.llmrpc.v1.OpenSessionReply\x12=\n\x07\x46orward\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply\x12G\n\rForwardStream\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply(\x01\x30\x01\x12L\n\x0c\x43loseSession\x12\x1e.llmrpc.v1.CloseSessionRequest\x1a\x1c.llmrpc.v1.CloseSessionReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmrpc/v1/llmrpc.proto\x12\tllmrpc.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"d\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cmemory_total\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x05 \x01(\x04\"\x8b\x02\n\x0bLoadedRange\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x0f\n\x07n_layer\x18\x05 \x01(\r\x12\x0e\n\x06n_embd\x18\x06 \x01(\r\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x12\n\nmodel_hash\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nflash_attn\x18\x0b \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\r \x01(\t\"8\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\"\x80\x03\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12!\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Device\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12&\n\x06loaded\x18\x05 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x15\n\ropen_sessions\x18\x06 \x01(\r\x12\x12\n\nmemory_cap\x18\x07 \x01(\x04\x12\x15\n\rmemory_budget\x18\x08 \x01(\x04\x12\x11\n\tbandwidth\x18\t \x01(\x01\x12\x14\n\x0cmatmul_flops\x18\n \x01(\x01\x12&\n\x06\x63\x61\x63hed\x18\x0b \x03(\x0b\x32\x16.llmrpc.v1.CachedSlice\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x04\x12\x11\n\tdata_port\x18\r \x01(\r\x12\x12\n\ndata_token\x18\x0e \x01(\t\x12\x12\n\nmachine_id\x18\x0f \x01(\t\"X\n\x0b\x43\x61\x63hedSlice\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x0f\n\rHealthRequest\"\xdc\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\x12\x14\n\x0cnative_steps\x18\x03 \x01(\x04\x12\x13\n\x0btakes_turns\x18\x04 \x01(\x08\x12\x16\n\x0eprefix_entries\x18\x05 \x01(\r\x12\x14\n\x0cprefix_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefix_budget\x18\x07 \x01(\x04\x12\x19\n\x11slice_cache_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12slice_cache_budget\x18\t \x01(\x04\"\xdd\x01\n\x0bLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12(\n\nflash_attn\x18\x05 \x01(\x0e\x32\x14.llmrpc.v1.FlashAttn\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\x07 \x01(\t\x12\x12\n\nshare_host\x18\x08 \x01(\t\x12\x14\n\x0cslice_digest\x18\t \x01(\t\"k\n\tLoadReply\x12&\n\x06loaded\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rneeds_weights\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\"P\n\x0fSliceTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0f\n\x07n_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x99\x01\n\x0bSliceHeader\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x11\n\tdata_size\x18\x05 \x01(\x04\x12+\n\x07tensors\x18\x06 \x03(\x0b\x32\x1a.llmrpc.v1.SliceTensorInfo\"I\n\nTensorData\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"e\n\nSliceChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.SliceHeaderH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.llmrpc.v1.TensorDataH\x00\x42\x06\n\x04part\"+\n\x0cUploadTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\"7\n\x0ePushSliceReply\x12\x14\n\x0ctensor_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"e\n\x12OpenSessionRequest\x12\r\n\x05n_ctx\x18\x01 \x01(\r\x12\x16\n\x0eprefix_session\x18\x02 \x01(\t\x12\x13\n\x0bprefix_rows\x18\x03 \x01(\r\x12\x13\n\x0bprefix_take\x18\x04 \x01(\x08\"[\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05n_ctx\x18\x02 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x04 \x03(\t\"\xab\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12 \n\x05input\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x12\n\nall_logits\x18\x04 \x01(\x08\x12&\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\x14\n\x0clogits_top_k\x18\x06 \x01(\r\"p\n\x0c\x46orwardReply\x12!\n\x06output\x18\x01 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12$\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\"2\n\x11\x43loseSessionReply\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12\x0f\n\x07\x65victed\x18\x02 \x03(\t*K\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\r\n\tDTYPE_I32\x10\x03*G\n\tFlashAttn\x12\x13\n\x0f\x46LASH_ATTN_AUTO\x10\x00\x12\x12\n\x0e\x46LASH_ATTN_OFF\x10\x01\x12\x11\n\rFLASH_ATTN_ON\x10\x02\x32\xd3\x04\n\x05Stage\x12\x37\n\x05Hello\x12\x17.llmrpc.v1.HelloRequest\x1a\x15.llmrpc.v1.HelloReply\x12:\n\x06Health\x12\x18.llmrpc.v1.HealthRequest\x1a\x16.llmrpc.v1.HealthReply\x12\x34\n\x04Load\x12\x16.llmrpc.v1.LoadRequest\x1a\x14.llmrpc.v1.LoadReply\x12?\n\tPushSlice\x12\x15.llmrpc.v1.SliceChunk\x1a\x19.llmrpc.v1.PushSliceReply(\x01\x12=\n\nOpenUpload\x12\x16.llmrpc.v1.SliceHeader\x1a\x17.llmrpc.v1.UploadTicket\x12I\n\x0bOpenSession\x12\x1d.llmrpc.v1.OpenSessionRequest\x1a\x1b.llmrpc.v1.OpenSessionReply\x12=\n\x07\x46orward\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply\x12G\n\rForwardStream\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply(\x01\x30\x01\x12L\n\x0c\x43loseSession\x12\x1e.llmrpc.v1.CloseSessionRequest\x1a\x1c.llmrpc.v1.CloseSessionReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmrpc.v1.llmrpc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2623
-  _globals['_DTYPE']._serialized_end=2698
-  _globals['_FLASHATTN']._serialized_start=2700
-  _globals['_FLASHATTN']._serialized_end=2771
+  _globals['_DTYPE']._serialized_start=2700
+  _globals['_DTYPE']._serialized_end=2775
+  _globals['_FLASHATTN']._serialized_start=2777
+  _globals['_FLASHATTN']._serialized_end=2848
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_DEVICE']._serialized_start=109
@@ -50,35 +50,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_start=1016
   _globals['_HEALTHREQUEST']._serialized_end=1031
   _globals['_HEALTHREPLY']._serialized_start=1034
-  _globals['_HEALTHREPLY']._serialized_end=1199
-  _globals['_LOADREQUEST']._serialized_start=1202
-  _globals['_LOADREQUEST']._serialized_end=1401
-  _globals['_LOADREPLY']._serialized_start=1403
-  _globals['_LOADREPLY']._serialized_end=1510
-  _globals['_SLICETENSORINFO']._serialized_start=1512
-  _globals['_SLICETENSORINFO']._serialized_end=1592
-  _globals['_SLICEHEADER']._serialized_start=1595
-  _globals['_SLICEHEADER']._serialized_end=1748
-  _globals['_TENSORDATA']._serialized_start=1750
-  _globals['_TENSORDATA']._serialized_end=1823
-  _globals['_SLICECHUNK']._serialized_start=1825
-  _globals['_SLICECHUNK']._serialized_end=1926
-  _globals['_UPLOADTICKET']._serialized_start=1928
-  _globals['_UPLOADTICKET']._serialized_end=1971
-  _globals['_PUSHSLICEREPLY']._serialized_start=1973
-  _globals['_PUSHSLICEREPLY']._serialized_end=2028
-  _globals['_OPENSESSIONREQUEST']._serialized_start=2030
-  _globals['_OPENSESSIONREQUEST']._serialized_end=2131
-  _globals['_OPENSESSIONREPLY']._serialized_start=2133
-  _globals['_OPENSESSIONREPLY']._serialized_end=2224
-  _globals['_FORWARDREQUEST']._serialized_start=2227
-  _globals['_FORWARDREQUEST']._serialized_end=2398
-  _globals['_FORWARDREPLY']._serialized_start=2400
-  _globals['_FORWARDREPLY']._serialized_end=2512
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2514
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2569
-  _globals['_CLOSESESSIONREPLY']._serialized_start=2571
-  _globals['_CLOSESESSIONREPLY']._serialized_end=2621
-  _globals['_STAGE']._serialized_start=2774
-  _globals['_STAGE']._serialized_end=3369
+  _globals['_HEALTHREPLY']._serialized_end=1254
+  _globals['_LOADREQUEST']._serialized_start=1257
+  _globals['_LOADREQUEST']._serialized_end=1478
+  _globals['_LOADREPLY']._serialized_start=1480
+  _globals['_LOADREPLY']._serialized_end=1587
+  _globals['_SLICETENSORINFO']._serialized_start=1589
+  _globals['_SLICETENSORINFO']._serialized_end=1669
+  _globals['_SLICEHEADER']._serialized_start=1672
+  _globals['_SLICEHEADER']._serialized_end=1825
+  _globals['_TENSORDATA']._serialized_start=1827
+  _globals['_TENSORDATA']._serialized_end=1900
+  _globals['_SLICECHUNK']._serialized_start=1902
+  _globals['_SLICECHUNK']._serialized_end=2003
+  _globals['_UPLOADTICKET']._serialized_start=2005
+  _globals['_UPLOADTICKET']._serialized_end=2048
+  _globals['_PUSHSLICEREPLY']._serialized_start=2050
+  _globals['_PUSHSLICEREPLY']._serialized_end=2105
+  _globals['_OPENSESSIONREQUEST']._serialized_start=2107
+  _globals['_OPENSESSIONREQUEST']._serialized_end=2208
+  _globals['_OPENSESSIONREPLY']._serialized_start=2210
+  _globals['_OPENSESSIONREPLY']._serialized_end=2301
+  _globals['_FORWARDREQUEST']._serialized_start=2304
+  _globals['_FORWARDREQUEST']._serialized_end=2475
+  _globals['_FORWARDREPLY']._serialized_start=2477
+  _globals['_FORWARDREPLY']._serialized_end=2589
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2591
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2646
+  _globals['_CLOSESESSIONREPLY']._serialized_start=2648
+  _globals['_CLOSESESSIONREPLY']._serialized_end=2698
+  _globals['_STAGE']._serialized_start=2851
+  _globals['_STAGE']._serialized_end=3446
 # @@protoc_insertion_point(module_scope)

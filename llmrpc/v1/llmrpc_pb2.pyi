@@ -140,7 +140,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "open_sessions", "native_steps", "takes_turns", "prefix_entries", "prefix_bytes", "prefix_budget")
+    __slots__ = ("serving", "open_sessions", "native_steps", "takes_turns", "prefix_entries", "prefix_bytes", "prefix_budget", "slice_cache_bytes", "slice_cache_budget")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -148,6 +148,8 @@ class HealthReply(_message.Message):
     PREFIX_ENTRIES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BYTES_FIELD_NUMBER: _ClassVar[int]
     PREFIX_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    SLICE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SLICE_CACHE_BUDGET_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     open_sessions: int
     native_steps: int
@@ -155,10 +157,12 @@ class HealthReply(_message.Message):
     prefix_entries: int
     prefix_bytes: int
     prefix_budget: int
-    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., takes_turns: _Optional[bool] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ...) -> None: ...
+    slice_cache_bytes: int
+    slice_cache_budget: int
+    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., takes_turns: _Optional[bool] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ..., slice_cache_bytes: _Optional[int] = ..., slice_cache_budget: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
-    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v", "share_host")
+    __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v", "share_host", "slice_digest")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     LAYER_START_FIELD_NUMBER: _ClassVar[int]
     LAYER_END_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +171,7 @@ class LoadRequest(_message.Message):
     CACHE_TYPE_K_FIELD_NUMBER: _ClassVar[int]
     CACHE_TYPE_V_FIELD_NUMBER: _ClassVar[int]
     SHARE_HOST_FIELD_NUMBER: _ClassVar[int]
+    SLICE_DIGEST_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     layer_start: int
     layer_end: int
@@ -175,7 +180,8 @@ class LoadRequest(_message.Message):
     cache_type_k: str
     cache_type_v: str
     share_host: str
-    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ..., flash_attn: _Optional[_Union[FlashAttn, str]] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ..., share_host: _Optional[str] = ...) -> None: ...
+    slice_digest: str
+    def __init__(self, model_path: _Optional[str] = ..., layer_start: _Optional[int] = ..., layer_end: _Optional[int] = ..., model_hash: _Optional[str] = ..., flash_attn: _Optional[_Union[FlashAttn, str]] = ..., cache_type_k: _Optional[str] = ..., cache_type_v: _Optional[str] = ..., share_host: _Optional[str] = ..., slice_digest: _Optional[str] = ...) -> None: ...
 
 class LoadReply(_message.Message):
     __slots__ = ("loaded", "seconds", "needs_weights", "source")
