@@ -59,15 +59,21 @@ def accept_tls(sock: socket.socket, tls: ssl.SSLContext) -> ssl.SSLSocket:
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, peer: str, max_bytes: int) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, max_bytes: int, *, max_meta: int = codec.MAX_DATA_META,
+        inbox: memoryview | None = None,
+    ) -> None:  # fmt: skip
+        """``max_bytes``, ``max_meta``: the largest frame it reads (arrays, description; see
+        :class:`codec.FrameReader`). ``inbox``: what it reads into, which connections read on one
+        thread may share (the frames hold copies); by default one of its own."""
         self.sock = sock
         self.peer = peer
         # TLS: one SSL object may not be used by two threads at once (reader and writer)
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._tls_io = threading.Lock()
         self.handshaking = self.tls and sock.version() is None  # type: ignore[attr-defined]
-        self.reader = codec.FrameReader(max_bytes)
-        self._inbox = memoryview(bytearray(RECV_BYTES))  # reused: no 1 MiB allocation per read
+        self.reader = codec.FrameReader(max_bytes, max_meta)
+        self._inbox = inbox if inbox is not None else memoryview(bytearray(RECV_BYTES))  # reused for every read
         self.link = 0  # the head link id this connection answers to (0: a peer server)
         self.authenticated = False
         self.closed = False
