@@ -9,6 +9,7 @@ two parties can each wait for the other to read.
 from __future__ import annotations
 
 import logging
+import math
 import select
 import socket
 import ssl
@@ -142,7 +143,7 @@ class Connection:
                 self._writing = True
             try:
                 while views:
-                    select.select([], [self.sock], [], 1.0)
+                    _wait(self.sock, select.POLLOUT, 1.0)
                     views = self._send_now(views)
             except OSError as e:
                 logger.warning("sending to %s failed: %s", self.peer, e)
@@ -201,6 +202,14 @@ class Connection:
             pass
 
 
+def _wait(sock: socket.socket, event: int, timeout: float) -> None:
+    """Wait up to ``timeout`` for ``sock`` to be ready for ``event`` (poll: any descriptor
+    number, where select stops at 1024)."""
+    poller = select.poll()
+    poller.register(sock, event)
+    poller.poll(max(0, math.ceil(timeout * 1000)))
+
+
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     while n and views:
         if n >= views[0].nbytes:
@@ -219,7 +228,7 @@ def wait_frame(conn: Connection, timeout: float) -> codec.DataFrame:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"{conn.peer} did not answer within {timeout:.0f} s")
-        select.select([conn.sock], [], [], left)
+        _wait(conn.sock, select.POLLIN, left)
         frames = conn.receive()
         if frames is None:
             raise ConnectionError(f"{conn.peer} closed the connection")

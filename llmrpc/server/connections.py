@@ -71,7 +71,10 @@ class Connections:
         self.links: dict[int, wire.Connection] = {}  # head link id -> that head's connection
         self._inbox = memoryview(bytearray(wire.RECV_BYTES))  # every read on the loop thread lands here
         self._warned: dict[str, tuple[float, int]] = {}  # kind of warning -> (when logged, since unlogged)
-        loop.watch(self._listener, self._accept)
+
+    def start(self) -> None:
+        """Accept connections (once what the callbacks need exists)."""
+        self.loop.watch(self._listener, self._accept)
 
     def _accept(self) -> None:
         try:
@@ -82,7 +85,7 @@ class Connections:
             if e.errno in _OUT_OF_DESCRIPTORS:  # pause (the listener would wake the loop at once)
                 self._warn("accept", "data port: cannot accept a connection (%s); pausing %.1f s", e, ACCEPT_BACKOFF)
                 self.loop.unwatch(self._listener)
-                self.loop.soon(lambda: self.loop.watch(self._listener, self._accept), ACCEPT_BACKOFF)
+                self.loop.soon(self._resume_accepting, ACCEPT_BACKOFF)
             else:  # the peer gave up before it was accepted, and the like
                 logger.debug("data port: accept failed: %s", e)
             return
@@ -105,6 +108,10 @@ class Connections:
         self.accepted.add(conn)
         self.loop.watch(sock, lambda: self._on_readable(conn))
         self.loop.soon(lambda: self._hello_due(conn), self.hello_timeout)
+
+    def _resume_accepting(self) -> None:
+        if self._listener.fileno() >= 0:  # (not closed meanwhile)
+            self.loop.watch(self._listener, self._accept)
 
     def _hello_due(self, conn: wire.Connection) -> None:
         if not conn.authenticated and not conn.closed:

@@ -71,6 +71,7 @@ class DataPlane:
         self.native = NativeSteps(
             engine, self.conns, self.batcher, self.introduced, self.generations, self._fail, self._fail_next
         )
+        self.conns.start()
 
     def declare_peers(self, link: int, peers: Sequence[tuple[str, str]]) -> None:
         """Head ``link``'s next servers here (see server/peers.py); from a gRPC handler."""

@@ -23,6 +23,7 @@ from llmrpc.server.native import HOP_COMPUTE_FAILED, HOP_DONE, HOP_ENDED, HOP_NO
 from llmrpc.server.steps import Step
 
 Key = tuple[int, int]  # a generation: (head link, request)
+REPORT_BYTES = codec.DATA_HEADER.size + codec.TOKEN_META.size  # a TOKEN report, as hop.c writes it
 Fail = Callable[[int, int, str, str, str], None]  # (link, request, code, message, server)
 FailNext = Callable[[int, int, str, str], None]  # (link, request, next server's address, message)
 
@@ -125,10 +126,9 @@ class NativeSteps:
         h, key = armed.hop.hop, armed.key
         if armed.head is not None and h.head_err:
             self.conns.drop(armed.head)  # the head is gone: its generations end
-        elif armed.head is not None:
+        elif armed.head is not None and h.reported < REPORT_BYTES:
             report = b"".join(codec.encode_token(key[1], int(h.token), int(h.step), None))
-            if h.reported < len(report):
-                self.conns.send_encoded(armed.head, [report[int(h.reported) :]])
+            self.conns.send_encoded(armed.head, [report[int(h.reported) :]])
         if h.err:
             self.conns.drop(armed.peer)
             self._fail_next(key[0], key[1], armed.peer.peer, f"sending to it failed (errno {h.err})")
