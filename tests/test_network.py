@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -288,17 +287,25 @@ def test_idle_streams_do_not_lock_out_hello(server_factory: Callable[..., _Serve
         never.wait()
         yield from ()
 
+    done = threading.Condition()
+    ended: list[Any] = []
+
+    def on_done(call: Any) -> None:
+        with done:
+            ended.append(call)
+            done.notify_all()
+
     with channel:
         calls = [stub.ForwardStream(nothing()) for _ in range(24)]
         try:
+            for c in calls:
+                c.add_done_callback(on_done)
             assert stub.Hello(pb.HelloRequest(client="me"), timeout=30).data_port
             assert stub.Health(pb.HealthRequest(), timeout=30).serving
-            deadline = time.monotonic() + 60
-            while sum(c.done() for c in calls) < 8 and time.monotonic() < deadline:
-                time.sleep(0.05)  # (polled: the refusals come back on gRPC's threads)
-            refused = [c for c in calls if c.done()]
-            assert len(refused) == 8  # 16 streams open at most
-            assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in refused)
+            with done:
+                assert done.wait_for(lambda: len(ended) >= 8, 60)
+            assert len(ended) == 8  # 16 streams open at most
+            assert all(c.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for c in ended)
         finally:
             for c in calls:
                 c.cancel()
