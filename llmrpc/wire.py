@@ -205,6 +205,8 @@ class Connection:
 def _wait(sock: socket.socket, event: int, timeout: float) -> None:
     """Wait up to ``timeout`` for ``sock`` to be ready for ``event`` (poll: any descriptor
     number, where select stops at 1024)."""
+    if sock.fileno() < 0:
+        raise ConnectionError("the connection was closed")
     poller = select.poll()
     poller.register(sock, event)
     poller.poll(max(0, math.ceil(timeout * 1000)))
