@@ -241,6 +241,7 @@ def test_running_out_of_descriptors_in_accept_is_survived(
     with Farm(tiny_models["F32"], [server.address], ctx_size=64, connect_timeout=30) as farm:
         assert len(_within(120, lambda: _generate(farm))) == 8
     assert server.proc.poll() is None
+    assert not any("callback failed" in line for line in server.lines)  # (no loop spinning on a failed accept)
 
 
 # -- finding 5: gRPC ---------------------------------------------------------------------------------
