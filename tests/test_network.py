@@ -467,7 +467,7 @@ def test_a_token_report_the_heads_socket_takes_in_part_is_completed(
             assert all(r.kind == FrameKind.TOKEN for r in reports), reports[-1]
         assert [r.meta["step"] for r in reports] == list(range(n))
         assert [r.meta["token"] for r in reports[:-1]] == sent_back and reports[-1].meta["end"] == "length"
-        assert engine.native_steps > 100
+        assert 0 < engine.native_steps < n - 100  # the native hop ran, and Python once the head's socket was full
         for sock in (head, into, back):
             sock.close()
     finally:
