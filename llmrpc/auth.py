@@ -119,7 +119,8 @@ class _TokenAdder(
 
 
 class TokenChecker(grpc.ServerInterceptor):  # type: ignore[misc]
-    """Refuses every call that does not carry the server's token."""
+    """Refuses every call that does not carry the server's token, from its metadata alone: the
+    call's messages are never read, so a stranger's body of any size costs the server nothing."""
 
     def __init__(self, token: str) -> None:
         self._want = f"Bearer {token}".encode()
@@ -134,16 +135,11 @@ class TokenChecker(grpc.ServerInterceptor):  # type: ignore[misc]
         why = "a token is needed (llmrpc-head --token, or LLMRPC_TOKEN)" if not given else "wrong token"
         logger.warning("refused %s: %s", details.method, why)
 
-        def refuse(request: Any, context: grpc.ServicerContext) -> Any:
+        def refuse(requests: Any, context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
 
-        kinds = (
-            ("unary_unary", grpc.unary_unary_rpc_method_handler),
-            ("unary_stream", grpc.unary_stream_rpc_method_handler),
-            ("stream_unary", grpc.stream_unary_rpc_method_handler),
-            ("stream_stream", grpc.stream_stream_rpc_method_handler),
-        )
-        for attr, make in kinds:
-            if getattr(handler, attr) is not None:
-                return make(refuse, handler.request_deserializer, handler.response_serializer)
-        return None
+        # As a handler that streams its requests, whatever the method: gRPC reads a streamed
+        # request only when the handler asks for it, which this one never does.
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(refuse)
+        return grpc.stream_unary_rpc_method_handler(refuse)

@@ -169,6 +169,15 @@ def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
     )  # fmt: skip
 
 
+def peers_request(link: int, peers: Sequence[tuple[str, str]]) -> pb.PeersRequest:
+    """A head's next servers for one server: (data address, data token) each."""
+    return pb.PeersRequest(link=link, peers=[pb.Peer(data_address=a, data_token=t) for a, t in peers])
+
+
+def peers_from_request(r: pb.PeersRequest) -> list[tuple[str, str]]:
+    return [(p.data_address, p.data_token) for p in r.peers]
+
+
 def cached_to_proto(c: CachedSlice) -> pb.CachedSlice:
     return pb.CachedSlice(model_hash=c.model_hash, layer_start=c.layer_start, layer_end=c.layer_end, bytes=c.bytes)
 
@@ -350,8 +359,11 @@ def decode_token_body(request_id: int, meta: bytes | memoryview, data: bytes | m
     return DataFrame(FrameKind.TOKEN, request_id, {"token": token, "step": step, "end": TOKEN_ENDS[end]})
 
 
-def decode_frame_header(header: bytes | bytearray | memoryview, max_bytes: int) -> tuple[FrameKind, int, int, int]:
-    """(kind, request id, JSON bytes, array bytes) of a frame header, checked against limits."""
+def decode_frame_header(
+    header: bytes | bytearray | memoryview, max_bytes: int, max_meta: int = MAX_DATA_META
+) -> tuple[FrameKind, int, int, int]:
+    """(kind, request id, JSON bytes, array bytes) of a frame header, checked against limits:
+    ``max_meta`` bytes of description, ``max_bytes`` of arrays."""
     magic, kind, request_id, meta_len, data_len = DATA_HEADER.unpack(header)
     if magic != DATA_MAGIC:
         raise CodecError("not an llmrpc data-plane frame (bad magic)")
@@ -359,8 +371,8 @@ def decode_frame_header(header: bytes | bytearray | memoryview, max_bytes: int) 
         frame_kind = FrameKind(kind)
     except ValueError:
         raise CodecError(f"unknown frame kind {kind}") from None
-    if meta_len > MAX_DATA_META:
-        raise CodecError(f"frame description of {meta_len} bytes exceeds {MAX_DATA_META}")
+    if meta_len > max_meta:
+        raise CodecError(f"frame description of {meta_len} bytes exceeds the limit of {max_meta}")
     if data_len > max_bytes:
         raise CodecError(f"frame of {data_len} array bytes exceeds the limit of {max_bytes}")
     return frame_kind, request_id, meta_len, data_len
@@ -394,28 +406,39 @@ def decode_frame_body(
 
 
 class FrameReader:
-    """Cuts a byte stream into frames; feed it what the socket gives, take whole frames out."""
+    """Cuts a byte stream into frames; feed it what the socket gives, take whole frames out.
 
-    def __init__(self, max_bytes: int) -> None:
+    A frame's header is checked against the limits as soon as it arrives (``max_meta`` bytes of
+    description, ``max_bytes`` of arrays), so no more than one frame's worth is ever held. The
+    part of a frame that has come is kept until the rest has: each byte is copied in once, and
+    the frame parsed once it is whole."""
+
+    def __init__(self, max_bytes: int, max_meta: int = MAX_DATA_META) -> None:
         self.max_bytes = max_bytes
+        self.max_meta = max_meta
         self._buf = bytearray()
+        self._need = 0  # the bytes _buf must hold before the frame it starts is whole
 
     @property
     def holds_part(self) -> bool:
         """Part of a frame has come, the rest has not."""
         return bool(self._buf)
 
-    def feed(self, data: bytes | memoryview) -> list[DataFrame]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[DataFrame]:
         """Frames completed by ``data`` (which may be reused once this returns: the frames
         hold copies)."""
         if self._buf:
             self._buf += data
-            data, self._buf = bytes(self._buf), bytearray()
+            if len(self._buf) < self._need:
+                return []
+            data, self._buf = self._buf, bytearray()
         view = memoryview(data)
-        frames, at, size = [], 0, len(view)
+        frames, at, size, need = [], 0, len(view), DATA_HEADER.size
         while size - at >= DATA_HEADER.size:
-            kind, rid, meta_len, data_len = decode_frame_header(view[at : at + DATA_HEADER.size], self.max_bytes)
-            end = at + DATA_HEADER.size + meta_len + data_len
+            head = view[at : at + DATA_HEADER.size]
+            kind, rid, meta_len, data_len = decode_frame_header(head, self.max_bytes, self.max_meta)
+            need = DATA_HEADER.size + meta_len + data_len
+            end = at + need
             if end > size:
                 break
             body = bytes(view[at + DATA_HEADER.size : end])
@@ -425,7 +448,8 @@ class FrameReader:
                 frames.append(decode_token_body(rid, body[:meta_len], memoryview(body)[meta_len:]))
             else:
                 frames.append(decode_frame_body(kind, rid, body[:meta_len], memoryview(body)[meta_len:]))
-            at = end
+            at, need = end, DATA_HEADER.size
         if at < size:
             self._buf += view[at:]
+            self._need = need
         return frames

@@ -9,6 +9,7 @@ two parties can each wait for the other to read.
 from __future__ import annotations
 
 import logging
+import math
 import select
 import socket
 import ssl
@@ -59,15 +60,21 @@ def accept_tls(sock: socket.socket, tls: ssl.SSLContext) -> ssl.SSLSocket:
 
 
 class Connection:
-    def __init__(self, sock: socket.socket, peer: str, max_bytes: int) -> None:
+    def __init__(
+        self, sock: socket.socket, peer: str, max_bytes: int, *, max_meta: int = codec.MAX_DATA_META,
+        inbox: memoryview | None = None,
+    ) -> None:  # fmt: skip
+        """``max_bytes``, ``max_meta``: the largest frame it reads (arrays, description; see
+        :class:`codec.FrameReader`). ``inbox``: what it reads into, which connections read on one
+        thread may share (the frames hold copies); by default one of its own."""
         self.sock = sock
         self.peer = peer
         # TLS: one SSL object may not be used by two threads at once (reader and writer)
         self.tls = isinstance(sock, ssl.SSLSocket)
         self._tls_io = threading.Lock()
         self.handshaking = self.tls and sock.version() is None  # type: ignore[attr-defined]
-        self.reader = codec.FrameReader(max_bytes)
-        self._inbox = memoryview(bytearray(RECV_BYTES))  # reused: no 1 MiB allocation per read
+        self.reader = codec.FrameReader(max_bytes, max_meta)
+        self._inbox = inbox if inbox is not None else memoryview(bytearray(RECV_BYTES))  # reused for every read
         self.link = 0  # the head link id this connection answers to (0: a peer server)
         self.authenticated = False
         self.closed = False
@@ -136,7 +143,7 @@ class Connection:
                 self._writing = True
             try:
                 while views:
-                    select.select([], [self.sock], [], 1.0)
+                    _wait(self.sock, select.POLLOUT, 1.0)
                     views = self._send_now(views)
             except OSError as e:
                 logger.warning("sending to %s failed: %s", self.peer, e)
@@ -195,6 +202,16 @@ class Connection:
             pass
 
 
+def _wait(sock: socket.socket, event: int, timeout: float) -> None:
+    """Wait up to ``timeout`` for ``sock`` to be ready for ``event`` (poll: any descriptor
+    number, where select stops at 1024)."""
+    if sock.fileno() < 0:
+        raise ConnectionError("the connection was closed")
+    poller = select.poll()
+    poller.register(sock, event)
+    poller.poll(max(0, math.ceil(timeout * 1000)))
+
+
 def _advance(views: list[memoryview], n: int) -> list[memoryview]:
     while n and views:
         if n >= views[0].nbytes:
@@ -213,7 +230,7 @@ def wait_frame(conn: Connection, timeout: float) -> codec.DataFrame:
         left = deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError(f"{conn.peer} did not answer within {timeout:.0f} s")
-        select.select([conn.sock], [], [], left)
+        _wait(conn.sock, select.POLLIN, left)
         frames = conn.receive()
         if frames is None:
             raise ConnectionError(f"{conn.peer} closed the connection")

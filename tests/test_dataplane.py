@@ -115,15 +115,15 @@ def test_errors_come_back_from_the_server_that_refused(
             err = info.value
             assert err.code == grpc.StatusCode.NOT_FOUND and err.address == middle.address
             assert "no-such-session" in str(err) and middle.layers in str(err)
-            with socket.socket() as closed:  # a next server that cannot be reached from the first
+            with socket.socket() as closed:  # a next server the head did not declare to the first
                 closed.bind(("127.0.0.1", 0))
                 nowhere = f"127.0.0.1:{closed.getsockname()[1]}"
             s.route[1] = Hop(middle.address, middle.layers, nowhere, middle.token, middle.session_id)
             with pytest.raises(StageError) as info:
                 s.forward(prompt_tokens[4:6])
-            err = info.value  # reported by the first server, named as the one it could not reach
-            assert err.code == grpc.StatusCode.UNAVAILABLE and err.address == middle.address
-            assert middle.layers in str(err) and f"from {s.route[0].data_address}" in str(err)
+            err = info.value  # refused by the first server, which sends on to declared servers only
+            assert err.code == grpc.StatusCode.INVALID_ARGUMENT and err.address == s.route[0].address
+            assert nowhere in str(err) and "declared" in str(err)
             s.route[1] = middle
             with pytest.raises(StageError) as info:
                 s.forward([1, 999])

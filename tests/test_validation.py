@@ -216,6 +216,8 @@ def test_a_replay_of_two_to_the_32_draws_is_answered_at_once(loaded: tuple[Farm,
     farm, raw = loaded
     last = _Raw(servers[1], link=raw.link)  # the last server reports the tokens to our link
     try:
+        for here, there in ((servers[0], last), (servers[1], raw)):  # each server's next one, for our link
+            StageClient(here).declare_peers(raw.link, [(there.data_address, there.token)])
         with farm.session() as s:
             route = [[h.data_address, h.token, [h.session_id]] for h in s.route]
             gen = {**GEN, "n": 3, "sampling": [1.0, 40, 0.95, 1, 1 << 32]}

@@ -22,6 +22,8 @@ class ServerOptions:
     max_sessions: int
     max_ctx: int
     session_ttl: float  # seconds a session may sit idle (0: for ever)
+    max_connections: int  # data-plane connections open at once
+    hello_timeout: float  # seconds a data connection may take to authenticate
     memory_cap: int  # 0: the device's free memory
     prefix_cache: int | None  # None: the --mem cap, or a quarter of the device's free memory
     cache_dir: str | None
@@ -57,6 +59,11 @@ _server_options = gather(
     click.option("--session-ttl", default=600.0, show_default=True, type=click.FloatRange(min=0),
                  help="Seconds a session may sit idle before it is closed (0: never). A head's sessions are also "
                  "closed when its data connection goes."),
+    click.option("--max-connections", default=256, show_default=True, type=click.IntRange(1, 100000),
+                 help="Data-plane connections open at once (heads' and other servers'; one more is closed at "
+                 "once). A head holds one per server of its plan."),
+    click.option("--hello-timeout", default=10.0, show_default=True, type=click.FloatRange(min=0.1),
+                 help="Seconds a new data-plane connection may take to authenticate (its HELLO) before it is closed."),
     click.option("--mem", "memory_cap", default=0, type=Bytes(),
                  help="Most memory to use for weights, KV caches and compute, e.g. 6GiB "
                  "(default: the device's free memory)."),

@@ -190,6 +190,11 @@ class StageClient:
         except grpc.RpcError as e:
             raise self._error(e, f"[{start}, {end})") from None
 
+    def declare_peers(self, link: int, peers: list[tuple[str, str]]) -> None:
+        """Tell the server the next servers (data address, data token) it sends head link
+        ``link``'s activations on to; it connects to them now (see server/peers.py)."""
+        self._reply(self._stub.Peers.future(codec.peers_request(link, peers), timeout=self.timeout))
+
     def open_session(self, n_ctx: int) -> str:
         return self.start_open_session(n_ctx)()
 

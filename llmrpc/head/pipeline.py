@@ -43,9 +43,23 @@ class Pipeline:
         if self.data_plane and all(c.data_address for c in self.stages):
             first = self.stages[0]
             self.links = DataLinks(first.timeout, first.connect_timeout, self.tls, first.hung_after)
-            for c in self.stages:
-                self.links.connect(c.address, c.layers, c.data_address, c.data_token, answers=c.answers)
+            try:
+                for c in self.stages:
+                    self.links.connect(c.address, c.layers, c.data_address, c.data_token, answers=c.answers)
+                self._declare_peers(self.links.link_id)
+            except BaseException:
+                self.close()
+                raise
             self.coalescer = Coalescer(self.links, self.f16_activations)
+
+    def _declare_peers(self, link: int) -> None:
+        """Each server's next servers on this plan's routes: the next stage, and for the last
+        stage the first (a generation's next step); servers send on to no others."""
+        stages = self.stages
+        for i, c in enumerate(stages):
+            nxt = stages[(i + 1) % len(stages)]
+            if nxt is not c:
+                c.declare_peers(link, [(nxt.data_address, nxt.data_token)])
 
     def close(self) -> None:
         if self.links is not None:

@@ -30,10 +30,9 @@
 #define CODE_F32 0
 #define CODE_I32 2
 
-/* HOP_ENDED: the token (``token``) ends the generation, Python reports it; HOP_REPORT_LEFT: the
- * head's socket took ``sent`` bytes of the report, Python sends the rest and the next step */
+/* HOP_ENDED: the token (``token``) ends the generation, Python reports it */
 enum {
-    HOP_DONE = 0, HOP_NOT_MINE = 1, HOP_NOTHING = 2, HOP_ENDED = 3, HOP_REPORT_LEFT = 4,
+    HOP_DONE = 0, HOP_NOT_MINE = 1, HOP_NOTHING = 2, HOP_ENDED = 3,
     HOP_BROKEN = -1, HOP_COMPUTE_FAILED = -2,
 };
 
@@ -68,9 +67,12 @@ typedef struct {
      * generation, the positions it may fill (Generation.limit) */
     int64_t last, head_fd, n_eog, gen_limit;
     int32_t *eog;
-    /* what the last call did */
+    /* what the last call did: ``sent`` bytes of the step went to the next server (an error
+     * there: ``err``); at the last server, ``reported`` bytes of the token's report went to the
+     * head (an error there: ``head_err``), Python sends the rest */
     int64_t pos, step, n, sent, status, err, token;
     int64_t mask_f16;              /* the mask row holds F16 values (0x0000 keep, 0xFC00 -inf) */
+    int64_t reported, head_err;
 } Hop;
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -250,7 +252,7 @@ int llmrpc_hop(Hop *h) {
     memcpy(o + HEADER_BYTES + META_BYTES, &token, 4);
     size_t len = put_step(o, h, 0, pos + 1, step + 1, n - 1, 1);
     h->sent = (int64_t)send_now((int)h->out_fd, o, len, &h->err);
-    int64_t head_err = 0;
-    if (send_now((int)h->head_fd, report, sizeof report, &head_err) != sizeof report) h->err = head_err ? head_err : 11;
+    h->head_err = 0;
+    h->reported = (int64_t)send_now((int)h->head_fd, report, sizeof report, &h->head_err);
     return HOP_DONE;
 }

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from concurrent import futures
@@ -14,6 +16,19 @@ import grpc
 from llmrpc.server import cores
 
 logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) is this machine's loopback only."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        found = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return bool(found) and all(ipaddress.ip_address(str(a[4][0]).split("%")[0]).is_loopback for a in found)
 
 
 def prepare_threads_env(spin: int | None = None, pin: bool = False) -> None:
@@ -59,6 +74,8 @@ def serve(
     metrics_port: int | None = None,
     announce: bool = False,
     session_ttl: float = 600.0,
+    max_connections: int = 256,
+    hello_timeout: float = 10.0,
 ) -> int:
     prepare_threads_env(omp_spin, pin_threads)
     from llmrpc.auth import TokenChecker, client_context, server_context, server_credentials
@@ -75,7 +92,8 @@ def serve(
     from llmrpc.ggml import lib
     from llmrpc.ggml.device import find_device
     from llmrpc.server.engine import Engine
-    from llmrpc.server.service import GRPC_OPTIONS, StageService
+    from llmrpc.server.limits import GRPC_OPTIONS, MAX_CALLS, CallLimits
+    from llmrpc.server.service import StageService
     from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
     lib.route_logs()
@@ -113,17 +131,19 @@ def serve(
     )  # fmt: skip
     try:
         data = DataPlane(
-            engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client, session_ttl=session_ttl
-        )
+            engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client, session_ttl=session_ttl,
+            max_connections=max_connections, hello_timeout=hello_timeout,
+        )  # fmt: skip
     except OSError as e:
         print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
         engine.close()
         return 2
+    limits = CallLimits(lambda: engine.max_input_elements() * 4)
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=16), options=GRPC_OPTIONS,
-        interceptors=[TokenChecker(token)] if token else [],
+        futures.ThreadPoolExecutor(max_workers=MAX_CALLS), options=GRPC_OPTIONS, maximum_concurrent_rpcs=MAX_CALLS,
+        interceptors=[TokenChecker(token), limits] if token else [limits],
     )  # fmt: skip
-    pb_grpc.add_StageServicer_to_server(StageService(engine, data.port, data.token), server)
+    pb_grpc.add_StageServicer_to_server(StageService(engine, data.port, data.token, data.declare_peers), server)
     if credentials is not None:
         bound = server.add_secure_port(f"{host}:{port}", credentials)
     else:
@@ -161,6 +181,13 @@ def serve(
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    if not token and credentials is None and not is_loopback(host):
+        logger.warning(
+            "listening on %s with neither --token nor TLS: anyone who can reach this address can use this server "
+            "(load models, read and steer its computations); give it --token (or LLMRPC_TOKEN) and --tls-cert/"
+            "--tls-key, or listen on 127.0.0.1",
+            host,
+        )
     # The ready line: tests and `llmrpc-head --local` read the bound port from it.
     print(
         f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}"

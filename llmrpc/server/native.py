@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 ENV = "LLMRPC_NATIVE_HOP"  # "0": never use the native hop
 SOURCE = Path(__file__).with_name("hop.c")
 
-HOP_DONE, HOP_NOT_MINE, HOP_NOTHING, HOP_ENDED, HOP_REPORT_LEFT = 0, 1, 2, 3, 4
+HOP_DONE, HOP_NOT_MINE, HOP_NOTHING, HOP_ENDED = 0, 1, 2, 3
 HOP_BROKEN, HOP_COMPUTE_FAILED = -1, -2
 
 _p = ctypes.c_void_p
@@ -47,7 +47,7 @@ class Hop(ctypes.Structure):
         ("buf", _p),
         ("last", _i64), ("head_fd", _i64), ("n_eog", _i64), ("gen_limit", _i64), ("eog", _p),
         ("pos", _i64), ("step", _i64), ("n", _i64), ("sent", _i64), ("status", _i64), ("err", _i64),
-        ("token", _i64), ("mask_f16", _i64),
+        ("token", _i64), ("mask_f16", _i64), ("reported", _i64), ("head_err", _i64),
     ]  # fmt: skip
 
 
@@ -143,7 +143,7 @@ class NativeHop:
         """Take the next STEP on the connection and send it on, or leave it (HOP_NOT_MINE)."""
         started = time.perf_counter()
         result = int(self._call(self._ref))
-        if result in (HOP_DONE, HOP_ENDED, HOP_REPORT_LEFT, HOP_COMPUTE_FAILED):  # a step computed
+        if result in (HOP_DONE, HOP_ENDED, HOP_COMPUTE_FAILED):  # a step computed
             self.seconds = time.perf_counter() - started  # the step's time here, frame in to frame out
             self._done(self.hop)
         return result

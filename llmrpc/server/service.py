@@ -8,7 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import grpc
 
@@ -43,15 +43,24 @@ def _guard(context: grpc.ServicerContext, fn: Callable[[], R]) -> R:
     except codec.CodecError as e:
         context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
     except Exception as e:  # a bug or a device failure: report it, do not die
+        if context.code() is not None:  # type: ignore[attr-defined]  # aborted already (server/limits.py)
+            raise
         logger.exception("internal error")
         context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
     raise AssertionError("unreachable")  # context.abort raises
 
 
+DeclarePeers = Callable[[int, list[tuple[str, str]]], None]
+
+
 class StageService(pb_grpc.StageServicer):
-    def __init__(self, engine: StageEngine, data_port: int = 0, data_token: str = "") -> None:
+    def __init__(
+        self, engine: StageEngine, data_port: int = 0, data_token: str = "", declare_peers: DeclarePeers | None = None
+    ) -> None:
+        """``declare_peers(link, peers)``: the data plane's (server/peers.py's ``declare``)."""
         self.engine = engine
         self.data_port, self.data_token = data_port, data_token
+        self.declare_peers = declare_peers
 
     def Hello(self, request: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:  # noqa: N802
         if request.protocol_version and request.protocol_version != PROTOCOL_VERSION:
@@ -178,15 +187,22 @@ class StageService(pb_grpc.StageServicer):
 
         return _guard(context, run)
 
+    def Peers(self, request: pb.PeersRequest, context: grpc.ServicerContext) -> pb.PeersReply:  # noqa: N802
+        if self.declare_peers is None:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "this server has no data plane")
+        try:
+            self.declare_peers(request.link, codec.peers_from_request(request))  # type: ignore[misc]
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        except LookupError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except OSError as e:  # (ConnectionError, TimeoutError): a peer this server cannot reach
+            context.abort(grpc.StatusCode.UNAVAILABLE, str(e))
+        return pb.PeersReply()
+
 
 def _chunks(requests: Iterator[pb.SliceChunk]) -> Iterator[tuple[int, int, bytes, int]]:
     for r in requests:
         if r.WhichOneof("part") != "data":
             raise EngineError(ErrorCode.INVALID_ARGUMENT, "only one header per slice push")
         yield r.data.tensor, r.data.offset, r.data.data, r.data.crc32
-
-
-GRPC_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", 1 << 30),
-    ("grpc.max_receive_message_length", 1 << 30),
-]

@@ -63,6 +63,14 @@ class Step:
         return self.hop + 1 == len(self.route)
 
     @property
+    def sends_to(self) -> list[str]:
+        """The data addresses this server sends the step on to: the next server's, and at the
+        last server of a generation through more than one server, the first's."""
+        if not self.last:
+            return [str(self.route[self.hop + 1][0])]
+        return [str(self.route[0][0])] if self.gen is not None and not self.alone else []
+
+    @property
     def alone(self) -> bool:
         """This server is also the route's first: a generation goes round without a socket."""
         return str(self.route[0][0]) == self.here

@@ -324,3 +324,23 @@ class CloseSessionReply(_message.Message):
     kept: bool
     evicted: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, kept: _Optional[bool] = ..., evicted: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Peer(_message.Message):
+    __slots__ = ("data_address", "data_token")
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    data_address: str
+    data_token: str
+    def __init__(self, data_address: _Optional[str] = ..., data_token: _Optional[str] = ...) -> None: ...
+
+class PeersRequest(_message.Message):
+    __slots__ = ("link", "peers")
+    LINK_FIELD_NUMBER: _ClassVar[int]
+    PEERS_FIELD_NUMBER: _ClassVar[int]
+    link: int
+    peers: _containers.RepeatedCompositeFieldContainer[Peer]
+    def __init__(self, link: _Optional[int] = ..., peers: _Optional[_Iterable[_Union[Peer, _Mapping]]] = ...) -> None: ...
+
+class PeersReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

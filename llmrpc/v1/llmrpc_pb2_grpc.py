@@ -79,6 +79,11 @@ class StageStub:
                 request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionRequest.SerializeToString,
                 response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionReply.FromString,
                 _registered_method=True)
+        self.Peers = channel.unary_unary(
+                '/llmrpc.v1.Stage/Peers',
+                request_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.PeersRequest.SerializeToString,
+                response_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.PeersReply.FromString,
+                _registered_method=True)
 
 
 class StageServicer:
@@ -148,6 +153,15 @@ class StageServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Peers(self, request, context):
+        """The next servers of a head's plan, where this server sends that head's activations on:
+        connected now; a data-plane route of that head's link that names any other next server is
+        refused. Declared once the head's data connection (its link) is open; kept while it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_StageServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +209,11 @@ def add_StageServicer_to_server(servicer, server):
                     servicer.CloseSession,
                     request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionRequest.FromString,
                     response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionReply.SerializeToString,
+            ),
+            'Peers': grpc.unary_unary_rpc_method_handler(
+                    servicer.Peers,
+                    request_deserializer=llmrpc_dot_v1_dot_llmrpc__pb2.PeersRequest.FromString,
+                    response_serializer=llmrpc_dot_v1_dot_llmrpc__pb2.PeersReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +459,33 @@ class Stage:
             '/llmrpc.v1.Stage/CloseSession',
             llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionRequest.SerializeToString,
             llmrpc_dot_v1_dot_llmrpc__pb2.CloseSessionReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Peers(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/llmrpc.v1.Stage/Peers',
+            llmrpc_dot_v1_dot_llmrpc__pb2.PeersRequest.SerializeToString,
+            llmrpc_dot_v1_dot_llmrpc__pb2.PeersReply.FromString,
             options,
             channel_credentials,
             insecure,
