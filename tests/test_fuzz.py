@@ -1,0 +1,94 @@
+"""Property-based fuzzing of every surface a farm exposes, against live processes on 127.0.0.1:
+gRPC calls of every method, data-plane frames before and after authentication, weight-upload
+frames and API bodies (strategies: llmrpc/bench/fuzz_cases.py, shared with ``llmrpc-bench
+fuzz``). For every case the server answers, refuses or closes within a bound, its process
+stays alive and it still answers others; after the whole run, a well-formed request still
+gets llama.cpp's logits."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
+
+from llmrpc.bench import fuzz_cases as fc
+from llmrpc.bench.fuzz_targets import BAD, PROMPT, FuzzTargets, Outcome, live_targets, reference_check
+from llmrpc.codec import FrameKind
+
+FUZZ = settings(
+    deadline=None, derandomize=True, database=None, print_blob=False, suppress_health_check=list(HealthCheck)
+)
+CASES = {"grpc": 330, "before_auth": 170, "after_auth": 330, "upload": 100, "api": 170}  # 1,100 in all
+
+
+@pytest.fixture(scope="module")
+def targets(tiny_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[FuzzTargets]:
+    with live_targets(tiny_models["F32"], tmp_path_factory.mktemp("fuzz")) as live:
+        yield live
+
+
+@pytest.fixture(scope="module")
+def api_text_before(targets: FuzzTargets) -> str:
+    """The API's greedy completion before any fuzzing."""
+    return targets.complete(PROMPT, 8)
+
+
+def _fuzz(surface: str, strategy: st.SearchStrategy[Any], send: Callable[[Any], Outcome], *examples: Any) -> None:
+    """Run the surface's cases; each must end in an outcome other than crashed or hung."""
+    seen: Counter[Outcome] = Counter()
+
+    @FUZZ
+    @settings(max_examples=CASES[surface])
+    @given(case=strategy)
+    def run(case: Any) -> None:
+        outcome = send(case)
+        seen[outcome] += 1
+        assert outcome not in BAD, f"{surface}: {outcome.value} after {case!r}"
+
+    for case in examples:
+        run = example(case=case)(run)
+    run()
+    print(f"{surface}: {sum(seen.values())} cases, " + ", ".join(f"{o.value} {n}" for o, n in seen.most_common()))
+    assert sum(seen.values()) >= CASES[surface]
+
+
+def test_grpc_methods_answer_every_request(targets: FuzzTargets, api_text_before: str) -> None:
+    targets.prepare()
+    _fuzz("grpc", fc.grpc_cases(), targets.grpc)
+
+
+def test_data_port_strangers_are_refused_or_closed(targets: FuzzTargets) -> None:
+    targets.prepare()
+    _fuzz("before_auth", fc.before_auth(), targets.data)
+
+
+def test_data_port_frames_after_hello_fail_alone(targets: FuzzTargets) -> None:
+    targets.prepare()
+    malformed_batch = fc.Frame(
+        FrameKind.FORWARD, 3, {"route": [[fc.SELF, fc.TOKEN, [fc.SESSION]]], "hop": 0, "link": fc.LINK, "pos": [0],
+                               "rows": [2], "gen": fc.GEN_BASE, "batch": ["a", "x"]},
+        (fc.ArraySpec("i32", (2,), "tokens"),),
+    )  # fmt: skip
+    _fuzz("after_auth", fc.after_auth, targets.data, fc.DataCase(True, (malformed_batch,)))
+
+
+def test_upload_frames_are_checked(targets: FuzzTargets) -> None:
+    targets.prepare()
+    _fuzz("upload", fc.upload_cases, targets.upload)
+
+
+def test_api_bodies_get_an_answer(targets: FuzzTargets) -> None:
+    _fuzz("api", fc.api_cases, targets.http)
+
+
+def test_after_fuzzing_the_servers_give_llama_cpps_logits(targets: FuzzTargets, api_text_before: str) -> None:
+    """Through the fuzzed servers, a well-formed request gets llama.cpp's logits bit for bit;
+    the API's greedy completion is what it was before the fuzzing, and llama.cpp's."""
+    check = reference_check(targets)
+    assert check["stages"] == 2 and check["logits_equal"], check
+    assert check["api_text_equal"] and check["api_text"] == api_text_before, check
+    assert all(p.alive() for p in (targets.target.process, targets.peer.process, targets.api))
