@@ -41,8 +41,7 @@ def _fuzz(surface: str, strategy: st.SearchStrategy[Any], send: Callable[[Any], 
     """Run the surface's cases; each must end in an outcome other than crashed or hung."""
     seen: Counter[Outcome] = Counter()
 
-    @FUZZ
-    @settings(max_examples=CASES[surface])
+    @settings(FUZZ, max_examples=CASES[surface])
     @given(case=strategy)
     def run(case: Any) -> None:
         outcome = send(case)

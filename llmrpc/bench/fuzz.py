@@ -68,14 +68,12 @@ def _tracebacks(log: Path) -> int:
 @click.option("--cases", default=10_000, show_default=True, type=click.IntRange(1),
               help="Cases in all, shared among the surfaces: gRPC 30%, data port before HELLO 15% and after 30%, "
               "weight uploads 10%, API bodies 15%.")  # fmt: skip
-@click.option("--model", default=None, type=click.Path(dir_okay=False, exists=True),
-              help="A GGUF to serve (default: a tiny random llama model written for the run; fuzzing needs its "
-              "hidden size 64 for well-shaped cases).")  # fmt: skip
 @click.option("--out", default="bench/out/fuzz.json", show_default=True, type=click.Path(),
               help="Where to write the figures as JSON.")  # fmt: skip
-def fuzz(cases: int, model: str | None, out: str) -> None:
+def fuzz(cases: int, out: str) -> None:
     """Hostile gRPC calls, data-plane frames, upload frames and API bodies against live servers: each case
-    answered, refused, closed, crashed or hung; then a well-formed request's logits against llama.cpp's."""
+    answered, refused, closed, crashed or hung; then a well-formed request's logits against llama.cpp's. The
+    servers hold a tiny random llama model written for the run."""
     try:
         from llmrpc.bench.fuzz_targets import live_targets, reference_check
     except ImportError as e:  # hypothesis is a dev dependency
@@ -85,7 +83,7 @@ def fuzz(cases: int, model: str | None, out: str) -> None:
     with tempfile.TemporaryDirectory(prefix="llmrpc-fuzz-") as tmp:
         work = Path(tmp)
         (work / "models").mkdir()
-        path = model or write_gguf(work / "models" / "tiny.gguf", SyntheticSpec(seed=7))
+        path = write_gguf(work / "models" / "tiny.gguf", SyntheticSpec(seed=7))
         t0 = time.perf_counter()
         with live_targets(path, work) as targets:
             surfaces = {s: _run_surface(targets, s, max(1, round(cases * share))) for s, share in SHARES.items()}
