@@ -95,13 +95,15 @@ def fuzz(cases: int, out: str) -> None:
             statuses = dict(targets.statuses.most_common())
             alive = all(p.alive() for p in (targets.target.process, targets.peer.process, targets.api))
     total = sum(r["cases"] for r in surfaces.values())
-    bad = sum(r["outcomes"].get(k, 0) for r in surfaces.values() for k in ("crashed", "hung"))
-    click.echo(f"{total} cases, {bad} crashed or hung, in {time.perf_counter() - t0:.0f} s; processes alive: {alive}")
+    bad = sum(r["outcomes"].get(k, 0) for r in surfaces.values() for k in ("crashed", "hung", "lost"))
+    click.echo(
+        f"{total} cases, {bad} crashed, hung or lost what the server held, in {time.perf_counter() - t0:.0f} s; processes alive: {alive}"
+    )
     click.echo(f"afterwards: logits equal to llama.cpp's: {check['logits_equal']}, the API's greedy text llama.cpp's: "
                f"{check['api_text_equal']}; tracebacks in the logs: {logs}")  # fmt: skip
     result = {
         "cases": total,
-        "crashed_or_hung": bad,
+        "crashed_hung_or_lost": bad,
         "alive": alive,
         "surfaces": surfaces,
         **check,

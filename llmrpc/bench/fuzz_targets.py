@@ -51,9 +51,10 @@ class Outcome(enum.Enum):
     SILENT = "silent"  # no answer and the connection kept, the server answering others meanwhile
     CRASHED = "crashed"  # the process is gone
     HUNG = "hung"  # no answer within CASE_TIMEOUT, or the server answers nothing after the case
+    LOST = "lost"  # refused, and what the server held is gone (a Load refused after unloading)
 
 
-BAD = (Outcome.CRASHED, Outcome.HUNG)
+BAD = (Outcome.CRASHED, Outcome.HUNG, Outcome.LOST)
 
 
 @dataclass
@@ -135,6 +136,7 @@ class FuzzTargets:
             payloads = [r if isinstance(r, bytes) else message(**values(r)).SerializeToString() for r in case.requests]
             channel = self._channel
             path = f"/llmrpc.v1.Stage/{case.method}"
+            held = self._held() if case.method == "Load" else None
             try:
                 if not streamed:
                     reply = channel.unary_unary(path, None, None)(payloads[0], timeout=CASE_TIMEOUT)
@@ -147,14 +149,21 @@ class FuzzTargets:
                 self.statuses[f"grpc {code.name if code else '?'}"] += 1
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return self._checked(self.target, Outcome.HUNG)
-                return self._checked(
-                    self.target, Outcome.CLOSED if code == grpc.StatusCode.UNAVAILABLE else Outcome.REFUSED
-                )
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    return self._checked(self.target, Outcome.CLOSED)
+                if held is not None and self.target.process.alive() and self._held() != held:
+                    return Outcome.LOST
+                return self._checked(self.target, Outcome.REFUSED)
             self.statuses["grpc OK"] += 1
             self._release(case.method, reply)
             return self._checked(self.target, Outcome.ANSWERED)
         finally:
             values.close()
+
+    def _held(self) -> tuple[str, int, int] | None:
+        """The target's loaded range (Hello's)."""
+        r = self.target.client.hello().loaded
+        return None if r is None else (r.model_hash or r.model_path, r.layer_start, r.layer_end)
 
     def _release(self, method: str, reply: bytes) -> None:
         """Free what an answered call holds: an opened session, an upload port."""
