@@ -78,6 +78,8 @@ class _Server:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        if self.popen is not None:  # started again after it was killed: reap the old process
+            self.popen.wait()
         cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", str(self.port),
                "--data-port", str(self.data_port), "--cache-dir", str(self.work / f"cache{self.index}"),
                "--host-lock", self.lock, "--no-calibrate", *SHARED_CORES_FLAGS]  # fmt: skip
@@ -140,7 +142,9 @@ class _Client(threading.Thread):
             elif stream:
                 self._stream(resp, req, leave_after)
             else:
-                json.loads(resp.read())["choices"][0]["finish_reason"]  # a whole, well-formed answer
+                answer = json.loads(resp.read())
+                if not answer.get("choices") or not answer["choices"][0].get("finish_reason"):
+                    req.error = f"not a whole answer: {answer!r}"[:300]
                 req.ttft = time.monotonic() - req.start
         except Exception as e:  # a failed request: counted, the client goes on
             req.error = f"{type(e).__name__}: {e}"
