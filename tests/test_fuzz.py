@@ -22,7 +22,7 @@ from llmrpc.codec import FrameKind
 FUZZ = settings(
     deadline=None, derandomize=True, database=None, print_blob=False, suppress_health_check=list(HealthCheck)
 )
-CASES = {"grpc": 330, "before_auth": 170, "after_auth": 330, "upload": 100, "api": 170}  # 1,100 in all
+CASES = {"grpc": 500, "before_auth": 250, "after_auth": 600, "upload": 150, "api": 300}  # 1,800 in all
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +37,12 @@ def api_text_before(targets: FuzzTargets) -> str:
     return targets.complete(PROMPT, 8)
 
 
-def _fuzz(surface: str, strategy: st.SearchStrategy[Any], send: Callable[[Any], Outcome], *examples: Any) -> None:
-    """Run the surface's cases; each must end in an outcome other than crashed or hung."""
+def _fuzz(
+    surface: str, strategy: st.SearchStrategy[Any], send: Callable[[Any], Outcome], *examples: Any,
+    bad: tuple[Outcome, ...] = BAD,
+) -> None:  # fmt: skip
+    """Run the surface's cases; none may end in a ``bad`` outcome (crashed, hung, or a refusal
+    that lost what the server held)."""
     seen: Counter[Outcome] = Counter()
 
     @settings(FUZZ, max_examples=CASES[surface])
@@ -46,7 +50,7 @@ def _fuzz(surface: str, strategy: st.SearchStrategy[Any], send: Callable[[Any], 
     def run(case: Any) -> None:
         outcome = send(case)
         seen[outcome] += 1
-        assert outcome not in BAD, f"{surface}: {outcome.value} after {case!r}"
+        assert outcome not in bad, f"{surface}: {outcome.value} after {case!r}"
 
     for case in examples:
         run = example(case=case)(run)
@@ -56,8 +60,11 @@ def _fuzz(surface: str, strategy: st.SearchStrategy[Any], send: Callable[[Any], 
 
 
 def test_grpc_methods_answer_every_request(targets: FuzzTargets, api_text_before: str) -> None:
+    """A refused call leaves what the server held: a Load whose KV cache type does not fit the
+    model's heads unloaded the layers before it was refused."""
     targets.prepare()
-    _fuzz("grpc", fc.grpc_cases(), targets.grpc)
+    bad_cache = {"model_path": fc.MODEL_PATH, "layer_end": 3, "cache_type_k": "q8_0", "cache_type_v": "f16"}
+    _fuzz("grpc", fc.grpc_cases(), targets.grpc, fc.GrpcCase("Load", (bad_cache,)))
 
 
 def test_data_port_strangers_are_refused_or_closed(targets: FuzzTargets) -> None:
@@ -81,7 +88,11 @@ def test_upload_frames_are_checked(targets: FuzzTargets) -> None:
 
 
 def test_api_bodies_get_an_answer(targets: FuzzTargets) -> None:
-    _fuzz("api", fc.api_cases, targets.http)
+    """Every request gets an HTTP answer: a body of JSON nested too deep, or with an integer of
+    thousands of digits, closed the connection with no answer."""
+    deep = fc.ApiCase("POST", "/v1/completions", b"[" * 100_000, raw=True)
+    digits = fc.ApiCase("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", raw=True)
+    _fuzz("api", fc.api_cases, targets.http, deep, digits, bad=(*BAD, Outcome.CLOSED))
 
 
 def test_after_fuzzing_the_servers_give_llama_cpps_logits(targets: FuzzTargets, api_text_before: str) -> None:

@@ -58,7 +58,9 @@ def _override(base: dict[str, Any], keys: tuple[str, ...], values: st.SearchStra
     @st.composite
     def build(draw: st.DrawFn) -> dict[str, Any]:
         out = dict(base)
-        for key in draw(st.lists(st.sampled_from(keys), max_size=3, unique=True)):
+        if draw(st.integers(0, 2)) == 0:  # a third stay well formed: the deeper paths get their turn
+            return out
+        for key in draw(st.lists(st.sampled_from(keys), min_size=1, max_size=3, unique=True)):
             if draw(st.integers(0, 4)) == 0:
                 out.pop(key, None)
             else:
@@ -128,6 +130,13 @@ ADDRESSES = (SELF, PEER, "127.0.0.1:1", "localhost:1", "127.0.0.1:0", "127.0.0.1
              ":", "", "127.0.0.1:-5", "x:y", "127.0.0.1:99999999999999999999")  # fmt: skip
 
 
+def well_shaped(first: bool) -> st.SearchStrategy[ArraySpec]:
+    """The array a stage takes: token ids at the first, hidden rows elsewhere."""
+    if first:
+        return st.builds(ArraySpec, st.just("i32"), st.tuples(st.integers(1, 6)), st.just("tokens"), st.integers(0, 3))
+    return st.builds(ArraySpec, st.just("f32"), st.tuples(st.integers(1, 6), st.just(N_EMBD)), st.just("random"))
+
+
 def array_specs(first: bool) -> st.SearchStrategy[ArraySpec]:
     """Mostly the array a stage expects (token ids at the first, hidden rows elsewhere), else any."""
     rows = st.integers(1, 6) | st.sampled_from([0, 512, 4097])
@@ -173,7 +182,8 @@ ROUTES = (
     [[SELF, TOKEN, [SESSION]], [PEER, PEER_TOKEN, [PEER_SESSION]]],
     [[SELF, TOKEN, [SESSION]], ["127.0.0.1:1", TOKEN, ["nosuch"]]],
 )
-routes = st.sampled_from(ROUTES) | st.lists(hops, max_size=3) | junk
+routes = st.one_of(st.sampled_from(ROUTES[:2]), st.sampled_from(ROUTES[:2]), st.sampled_from(ROUTES),
+                   st.lists(hops, max_size=3), junk)  # fmt: skip
 FORWARD_KEYS = ("route", "hop", "link", "pos", "rows", "all_logits", "top_k", "f16", "gen", "batch")
 forward_values = junk | st.sampled_from([[0], [-1], [1 << 40], [0, 0], [], True, "x", ["a", "x"], [1, 2, 3]])
 
@@ -183,7 +193,7 @@ def forwards(draw: st.DrawFn, rid: int | None = None, gen: bool | None = None) -
     """A FORWARD: well formed, then a few fields made hostile (and sometimes its arrays)."""
     second = draw(st.integers(0, 5)) == 0  # this server as a route's second hop, hidden rows in
     route = [[PEER, PEER_TOKEN, [PEER_SESSION]], [SELF, TOKEN, [SESSION]]] if second else draw(routes)
-    spec = draw(array_specs(first=not second))
+    spec = draw(well_shaped(first=not second) if draw(st.integers(0, 2)) else array_specs(first=not second))
     rows = spec.shape[0] if spec.shape else 1
     meta: dict[str, Any] = {"route": route, "hop": 1 if second else 0, "link": LINK, "pos": [0], "rows": [rows]}
     for key, values in (("all_logits", st.booleans()), ("top_k", st.sampled_from([0, 1, 5]))):
@@ -244,7 +254,30 @@ def damaged(draw: st.DrawFn) -> Frame:
 
 
 raw_bytes = st.binary(max_size=256) | st.sampled_from([b"LRD1", b"LRD1" + b"\xff" * 28, b"GET / HTTP/1.1\r\n\r\n"])
+
+
+@st.composite
+def well_formed(draw: st.DrawFn) -> Frame:
+    """A FORWARD the server computes (sampling values at their edges): through this server
+    alone or on to its peer, a prompt or a generation."""
+    spec = draw(well_shaped(first=True))
+    meta: dict[str, Any] = {"route": draw(st.sampled_from(ROUTES[:2])), "hop": 0, "link": LINK,
+                            "pos": [draw(st.sampled_from([0, 0, 1, 60]))], "rows": [spec.shape[0]]}  # fmt: skip
+    if draw(st.booleans()):
+        sampling = draw(st.tuples(st.sampled_from([0.0, 1e-6, 0.8, 2.0]), st.sampled_from([0, 1, 40, 1 << 20]),
+                                  st.sampled_from([1e-9, 0.5, 1.0]), st.sampled_from([0, (1 << 64) - 1])))  # fmt: skip
+        n, limit = draw(st.sampled_from([1, 3, 8])), draw(st.sampled_from([1, 8, 64, (1 << 31) - 1]))
+        meta["gen"] = {**GEN_BASE, "n": n, "limit": limit, "eog": draw(st.lists(st.integers(0, 319), max_size=3)),
+                       "sampling": list(sampling) + draw(st.sampled_from([[], [0], [5], [1 << 62]]))}  # fmt: skip
+    else:
+        meta["all_logits"], meta["top_k"] = draw(st.booleans()), draw(st.sampled_from([0, 1, 320, 1000]))
+        meta["f16"] = draw(st.booleans())
+    return Frame(FrameKind.FORWARD, draw(rids), meta, (spec,))
+
+
 after_auth_pieces = st.one_of(
+    well_formed().map(lambda f: (f,)),
+    st.lists(well_formed(), min_size=2, max_size=3).map(tuple),
     forwards().map(lambda f: (f,)),
     forwards().map(lambda f: (f,)),
     generation_then_step(),
@@ -441,6 +474,7 @@ class UploadCase:
     end: bool
     tail: bytes = b""
     whole: bool = False  # send every tensor's true bytes first (a valid upload, then the frames)
+    chunk: int = 0  # ... in frames of this many bytes (0: a frame a tensor)
 
 
 u64 = st.sampled_from([0, 1, 64, 1 << 20, (1 << 26) + 1, (1 << 63), (1 << 64) - 1]) | st.integers(0, 4096)
@@ -456,10 +490,14 @@ header_changes = st.lists(
         st.sampled_from([0, 1, 3, 1 << 20, (1 << 32) - 1, (1 << 63), "other"]),
     ), max_size=2,
 ).map(tuple)  # fmt: skip
-upload_cases = st.builds(
-    UploadCase, header_changes | st.just(()), st.sampled_from(["right", "right", "right", "wrong", "short", "none"]),
-    st.lists(upload_frames, max_size=4).map(tuple), st.booleans(), st.binary(max_size=40) | st.just(b""),
-    st.booleans(),
+upload_cases = st.one_of(
+    st.builds(UploadCase, st.just(()), st.just("right"), st.just(()), st.just(True), st.just(b""), st.just(True),
+              st.integers(0, 1 << 16)),  # fmt: skip
+    st.builds(
+        UploadCase, header_changes | st.just(()), st.sampled_from(["right", "right", "right", "wrong", "short", "none"]),
+        st.lists(upload_frames, max_size=4).map(tuple), st.booleans(), st.binary(max_size=40) | st.just(b""),
+        st.booleans(),
+    ),
 )  # fmt: skip
 
 

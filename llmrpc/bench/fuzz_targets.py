@@ -105,27 +105,41 @@ class FuzzTargets:
 
     # -- the data plane ------------------------------------------------------------------------
     def data(self, case: fc.DataCase) -> Outcome:
+        """Send the case on a new connection to the target; an authenticated case also holds the
+        same link at the peer, as a head does (the last server of a route reports there)."""
         link = next(self._links)
         values = Values(self, link)
-        host, port = split_address(self.target.data_address)
-        sock = socket.create_connection((host, port), timeout=CASE_TIMEOUT)
+        sock, peer = _connect(self.target.data_address), None
         try:
-            head = b""
-            if case.authenticate:
-                hello = {"token": self.target.token, "link": link, "protocol": 1}
-                head = b"".join(codec.encode_frame(FrameKind.HELLO, 0, hello))
+            if case.authenticate:  # as a head does: HELLO, then frames once welcomed
+                peer = _connect(self.peer.data_address)
+                for conn, server in ((sock, self.target), (peer, self.peer)):
+                    hello = {"token": server.token, "link": link, "protocol": 1}
+                    conn.sendall(b"".join(codec.encode_frame(FrameKind.HELLO, 0, hello)))
+                    if not _read_all(conn, CASE_TIMEOUT, whole=True)[0]:
+                        return self._checked(server, Outcome.HUNG)
             try:
-                sock.sendall(head + b"".join(encode_piece(p, values) for p in case.pieces))
+                sock.sendall(b"".join(encode_piece(p, values) for p in case.pieces))
             except OSError:
                 pass  # it hung up on an early piece: what it answered tells
             if not self.target.process.alive():
                 return Outcome.CRASHED
-            if not self.probe.answers():
+            try:
+                answered = self.probe.answers()
+            except OSError:  # (its data port is gone)
+                answered = False
+            if not answered:
                 return self._checked(self.target, Outcome.HUNG)
             data, closed, _ = _read_all(sock, SETTLE)
-            return self._checked(self.target, _classify_frames(data, closed, case.authenticate))
+            outcome = _classify_frames(data, closed)
+            if peer is not None and outcome in (Outcome.SILENT, Outcome.CLOSED):
+                reported = _classify_frames(_read_all(peer, SETTLE)[0], False)
+                outcome = outcome if reported == Outcome.SILENT else reported
+            return self._checked(self.peer, self._checked(self.target, outcome))
         finally:
             sock.close()
+            if peer is not None:
+                peer.close()
             values.close()
 
     # -- gRPC ----------------------------------------------------------------------------------
@@ -210,8 +224,11 @@ class FuzzTargets:
         given = {"right": token, "wrong": secrets.token_bytes(len(token)), "short": token[:5], "none": b""}[case.token]
         out = [given]
         if case.whole:
-            for i, data in enumerate(self._slice_bytes):
-                out.append(codec.UPLOAD_FRAME.pack(i, 0, len(data), zlib.crc32(data)) + data)
+            for i, tensor in enumerate(self._slice_bytes):
+                step = case.chunk or len(tensor)
+                for at in range(0, len(tensor), step):
+                    data = tensor[at : at + step]
+                    out.append(codec.UPLOAD_FRAME.pack(i, at, len(data), zlib.crc32(data)) + data)
         for f in case.frames:
             true = self._slice_bytes[f.tensor] if f.tensor < len(self._slice_bytes) else b""
             data = true[f.offset : f.offset + f.size] if f.fill < 0 else bytes([f.fill]) * f.size
@@ -275,8 +292,13 @@ def _http_address(url: str) -> tuple[str, int]:
     return split_address(url.removeprefix("http://").split("/")[0])
 
 
-def _read_all(sock: socket.socket, wait: float) -> tuple[bytes, bool, bool]:
-    """What ``sock`` gives within ``wait`` seconds: (bytes, it closed, time ran out)."""
+def _connect(address: str) -> socket.socket:
+    return socket.create_connection(split_address(address), timeout=CASE_TIMEOUT)
+
+
+def _read_all(sock: socket.socket, wait: float, whole: bool = False) -> tuple[bytes, bool, bool]:
+    """What ``sock`` gives within ``wait`` seconds, or (``whole``) its first whole frame: (bytes,
+    it closed, time ran out)."""
     chunks: list[bytes] = []
     deadline = time.monotonic() + wait
     while True:
@@ -292,19 +314,19 @@ def _read_all(sock: socket.socket, wait: float) -> tuple[bytes, bool, bool]:
         if not data:
             return b"".join(chunks), True, False
         chunks.append(data)
+        if whole and codec.FrameReader(1 << 30).feed(b"".join(chunks)):
+            return b"".join(chunks), False, False
 
 
-def _classify_frames(data: bytes, closed: bool, authenticated: bool) -> Outcome:
+def _classify_frames(data: bytes, closed: bool) -> Outcome:
     frames: list[codec.DataFrame] = []
     try:
         frames = codec.FrameReader(1 << 30).feed(data)
     except codec.CodecError:
         pass
-    skip = 1 if authenticated else 0  # the WELCOME
-    replies = frames[skip:]
     if any(f.kind == FrameKind.ERROR for f in frames):
         return Outcome.REFUSED
-    if replies:
+    if frames:
         return Outcome.ANSWERED
     return Outcome.CLOSED if closed else Outcome.SILENT
 
@@ -315,7 +337,7 @@ def _classify_http(data: bytes) -> Outcome:
     status = int(data[9:12]) if data[9:12].isdigit() else 0
     if 200 <= status < 300:
         return Outcome.ANSWERED
-    return Outcome.REFUSED if 400 <= status < 500 else Outcome.FAILED
+    return Outcome.REFUSED if 400 <= status < 500 or status in (501, 505) else Outcome.FAILED  # (method, version)
 
 
 @contextmanager

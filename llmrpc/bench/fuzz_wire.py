@@ -35,6 +35,8 @@ class Values:
         if isinstance(value, str) and value in fc.PLACEHOLDERS:
             live = self._value(value)
             return str(live) if self.text else live
+        if isinstance(value, str) and self.text:  # protobuf's strings are UTF-8 (raw bytes cases send any)
+            return value.encode(errors="replace").decode()
         return value
 
     def _value(self, name: str) -> Any:
