@@ -88,11 +88,13 @@ def test_upload_frames_are_checked(targets: FuzzTargets) -> None:
 
 
 def test_api_bodies_get_an_answer(targets: FuzzTargets) -> None:
-    """Every request gets an HTTP answer: a body of JSON nested too deep, or with an integer of
-    thousands of digits, closed the connection with no answer."""
+    """Every request gets an HTTP answer: a body of JSON nested too deep, with an integer of
+    thousands of digits, or with a prompt holding a lone surrogate closed the connection with no
+    answer."""
     deep = fc.ApiCase("POST", "/v1/completions", b"[" * 100_000, raw=True)
     digits = fc.ApiCase("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", raw=True)
-    _fuzz("api", fc.api_cases, targets.http, deep, digits, bad=(*BAD, Outcome.CLOSED))
+    surrogate = fc.ApiCase("POST", "/v1/completions", b'{"prompt": "\\ud800"}', raw=True)
+    _fuzz("api", fc.api_cases, targets.http, deep, digits, surrogate, bad=(*BAD, Outcome.CLOSED))
 
 
 def test_after_fuzzing_the_servers_give_llama_cpps_logits(targets: FuzzTargets, api_text_before: str) -> None:
