@@ -160,7 +160,10 @@ class FuzzTargets:
                     reply = b"".join(channel.stream_stream(path, None, None)(iter(payloads), timeout=CASE_TIMEOUT))
             except grpc.RpcError as e:
                 code = e.code() if hasattr(e, "code") else None
-                self.statuses[f"grpc {code.name if code else '?'}"] += 1
+                name = code.name if code else "?"
+                if code == grpc.StatusCode.INTERNAL:  # (a fault, not a refusal: say which)
+                    name += f" {(e.details() or '')[:70] if hasattr(e, 'details') else ''}"
+                self.statuses[f"grpc {name}"] += 1
                 if code == grpc.StatusCode.DEADLINE_EXCEEDED:
                     return self._checked(self.target, Outcome.HUNG)
                 if code == grpc.StatusCode.UNAVAILABLE:
