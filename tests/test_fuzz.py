@@ -68,8 +68,12 @@ def test_grpc_methods_answer_every_request(targets: FuzzTargets, api_text_before
 
 
 def test_data_port_strangers_are_refused_or_closed(targets: FuzzTargets) -> None:
+    """No frame meets an exception that a check did not catch: a HELLO whose token holds a lone
+    surrogate, or whose description is JSON nested too deep, raised in the server's loop."""
     targets.prepare()
-    _fuzz("before_auth", fc.before_auth(), targets.data)
+    surrogate = fc.Frame(FrameKind.HELLO, 0, {"token": "\ud800", "link": 5})
+    deep = fc.Frame(FrameKind.HELLO, 0, {}, body=b"[" * 5000)
+    _fuzz("before_auth", fc.before_auth(), targets.data, fc.DataCase(False, (surrogate,)), fc.DataCase(False, (deep,)))
 
 
 def test_data_port_frames_after_hello_fail_alone(targets: FuzzTargets) -> None:
@@ -79,7 +83,8 @@ def test_data_port_frames_after_hello_fail_alone(targets: FuzzTargets) -> None:
                                "rows": [2], "gen": fc.GEN_BASE, "batch": ["a", "x"]},
         (fc.ArraySpec("i32", (2,), "tokens"),),
     )  # fmt: skip
-    _fuzz("after_auth", fc.after_auth, targets.data, fc.DataCase(True, (malformed_batch,)))
+    deep = fc.Frame(FrameKind.FORWARD, 4, {}, body=b"[" * 5000)
+    _fuzz("after_auth", fc.after_auth, targets.data, fc.DataCase(True, (malformed_batch,)), fc.DataCase(True, (deep,)))
 
 
 def test_upload_frames_are_checked(targets: FuzzTargets) -> None:

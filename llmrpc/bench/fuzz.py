@@ -105,15 +105,15 @@ def fuzz(cases: int, out: str) -> None:
             statuses = dict(targets.statuses.most_common())
             alive = all(p.alive() for p in (targets.target.process, targets.peer.process, targets.api))
     total = sum(r["cases"] for r in surfaces.values())
-    bad = sum(r["outcomes"].get(k, 0) for r in surfaces.values() for k in ("crashed", "hung", "lost"))
+    bad = sum(r["outcomes"].get(k, 0) for r in surfaces.values() for k in ("crashed", "hung", "lost", "fault"))
     click.echo(
-        f"{total} cases, {bad} crashed, hung or lost what the server held, in {time.perf_counter() - t0:.0f} s; processes alive: {alive}"
+        f"{total} cases, {bad} crashed, hung, lost what the server held or met an unchecked exception, in {time.perf_counter() - t0:.0f} s; processes alive: {alive}"
     )
     click.echo(f"afterwards: logits equal to llama.cpp's: {check['logits_equal']}, the API's greedy text llama.cpp's: "
                f"{check['api_text_equal']}")  # fmt: skip
     result = {
         "cases": total,
-        "crashed_hung_or_lost": bad,
+        "bad": bad,
         "alive": alive,
         "surfaces": surfaces,
         **check,

@@ -52,9 +52,10 @@ class Outcome(enum.Enum):
     CRASHED = "crashed"  # the process is gone
     HUNG = "hung"  # no answer within CASE_TIMEOUT, or the server answers nothing after the case
     LOST = "lost"  # refused, and what the server held is gone (a Load refused after unloading)
+    FAULT = "fault"  # a data-plane frame met an exception no check caught (the server logged its traceback)
 
 
-BAD = (Outcome.CRASHED, Outcome.HUNG, Outcome.LOST)
+BAD = (Outcome.CRASHED, Outcome.HUNG, Outcome.LOST, Outcome.FAULT)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class FuzzTargets:
         same link at the peer, as a head does (the last server of a route reports there)."""
         link = next(self._links)
         values = Values(self, link)
+        logged = self.target.process.log.stat().st_size
         sock, peer = _connect(self.target.data_address), None
         try:
             if case.authenticate:  # as a head does: HELLO, then frames once welcomed
@@ -135,6 +137,8 @@ class FuzzTargets:
             if peer is not None and outcome in (Outcome.SILENT, Outcome.CLOSED):
                 reported = _classify_frames(_read_all(peer, SETTLE)[0], False)
                 outcome = outcome if reported == Outcome.SILENT else reported
+            if _traceback_since(self.target.process.log, logged):
+                outcome = Outcome.FAULT
             return self._checked(self.peer, self._checked(self.target, outcome))
         finally:
             sock.close()
@@ -293,6 +297,13 @@ class FuzzTargets:
 def _http_address(url: str) -> tuple[str, int]:
     """host, port of ``http://HOST:PORT/v1``."""
     return split_address(url.removeprefix("http://").split("/")[0])
+
+
+def _traceback_since(log: Path, offset: int) -> bool:
+    """Whether ``log`` gained a traceback past ``offset``."""
+    with open(log, "rb") as f:
+        f.seek(offset)
+        return b"Traceback (most recent call last)" in f.read()
 
 
 def _connect(address: str) -> socket.socket:
