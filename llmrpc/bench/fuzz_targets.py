@@ -52,7 +52,7 @@ class Outcome(enum.Enum):
     CRASHED = "crashed"  # the process is gone
     HUNG = "hung"  # no answer within CASE_TIMEOUT, or the server answers nothing after the case
     LOST = "lost"  # refused, and what the server held is gone (a Load refused after unloading)
-    FAULT = "fault"  # a data-plane frame met an exception no check caught (the server logged its traceback)
+    FAULT = "fault"  # an exception no check caught (a traceback logged, a gRPC INTERNAL status)
 
 
 BAD = (Outcome.CRASHED, Outcome.HUNG, Outcome.LOST, Outcome.FAULT)
@@ -174,6 +174,9 @@ class FuzzTargets:
                     return self._checked(self.target, Outcome.CLOSED)
                 if held is not None and self.target.process.alive() and self._held() != held:
                     return Outcome.LOST
+                details = (e.details() if hasattr(e, "details") else "") or ""
+                if code == grpc.StatusCode.INTERNAL and not details.startswith("Exception deserializing"):
+                    return self._checked(self.target, Outcome.FAULT)  # an exception no check caught
                 return self._checked(self.target, Outcome.REFUSED)
             self.statuses["grpc OK"] += 1
             self._release(case.method, reply)
@@ -213,6 +216,7 @@ class FuzzTargets:
             hung = hasattr(e, "code") and e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             return self._checked(self.target, Outcome.HUNG if hung else Outcome.REFUSED)
         host = split_address(self.target.process.address)[0]
+        logged = self.target.process.log.stat().st_size
         with socket.create_connection((host, ticket.port), timeout=CASE_TIMEOUT) as sock:
             try:
                 sock.sendall(self._upload_bytes(case, bytes(ticket.token)))
@@ -222,6 +226,8 @@ class FuzzTargets:
             data, closed, timed_out = _read_all(sock, CASE_TIMEOUT)
         if timed_out:
             return self._checked(self.target, Outcome.HUNG)
+        if _traceback_since(self.target.process.log, logged):
+            return self._checked(self.target, Outcome.FAULT)
         if len(data) >= codec.UPLOAD_STATUS.size:
             ok = codec.UPLOAD_STATUS.unpack_from(data)[0]
             return self._checked(self.target, Outcome.ANSWERED if ok == 1 else Outcome.REFUSED)
@@ -256,6 +262,7 @@ class FuzzTargets:
             lines.append(f"Content-Length: {len(body) if case.length is None else case.length}")
         request = ("\r\n".join(lines) + "\r\n\r\n").encode() + body
         host, port = _http_address(self.api.address)
+        logged = self.api.log.stat().st_size
         with socket.create_connection((host, port), timeout=CASE_TIMEOUT) as sock:
             try:
                 sock.sendall(request)
@@ -268,6 +275,8 @@ class FuzzTargets:
         if not self._api_answers():
             return self._checked(None, Outcome.HUNG)
         self.statuses[f"http {data[9:12].decode(errors='replace') or 'none'}"] += 1
+        if _traceback_since(self.api.log, logged):
+            return self._checked(None, Outcome.FAULT)
         return self._checked(None, _classify_http(data))
 
     def _api_answers(self) -> bool:
