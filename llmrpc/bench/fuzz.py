@@ -122,6 +122,8 @@ def fuzz(cases: int, out: str) -> None:
     }
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(json.dumps(result, indent=2))
+    if any(logs.values()):
+        click.echo("exceptions logged with a traceback (gRPC logs one for each request it cannot parse):")
     for name, found in logs.items():
         for line, n in found.items():
             click.echo(f"  {name}.log: {n} x {line}")
