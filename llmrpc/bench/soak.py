@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -334,6 +335,7 @@ def soak(
             head.wait(timeout=30)
         for s in servers:
             s.stop()
+            shutil.rmtree(work / f"cache{s.index}", ignore_errors=True)  # (the logs stay)
     result["logs"] = str(work)
     _print(result)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
