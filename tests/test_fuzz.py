@@ -15,6 +15,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from llmrpc.bench import fuzz_calls as fk
 from llmrpc.bench import fuzz_cases as fc
 from llmrpc.bench.fuzz_targets import BAD, PROMPT, FuzzTargets, Outcome, live_targets, reference_check
 from llmrpc.codec import FrameKind
@@ -64,7 +65,7 @@ def test_grpc_methods_answer_every_request(targets: FuzzTargets, api_text_before
     model's heads unloaded the layers before it was refused."""
     targets.prepare()
     bad_cache = {"model_path": fc.MODEL_PATH, "layer_end": 3, "cache_type_k": "q8_0", "cache_type_v": "f16"}
-    _fuzz("grpc", fc.grpc_cases(), targets.grpc, fc.GrpcCase("Load", (bad_cache,)))
+    _fuzz("grpc", fk.grpc_cases(), targets.grpc, fk.GrpcCase("Load", (bad_cache,)))
 
 
 def test_data_port_strangers_are_refused_or_closed(targets: FuzzTargets) -> None:
@@ -90,17 +91,17 @@ def test_data_port_frames_after_hello_fail_alone(targets: FuzzTargets) -> None:
 def test_upload_frames_are_checked(targets: FuzzTargets) -> None:
     """Every upload connection ends with the server's status: kept, or why not."""
     targets.prepare()
-    _fuzz("upload", fc.upload_cases, targets.upload, bad=(*BAD, Outcome.CLOSED))
+    _fuzz("upload", fk.upload_cases, targets.upload, bad=(*BAD, Outcome.CLOSED))
 
 
 def test_api_bodies_get_an_answer(targets: FuzzTargets) -> None:
     """Every request gets an HTTP answer: a body of JSON nested too deep, with an integer of
     thousands of digits, or with a prompt holding a lone surrogate closed the connection with no
     answer."""
-    deep = fc.ApiCase("POST", "/v1/completions", b"[" * 100_000, raw=True)
-    digits = fc.ApiCase("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", raw=True)
-    surrogate = fc.ApiCase("POST", "/v1/completions", b'{"prompt": "\\ud800"}', raw=True)
-    _fuzz("api", fc.api_cases, targets.http, deep, digits, surrogate, bad=(*BAD, Outcome.CLOSED, Outcome.FAILED))
+    deep = fk.ApiCase("POST", "/v1/completions", b"[" * 100_000, raw=True)
+    digits = fk.ApiCase("POST", "/v1/completions", b'{"prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}", raw=True)
+    surrogate = fk.ApiCase("POST", "/v1/completions", b'{"prompt": "\\ud800"}', raw=True)
+    _fuzz("api", fk.api_cases, targets.http, deep, digits, surrogate, bad=(*BAD, Outcome.CLOSED, Outcome.FAILED))
 
 
 def test_after_fuzzing_the_servers_give_llama_cpps_logits(targets: FuzzTargets, api_text_before: str) -> None:

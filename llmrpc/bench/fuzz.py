@@ -24,13 +24,14 @@ EXAMPLES_KEPT = 5  # cases kept in the JSON for each bad outcome
 def _run_surface(targets: Any, surface: str, n: int) -> dict[str, Any]:
     from hypothesis import HealthCheck, given, settings
 
+    from llmrpc.bench import fuzz_calls as fk
     from llmrpc.bench import fuzz_cases as fc
     from llmrpc.bench.fuzz_targets import BAD, Outcome
 
     strategy, send = {
-        "grpc": (fc.grpc_cases(), targets.grpc), "before_auth": (fc.before_auth(), targets.data),
-        "after_auth": (fc.after_auth, targets.data), "upload": (fc.upload_cases, targets.upload),
-        "api": (fc.api_cases, targets.http),
+        "grpc": (fk.grpc_cases(), targets.grpc), "before_auth": (fc.before_auth(), targets.data),
+        "after_auth": (fc.after_auth, targets.data), "upload": (fk.upload_cases, targets.upload),
+        "api": (fk.api_cases, targets.http),
     }[surface]  # fmt: skip
     seen: Counter[str] = Counter()
     bad: list[str] = []

@@ -29,6 +29,7 @@ import grpc
 import numpy as np
 
 from llmrpc import codec
+from llmrpc.bench import fuzz_calls as fk
 from llmrpc.bench import fuzz_cases as fc
 from llmrpc.bench.fuzz_live import CASE_TIMEOUT, Probe, Process, Server, start, start_server
 from llmrpc.bench.fuzz_wire import Values, change_header, encode_piece
@@ -147,8 +148,8 @@ class FuzzTargets:
             values.close()
 
     # -- gRPC ----------------------------------------------------------------------------------
-    def grpc(self, case: fc.GrpcCase) -> Outcome:
-        message, streamed, streams_back = fc.METHODS[case.method]
+    def grpc(self, case: fk.GrpcCase) -> Outcome:
+        message, streamed, streams_back = fk.METHODS[case.method]
         values = Values(self, next(self._links), text=True)
         try:
             payloads = [r if isinstance(r, bytes) else message(**values(r)).SerializeToString() for r in case.requests]
@@ -206,7 +207,7 @@ class FuzzTargets:
                 pass
 
     # -- weight uploads --------------------------------------------------------------------------
-    def upload(self, case: fc.UploadCase) -> Outcome:
+    def upload(self, case: fk.UploadCase) -> Outcome:
         header = codec.slice_header_to_proto(UPLOAD_HASH, 0, 1, self._layout)
         for name, value in case.header:
             change_header(header, name, value)
@@ -233,7 +234,7 @@ class FuzzTargets:
             return self._checked(self.target, Outcome.ANSWERED if ok == 1 else Outcome.REFUSED)
         return self._checked(self.target, Outcome.CLOSED)
 
-    def _upload_bytes(self, case: fc.UploadCase, token: bytes) -> bytes:
+    def _upload_bytes(self, case: fk.UploadCase, token: bytes) -> bytes:
         given = {"right": token, "wrong": secrets.token_bytes(len(token)), "short": token[:5], "none": b""}[case.token]
         out = [given]
         if case.whole:
@@ -254,7 +255,7 @@ class FuzzTargets:
         return b"".join(out) + case.tail
 
     # -- the HTTP API ------------------------------------------------------------------------------
-    def http(self, case: fc.ApiCase) -> Outcome:
+    def http(self, case: fk.ApiCase) -> Outcome:
         body = case.body if case.raw else json.dumps(case.body).encode()
         lines = [f"{case.method} {case.path} HTTP/1.1", "Host: 127.0.0.1", "Content-Type: application/json",
                  "Connection: close"]  # fmt: skip

@@ -67,7 +67,7 @@ class Values:
 
 
 def make_array(spec: fc.ArraySpec) -> np.ndarray:
-    n = fc._count(spec.shape)
+    n = fc.count_of(spec.shape)
     rng = np.random.default_rng(spec.seed)
     values = {
         "tokens": lambda: rng.integers(0, fc.N_VOCAB, n), "negative": lambda: -rng.integers(1, 1 << 30, n),
