@@ -384,7 +384,7 @@ def decode_frame_body(
     """The description and arrays of a frame whose header :func:`decode_frame_header` read."""
     try:
         desc = json.loads(bytes(meta))
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # (RecursionError: nested too deep)
         raise CodecError(f"frame description is not JSON: {e}") from None
     if not isinstance(desc, dict) or not isinstance(desc.get("arrays", []), list):
         raise CodecError("frame description must be an object with an 'arrays' list")

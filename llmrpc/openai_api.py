@@ -181,8 +181,11 @@ def _prompt(value: object, tokenizer: Tokenizer, ctx_size: int) -> list[int]:
     if isinstance(value, list) and len(value) == 1:  # a batch of one prompt
         value = value[0]
     if isinstance(value, str):
-        _check_length(len(value.encode()), tokenizer, ctx_size, "prompt")
-        return tokenizer.encode(value)
+        try:
+            _check_length(len(value.encode()), tokenizer, ctx_size, "prompt")
+            return tokenizer.encode(value)
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800") is JSON, but not text
+            raise ApiError(f"the prompt is not valid text: {e}", param="prompt") from e
     if isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value):
         bad = [t for t in value if not 0 <= t < tokenizer.n_vocab]
         if bad:
@@ -558,7 +561,7 @@ class Handler(BaseHTTPRequestHandler):
         self._reader.disarm()
         try:
             return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        except (ValueError, RecursionError) as e:  # (too deep, or an integer of thousands of digits)
             raise ApiError(f"the body is not valid JSON: {e}") from e
 
 

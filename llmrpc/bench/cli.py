@@ -1,14 +1,17 @@
 """``llmrpc-bench``: the benchmark (``run``, the default) and the other checks a user can run
-on their own machine (``conformance``), a large model's start and restart (``restart``), and the prefix cache at work (``prefix``)."""
+on their own machine (``conformance``), a large model's start and restart (``restart``), the prefix cache at work
+(``prefix``), hostile inputs against live servers (``fuzz``) and a long run of many clients (``soak``)."""
 
 from __future__ import annotations
 
 import click
 
 from llmrpc.bench.conformance import conformance
+from llmrpc.bench.fuzz import fuzz
 from llmrpc.bench.prefix import prefix
 from llmrpc.bench.restart import restart
 from llmrpc.bench.run import main as run
+from llmrpc.bench.soak import soak
 
 
 class _DefaultRun(click.Group):
@@ -29,6 +32,8 @@ main.add_command(run, "run")
 main.add_command(conformance, "conformance")
 main.add_command(restart, "restart")
 main.add_command(prefix, "prefix")
+main.add_command(fuzz, "fuzz")
+main.add_command(soak, "soak")
 
 
 if __name__ == "__main__":

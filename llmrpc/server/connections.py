@@ -159,7 +159,7 @@ class Connections:
         token, link = frame.meta.get("token"), frame.meta.get("link") or 0
         if frame.kind != FrameKind.HELLO or not isinstance(token, str):
             self.refuse(conn, frame.request_id, "a data connection starts with HELLO and the server's token")
-        elif not hmac.compare_digest(token.encode(), self.token.encode()):
+        elif not hmac.compare_digest(token.encode(errors="replace"), self.token.encode()):  # (a lone surrogate)
             self.refuse(conn, frame.request_id, "wrong data token (ask the server's Hello for it)")
         elif not isinstance(link, int) or isinstance(link, bool) or not 0 <= link <= MAX_LINK:
             self.refuse(conn, frame.request_id, f"link must be an integer within [0, {MAX_LINK}]")

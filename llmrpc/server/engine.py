@@ -24,7 +24,7 @@ from llmrpc.ggml.lib import ggml
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
 from llmrpc.model.gguf_model import read_model
-from llmrpc.model.kv import CacheConfig, kv_bytes
+from llmrpc.model.kv import CacheConfig, check_cache, kv_bytes
 from llmrpc.model.prefix import copy_cells, refusal, start_from
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.model.stage import LayerStage, SessionCache
@@ -309,6 +309,10 @@ class Engine:
                 f"layers [{layer_start}, {layer_end}) need {need} bytes; "
                 f"this server is capped at {self.memory_cap} (--mem)",
             )
+        try:  # refused before what this server holds is let go
+            check_cache(info.hparams, cache)
+        except ValueError as e:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, f"{path}: {e}") from e
 
         def swap() -> LoadedRange:
             self._settle()
