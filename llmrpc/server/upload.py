@@ -97,7 +97,10 @@ class UploadReceiver:
             with conn:
                 try:
                     token = _recv_exact(conn, TOKEN_BYTES)
-                except (TransferError, OSError):
+                except TransferError:  # a token cut short: answered as a wrong one
+                    _answer(conn, TransferError("bad upload token"))
+                    return
+                except OSError:
                     return
                 with self._claim:
                     claimed = hmac.compare_digest(bytes(token), self.token) and not self._claimed.is_set()
