@@ -25,6 +25,8 @@ from llmrpc.types import split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
+from .conftest import own_caches
+
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=5)
 
@@ -109,7 +111,7 @@ def generate_together(farm: Farm, prompts: list[list[int]], n: int) -> list[list
 
 
 def test_servers_that_work_while_the_device_computes_generate_the_same(
-    tiny_models: dict[str, str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A GPU server starts each batch and goes on (reports the last token, reads its sockets)
     before it takes the outputs. The CPU computes as a batch starts, so the servers here are
@@ -118,7 +120,7 @@ def test_servers_that_work_while_the_device_computes_generate_the_same(
     are those the head picks."""
     monkeypatch.setenv("LLMRPC_OVERLAP", "1")
     prompts = [prompt_tokens[i : i + 8] for i in range(3)]
-    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)) as local:
         for n in (1, 2):
             with Farm(tiny_models["Q8_0"], local.addresses[:n], ctx_size=64, max_sessions=3) as farm:
                 farm.server_generation = False
@@ -143,7 +145,11 @@ def native_steps(address: str) -> int:
 
 
 def test_the_native_hop_computes_the_steps_and_changes_no_token(
-    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, str],
+    servers: list[str],
+    prompt_tokens: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """Through three servers, each takes a generation's steps in C (server/hop.c), and leaves to
     Python the ones it does not handle: the first steps, those where the decode graph is
@@ -157,7 +163,7 @@ def test_the_native_hop_computes_the_steps_and_changes_no_token(
     assert 2 * 150 - 12 <= steps[0] < 2 * 150 and 2 * 150 - 12 <= steps[1] < 2 * 150, steps
     assert 150 - 6 <= steps[2] <= 150, steps
     monkeypatch.setenv("LLMRPC_NATIVE_HOP", "0")
-    with LocalServers(3, threads=2, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(3, threads=2, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 3)) as local:
         with Farm(tiny_models["Q8_0"], local.addresses, ctx_size=256) as farm:
             python = [list(farm.generate_tokens(prompt_tokens, 150, p, stop_at_eog=False)) for p in (GREEDY, SAMPLED)]
         assert [native_steps(a) for a in local.addresses] == [0, 0, 0]
@@ -190,10 +196,10 @@ def test_a_malformed_generation_is_refused(servers: list[str]) -> None:
 
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_server_lost_mid_generation_fails_it_fast(
-    tiny_models: dict[str, str], prompt_tokens: list[int], victim: int
+    tiny_models: dict[str, str], prompt_tokens: list[int], victim: int, tmp_path: Path
 ) -> None:
     """The head hears of a lost server within seconds, named, whichever of the two it was."""
-    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)) as local:
         with Farm(tiny_models["F32"], local.addresses, ctx_size=2048) as farm, farm.session() as s:
             tokens = s.generate(prompt_tokens, 2000, GREEDY)
             for _ in range(3):
@@ -230,10 +236,10 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
 
 
-def test_servers_stop_generating_for_a_head_that_died(tiny_models: dict[str, str]) -> None:
+def test_servers_stop_generating_for_a_head_that_died(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """A head killed in the middle of a long generation: the servers stop within a step (its
     connection is gone) instead of computing the rest for nobody."""
-    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)) as local:
         head = subprocess.Popen(
             [sys.executable, "-c", HEAD_SCRIPT, tiny_models["F32"], ",".join(local.addresses)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
