@@ -290,10 +290,11 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(api: str, cl
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="any", prompt="hi", max_tokens=10_000)
     assert "context holds 256" in str(info.value)
-    assert client.completions.create(model="any", prompt="Hi", max_tokens=4).usage.completion_tokens == 4
+    assert client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text
 
 
-LONG = CTX - 16  # tokens a stream asks for: it runs for seconds
+LONG = CTX - 32  # tokens a stream asks for: it runs for seconds
+STORY = "Once upon a time, in a small village by the sea,"
 
 
 def _metrics(api: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -322,7 +323,7 @@ def test_a_client_that_leaves_frees_its_slot(api: str, client: openai.OpenAI) ->
     requests, two at once."""
     before = _metrics(api)
     streams = [
-        client.completions.create(model="any", prompt="Once upon a time", max_tokens=LONG, stream=True)
+        client.completions.create(model="any", prompt=STORY, max_tokens=LONG, temperature=0, stream=True)
         for _ in range(2)
     ]
     for stream in streams:
@@ -351,23 +352,26 @@ def test_a_request_over_the_parallel_cap_waits_its_turn(api: str, client: openai
     """--parallel 2: a third request waits (two running, one waiting) until a slot is free,
     then gets the answer it gets alone."""
     alone = client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text
-    prompts = ("Once upon a time", "The capital of France is")
     streams = [
-        client.completions.create(model="any", prompt=p, max_tokens=LONG, temperature=0, stream=True) for p in prompts
+        client.completions.create(model="any", prompt=STORY, max_tokens=LONG, temperature=0, stream=True)
+        for _ in range(2)
     ]
     pieces = [[next(iter(s)).choices[0].text] for s in streams]  # both generating
     third: list[str] = []
     thread = _ask_later(client, third)
     seen: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
-    _wait_for(
-        lambda: value(m := _metrics(api), "num_requests_waiting") == 1 and not seen.append(m), "no request waited"
-    )
-    assert value(seen[0], "num_requests_running") == 2
+
+    def one_waits() -> bool:
+        seen.append(_metrics(api))
+        return value(seen[-1], "num_requests_waiting") == 1
+
+    _wait_for(one_waits, "the third request did not wait")
+    assert value(seen[-1], "num_requests_running") == 2
     for stream, got in zip(streams, pieces, strict=True):
         got += [c.choices[0].text for c in stream]
     thread.join(timeout=120)
     assert third == [alone]
-    assert all(len("".join(p)) > 100 for p in pieces)  # the two ran to their ends
+    assert "".join(pieces[0]) == "".join(pieces[1])  # (greedy: both streams said the same)
 
 
 def test_a_request_outlives_a_server_that_dies(smollm2: str) -> None:
