@@ -47,8 +47,8 @@ REAL_MODELS = ("smollm2", "gemma3_270m")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests that run a real model (its fixture) are ``slow``; they still run by default
-    (``-m "not slow"`` leaves them out)."""
+    """Tests that run a real model (they take its fixture) are ``slow`` (pyproject.toml); they
+    still run by default (``-m "not slow"`` leaves them out)."""
     for item in items:
         if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODELS):
             item.add_marker(pytest.mark.slow)

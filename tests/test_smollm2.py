@@ -112,6 +112,7 @@ def test_text_and_streaming(smollm2: str, servers: list[str]) -> None:
     assert greedy[0] == greedy[1] == llama_greedy  # temperature 0: llama.cpp's greedy text, whatever the seed
 
 
+@pytest.mark.slow  # the packaged SmolLM2, found without its fixture
 def test_head_cli_default_model_with_local_servers() -> None:
     """`llmrpc-head --prompt ...` needs nothing else: packaged model, local servers; the head
     sampling every token (--head-samples) writes the same text as the servers generating."""
