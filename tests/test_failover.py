@@ -25,9 +25,10 @@ from llmrpc.head.placement import model_layout
 from llmrpc.head.planner import PlanError, ServerReport, plan
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.kv import CacheConfig
+from llmrpc.model.synthetic import SyntheticSpec
 from llmrpc.sampling import SamplingParams
 
-from .conftest import own_caches
+from .conftest import model_file, own_caches
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11)
@@ -200,12 +201,12 @@ def _least_memory_for(path: str, count: int, ctx_size: int) -> int:
 
 
 def test_when_the_servers_left_cannot_hold_the_model_the_error_says_so(
-    tiny_models: dict[str, str], prompt_tokens: list[int], tmp_path: Path
+    prompt_tokens: list[int], tmp_path: Path
 ) -> None:
-    """Three servers with just the memory to hold the model together: one dies, and the request
-    fails with the reason (the model does not fit the two left), not a hang or a stack of
-    retries; nothing was re-planned."""
-    path = tiny_models["F32"]
+    """Three servers with just the memory to hold a 6-layer model together: one dies, and the
+    request fails with the reason (the model does not fit the two left), not a hang or a stack
+    of retries; nothing was re-planned."""
+    path = model_file(tmp_path, "six.gguf", SyntheticSpec(n_layer=6, seed=7))
     cap = _least_memory_for(path, 3, 128)
     with _local(tmp_path, 3, "--mem", str(cap)) as local:
         with Farm(path, local.addresses, ctx_size=128, server_generation=False) as farm:
