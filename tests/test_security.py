@@ -122,10 +122,11 @@ def _signed_certificates(tmp: Path, names: list[str]) -> tuple[str, list[tuple[s
     return str(ca), out
 
 
-def _server(*args: str) -> subprocess.Popen[str]:
+def _server(*args: str, stderr: int | None = None) -> subprocess.Popen[str]:
+    """A server with ``args``; its log goes to the test's stderr unless ``stderr`` says where."""
     cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
            "--no-calibrate", *args]  # fmt: skip
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 @contextlib.contextmanager
@@ -281,9 +282,9 @@ def test_servers_check_the_next_ones_certificate_against_their_tls_ca(
 
 def test_bad_tls_settings_are_refused_at_start(tmp_path: Path) -> None:
     cert, _ = _certificate(tmp_path, "server")
-    half = _server("--tls-cert", cert)
+    half = _server("--tls-cert", cert, stderr=subprocess.PIPE)
     _, err = half.communicate(timeout=60)
     assert half.returncode == 2 and "--tls-cert and --tls-key go together" in err
-    missing = _server("--tls-cert", cert, "--tls-key", str(tmp_path / "nope.key"))
+    missing = _server("--tls-cert", cert, "--tls-key", str(tmp_path / "nope.key"), stderr=subprocess.PIPE)
     _, err = missing.communicate(timeout=60)
     assert missing.returncode == 2 and "nope.key" in err
