@@ -226,7 +226,7 @@ import sys
 from llmrpc.farm import Farm
 from llmrpc.sampling import SamplingParams
 model, servers, ctx = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
-farm = Farm(model, servers, ctx_size=ctx)
+farm = Farm(model, servers, ctx_size=ctx, batch=64)
 s = farm.session()
 tokens = s.generate([1, 5, 9], ctx - 8, SamplingParams(temperature=0))
 for _ in range(3):
@@ -271,9 +271,9 @@ def _steps(ports: list[int]) -> float:
 
 
 def test_servers_stop_generating_for_a_head_that_died(tmp_path: Path) -> None:
-    """A head killed in the middle of a long generation (32,000 tokens asked): the servers stop
+    """A head killed in the middle of a long generation (16,000 tokens asked): the servers stop
     within steps (its connection is gone) instead of computing the rest for nobody."""
-    ctx = 32768
+    ctx = 16384
     model = model_file(tmp_path, "long.gguf", SyntheticSpec(n_ctx_train=ctx, seed=7))
     with _metered_servers(tmp_path, 2) as metered:
         addresses, ports = [a for a, _ in metered], [p for _, p in metered]
