@@ -174,9 +174,8 @@ def test_tls_on_every_link(tiny_models: dict[str, str], servers: list[str], tmp_
         info, digest = read_model(path), content_hash(path)
         with pytest.raises((OSError, StageError)):
             ship_slice(client, info, digest, 0, 2)  # in the clear
+        assert client.hello().cached == ()  # nothing kept
         client.close()
-        caches = [tmp_path / f"cache{i}" for i in range(2)]
-        assert [list(c.glob("*/*.gguf")) for c in caches] == [[], []]
         with Farm(path, addresses, ctx_size=64, token=TOKEN, tls_ca=cert) as farm:
             assert len(farm.plan) == 2
             assert {a.address: farm.bytes_shipped[a.address] for a in farm.plan} == {
@@ -184,7 +183,12 @@ def test_tls_on_every_link(tiny_models: dict[str, str], servers: list[str], tmp_
             }
             got = [_generate(farm) for _ in range(2)]
             assert _data_links_are_tls(farm)
-        assert [len(list(c.glob(f"{digest}/*.gguf"))) for c in caches] == [1, 1]  # kept, from the TLS uploads
+            for a in farm.plan:  # kept, from the uploads over TLS
+                client = StageClient(a.address, security=security)
+                assert [(c.model_hash, c.layer_start, c.layer_end) for c in client.hello().cached] == [
+                    (digest, a.start, a.end)
+                ]
+                client.close()
         with Farm(path, servers[:2], ctx_size=64) as farm:
             assert _generate(farm) == got[0] == got[1]
         for bad in (ClientSecurity(TOKEN), ClientSecurity(TOKEN, tls_ca=other)):  # no TLS, another CA
