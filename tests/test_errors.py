@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -19,12 +18,10 @@ from llmrpc.types import PROTOCOL_VERSION
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
 
-from .conftest import own_caches
-
 
 @pytest.fixture()
-def fresh_server(tmp_path: Path) -> Iterator[str]:
-    with LocalServers(1, threads=1, per_server_args=own_caches(tmp_path, 1)) as local:
+def fresh_server() -> Iterator[str]:
+    with LocalServers(1, threads=1) as local:
         yield local.addresses[0]
 
 
