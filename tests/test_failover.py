@@ -143,12 +143,13 @@ def test_when_no_server_is_left_the_error_says_so(smollm2: str, tmp_path: Path) 
 
 
 def _generate_killing(
-    farm: Farm, prompt: list[int], local: LocalServers, at: dict[int, int], killed: list[str] | None = None
-) -> list[int]:
+    farm: Farm, prompt: list[int], local: LocalServers, at: dict[int, int], killed: list[str] | None = None,
+    sampling: SamplingParams = SAMPLED,
+) -> list[int]:  # fmt: skip
     """Generate (the head sampling: each token needs every server), killing at the ``i``-th
     token the server of stage ``at[i]`` of the plan then (its address added to ``killed``)."""
     tokens = []
-    for i, token in enumerate(farm.generate_tokens(prompt, N, SAMPLED, stop_at_eog=False)):
+    for i, token in enumerate(farm.generate_tokens(prompt, N, sampling, stop_at_eog=False)):
         tokens.append(token)
         if i + 1 in at:
             address = farm.plan[at[i + 1]].address
@@ -233,7 +234,7 @@ def test_a_prompt_longer_than_a_batch_is_replayed_whole(
         with Farm(tiny_models["F32"], local.addresses, ctx_size=128, batch=8, server_generation=False) as farm:
             want = list(farm.generate_tokens(prompt, N, GREEDY, stop_at_eog=False))
             assert len(set(want)) > 5
-            assert _generate_killing(farm, prompt, local, {10: 1}) == want
+            assert _generate_killing(farm, prompt, local, {10: 1}, sampling=GREEDY) == want
             assert farm.replays == 1 and len(farm.plan) == 2
             assert _replayed(caplog) == [len(prompt) + 10]
 
