@@ -122,17 +122,17 @@ def _signed_certificates(tmp: Path, names: list[str]) -> tuple[str, list[tuple[s
     return str(ca), out
 
 
-def _server(*args: str, stderr: int | None = None) -> subprocess.Popen[str]:
+def _server(*args: str, threads: int = 1, stderr: int | None = None) -> subprocess.Popen[str]:
     """A server with ``args``; its log goes to the test's stderr unless ``stderr`` says where."""
-    cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0", "--threads", "1",
-           "--no-calibrate", *args]  # fmt: skip
+    cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0", "--threads",
+           str(threads), "--no-calibrate", *args]  # fmt: skip
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=stderr, text=True)
 
 
 @contextlib.contextmanager
-def _servers(args: list[list[str]]) -> Iterator[list[str]]:
+def _servers(args: list[list[str]], threads: int = 1) -> Iterator[list[str]]:
     """Servers started with ``args`` each: their addresses; each must stop cleanly at the end."""
-    procs = [_server(*a) for a in args]
+    procs = [_server(*a, threads=threads) for a in args]
     try:
         yield [read_ready(p, 60) for p in procs]
     finally:
@@ -208,12 +208,12 @@ def test_tls_on_every_link(tiny_models: dict[str, str], servers: list[str], tmp_
 def test_the_native_hop_is_left_to_python_over_tls(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """The C hop reads and writes plain TCP: servers with TLS take every step in Python, while
     the same servers without TLS take most of the same generation's steps in C, and the tokens
-    are the same."""
+    are the same. (Two threads each: the hop is armed for servers that compute with several.)"""
     if hop_library() is None:
         pytest.skip("no native hop on this machine (no C compiler, or LLMRPC_NATIVE_HOP=0): nothing to leave to Python")
     cert, key = _certificate(tmp_path, "server")
     plain_args = [["--token", TOKEN, *c] for c in own_caches(tmp_path / "plain", 2)]
-    with _servers(_tls_args(tmp_path, 2, cert, key)) as tls, _servers(plain_args) as plain:
+    with _servers(_tls_args(tmp_path, 2, cert, key), threads=2) as tls, _servers(plain_args, threads=2) as plain:
         tokens, steps = [], []
         for addresses, ca in ((tls, cert), (plain, None)):
             with Farm(tiny_models["F32"], addresses, ctx_size=128, token=TOKEN, tls_ca=ca) as farm:
