@@ -31,9 +31,27 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[str]]:
     """Three real server processes, shared by the tests (each test loads what it needs).
     Each has its own empty cache, and none is told where the models are: the head ships them.
     They skip the speed measurement, so that plans do not depend on the machine's load."""
-    caches = [["--cache-dir", str(tmp_path_factory.mktemp(f"cache{i}"))] for i in range(3)]
+    caches = own_caches(tmp_path_factory.mktemp("caches"), 3)
     with LocalServers(3, threads=2, extra_args=["--no-calibrate"], per_server_args=caches) as local:
         yield list(local.addresses)
+
+
+def own_caches(folder: Path, count: int) -> list[list[str]]:
+    """``LocalServers``' ``per_server_args`` giving each of ``count`` servers an empty cache of
+    its own under ``folder``: what a test ships is shipped again in every run, and servers of one
+    test never find the slices another server (or another test) received."""
+    return [["--cache-dir", str(folder / f"cache{i}")] for i in range(count)]
+
+
+REAL_MODELS = ("smollm2", "gemma3_270m")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests that run a real model (they take its fixture) are ``slow`` (pyproject.toml); they
+    still run by default (``-m "not slow"`` leaves them out)."""
+    for item in items:
+        if any(name in getattr(item, "fixturenames", ()) for name in REAL_MODELS):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

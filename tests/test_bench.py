@@ -17,6 +17,7 @@ from llmrpc.model.synthetic import SyntheticSpec
 from .conftest import model_file
 
 
+@pytest.mark.slow
 def test_bench_measures_llama_cpp_and_a_server(tmp_path: Path) -> None:
     model = model_file(tmp_path, "tiny.gguf", SyntheticSpec(weight_type="Q8_0", n_vocab=10240, seed=3))
     out = tmp_path / "result.json"

@@ -21,6 +21,8 @@ from llmrpc.head.local import LocalServers
 from llmrpc.types import split_address
 from tests.threads import pinned_threads
 
+from .conftest import own_caches
+
 
 def test_frames_round_trip_and_refuse_damage() -> None:
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -270,8 +272,10 @@ def test_concurrent_sessions_get_their_own_answers(
         assert have is not None and np.abs(have - want).max() <= 1e-4 * np.abs(want).max()
 
 
-def test_a_dead_server_fails_the_request_fast(tiny_models: dict[str, str], prompt_tokens: list[int]) -> None:
-    with LocalServers(3, threads=1, extra_args=["--no-calibrate"]) as local:
+def test_a_dead_server_fails_the_request_fast(
+    tiny_models: dict[str, str], prompt_tokens: list[int], tmp_path: Path
+) -> None:
+    with LocalServers(3, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 3)) as local:
         with Farm(tiny_models["F32"], local.addresses, ctx_size=64) as farm:
             with farm.session() as s:
                 s.forward(prompt_tokens[:3])
@@ -394,12 +398,16 @@ def test_a_refused_step_fails_only_its_own_session(
     reason="needs 2 CPUs, /proc, and OpenMP's binding left to the servers",
 )
 def test_servers_that_share_a_machine_keep_their_compute_threads_on_cores(
-    tiny_models: dict[str, str], prompt_tokens: list[int]
+    tiny_models: dict[str, str], prompt_tokens: list[int], tmp_path: Path
 ) -> None:
     """Servers started together take turns on the machine's cores; each keeps its compute
     thread and its OpenMP workers on one core each (OpenMP places) and leaves its other threads
     (gRPC's, loads') on any core; a server started alone does not pin anything."""
-    with LocalServers(2, threads=2, extra_args=["--no-calibrate"]) as together, LocalServers(1, threads=2) as alone:
+    caches = own_caches(tmp_path, 3)
+    with (
+        LocalServers(2, threads=2, extra_args=["--no-calibrate"], per_server_args=caches[:2]) as together,
+        LocalServers(1, threads=2, per_server_args=caches[2:]) as alone,
+    ):
         for addresses in (together.addresses, alone.addresses):
             with Farm(tiny_models["F32"], addresses, ctx_size=64) as farm:
                 farm.generate(" ".join(["w"] * 4), 4)

@@ -3,27 +3,34 @@ first, the head only reads the reports."""
 
 from __future__ import annotations
 
-import os
+import contextlib
 import socket
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from llmrpc import codec
 from llmrpc.codec import FrameKind
 from llmrpc.farm import Farm
 from llmrpc.head.client import StageClient, StageError
-from llmrpc.head.local import LocalServers
+from llmrpc.head.local import READY_PREFIX, LocalServers
+from llmrpc.model.synthetic import SyntheticSpec
 from llmrpc.sampling import SamplingParams
 from llmrpc.types import split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
+from tests.namespaces import stop
+
+from .conftest import model_file, own_caches
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=5)
@@ -109,7 +116,7 @@ def generate_together(farm: Farm, prompts: list[list[int]], n: int) -> list[list
 
 
 def test_servers_that_work_while_the_device_computes_generate_the_same(
-    tiny_models: dict[str, str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     """A GPU server starts each batch and goes on (reports the last token, reads its sockets)
     before it takes the outputs. The CPU computes as a batch starts, so the servers here are
@@ -118,7 +125,7 @@ def test_servers_that_work_while_the_device_computes_generate_the_same(
     are those the head picks."""
     monkeypatch.setenv("LLMRPC_OVERLAP", "1")
     prompts = [prompt_tokens[i : i + 8] for i in range(3)]
-    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)) as local:
         for n in (1, 2):
             with Farm(tiny_models["Q8_0"], local.addresses[:n], ctx_size=64, max_sessions=3) as farm:
                 farm.server_generation = False
@@ -143,7 +150,11 @@ def native_steps(address: str) -> int:
 
 
 def test_the_native_hop_computes_the_steps_and_changes_no_token(
-    tiny_models: dict[str, str], servers: list[str], prompt_tokens: list[int], monkeypatch: pytest.MonkeyPatch
+    tiny_models: dict[str, str],
+    servers: list[str],
+    prompt_tokens: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
 ) -> None:
     """Through three servers, each takes a generation's steps in C (server/hop.c), and leaves to
     Python the ones it does not handle: the first steps, those where the decode graph is
@@ -157,7 +168,7 @@ def test_the_native_hop_computes_the_steps_and_changes_no_token(
     assert 2 * 150 - 12 <= steps[0] < 2 * 150 and 2 * 150 - 12 <= steps[1] < 2 * 150, steps
     assert 150 - 6 <= steps[2] <= 150, steps
     monkeypatch.setenv("LLMRPC_NATIVE_HOP", "0")
-    with LocalServers(3, threads=2, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(3, threads=2, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 3)) as local:
         with Farm(tiny_models["Q8_0"], local.addresses, ctx_size=256) as farm:
             python = [list(farm.generate_tokens(prompt_tokens, 150, p, stop_at_eog=False)) for p in (GREEDY, SAMPLED)]
         assert [native_steps(a) for a in local.addresses] == [0, 0, 0]
@@ -190,10 +201,10 @@ def test_a_malformed_generation_is_refused(servers: list[str]) -> None:
 
 @pytest.mark.parametrize("victim", [0, 1])
 def test_a_server_lost_mid_generation_fails_it_fast(
-    tiny_models: dict[str, str], prompt_tokens: list[int], victim: int
+    tiny_models: dict[str, str], prompt_tokens: list[int], victim: int, tmp_path: Path
 ) -> None:
     """The head hears of a lost server within seconds, named, whichever of the two it was."""
-    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)) as local:
         with Farm(tiny_models["F32"], local.addresses, ctx_size=2048) as farm, farm.session() as s:
             tokens = s.generate(prompt_tokens, 2000, GREEDY)
             for _ in range(3):
@@ -214,10 +225,10 @@ HEAD_SCRIPT = """
 import sys
 from llmrpc.farm import Farm
 from llmrpc.sampling import SamplingParams
-model, servers = sys.argv[1], sys.argv[2].split(",")
-farm = Farm(model, servers, ctx_size=2048)
+model, servers, ctx = sys.argv[1], sys.argv[2].split(","), int(sys.argv[3])
+farm = Farm(model, servers, ctx_size=ctx, batch=64)
 s = farm.session()
-tokens = s.generate([1, 5, 9], 2000, SamplingParams(temperature=0))
+tokens = s.generate([1, 5, 9], ctx - 8, SamplingParams(temperature=0))
 for _ in range(3):
     next(tokens)
 print("generating", flush=True)
@@ -225,31 +236,72 @@ sys.stdin.read()  # until killed
 """
 
 
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+@contextlib.contextmanager
+def _metered_servers(tmp: Path, count: int) -> Iterator[list[tuple[str, int]]]:
+    """Servers with a metrics port each: (gRPC address, metrics port)."""
+    procs, out = [], []
+    try:
+        for cache in own_caches(tmp, count):
+            cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0", "--threads",
+                   "1", "--no-calibrate", "--metrics-port", "0", *cache]  # fmt: skip
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+            procs.append(proc)
+            assert proc.stdout is not None
+            line = proc.stdout.readline()
+            assert line.startswith(READY_PREFIX), line
+            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
+            out.append((line[len(READY_PREFIX) :].split()[0], int(words["metrics"])))
+        yield out
+    finally:
+        for p in procs:
+            stop(p)
 
 
-def test_servers_stop_generating_for_a_head_that_died(tiny_models: dict[str, str]) -> None:
-    """A head killed in the middle of a long generation: the servers stop within a step (its
-    connection is gone) instead of computing the rest for nobody."""
-    with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+def _steps(ports: list[int]) -> float:
+    """Generation steps the servers have taken, in Python and in C."""
+    total = 0.0
+    for port in ports:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        total += sum(
+            s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "llmrpc:server_steps_total"
+        )  # fmt: skip
+    return total
+
+
+def test_servers_stop_generating_for_a_head_that_died(tmp_path: Path) -> None:
+    """A head killed in the middle of a long generation (16,000 tokens asked): the servers stop
+    within steps (its connection is gone) instead of computing the rest for nobody."""
+    ctx = 16384
+    model = model_file(tmp_path, "long.gguf", SyntheticSpec(n_ctx_train=ctx, seed=7))
+    with _metered_servers(tmp_path, 2) as metered:
+        addresses, ports = [a for a, _ in metered], [p for _, p in metered]
         head = subprocess.Popen(
-            [sys.executable, "-c", HEAD_SCRIPT, tiny_models["F32"], ",".join(local.addresses)],
+            [sys.executable, "-c", HEAD_SCRIPT, model, ",".join(addresses), str(ctx)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
         )  # fmt: skip
         try:
             assert head.stdout is not None and head.stdout.readline().strip() == "generating"
-            busy = [_cpu_seconds(p.pid) for p in local.processes]
-            time.sleep(0.3)
-            assert sum(_cpu_seconds(p.pid) for p in local.processes) - sum(busy) > 0.1  # it is running
+            running = _steps(ports)
+            _wait_for(lambda: _steps(ports) > running + 10, 60, "the generation is not running")
         finally:
             head.kill()
             head.wait()
-        time.sleep(0.5)  # the servers see the connection close
-        idle = [_cpu_seconds(p.pid) for p in local.processes]
-        time.sleep(1.0)
-        assert sum(_cpu_seconds(p.pid) for p in local.processes) - sum(idle) < 0.1
+        # the step counts stay put for a second, long before the generation could have ended
+        deadline, last = time.monotonic() + 60, -1.0
+        while (now := _steps(ports)) != last:
+            assert time.monotonic() < deadline, "the servers go on generating"
+            last = now
+            time.sleep(1.0)  # the window the counts must stay put in
+        assert now < ctx  # each of the two servers: one step a token
         # and they serve the next head
-        with Farm(tiny_models["F32"], local.addresses, ctx_size=64) as farm:
+        with Farm(model, addresses, ctx_size=64) as farm:
             assert len(list(farm.generate_tokens([1, 5, 9], 4, GREEDY, stop_at_eog=False))) == 4
+
+
+def _wait_for(what: Callable[[], bool], seconds: float, why: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)

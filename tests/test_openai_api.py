@@ -13,7 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,8 @@ import pytest
 from llmrpc.head.tokenizer import Tokenizer
 from llmrpc.openai_api import ApiError, StopText, parse_request
 from llmrpc.reference import reference_llama
+
+from .test_metrics import scrape, value
 
 KEY = "test-key"
 PREFIX = "llmrpc-head serve listening on "
@@ -235,14 +237,21 @@ def test_requests_at_once_get_the_answers_they_get_alone(client: openai.OpenAI) 
     assert together == alone
 
 
-def test_sampling_follows_the_seed(client: openai.OpenAI) -> None:
-    def ask(seed: int) -> str:
+def test_sampling_follows_the_seed_and_the_temperature(client: openai.OpenAI, llama: Any) -> None:
+    """One seed, one text; other seeds, other texts; temperature 0 is llama.cpp's greedy text
+    whatever the seed; and the temperature changes what a seed draws."""
+    prompt = "Once upon a time"
+
+    def ask(seed: int, temperature: float = 1.0) -> str:
         return client.completions.create(
-            model="any", prompt="Once upon a time", max_tokens=24, temperature=1.0, seed=seed
+            model="any", prompt=prompt, max_tokens=24, temperature=temperature, seed=seed
         ).choices[0].text or ""  # fmt: skip
 
     assert ask(5) == ask(5)
-    assert len({ask(5), ask(6), ask(7)}) > 1
+    assert len({ask(5), ask(6), ask(7)}) == 3
+    greedy, _ = _llama_completion(llama, prompt, 24)
+    assert ask(5, 0) == ask(6, 0) == greedy
+    assert ask(5, 0.2) != ask(5, 1.5)
 
 
 def _post(url: str, body: bytes, key: str | None = KEY) -> tuple[int, dict[str, Any]]:
@@ -281,22 +290,88 @@ def test_bad_requests_get_clear_errors_and_the_server_keeps_serving(api: str, cl
     with pytest.raises(openai.BadRequestError) as info:
         client.completions.create(model="any", prompt="hi", max_tokens=10_000)
     assert "context holds 256" in str(info.value)
-    # a client that goes away in the middle of a stream frees its slot
-    stream = client.completions.create(model="any", prompt="Once upon a time", max_tokens=200, stream=True)
-    next(iter(stream))
-    stream.close()
-    time.sleep(0.2)
-    results: list[str] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(
-            client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text))
+    assert client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text
+
+
+LONG = CTX - 32  # tokens a stream asks for: it runs for seconds
+STORY = "Once upon a time, in a small village by the sea,"
+
+
+def _metrics(api: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    return scrape(api, key=KEY)[1]
+
+
+def _wait_for(what: Callable[[], bool], why: str, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while not what():
+        assert time.monotonic() < deadline, why
+        time.sleep(0.05)
+
+
+def _ask_later(client: openai.OpenAI, into: list[str]) -> threading.Thread:
+    def ask() -> None:
+        into.append(client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text)
+
+    thread = threading.Thread(target=ask)
+    thread.start()
+    return thread
+
+
+def test_a_client_that_leaves_frees_its_slot(api: str, client: openai.OpenAI) -> None:
+    """Both slots (--parallel 2) taken by streams whose clients go away after the first piece:
+    each generation stops (an abort) long before its max_tokens, and the slots serve the next
+    requests, two at once."""
+    before = _metrics(api)
+    streams = [
+        client.completions.create(model="any", prompt=STORY, max_tokens=LONG, temperature=0, stream=True)
         for _ in range(2)
-    ]  # fmt: skip
+    ]
+    for stream in streams:
+        next(iter(stream))
+    for stream in streams:
+        stream.close()
+
+    def aborted() -> bool:
+        now = _metrics(api)
+        ended = value(now, "request_success_total", finished_reason="abort")
+        return ended - value(before, "request_success_total", finished_reason="abort") == 2 and not value(
+            now, "num_requests_running"
+        )
+
+    _wait_for(aborted, "the streams' generations did not stop when their clients left")
+    generated = value(_metrics(api), "generation_tokens_total") - value(before, "generation_tokens_total")
+    assert generated < LONG  # neither ran on to its max_tokens
+    results: list[str] = []
+    threads = [_ask_later(client, results) for _ in range(2)]
     for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=120)
     assert len(results) == 2 and results[0] == results[1]
+
+
+def test_a_request_over_the_parallel_cap_waits_its_turn(api: str, client: openai.OpenAI) -> None:
+    """--parallel 2: a third request waits (two running, one waiting) until a slot is free,
+    then gets the answer it gets alone."""
+    alone = client.completions.create(model="any", prompt="Hi", max_tokens=4, temperature=0).choices[0].text
+    streams = [
+        client.completions.create(model="any", prompt=STORY, max_tokens=LONG, temperature=0, stream=True)
+        for _ in range(2)
+    ]
+    pieces = [[next(iter(s)).choices[0].text] for s in streams]  # both generating
+    third: list[str] = []
+    thread = _ask_later(client, third)
+    seen: list[dict[tuple[str, tuple[tuple[str, str], ...]], float]] = []
+
+    def one_waits() -> bool:
+        seen.append(_metrics(api))
+        return value(seen[-1], "num_requests_waiting") == 1
+
+    _wait_for(one_waits, "the third request did not wait")
+    assert value(seen[-1], "num_requests_running") == 2
+    for stream, got in zip(streams, pieces, strict=True):
+        got += [c.choices[0].text for c in stream]
+    thread.join(timeout=120)
+    assert third == [alone]
+    assert "".join(pieces[0]) == "".join(pieces[1])  # (greedy: both streams said the same)
 
 
 def test_a_request_outlives_a_server_that_dies(smollm2: str) -> None:

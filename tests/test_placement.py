@@ -27,6 +27,8 @@ from llmrpc.sampling import SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
 from tests.threads import pinned_threads
 
+from .conftest import own_caches
+
 MB = 10**6
 
 
@@ -60,7 +62,7 @@ def test_mem_caps_split_smollm2_over_three_servers(smollm2: str, tmp_path: Path)
 
 
 def test_a_model_that_does_not_fit_is_refused_before_loading(smollm2: str, tmp_path: Path) -> None:
-    with LocalServers(2, threads=1, extra_args=["--mem", "30MB", "--cache-dir", str(tmp_path)]) as local:
+    with LocalServers(2, threads=1, extra_args=["--mem", "30MB"], per_server_args=own_caches(tmp_path, 2)) as local:
         with pytest.raises(ValueError, match="does not fit") as info:
             Farm(smollm2, local.addresses, ctx_size=512)
         assert "30000000 bytes free" in str(info.value)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from llmrpc.head.planner import ModelLayout, PlanError, ServerReport, plan
@@ -79,7 +81,29 @@ def test_every_stage_respects_its_cap_and_ranges_are_contiguous() -> None:
     for a, b in zip(p.stages, p.stages[1:], strict=False):
         assert a.end == b.start
     assert all(0 <= s.free_after for s in p.stages)
-    assert p.stages[0].weight_bytes >= 2 * MiB  # embeddings on the first stage
+
+
+@pytest.mark.parametrize("specs", [[(1000, 10)] * 3, [(120, 3), (150, 12), (90, 6), (1500, 1)], [(1000, 10)]])
+def test_embeddings_are_on_the_first_stage_and_the_output_on_the_last(specs: list[tuple[float, float]]) -> None:
+    """Each stage's weights are its layers', plus the embeddings on the first and the output on
+    the last (both on a single stage): nowhere else, and counted against those servers' memory."""
+    p = plan(MODEL, servers(*specs), ctx_size=2048, max_sessions=2)
+    last = len(p.stages) - 1
+    for i, s in enumerate(p.stages):
+        layers = sum(MODEL.layer_bytes[s.start : s.end])
+        extra = (MODEL.input_bytes if i == 0 else 0) + (MODEL.output_bytes if i == last else 0)
+        assert s.weight_bytes == layers + extra, (i, s)
+
+
+def test_big_embeddings_take_layers_off_the_first_stage() -> None:
+    """Two equal servers where memory binds, and embeddings of 100 MiB: the first holds them, so it
+    gets fewer layers than it would without them."""
+    heavy = replace(MODEL, input_bytes=100 * MiB)
+    p = plan(heavy, servers((260, 10), (260, 10)), ctx_size=512)
+    assert ranges(plan(MODEL, servers((260, 10), (260, 10)), ctx_size=512)) == [(0, 15), (15, 30)]
+    first, second = p.stages
+    assert first.end - first.start < second.end - second.start
+    assert first.weight_bytes == 10 * MiB * first.end + 100 * MiB
 
 
 def test_servers_of_one_machine_count_as_equally_fast() -> None:

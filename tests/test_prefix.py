@@ -19,7 +19,7 @@ from llmrpc.model.kv import CacheConfig, kv_bytes
 from llmrpc.model.synthetic import SyntheticSpec
 from llmrpc.sampling import SamplingParams
 
-from .conftest import model_file
+from .conftest import model_file, own_caches
 
 GREEDY = SamplingParams(temperature=0)
 BATCH = 16
@@ -171,7 +171,7 @@ def _answers_match(farm: Farm, prompt: list[int], n: int = 8) -> int:
     return farm.prefix_stats.hits - hits
 
 
-def test_kept_prefixes_stay_within_each_servers_budget(tiny_models: dict[str, str]) -> None:
+def test_kept_prefixes_stay_within_each_servers_budget(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """Two servers with budgets of a few caches (the second's smaller): after every request each
     keeps at most its budget's bytes; what the second frees, the head forgets and the first frees
     too. Follow-ups of the conversations still held take their prefixes, the others start empty,
@@ -180,7 +180,7 @@ def test_kept_prefixes_stay_within_each_servers_budget(tiny_models: dict[str, st
     hp = read_model(path).hparams
     whole = kv_bytes(hp, 0, hp.n_layer, 256, CacheConfig().resolved())  # a whole model's cache
     budgets = [5 * whole // 2, 3 * whole // 2]
-    args = [["--prefix-cache", str(b)] for b in budgets]
+    args = [["--prefix-cache", str(b), *cache] for b, cache in zip(budgets, own_caches(tmp_path, 2), strict=True)]
     with (
         LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=args) as local,
         Farm(path, list(local.addresses), ctx_size=256, batch=BATCH) as farm,
@@ -203,7 +203,7 @@ def test_kept_prefixes_stay_within_each_servers_budget(tiny_models: dict[str, st
             c.close()
 
 
-def test_new_sessions_free_kept_prefixes_under_the_memory_cap(tiny_models: dict[str, str]) -> None:
+def test_new_sessions_free_kept_prefixes_under_the_memory_cap(tiny_models: dict[str, str], tmp_path: Path) -> None:
     """A server capped (--mem) at its weights, a batch's compute and two and a half caches: a new
     session frees the least recently used kept prefix to get its memory, the head learns it from
     the answer, and every answer is still the one computed without the cache."""
@@ -214,7 +214,7 @@ def test_new_sessions_free_kept_prefixes_under_the_memory_cap(tiny_models: dict[
     cap = info.range_bytes(0, hp.n_layer) + 135168 + 5 * cache // 2  # (the planner's compute bytes: batch 16)
     args = ["--no-calibrate", "--mem", str(cap)]
     with (
-        LocalServers(1, threads=1, extra_args=args) as local,
+        LocalServers(1, threads=1, extra_args=args, per_server_args=own_caches(tmp_path, 1)) as local,
         Farm(path, list(local.addresses), ctx_size=256, batch=BATCH) as farm,
     ):
         assert farm.prefix is not None
@@ -273,7 +273,7 @@ def test_replicas_route_a_conversation_back_to_the_replica_that_holds_it(tmp_pat
     assert not fits(cap, 2)
     args = ["--no-calibrate", "--mem", str(cap)]
     with (
-        LocalServers(6, threads=1, extra_args=args) as local,
+        LocalServers(6, threads=1, extra_args=args, per_server_args=own_caches(tmp_path, 6)) as local,
         Farm(path, list(local.addresses), ctx_size=256, batch=BATCH, replicas=0) as farm,
     ):
         assert len(farm.replicas) == 2 and [len(p) for p in farm.plans] == [3, 3]

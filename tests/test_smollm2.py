@@ -99,12 +99,20 @@ def test_text_and_streaming(smollm2: str, servers: list[str]) -> None:
     with Farm(smollm2, servers[:2], ctx_size=512) as farm:
         text = farm.generate("The capital of France is", max_tokens=8, temperature=0)
         pieces = list(farm.stream("The capital of France is", max_tokens=8, temperature=0))
-        sampled = [farm.generate("Tell me a story.", max_tokens=12, temperature=0.9, seed=11) for _ in range(2)]
+        story = PROMPTS[2]
+        sampled = [farm.generate(story, max_tokens=12, temperature=0.9, seed=11) for _ in range(2)]
+        other_seed = farm.generate(story, max_tokens=12, temperature=0.9, seed=12)
+        hotter = farm.generate(story, max_tokens=12, temperature=1.8, seed=11)
+        greedy = [farm.generate(story, max_tokens=12, temperature=0, seed=seed) for seed in (11, 12)]
+        llama_greedy = farm.tokenizer.decode(llama_cpp_greedy_text(smollm2, story, 12))
     assert "Paris" in text
     assert "".join(pieces) == text and len(pieces) > 1
-    assert sampled[0] == sampled[1]  # same seed, same text
+    assert sampled[0] == sampled[1] and len(sampled[0]) > 20  # same seed, same text
+    assert other_seed != sampled[0] and hotter != sampled[0]  # another seed or temperature: other draws
+    assert greedy[0] == greedy[1] == llama_greedy  # temperature 0: llama.cpp's greedy text, whatever the seed
 
 
+@pytest.mark.slow  # the packaged SmolLM2, found without its fixture
 def test_head_cli_default_model_with_local_servers() -> None:
     """`llmrpc-head --prompt ...` needs nothing else: packaged model, local servers; the head
     sampling every token (--head-samples) writes the same text as the servers generating."""

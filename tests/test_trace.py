@@ -15,6 +15,8 @@ from llmrpc.farm import Farm
 from llmrpc.head.local import LocalServers
 from llmrpc.sampling import SamplingParams
 
+from .conftest import own_caches
+
 GREEDY = SamplingParams(temperature=0)
 
 
@@ -25,7 +27,9 @@ def test_a_decode_step_is_followed_through_every_server(
     monkeypatch.setenv(trace.ENV, str(folder))  # the servers started below stamp too
     trace.configure(folder)
     try:
-        with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+        with LocalServers(
+            2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)
+        ) as local:
             pids = [proc.pid for proc in local.processes]
             with Farm(tiny_models["Q8_0"], list(local.addresses), ctx_size=64) as farm, farm.session() as s:
                 assert len(farm.plan) == 2
@@ -91,7 +95,9 @@ def test_concurrent_generations_are_computed_together(
     monkeypatch.setenv(trace.ENV, str(folder))
     trace.configure(folder)
     try:
-        with LocalServers(2, threads=1, extra_args=["--no-calibrate"]) as local:
+        with LocalServers(
+            2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)
+        ) as local:
             with Farm(smollm2, list(local.addresses), ctx_size=256, max_sessions=3) as farm:
 
                 def run(i: int) -> None:

@@ -50,6 +50,22 @@ def test_greedy_and_seeded_sampling() -> None:
         Sampler(SamplingParams(top_p=0))
 
 
+def test_the_temperature_shapes_the_draws() -> None:
+    """Seeded draws from fixed logits follow softmax(logits / T): a sampler that ignored the
+    temperature would draw alike at 0.25 and at 2, and the top token as often as at 1."""
+    logits = np.array([2.0, 1.0, 0.0, -1.0], dtype=np.float32)
+
+    def shares(temperature: float, seed: int) -> np.ndarray:
+        sampler = Sampler(SamplingParams(temperature=temperature, top_k=0, top_p=1.0, seed=seed))
+        return np.bincount([sampler(logits) for _ in range(4000)], minlength=4) / 4000
+
+    for temperature in (0.25, 1.0, 2.0):
+        want = np.exp(logits / temperature) / np.exp(logits / temperature).sum()
+        assert np.abs(shares(temperature, 1) - want).max() < 0.03, temperature
+    assert shares(0.25, 2)[0] > 0.95 and shares(2.0, 2)[0] < 0.55
+    assert not np.array_equal(shares(1.0, 3), shares(1.0, 4))  # another seed, other draws
+
+
 def test_a_sampler_goes_on_from_the_draws_already_taken() -> None:
     """What a replay relies on: a sampler told that 7 tokens were drawn picks the 8th token
     onwards as the one that drew them (one draw a token, whatever the logits)."""

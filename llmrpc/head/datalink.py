@@ -290,11 +290,25 @@ class DataLinks:
             return {rid: self._pending[rid] for rid in self.liveness.stalled(since) if rid in self._pending}
 
     def close(self) -> None:
+        """Close every link; a request still waiting on them fails (UNAVAILABLE) at once: a
+        re-plan closes the links while another generation's step may be in flight on them."""
         self.liveness.stop()
         with self._cond:
             for conn in self._conns.values():
                 conn.close()
             self._conns.clear()
+            for rid, route in list(self._pending.items()):
+                names = ", ".join(h.address for h in route)
+                closed = StageError(
+                    names, "", grpc.StatusCode.UNAVAILABLE, "the head closed its data links (a re-plan)"
+                )
+                if rid in self._streams:
+                    self._streams[rid].append(closed)
+                    continue
+                del self._pending[rid]
+                self.liveness.forget(rid)
+                self._done[rid] = (closed, route)
+            self._cond.notify_all()
 
 
 class Liveness:
