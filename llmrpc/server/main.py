@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import ipaddress
 import logging
 import os
@@ -16,6 +17,8 @@ import grpc
 from llmrpc.server import cores
 
 logger = logging.getLogger(__name__)
+
+SHUTDOWN_STACKS_AFTER = 10.0  # seconds
 
 
 def is_loopback(host: str) -> bool:
@@ -198,6 +201,8 @@ def serve(
     logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
     stop.wait()
     logger.info("shutting down")
+    # a shutdown that does not end within this prints every thread's stack to stderr (what waits)
+    faulthandler.dump_traceback_later(SHUTDOWN_STACKS_AFTER)
     server.stop(grace=2).wait()
     if metrics is not None:
         metrics.close()
@@ -205,4 +210,5 @@ def serve(
         announcer.close()
     data.close()
     engine.close()
+    faulthandler.cancel_dump_traceback_later()
     return 0
