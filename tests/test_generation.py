@@ -3,14 +3,13 @@ first, the head only reads the reports."""
 
 from __future__ import annotations
 
-import contextlib
 import socket
 import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -22,13 +21,13 @@ from llmrpc import codec
 from llmrpc.codec import FrameKind
 from llmrpc.farm import Farm
 from llmrpc.head.client import StageClient, StageError
-from llmrpc.head.local import READY_PREFIX, LocalServers
+from llmrpc.head.local import LocalServers
 from llmrpc.model.synthetic import SyntheticSpec
 from llmrpc.sampling import SamplingParams
 from llmrpc.types import split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
-from tests.namespaces import stop
+from tests.servers import metered_servers
 
 from .conftest import model_file, own_caches
 
@@ -236,27 +235,6 @@ sys.stdin.read()  # until killed
 """
 
 
-@contextlib.contextmanager
-def _metered_servers(tmp: Path, count: int) -> Iterator[list[tuple[str, int]]]:
-    """Servers with a metrics port each: (gRPC address, metrics port)."""
-    procs, out = [], []
-    try:
-        for cache in own_caches(tmp, count):
-            cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0", "--threads",
-                   "1", "--no-calibrate", "--metrics-port", "0", *cache]  # fmt: skip
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.startswith(READY_PREFIX), line
-            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            out.append((line[len(READY_PREFIX) :].split()[0], int(words["metrics"])))
-        yield out
-    finally:
-        for p in procs:
-            stop(p)
-
-
 def _steps(ports: list[int]) -> float:
     """Generation steps the servers have taken, in Python and in C."""
     total = 0.0
@@ -275,7 +253,7 @@ def test_servers_stop_generating_for_a_head_that_died(tmp_path: Path) -> None:
     within steps (its connection is gone) instead of computing the rest for nobody."""
     ctx = 16384
     model = model_file(tmp_path, "long.gguf", SyntheticSpec(n_ctx_train=ctx, seed=7))
-    with _metered_servers(tmp_path, 2) as metered:
+    with metered_servers(own_caches(tmp_path, 2), threads=1) as metered:
         addresses, ports = [a for a, _ in metered], [p for _, p in metered]
         head = subprocess.Popen(
             [sys.executable, "-c", HEAD_SCRIPT, model, ",".join(addresses), str(ctx)],

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,33 +16,18 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from llmrpc.farm import Farm
 from llmrpc.head.client import StageClient
-from llmrpc.head.local import READY_PREFIX
 from llmrpc.metrics import ServeMetrics
 from llmrpc.model.gguf_model import read_model
 from llmrpc.sampling import SamplingParams
-from tests.namespaces import stop
+from tests.servers import metered_servers
 
 
 @pytest.fixture()
 def metered(tmp_path: Path) -> Iterator[list[tuple[str, int]]]:
     """Two servers: (gRPC address, metrics port) each. Two threads each: the farm has them take
     turns on this machine's cores, and the native hop then takes their generation steps."""
-    procs, out = [], []
-    try:
-        for i in range(2):
-            cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--port", "0", "--threads", "2", "--no-calibrate",
-                   "--cache-dir", str(tmp_path / f"c{i}"), "--metrics-port", "0"]  # fmt: skip
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = proc.stdout.readline()
-            assert line.startswith(READY_PREFIX), line
-            words = dict(w.split("=", 1) for w in line.split() if "=" in w)
-            out.append((line[len(READY_PREFIX) :].split()[0], int(words["metrics"])))
-        yield out
-    finally:
-        for p in procs:
-            stop(p)
+    with metered_servers([["--cache-dir", str(tmp_path / f"c{i}")] for i in range(2)], threads=2) as servers:
+        yield servers
 
 
 def scrape(port: int) -> dict[str, float]:
