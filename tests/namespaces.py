@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from llmrpc.head.local import read_ready
+from llmrpc.head.local import read_ready, stop_process
 
 
 @functools.cache
@@ -141,10 +141,4 @@ class Lan:
 
 def stop(proc: subprocess.Popen[str]) -> None:
     """Stop a process the test started, by its PID."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    stop_process(proc, 10)

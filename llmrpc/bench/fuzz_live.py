@@ -21,7 +21,7 @@ import numpy as np
 from llmrpc import codec
 from llmrpc.codec import FrameKind
 from llmrpc.head.client import StageClient
-from llmrpc.head.local import read_ready
+from llmrpc.head.local import read_ready, stop_process
 from llmrpc.types import split_address
 
 CASE_TIMEOUT = 30.0  # seconds a case (and the check after it) may take before it counts as hung
@@ -39,13 +39,7 @@ class Process:
         return self.popen.poll() is None
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen, 15)
 
 
 @dataclass

@@ -28,7 +28,7 @@ import click
 
 from llmrpc.bench.models import resolve_model
 from llmrpc.head.client import StageClient
-from llmrpc.head.local import SHARED_CORES_FLAGS, read_ready
+from llmrpc.head.local import SHARED_CORES_FLAGS, read_ready, stop_process
 
 PROMPTS = (
     "Once upon a time, in a small village by the sea,",
@@ -95,13 +95,8 @@ class _Server:
     def stop(self) -> None:
         if self.popen is None:
             return
-        self.signal(signal.SIGCONT)
-        self.signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        self.signal(signal.SIGCONT)  # a stopped process would not end on SIGTERM
+        stop_process(self.popen, 15)
 
 
 @dataclass

@@ -95,6 +95,17 @@ class LocalServers:
         self.stop()
 
 
+def stop_process(proc: subprocess.Popen[str], timeout: float = 10.0) -> None:
+    """Stop a process started here, by its PID: SIGTERM, then SIGKILL after ``timeout`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+
+
 def read_ready(proc: subprocess.Popen[str], timeout: float) -> str:
     """Wait for the server's ready line and return its address; keep draining stdout."""
     assert proc.stdout is not None
