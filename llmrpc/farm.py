@@ -457,8 +457,9 @@ class Farm:
                 # the servers generate on their own: the head is off each token's path
                 eog = self.tokenizer.eog_ids() if stop_at_eog else []
                 with contextlib.closing(s.generate(feed, max_tokens, sampling, eog)) as tokens:
-                    for token in tokens:
-                        router.computed(s, last)
+                    for i, token in enumerate(tokens):
+                        if i == 0:  # the last batch is computed
+                            router.computed(s, last)
                         if token in eog:
                             return
                         yield token

@@ -115,12 +115,13 @@ def core_places() -> list[set[int]]:
     """The cores this process may use, each as the set of its hardware threads, in order
     (OpenMP's ``OMP_PLACES=cores``)."""
     places: list[set[int]] = []
-    for cpu in sorted(os.sched_getaffinity(0)):
+    allowed = os.sched_getaffinity(0)
+    for cpu in sorted(allowed):
         if any(cpu in p for p in places):
             continue
         siblings = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology/thread_siblings_list")
         try:
-            place = _cpu_list(siblings.read_text()) & os.sched_getaffinity(0)
+            place = _cpu_list(siblings.read_text()) & allowed
         except (OSError, ValueError):
             place = set()
         places.append(place or {cpu})

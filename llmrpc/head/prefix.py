@@ -6,8 +6,8 @@ in one batch, then a row a step (:func:`last_batch_start`, llama.cpp's ``n_batch
 new session reuses only rows whose bits are those a fresh computation of its prompt would give,
 so that its text is the same:
 
-- rows of whole batches that an earlier session computed as the new one would have (the same
-  tokens, the same batch boundaries, on the same cells);
+- rows of whole batches that another session computed as the new one would (the same tokens,
+  the same batch boundaries, on the same cells);
 - where batches are large enough (:func:`row_exact`), any row of a batch computed with at least
   :data:`EXACT_ROWS` rows, short of its last ``n % ROW_GROUP``: from that size on ggml's kernels
   compute each row as in any other such batch (its CPU flash attention tiles the queries by 64,
