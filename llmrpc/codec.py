@@ -15,7 +15,7 @@ import numpy as np
 from llmrpc.model.kv import CacheConfig
 from llmrpc.model.slicefile import IncomingSlice, SliceLayout, SliceTensor
 from llmrpc.sampling import SamplingParams
-from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, ServerHealth, ServerInfo
+from llmrpc.types import CachedSlice, DeviceInfo, LoadedRange, MemoryParts, ServerHealth, ServerInfo
 from llmrpc.v1 import llmrpc_pb2 as pb
 
 _DTYPES: dict[Any, np.dtype] = {
@@ -166,6 +166,7 @@ def health_from_proto(reply: pb.HealthReply) -> ServerHealth:
     return ServerHealth(
         reply.serving, reply.open_sessions, reply.native_steps, reply.takes_turns, reply.prefix_entries,
         reply.prefix_bytes, reply.prefix_budget, reply.slice_cache_bytes, reply.slice_cache_budget,
+        MemoryParts(reply.weight_bytes, reply.session_bytes, reply.spare_bytes, reply.prefix_bytes, reply.graph_bytes),
     )  # fmt: skip
 
 

@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BODY = 16 << 20  # bytes of a request body
 READ_TIMEOUT = 30.0  # seconds a client has to send a request (line, headers, body); an idle connection's life
+MAX_CONNECTIONS = 256  # client connections open at once (each has a thread); more are answered 503 and closed
 MAX_STOPS = 4  # as OpenAI
 PENALTIES = ("presence_penalty", "frequency_penalty")
 # Fields this server does not implement, and the values that ask for nothing.
@@ -272,14 +273,16 @@ class Outcome:
 @dataclass
 class Api:
     """What every request handler shares: the farm, the model's name, the slots, the key, and
-    the limits on clients: ``read_timeout`` (seconds to send a request) and, without a key, the
-    host names requests may use besides IP addresses and localhost (:meth:`host_allowed`)."""
+    the limits on clients: ``read_timeout`` (seconds to send a request), ``max_connections``
+    (open at once) and, without a key, the host names requests may use besides IP addresses and
+    localhost (:meth:`host_allowed`)."""
 
     farm: Farm
     model_id: str
     api_key: str | None = None
     read_timeout: float = READ_TIMEOUT
     allowed_hosts: tuple[str, ...] = ()
+    max_connections: int = MAX_CONNECTIONS
     created: int = field(default_factory=lambda: int(time.time()))
 
     def __post_init__(self) -> None:
@@ -575,8 +578,54 @@ def _usage(req: GenerationRequest, outcome: Outcome) -> dict[str, int]:
 
 
 class ApiServer(ThreadingHTTPServer):
+    """The API's HTTP server: a thread per connection, at most ``api.max_connections`` of them;
+    a connection past those is answered 503 at once and closed (a flood of connections costs
+    no threads, and the requests being served go on)."""
+
     daemon_threads = True
 
     def __init__(self, address: tuple[str, int], api: Api) -> None:
         super().__init__(address, Handler)
         self.api = api
+        self._open = threading.BoundedSemaphore(api.max_connections)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        if not self._open.acquire(blocking=False):
+            logger.warning("%d connections are open, the most allowed: refused %s", self.api.max_connections,
+                           client_address[0])  # fmt: skip
+            _refuse(request, self.api.max_connections)
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._open.release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._open.release()
+
+
+def _refuse(sock: socket.socket, most: int) -> None:
+    """Answer a connection past the cap with a 503 (best effort: it may not read it)."""
+    body = json.dumps(
+        {
+            "error": {
+                "message": f"{most} connections are open, the most allowed; try again later",
+                "type": "server_error",
+                "code": 503,
+            }
+        }  # fmt: skip
+    ).encode()
+    head = (
+        f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        "Retry-After: 1\r\nConnection: close\r\n\r\n"
+    ).encode()
+    try:
+        sock.settimeout(1.0)
+        sock.sendall(head + body)
+    except OSError:
+        pass

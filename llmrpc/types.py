@@ -127,6 +127,23 @@ class ServerInfo:
 
 
 @dataclass(frozen=True)
+class MemoryParts:
+    """What a server's memory holds, in bytes, by part; all bounded: weights by the plan,
+    sessions by --max-sessions and their contexts, spare caches by the engine's count of them,
+    prefixes by --prefix-cache, graphs by the kept graphs' count."""
+
+    weights: int = 0  # the loaded layers' weights
+    sessions: int = 0  # open sessions' KV caches
+    spare: int = 0  # closed sessions' caches kept for the next sessions of their size
+    prefixes: int = 0  # closed sessions' caches kept as prefixes
+    graphs: int = 0  # built graphs: compute buffers and metadata
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.sessions + self.spare + self.prefixes + self.graphs
+
+
+@dataclass(frozen=True)
 class ServerHealth:
     serving: bool
     open_sessions: int
@@ -137,3 +154,4 @@ class ServerHealth:
     prefix_budget: int = 0  # the most bytes they may take
     slice_cache_bytes: int = 0  # disk taken by received slices (and uploads under way)
     slice_cache_budget: int = 0  # the most they may take (--cache-max)
+    memory: MemoryParts = MemoryParts()  # what its memory holds

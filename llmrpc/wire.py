@@ -3,7 +3,8 @@
 Sending never blocks the caller on a slow peer: what the socket takes at once goes out on the
 caller's thread (no hand-off on the per-token path), the rest is queued, in order, for a
 writer thread. So a server's compute loop keeps reading while a large frame drains, and no
-two parties can each wait for the other to read.
+two parties can each wait for the other to read. A peer that does not read what is sent to it
+is cut off: at most MAX_QUEUED bytes wait for it, or one frame of any size.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from llmrpc import codec
 logger = logging.getLogger(__name__)
 
 RECV_BYTES = 1 << 20
+MAX_QUEUED = 256 << 20  # bytes that may wait for a peer to read them (or one frame of any size)
 _MAX_IOV = 512  # pieces per sendmsg call (the kernel allows 1024)
 
 
@@ -62,11 +64,12 @@ def accept_tls(sock: socket.socket, tls: ssl.SSLContext) -> ssl.SSLSocket:
 class Connection:
     def __init__(
         self, sock: socket.socket, peer: str, max_bytes: int, *, max_meta: int = codec.MAX_DATA_META,
-        inbox: memoryview | None = None,
+        inbox: memoryview | None = None, max_queued: int = MAX_QUEUED,
     ) -> None:  # fmt: skip
         """``max_bytes``, ``max_meta``: the largest frame it reads (arrays, description; see
         :class:`codec.FrameReader`). ``inbox``: what it reads into, which connections read on one
-        thread may share (the frames hold copies); by default one of its own."""
+        thread may share (the frames hold copies); by default one of its own. ``max_queued``:
+        bytes that may wait for the peer to read them, or one frame of any size (more: cut off)."""
         self.sock = sock
         self.peer = peer
         # TLS: one SSL object may not be used by two threads at once (reader and writer)
@@ -81,6 +84,8 @@ class Connection:
         self.error: OSError | None = None
         self._cond = threading.Condition()
         self._pending: deque[memoryview] = deque()
+        self._queued = 0  # bytes queued and not yet all written
+        self.max_queued = max_queued
         self._writing = False
         self._writer: threading.Thread | None = None
 
@@ -98,6 +103,13 @@ class Connection:
             if not self._pending and not self._writing:
                 views = self._send_now(views)
             if views:
+                n = sum(v.nbytes for v in views)
+                if self._queued and self._queued + n > self.max_queued:
+                    self.error = ConnectionError(
+                        f"{self.peer} does not read what is sent to it ({self._queued} bytes wait for it): cut off"
+                    )
+                    raise self.error
+                self._queued += n
                 self._pending.extend(views)
                 if self._writer is None:
                     self._writer = threading.Thread(target=self._drain, name=f"send-{self.peer}", daemon=True)
@@ -141,6 +153,7 @@ class Connection:
                 views = list(self._pending)
                 self._pending.clear()
                 self._writing = True
+            taken = sum(v.nbytes for v in views)
             try:
                 while views:
                     _wait(self.sock, select.POLLOUT, 1.0)
@@ -153,6 +166,7 @@ class Connection:
                 return
             with self._cond:
                 self._writing = False
+                self._queued -= taken
 
     def receive(self) -> list[codec.DataFrame] | None:
         """Read what is there without waiting: whole frames (maybe none), None at the end."""

@@ -181,3 +181,50 @@ def test_a_whole_request_whose_client_leaves_frees_its_slot(api: tuple[str, int]
     after = metrics(api)
     assert after[("llmrpc:request_success_total", "abort")] == aborts + 1  # called off, not finished
     assert after[("llmrpc:generation_tokens_total", "")] - tokens - 4 < 230
+
+
+def test_connections_past_the_cap_are_refused_at_once_and_the_rest_served(tiny_models: dict[str, str]) -> None:
+    """With no cap, every idle connection held a thread until its read timeout: a flood of them
+    took the process's threads. Past --max-connections a connection gets a 503 and is closed;
+    once some close, new ones are served again."""
+    cap = 4
+    cmd = [sys.executable, "-m", "llmrpc.cli", "serve", "--model", tiny_models["Q8_0"], "--port", "0", "--local", "1",
+           "--threads", "1", "--ctx-size", "64", "--max-connections", str(cap), "--read-timeout", "60"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    held: list[socket.socket] = []
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert line.startswith(PREFIX), f"no ready line: {line!r}"
+        address = line[len(PREFIX) :].split()[0].removeprefix("http://").removesuffix("/v1").rsplit(":", 1)
+        api = (address[0], int(address[1]))
+        # a connection the server has accepted answers a request; hold `cap` open, idle after one
+        for _ in range(cap):
+            conn = socket.create_connection(api, timeout=30)
+            held.append(conn)
+            conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            answer = conn.recv(4096)
+            assert answer.startswith(b"HTTP/1.1 200"), answer
+        with socket.create_connection(api, timeout=30) as extra:
+            answer = b""
+            while chunk := extra.recv(4096):  # the 503, then the close
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 503") and b"connections are open" in answer
+        held.pop().close()
+        deadline = time.monotonic() + 30  # the server sees the close as its handler's next read ends
+        while (status := _status(api)) != 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status == 200
+    finally:
+        for conn in held:
+            conn.close()
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
+
+
+def _status(api: tuple[str, int]) -> int:
+    """A GET's status; 0 when the connection was closed before its answer could be read."""
+    try:
+        return request(api, "GET", "/v1/models")[0]
+    except (OSError, http.client.HTTPException):
+        return 0

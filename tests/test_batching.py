@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from llmrpc.ggml.device import Backend, find_device
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.stage import LayerStage
+from llmrpc.model.synthetic import SyntheticSpec, write_gguf
 
 
 @pytest.mark.parametrize("layers", [(0, 4), (0, 2), (2, 4)])
@@ -79,5 +82,23 @@ def test_decode_steps_attend_to_their_own_position_after_a_rewind(tiny_models: d
         for c in (stepped, fresh):
             stage.forget(c)
             c.free()
+        stage.close()
+        backend.close()
+
+
+def test_a_batch_of_many_sessions_through_every_layer_matches_each_alone(tmp_path: Path) -> None:
+    """A graph's room is sized by the sessions in it: 64 sessions' rows through 16 layers are
+    more nodes than any one fixed size held (ggml aborted the process)."""
+    info = read_model(write_gguf(tmp_path / "deep.gguf", SyntheticSpec(n_layer=16, seed=3)))
+    backend = Backend(find_device("CPU"), 2)
+    stage = LayerStage(info, 0, info.hparams.n_layer, backend)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(3, 320, size=2).astype(np.int32) for _ in range(64)]
+    try:
+        together = stage.forward_batch([(stage.new_cache(256), p, 0) for p in prompts], True)
+        alone = [stage.forward(stage.new_cache(256), p, 0, True) for p in prompts]
+        for got, want in zip(together, alone, strict=True):
+            np.testing.assert_array_equal(got, want)
+    finally:
         stage.close()
         backend.close()

@@ -68,6 +68,8 @@ def test_status_of_live_servers(tiny_models: dict[str, str], tmp_path: Path) -> 
             assert (loaded["layer_start"], loaded["layer_end"]) == (start, end)
             assert r["health"]["open_sessions"] == 1 and r["info"]["open_sessions"] == 1  # the session above
             assert r["weight_bytes"] == loaded["weight_bytes"] > 0
+            memory = r["health"]["memory"]  # the open session's cache; the batch graphs' room
+            assert memory["weights"] == loaded["weight_bytes"] and memory["sessions"] > 0 and memory["graphs"] > 0
             assert [(c["layer_start"], c["layer_end"]) for c in r["info"]["cached"]] == [(start, end)]  # shipped
             assert r["info"]["device"]["name"] == "CPU" and r["info"]["threads"] == 1
             assert "data_token" not in r["info"]  # a credential: not printed

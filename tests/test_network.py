@@ -22,7 +22,7 @@ import grpc
 import numpy as np
 import pytest
 
-from llmrpc import codec
+from llmrpc import codec, wire
 from llmrpc.auth import ENV_TOKEN
 from llmrpc.codec import FrameKind
 from llmrpc.farm import Farm
@@ -158,6 +158,56 @@ def test_a_frame_is_parsed_once_when_it_is_whole() -> None:
     assert calls[0] <= 2  # the header when it came, and once when the frame was whole
 
 
+def test_a_peer_that_does_not_read_is_cut_off_and_what_waits_for_it_is_bounded() -> None:
+    """Frames for a peer that never reads were queued without end (a head that stops reading its
+    answers grew a server's memory). What waits is at most ``max_queued`` bytes, or one frame of
+    any size; past that sending fails, for good, and the connection is the caller's to drop."""
+    small = np.zeros(16 << 10, dtype=np.float32)  # 64 KiB
+    mine, theirs = _tcp_pair()
+    conn = wire.Connection(mine, "a peer that does not read", 1 << 20, max_queued=1 << 20)
+    sent = 0
+    try:
+        with pytest.raises(ConnectionError, match="does not read what is sent to it"):
+            for rid in range(1000):
+                conn.send(FrameKind.RESULT, rid, {}, [small])
+                sent += 1
+        kernel = mine.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) + theirs.getsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF
+        )
+        assert 16 <= sent <= 16 + kernel // (64 << 10) + 2  # 1 MiB queued, and what the kernel took
+        with pytest.raises(ConnectionError):
+            conn.send(FrameKind.RESULT, 0, {}, [small])
+    finally:
+        conn.close()
+        mine.close()
+        theirs.close()
+
+    mine, theirs = _tcp_pair()
+    conn = wire.Connection(mine, "a slow peer", 1 << 20, max_queued=1 << 20)
+    try:
+        big = np.arange(1 << 20, dtype=np.float32)  # 4 MiB
+        conn.send(FrameKind.RESULT, 1, {}, [big])  # one frame past the cap: it waits, whole
+        reader = codec.FrameReader(8 << 20)
+        frames: list[codec.DataFrame] = []
+        theirs.settimeout(30)
+        while not frames:
+            frames += reader.feed(theirs.recv(1 << 20))
+        assert np.array_equal(frames[0].arrays[0], big)
+    finally:
+        conn.close()
+        mine.close()
+        theirs.close()
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """Two ends of a loopback TCP connection, the first tuned as the data plane's."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        mine = socket.create_connection(listener.getsockname(), timeout=30)
+        theirs, _ = listener.accept()
+    wire.tune(mine)
+    return mine, theirs
+
+
 def test_a_description_over_the_limit_is_refused_at_its_header() -> None:
     header = codec.DATA_HEADER.pack(codec.DATA_MAGIC, FrameKind.HELLO, 1, 1 << 20, 0)
     with pytest.raises(codec.CodecError, match="description of 1048576 bytes exceeds the limit of 4096"):
@@ -276,6 +326,23 @@ def test_a_message_over_its_methods_limit_is_refused(server_factory: Callable[..
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "a Hello message of" in str(info.value.details())
         assert stub.Hello(pb.HelloRequest(client="me"), timeout=30).data_port
+
+
+def test_unparsable_messages_are_refused_in_a_line_each_not_a_traceback(server_factory: Callable[..., _Server]) -> None:
+    """grpc answered INTERNAL to a message that does not parse and logged a traceback for each: a
+    stranger's flood of them filled the log. Now INVALID_ARGUMENT, and no traceback."""
+    server = server_factory("-vv")  # (debug lines: the refusals are logged there)
+    channel = grpc.insecure_channel(server.address)
+    with channel:
+        call = channel.unary_unary("/llmrpc.v1.Stage/Load", None, None)
+        for _ in range(50):
+            with pytest.raises(grpc.RpcError) as info:
+                call(b"\xff\xff\xff", timeout=30)
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "the Load message does not parse" in str(info.value.details())
+        assert pb_grpc.StageStub(channel).Hello(pb.HelloRequest(client="me"), timeout=30).data_port
+    assert server.logged("a Load message of 3 bytes does not parse", 30)
+    assert not any("Traceback" in line for line in server.lines)
 
 
 def test_idle_streams_do_not_lock_out_hello(server_factory: Callable[..., _Server]) -> None:

@@ -161,3 +161,46 @@ def test_a_step_for_another_heads_session_is_refused(tiny_models: dict[str, str]
         assert (reply.kind, reply.meta["code"]) == (codec.FrameKind.ERROR, "permission_denied")
         assert "another head link" in reply.meta["message"]
         assert s.forward([4]).shape[0] == 1  # the farm's own steps go on
+
+
+def test_a_server_accounts_for_its_memory_by_part(tiny_models: dict[str, str], tmp_path: Path) -> None:
+    """Health says what the memory holds: the weights, open sessions' caches, spare caches and
+    graphs, each as the server allocated it; kept decode graphs stay bounded however many
+    sessions have decoded."""
+    path = tiny_models["F32"]
+    info = read_model(path)
+    n = info.hparams.n_layer
+    cache = kv_bytes(info.hparams, 0, n, 512, CacheConfig())
+    args = ["--no-calibrate", "--cache-dir", str(tmp_path), "--model-dir", os.path.dirname(path)]
+    with LocalServers(1, threads=1, extra_args=args) as local:
+        client = StageClient(local.addresses[0])
+        client.hello()
+        loaded = client.load(path, 0, n, content_hash(path))
+        assert loaded is not None
+        empty = client.health().memory
+        assert (empty.weights, empty.sessions, empty.spare, empty.prefixes) == (loaded.weight_bytes, 0, 0, 0)
+
+        def decoded(count: int) -> list[str]:
+            ids = [client.open_session(512) for _ in range(count)]
+            for sid in ids:
+                client.forward(sid, 0, np.array([5], dtype=np.int32), all_logits=True)
+            return ids
+
+        first = decoded(1)
+        one = client.health().memory
+        assert one.sessions == cache and one.graphs > empty.graphs
+        client.close_session(first[0])
+        closed = client.health().memory
+        assert (closed.sessions, closed.spare) == (0, cache)
+        many = decoded(16)
+        at_16 = client.health().memory
+        assert at_16.sessions == 16 * cache
+        more = decoded(8)  # 24 sessions' decode graphs built: the oldest 8 freed
+        at_24 = client.health().memory
+        assert at_24.sessions == 24 * cache
+        assert at_24.graphs == at_16.graphs, "the kept decode graphs are bounded"
+        for sid in many + more:
+            client.close_session(sid)
+        done = client.health().memory
+        assert done.sessions == 0 and 0 < done.spare <= 4 * cache
+        client.close()

@@ -12,6 +12,7 @@ from llmrpc import codec
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.graph import padded_n_kv
+from llmrpc.model.graphs import room_nodes
 from llmrpc.sampling import Sampler, SamplingParams
 from llmrpc.v1 import llmrpc_pb2 as pb
 
@@ -32,6 +33,20 @@ from llmrpc.v1 import llmrpc_pb2 as pb
 )
 def test_padded_n_kv(used: int, kv_size: int, pad: int, n_kv: int) -> None:
     assert padded_n_kv(used, kv_size, pad) == n_kv
+
+
+@pytest.mark.parametrize(
+    ("segment_nodes", "n_segments", "nodes"),
+    [
+        (176, 1, 512),  # 176 + 256 margin, rounded up to a step of 512
+        (176, 2, 1024),  # 608
+        (256, 1, 512),  # exactly a step
+        (300, 64, 19456),  # 19,200 + 256
+        (1500, 0, 2048),  # no sessions is sized as one
+    ],
+)
+def test_a_room_holds_every_session_of_its_graph(segment_nodes: int, n_segments: int, nodes: int) -> None:
+    assert room_nodes(segment_nodes, n_segments) == nodes
 
 
 def test_greedy_and_seeded_sampling() -> None:

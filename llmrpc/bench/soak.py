@@ -20,7 +20,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -175,7 +175,9 @@ def _percentile(values: list[float], q: float) -> float | None:
 
 class _Memory(threading.Thread):
     """Samples every process's VmRSS every RSS_EVERY seconds, and each server's open sessions and
-    the bytes of the caches it keeps as prefixes (its Health), which is where memory may go."""
+    the memory it accounts for (its Health: weights, KV caches, kept prefixes, graphs). A
+    server's RSS less what it accounts for is the interpreter, libraries and allocator: flat once
+    warm when nothing leaks."""
 
     def __init__(self, pids: dict[str, Any], servers: list[_Server], t0: float) -> None:
         super().__init__(daemon=True, name="soak-rss")
@@ -194,9 +196,11 @@ class _Memory(threading.Thread):
                 try:
                     h = client.health()
                     sample[f"{name}_sessions"] = h.open_sessions
-                    sample[f"{name}_prefix_mb"] = round(h.prefix_bytes / 2**20, 1)
+                    sample[f"{name}_held_mb"] = round(h.memory.total / 2**20, 1)
+                    rss = sample.get(name)
+                    sample[f"{name}_rest_mb"] = None if rss is None else round(rss - h.memory.total / 2**20, 1)
                 except Exception:  # stopped or dead: no figures this time
-                    sample[f"{name}_sessions"] = sample[f"{name}_prefix_mb"] = None
+                    sample[f"{name}_sessions"] = sample[f"{name}_held_mb"] = sample[f"{name}_rest_mb"] = None
             self.samples.append(sample)
             self.halt.wait(RSS_EVERY)
 
@@ -212,7 +216,7 @@ def _sessions(servers: list[_Server]) -> dict[str, Any]:
         try:
             h = StageClient(s.address, timeout=10).health()
             out[s.address] = {"open_sessions": h.open_sessions, "prefix_entries": h.prefix_entries,
-                              "prefix_mb": round(h.prefix_bytes / 2**20, 1)}  # fmt: skip
+                              "held_mb": {k: round(v / 2**20, 1) for k, v in asdict(h.memory).items()}}  # fmt: skip
         except Exception as e:
             out[s.address] = {"error": str(e)[:200]}
     return out
@@ -267,9 +271,10 @@ def _events(servers: list[_Server], t0: float, duration: float, log: list[dict[s
 def _memory_report(memory: _Memory, duration: float) -> dict[str, Any]:
     start, middle, end = memory.at(WARM_UP * duration), memory.at(duration / 2), memory.samples[-1]
     out = {}
-    for name in [*memory.pids, *(f"{n}_prefix_mb" for n in memory.clients)]:
-        out[name] = {"first": memory.samples[0][name], "after_warm_up": start[name], "middle": middle[name],
-                     "end": end[name], "peak": max((s[name] or 0.0) for s in memory.samples)}  # fmt: skip
+    parts = [f"{n}_{part}_mb" for n in memory.clients for part in ("held", "rest")]
+    for name in [*memory.pids, *parts]:
+        out[name] = {"first": memory.samples[0].get(name), "after_warm_up": start.get(name),
+                     "middle": middle.get(name), "end": end.get(name), "peak": max((s.get(name) or 0.0) for s in memory.samples)}  # fmt: skip
     return out
 
 

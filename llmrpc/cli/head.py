@@ -410,6 +410,13 @@ def status(
 @click.option("--read-timeout", default=30.0, show_default=True, type=click.FloatRange(min=0.1),
               help="Seconds a client has to send a whole request (line, headers, body), and an idle connection "
               "stays open; a slower one is closed.")  # fmt: skip
+@click.option(
+    "--max-connections",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 65536),
+    help="Client connections open at once (each has a thread); one more is answered 503 and closed.",
+)
 @click.option("--batch-size", "-b", "batch", default=512, show_default=True, type=click.IntRange(1, 8192),
               help="Prompt rows per batch (llama.cpp's -b). A prompt reuses the whole batches a held prefix computed: "
               "smaller batches reuse more of a conversation.")  # fmt: skip
@@ -426,8 +433,8 @@ def status(
 @verbose_option
 def serve(
     source: Source, link: Link, attention: Attention, host: str, port: int, parallel: int, ctx_size: int, api_key: str | None,
-    model_name: str | None, allowed_hosts: tuple[str, ...], read_timeout: float, batch: int, replicas: int,
-    prefix_cache: bool, verbose: int,
+    model_name: str | None, allowed_hosts: tuple[str, ...], read_timeout: float, max_connections: int, batch: int,
+    replicas: int, prefix_cache: bool, verbose: int,
 ) -> None:  # fmt: skip
     setup_logging(verbose)
     import signal
@@ -447,7 +454,7 @@ def serve(
             from llmrpc.openai_api import Api
 
             name = model_name or os.path.splitext(os.path.basename(farm.model_path))[0]
-            api = Api(farm, name, api_key, read_timeout, (*allowed_hosts, host, socket.gethostname()))
+            api = Api(farm, name, api_key, read_timeout, (*allowed_hosts, host, socket.gethostname()), max_connections)
             _serve_api(api, host, port, parallel)
     except KeyboardInterrupt:
         pass

@@ -166,6 +166,8 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_new_graph_custom": (P, [P, c_size_t, c_bool]),
     "ggml_build_forward_expand": (None, [P, T]),
     "ggml_graph_n_nodes": (c_int, [P]),
+    "ggml_get_first_tensor": (T, [P]),
+    "ggml_get_next_tensor": (T, [P, T]),
     "ggml_graph_node": (T, [P, c_int]),
     "ggml_op_name": (c_char_p, [c_int]),
     # backends and devices

@@ -98,16 +98,19 @@ def _row(s: ServerStatus) -> tuple[str, ...]:
     d = i.device
     return (
         s.address, f"{d.name} ({d.kind}, {size(d.memory_total)})", _layers(i), str(h.open_sessions),
-        size(s.weight_bytes), size(i.memory_budget), _cached(i), f"{h.prefix_entries} ({size(h.prefix_bytes)})",
-        str(h.native_steps), _speed(s), "yes" if h.takes_turns else "no",
+        size(s.weight_bytes), size(h.memory.sessions + h.memory.spare), size(h.memory.graphs), size(i.memory_budget),
+        _cached(i), f"{h.prefix_entries} ({size(h.prefix_bytes)})", str(h.native_steps), _speed(s),
+        "yes" if h.takes_turns else "no",
     )  # fmt: skip
 
 
-HEADER = ("server", "device", "layers", "sessions", "used", "budget", "cached", "prefixes", "C steps", "speed", "turns")
+HEADER = ("server", "device", "layers", "sessions", "weights", "KV", "graphs", "budget", "cached", "prefixes", "C steps",
+          "speed", "turns")  # fmt: skip
 
 
 def format_status(rows: Sequence[ServerStatus]) -> str:
-    """A table: used is the loaded weights; budget what the server can give a plan (its --mem cap,
+    """A table: weights is the loaded weights; KV the open sessions' caches and those kept for
+    new sessions; graphs the built graphs' buffers (at most 16 decode graphs kept); budget what the server can give a plan (its --mem cap,
     or its device's free memory and what it holds); speed its measured weight-read bandwidth and
     what reading its loaded weights once takes; prefixes the closed sessions' caches it keeps for later
     ones; C steps the generation steps taken in the native hop; turns whether it takes turns on its

@@ -9,7 +9,6 @@ from __future__ import annotations
 import ctypes
 import itertools
 import logging
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,6 +20,17 @@ from llmrpc.ggml.device import Backend, prefer_huge_pages
 from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo
 from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
+from llmrpc.model.graphs import (
+    KEPT_GRAPH_ROWS,
+    Graph,
+    GraphKey,
+    KeptGraphs,
+    Room,
+    RowInputs,
+    arena,
+    count_tensors,
+    room_nodes,
+)
 from llmrpc.model.hparams import attn_temp_scales
 from llmrpc.model.kv import FULL, CacheConfig, KVGroup, NoCellError, SlidingCells, check_cache, full_mask, kv_groups
 from llmrpc.model.weights import StageWeights
@@ -28,12 +38,9 @@ from llmrpc.types import KV_PAD, kv_cells
 
 logger = logging.getLogger(__name__)
 
-GRAPH_SIZE = 8192  # nodes per graph: ~30 per layer, room for 200+ layers
-# Decode-sized graphs are kept per session (and shape), each with its own scheduler and small
-# compute buffer, so sessions that take turns do not rebuild theirs (1-2 ms per 10 layers).
-# Larger batches share one scheduler: their buffers are big, and their shapes rarely repeat.
-KEPT_GRAPH_ROWS = 16
-KEPT_GRAPHS = 16
+# Nodes per layer of the graph that finds a stage's weights' uses (generous: the families' layers
+# take 20-70), which then sizes every graph of the stage by what it really holds
+DRY_RUN_NODES_PER_LAYER = 256
 # Cells a batch attends to are padded to this on the CPU (llama.cpp's 256 elsewhere). Every
 # padded cell is computed, then masked: at 256, that was ~8% of a SmolLM2 token at short
 # contexts. The decode graph is rebuilt every 64 positions instead (~1.2 ms per 10 layers, its
@@ -47,81 +54,14 @@ class ComputeError(RuntimeError):
     pass
 
 
-# ((cache serial, rows, attended cells of each KV group) for each session in the batch, last
-# rows only, argmax)
-GraphKey = tuple[tuple[tuple[int, int, tuple[int, ...]], ...], bool, bool]
-
-
-@dataclass
-class _Graph:
-    key: GraphKey
-    ctx: int
-    gf: int
-    inputs: GraphInputs
-    out: g.Tensor
-    sched: int
-    own_sched: bool  # a kept graph's scheduler is its own, freed with it
-    mem: ctypes.Array[ctypes.c_char]
-    out_shape: tuple[int, int]  # rows, columns of ``out``
-    out_dtype: type  # of ``out``: float32 (hidden states, logits) or int32 (argmax)
-    # per segment and KV group, the first V cell of each of the n_embd_v rows of the
-    # transposed V cache (what the V indices are made from every time)
-    v_rows: list[dict[str, np.ndarray]]
-    row: _RowInputs | None = None  # a one-row decode graph's inputs, kept and updated in place
-
-    def free(self) -> None:
-        self.free_graph()
-        if self.own_sched:
-            g.ggml().ggml_backend_sched_free(self.sched)
-
-    def free_graph(self) -> None:
-        """Free the graph itself; its scheduler and arena stay, for a graph that supersedes it."""
-        g.ggml().ggml_free(self.ctx)
-
-
-class _RowInputs:
-    """The position inputs of a graph that computes one row of one session (decoding), kept
-    from step to step and changed in place: the row's position, its KV cell and V cells, and
-    its mask row, whose allowed cells grow by one a step (and shrink on a rewind). A hop's work
-    runs cold (the layers' compute has just flushed the caches), where building the mask anew
-    with np.where costs ~150 us and each new array ~20-40. Only for a full-attention cache,
-    where position p is at cell p."""
-
-    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray, mask_dtype: type) -> None:
-        self.pos = np.zeros(1, dtype=np.int32)
-        self.k_idx = np.zeros(1, dtype=np.int64)
-        self.v_rows = v_rows.reshape(-1)
-        self.v_idx = self.v_rows.copy()
-        self.mask: np.ndarray = np.full(n_kv, -np.inf, dtype=mask_dtype)
-        self.allowed = 0  # mask cells [0, allowed) are 0, the rest -inf
-        self._sets = [
-            (t, a.__array_interface__["data"][0], a.nbytes)
-            for t, a in ((pos, self.pos), (inputs.k_idxs, self.k_idx), (inputs.v_idxs, self.v_idx),
-                         (inputs.kq_mask, self.mask))
-        ]  # fmt: skip
-
-    def write(self, p: int) -> None:
-        """Set the inputs for the row at position ``p``: it attends to cells 0..p."""
-        self.pos[0] = self.k_idx[0] = p
-        np.add(self.v_rows, p, out=self.v_idx)
-        if p + 1 > self.allowed:
-            self.mask[self.allowed : p + 1] = 0.0
-        elif p + 1 < self.allowed:
-            self.mask[p + 1 : self.allowed] = -np.inf
-        self.allowed = p + 1
-        tensor_set = g.ggml().ggml_backend_tensor_set
-        for tensor, address, nbytes in self._sets:
-            tensor_set(tensor, address, 0, nbytes)
-
-
 @dataclass(frozen=True)
 class RowGraph:
     """A kept one-row decode graph as C code that computes it sees it (server/hop.c): the
     addresses of its scheduler, graph, output and inputs, and of the row's input buffers, which
-    that code fills as :meth:`_RowInputs.write` does."""
+    that code fills as :meth:`RowInputs.write` does."""
 
-    graph: _Graph
-    row: _RowInputs
+    graph: Graph
+    row: RowInputs
     n_kv: int
     sched: int
     gf: int
@@ -197,29 +137,27 @@ class LayerStage:
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
         # place (cell = position), and the native hop can compute it
         self.simple_cells = [(grp.name, grp.n_embd_v > 0) for grp in self.groups] == [(FULL, True)]
+        self._segment_nodes = 0  # nodes and leafs of one session's rows through the layers (the dry run's)
         self._stage_weights = StageWeights(info, start, end, backend, self._weight_ops, progress)
         self.weights: dict[str, g.Tensor] = self._stage_weights.tensors
         self.weight_bytes = self._stage_weights.n_bytes
-        self._sched = self._new_sched()
-        self._graph_mem = _graph_arena()  # the large-batch graph's, reused: one lives at a time
-        self._graph: _Graph | None = None  # the last large-batch graph (on self._sched)
-        self._kept: OrderedDict[GraphKey, _Graph] = OrderedDict()
-
-    def _new_sched(self) -> int:
-        lib = g.ggml()
-        backends = self.backend.backends()
-        arr = (ctypes.c_void_p * len(backends))(*backends)
-        return int(lib.ggml_backend_sched_new(arr, None, len(backends), GRAPH_SIZE, False, True))
+        # the large-batch graphs' room, grown when a batch needs more: one graph lives at a time
+        self._room = Room.new(self.backend.backends(), room_nodes(self._segment_nodes, 1))
+        self._graph: Graph | None = None  # the last large-batch graph (in self._room)
+        self._kept = KeptGraphs()
+        # bytes of the graphs' rooms, counted when a graph is built or freed (read from any thread)
+        self.graph_bytes = self._room.n_bytes(self.backend.backends())
 
     def _weight_ops(self, meta: dict[str, g.Tensor]) -> dict[str, str]:
         """Which of these (data-less) weights the layers' graph multiplies by, from a one-row
         graph built over them; building it also shows that the GGUF has every tensor the
         family's graph needs."""
         lib = g.ggml()
-        mem = _graph_arena()
+        nodes = DRY_RUN_NODES_PER_LAYER * (self.end - self.start) + 1024
+        mem = arena(nodes)
         ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
         try:
-            gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
+            gf = lib.ggml_new_graph_custom(ctx, nodes, False)
             seg = Segment(0, 1, tuple(CacheView(grp.name, KV_PAD, KV_PAD) for grp in self.groups))
             caches = {}
             for grp in self.groups:
@@ -231,6 +169,8 @@ class LayerStage:
             b = Builder(ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end, self.flash_attn)
             out = self._build_fn(b)
             lib.ggml_build_forward_expand(gf, out)
+            # a session's rows in a graph of these layers: these tensors, the weights and caches
+            self._segment_nodes = count_tensors(ctx) + len(meta)
             names = {_address(t): name for name, t in meta.items()}
             ops = {}
             for i in range(lib.ggml_graph_n_nodes(gf)):
@@ -341,10 +281,9 @@ class LayerStage:
         status = lib.ggml_backend_sched_graph_compute_async(graph.sched, graph.gf)
         if status != 0:
             lib.ggml_backend_sched_synchronize(graph.sched)
-            if self._kept.pop(graph.key, None) is not None:
-                graph.free()
-            else:
+            if not self._kept.drop(graph):
                 self._drop_graph()
+            self._count_graph_bytes()
             raise ComputeError(f"graph compute failed: {lib.ggml_status_to_string(status).decode()}")
 
         def collect() -> list[np.ndarray]:
@@ -386,7 +325,7 @@ class LayerStage:
             views.append(CacheView(group.name, padded_n_kv(sliding.used_max_p1, size, self.attend_pad), size))
         return tuple(views), cells
 
-    def _set_cells(self, graph: _Graph, j: int, cache: SessionCache, rows: np.ndarray,
+    def _set_cells(self, graph: Graph, j: int, cache: SessionCache, rows: np.ndarray,
                    placed: dict[str, np.ndarray]) -> None:  # fmt: skip
         """Segment j's attention inputs: each KV group's mask, K cells and V cells."""
         for group, inputs in graph.inputs.segments[j].items():
@@ -419,52 +358,47 @@ class LayerStage:
             _address(seg.v_idxs), _address(seg.kq_mask), *data,
         )  # fmt: skip
 
-    def holds(self, graph: _Graph) -> bool:
+    def holds(self, graph: Graph) -> bool:
         """Whether ``graph`` is still kept (not freed)."""
         return self._kept.get(graph.key) is graph
 
-    def _graph_for(self, key: GraphKey, caches: list[SessionCache], segments: list[Segment]) -> _Graph:
+    def _graph_for(self, key: GraphKey, caches: list[SessionCache], segments: list[Segment]) -> Graph:
         """The built and allocated graph for this batch's shape and caches; rebuilt only when
-        the key changes (the attended length moves in steps of 256, so decode reuses one)."""
-        kept = self._kept.get(key)
+        the key changes (the attended length moves in steps of the pad, so decode reuses one)."""
+        kept = self._kept.use(key)
         if kept is not None:
-            self._kept.move_to_end(key)
             return kept
         if self._graph is not None and self._graph.key == key:
             return self._graph
+        nodes = room_nodes(self._segment_nodes, len(segments))
+        backends = self.backend.backends()
         if sum(seg.n for seg in segments) <= KEPT_GRAPH_ROWS:
-            sched, mem = self._recycled(key)
-            graph = self._build(key, caches, segments, sched, own_sched=True, mem=mem)
-            self._kept[key] = graph
-            while len(self._kept) > KEPT_GRAPHS:
-                self._kept.popitem(last=False)[1].free()
+            room = self._kept.room_of_superseded(key) or Room.new(backends, nodes)
+            graph = self._build(key, caches, segments, room, own_room=True)
+            self._kept.put(graph)
+            self._count_graph_bytes()
             return graph
         self._drop_graph()
-        self._graph = self._build(key, caches, segments, self._sched, own_sched=False, mem=self._graph_mem)
+        if self._room.nodes < nodes:
+            self._room.free()
+            self._room = Room.new(backends, nodes)
+        self._graph = self._build(key, caches, segments, self._room, own_room=False)
+        self._count_graph_bytes()
         return self._graph
 
-    def _recycled(self, key: GraphKey) -> tuple[int, ctypes.Array[ctypes.c_char]]:
-        """A scheduler and an arena for a new kept graph: those of the kept graph it supersedes
-        (the same sessions, rows and outputs, attending to another number of cells: a decoding
-        session's attended cells grew past the pad), which is not used again unless a session
-        rewinds. New ones cost ~2.5 ms per rebuild (the arena's fresh pages above all)."""
-        shape = _shape(key)
-        for old_key in self._kept:
-            if _shape(old_key) == shape:
-                old = self._kept.pop(old_key)
-                old.free_graph()
-                return old.sched, old.mem
-        return self._new_sched(), _graph_arena()
+    def _count_graph_bytes(self) -> None:
+        """Memory of this stage's graphs: the kept graphs' rooms and the large-batch room."""
+        backends = self.backend.backends()
+        self.graph_bytes = self._kept.n_bytes(backends) + self._room.n_bytes(backends)
 
     def _build(
-        self, key: GraphKey, caches: list[SessionCache], segments: list[Segment], sched: int, own_sched: bool,
-        mem: ctypes.Array[ctypes.c_char],
-    ) -> _Graph:  # fmt: skip
+        self, key: GraphKey, caches: list[SessionCache], segments: list[Segment], room: Room, own_room: bool
+    ) -> Graph:
         lib, hp = g.ggml(), self.hp
         want_rows, top1 = key[1], key[2]
-        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
+        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(room.mem), ctypes.addressof(room.mem), True))
         try:
-            gf = lib.ggml_new_graph_custom(ctx, GRAPH_SIZE, False)
+            gf = lib.ggml_new_graph_custom(ctx, room.nodes, False)
             inp = self._graph_inputs(ctx, segments, want_rows)
             b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end,
                         self.flash_attn)  # fmt: skip
@@ -474,20 +408,20 @@ class LayerStage:
             lib.ggml_set_output(out)
             lib.ggml_build_forward_expand(gf, out)
             lib.ggml_build_forward_expand(gf, inp.pos)  # set for every graph, read by none without rope (NoPE)
-            lib.ggml_backend_sched_reset(sched)
-            if not lib.ggml_backend_sched_alloc_graph(sched, gf):
+            lib.ggml_backend_sched_reset(room.sched)
+            if not lib.ggml_backend_sched_alloc_graph(room.sched, gf):
                 raise ComputeError("cannot allocate the compute graph")
         except BaseException:
             lib.ggml_free(ctx)
-            if own_sched:
-                lib.ggml_backend_sched_free(sched)
+            if own_room:
+                room.free()
             raise
         v_rows = [{grp.name: self._v_rows(grp, seg.view(grp.name).size) for grp in self.groups} for seg in segments]
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
         dtype = np.int32 if top1 else np.float32
-        graph = _Graph(key, ctx, gf, inp, out, sched, own_sched, mem, shape, dtype, v_rows)
-        if own_sched and self.simple_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
-            graph.row = _RowInputs(
+        graph = Graph(key, ctx, gf, inp, out, room, own_room, shape, dtype, v_rows)
+        if own_room and self.simple_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
+            graph.row = RowInputs(
                 inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL], self.mask_dtype
             )
         return graph
@@ -545,38 +479,17 @@ class LayerStage:
 
     def forget(self, cache: SessionCache) -> None:
         """Called before a session's cache is freed: graphs that point into it must go."""
-
-        def uses(key: GraphKey) -> bool:
-            return any(serial == cache.serial for serial, _, _ in key[0])
-
-        if self._graph is not None and uses(self._graph.key):
+        if self._graph is not None and any(serial == cache.serial for serial, _, _ in self._graph.key[0]):
             self._drop_graph()
-        for key in [k for k in self._kept if uses(k)]:
-            self._kept.pop(key).free()
+        self._kept.forget(cache.serial)
+        self._count_graph_bytes()
 
     def close(self) -> None:
-        lib = g.ggml()
         self._drop_graph()
-        for graph in self._kept.values():
-            graph.free()
         self._kept.clear()
-        if self._sched:
-            lib.ggml_backend_sched_free(self._sched)
-            self._sched = 0
+        self._room.free()
+        self.graph_bytes = 0
         self._stage_weights.close()
-
-
-def _shape(key: GraphKey) -> tuple[object, ...]:
-    """A graph key without the attended cells: graphs of one shape differ only in those."""
-    return tuple((serial, rows) for serial, rows, _ in key[0]), key[1], key[2]
-
-
-def _graph_arena() -> ctypes.Array[ctypes.c_char]:
-    """Memory for one graph's tensor and node metadata (the data lives in the scheduler)."""
-    lib = g.ggml()
-    return ctypes.create_string_buffer(
-        lib.ggml_tensor_overhead() * GRAPH_SIZE + lib.ggml_graph_overhead_custom(GRAPH_SIZE, False)
-    )
 
 
 def _set(tensor: g.Tensor | None, data: np.ndarray | None) -> None:

@@ -14,7 +14,15 @@ import numpy as np
 from llmrpc.model.kv import CacheConfig
 from llmrpc.model.slicefile import IncomingSlice
 from llmrpc.server.native import NativeHop
-from llmrpc.types import CachedSlice, ClosedSession, DeviceInfo, LoadedRange, OpenedSession, PrefixStart
+from llmrpc.types import (
+    CachedSlice,
+    ClosedSession,
+    DeviceInfo,
+    LoadedRange,
+    MemoryParts,
+    OpenedSession,
+    PrefixStart,
+)
 
 
 class ErrorCode(enum.Enum):
@@ -89,6 +97,7 @@ class StageEngine(Protocol):
         self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool = False
     ) -> Launched: ...
     def close_session(self, session_id: str, keep: bool = False) -> ClosedSession: ...
+    def memory_parts(self) -> MemoryParts: ...
     def prefix_figures(self) -> tuple[int, int, int]: ...
     def slice_cache_figures(self) -> tuple[int, int]: ...
     def session_ids(self) -> set[str]: ...

@@ -43,6 +43,7 @@ from llmrpc.types import (
     ClosedSession,
     DeviceInfo,
     LoadedRange,
+    MemoryParts,
     OpenedSession,
     PrefixStart,
     kv_cells,
@@ -484,6 +485,18 @@ class Engine:
             return ClosedSession(session_id in self._kept, tuple(sid for sid, _ in over if sid != session_id))
 
         return self.loop.call(close)
+
+    def memory_parts(self) -> MemoryParts:
+        """What this server's memory holds, by part (read from any thread: copies, no locks)."""
+        stage = self._stage
+        sessions = list(self._sessions.values())
+        return MemoryParts(
+            weights=stage.weight_bytes if stage else 0,
+            sessions=sum(cache.n_bytes for cache, _ in sessions),
+            spare=sum(cache.n_bytes for cache in list(self._spare)),
+            prefixes=self._kept.bytes,
+            graphs=stage.graph_bytes if stage else 0,
+        )
 
     def prefix_figures(self) -> tuple[int, int, int]:
         """Kept prefixes: how many, their bytes, and the most bytes they may take."""

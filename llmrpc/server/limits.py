@@ -8,7 +8,10 @@ method's own limit is refused before it is parsed: Forward's follows the loaded 
 a slice header may carry a model's whole vocabulary, every other message is small. A stream
 (ForwardStream, PushSlice) holds its thread while it is open, so at most MAX_STREAMS are:
 however many streams sit idle, the other threads answer Hello, Health, Load and the rest. The
-token (auth.TokenChecker) is checked before all of this, before any message is read.
+token (auth.TokenChecker) is checked before all of this, before any message is read. A message
+that does not parse is refused as INVALID_ARGUMENT, one line in the log at debug level (grpc
+itself would answer INTERNAL and log a whole traceback for each: a stranger's flood of them would
+fill the log).
 """
 
 from __future__ import annotations
@@ -37,9 +40,10 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
 
 
 @dataclass(frozen=True)
-class _Oversized:
-    """What a message over its method's limit is handed on as (unparsed)."""
+class _Refused:
+    """What a message over its method's limit, or one that does not parse, is handed on as."""
 
+    code: grpc.StatusCode
     message: str
 
 
@@ -71,8 +75,8 @@ class CallLimits(grpc.ServerInterceptor):  # type: ignore[misc]
         unary = handler.unary_stream or handler.unary_unary
 
         def checked(request: Any, context: grpc.ServicerContext) -> Any:
-            if isinstance(request, _Oversized):
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
+            if isinstance(request, _Refused):
+                context.abort(request.code, request.message)
             return unary(request, context)
 
         make = (
@@ -104,14 +108,21 @@ def _sized(deserialize: Callable[[bytes], Any] | None, name: str, limit: Callabl
     def run(data: bytes) -> Any:
         most = limit()
         if len(data) > most:
-            return _Oversized(f"a {name} message of {len(data)} bytes exceeds this server's limit of {most}")
-        return deserialize(data) if deserialize is not None else data
+            message = f"a {name} message of {len(data)} bytes exceeds this server's limit of {most}"
+            return _Refused(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        if deserialize is None:
+            return data
+        try:
+            return deserialize(data)
+        except Exception as e:  # (protobuf's DecodeError, or anything a parser raises)
+            logger.debug("a %s message of %d bytes does not parse: %s", name, len(data), e)
+            return _Refused(grpc.StatusCode.INVALID_ARGUMENT, f"the {name} message does not parse: {e}")
 
     return run
 
 
 def _checked(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
     for request in requests:
-        if isinstance(request, _Oversized):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, request.message)
+        if isinstance(request, _Refused):
+            context.abort(request.code, request.message)
         yield request

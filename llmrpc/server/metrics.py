@@ -91,6 +91,7 @@ class _State(Collector):
         loaded = e.loaded()
         _, prefix_bytes, prefix_budget = e.prefix_figures()
         disk, disk_budget = e.slice_cache_figures()
+        memory = e.memory_parts()
         for name, doc, value in (
             ("device_memory_total_bytes", "The device's memory.", d.memory_total),
             ("device_memory_free_bytes", "The device's free memory now.", e.device_free()),
@@ -109,6 +110,11 @@ class _State(Collector):
              e.calibration_figures()[0]),
             ("weight_bytes_received", "Bytes of weights shipped to it since it started.", e.bytes_received),
             ("prefix_cache_bytes", "Memory of closed sessions' caches kept as prefixes.", prefix_bytes),
+            ("session_cache_bytes", "Memory of open sessions' KV caches.", memory.sessions),
+            ("spare_cache_bytes", "Memory of closed sessions' caches kept for new sessions of their size.",
+             memory.spare),
+            ("graph_bytes", "Memory of built graphs (compute buffers and metadata; at most 16 decode graphs kept).",
+             memory.graphs),
             ("prefix_cache_budget_bytes", "The most they may take (--prefix-cache).", prefix_budget),
             ("slice_cache_bytes", "Disk taken by received slices and uploads under way.", disk),
             ("slice_cache_budget_bytes", "The most the slice cache may take (--cache-max).", disk_budget),

@@ -95,10 +95,12 @@ class StageService(pb_grpc.StageServicer):
         e = self.engine
         entries, n_bytes, budget = e.prefix_figures()
         disk, disk_budget = e.slice_cache_figures()
+        memory = e.memory_parts()
         return pb.HealthReply(
             serving=True, open_sessions=e.open_sessions(), native_steps=e.native_steps, takes_turns=e.takes_turns(),
             prefix_entries=entries, prefix_bytes=n_bytes, prefix_budget=budget, slice_cache_bytes=disk,
-            slice_cache_budget=disk_budget,
+            slice_cache_budget=disk_budget, weight_bytes=memory.weights, session_bytes=memory.sessions,
+            spare_bytes=memory.spare, graph_bytes=memory.graphs,
         )  # fmt: skip
 
     def Load(self, request: pb.LoadRequest, context: grpc.ServicerContext) -> pb.LoadReply:  # noqa: N802

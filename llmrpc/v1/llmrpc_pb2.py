@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmrpc/v1/llmrpc.proto\x12\tllmrpc.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"d\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cmemory_total\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x05 \x01(\x04\"\x8b\x02\n\x0bLoadedRange\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x0f\n\x07n_layer\x18\x05 \x01(\r\x12\x0e\n\x06n_embd\x18\x06 \x01(\r\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x12\n\nmodel_hash\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nflash_attn\x18\x0b \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\r \x01(\t\"8\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\"\x80\x03\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12!\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Device\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12&\n\x06loaded\x18\x05 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x15\n\ropen_sessions\x18\x06 \x01(\r\x12\x12\n\nmemory_cap\x18\x07 \x01(\x04\x12\x15\n\rmemory_budget\x18\x08 \x01(\x04\x12\x11\n\tbandwidth\x18\t \x01(\x01\x12\x14\n\x0cmatmul_flops\x18\n \x01(\x01\x12&\n\x06\x63\x61\x63hed\x18\x0b \x03(\x0b\x32\x16.llmrpc.v1.CachedSlice\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x04\x12\x11\n\tdata_port\x18\r \x01(\r\x12\x12\n\ndata_token\x18\x0e \x01(\t\x12\x12\n\nmachine_id\x18\x0f \x01(\t\"X\n\x0b\x43\x61\x63hedSlice\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x0f\n\rHealthRequest\"\xdc\x01\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\x12\x14\n\x0cnative_steps\x18\x03 \x01(\x04\x12\x13\n\x0btakes_turns\x18\x04 \x01(\x08\x12\x16\n\x0eprefix_entries\x18\x05 \x01(\r\x12\x14\n\x0cprefix_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefix_budget\x18\x07 \x01(\x04\x12\x19\n\x11slice_cache_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12slice_cache_budget\x18\t \x01(\x04\"\xdd\x01\n\x0bLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12(\n\nflash_attn\x18\x05 \x01(\x0e\x32\x14.llmrpc.v1.FlashAttn\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\x07 \x01(\t\x12\x12\n\nshare_host\x18\x08 \x01(\t\x12\x14\n\x0cslice_digest\x18\t \x01(\t\"k\n\tLoadReply\x12&\n\x06loaded\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rneeds_weights\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\"P\n\x0fSliceTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0f\n\x07n_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x99\x01\n\x0bSliceHeader\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x11\n\tdata_size\x18\x05 \x01(\x04\x12+\n\x07tensors\x18\x06 \x03(\x0b\x32\x1a.llmrpc.v1.SliceTensorInfo\"I\n\nTensorData\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"e\n\nSliceChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.SliceHeaderH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.llmrpc.v1.TensorDataH\x00\x42\x06\n\x04part\"+\n\x0cUploadTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\"7\n\x0ePushSliceReply\x12\x14\n\x0ctensor_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"e\n\x12OpenSessionRequest\x12\r\n\x05n_ctx\x18\x01 \x01(\r\x12\x16\n\x0eprefix_session\x18\x02 \x01(\t\x12\x13\n\x0bprefix_rows\x18\x03 \x01(\r\x12\x13\n\x0bprefix_take\x18\x04 \x01(\x08\"[\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05n_ctx\x18\x02 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x04 \x03(\t\"\xab\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12 \n\x05input\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x12\n\nall_logits\x18\x04 \x01(\x08\x12&\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\x14\n\x0clogits_top_k\x18\x06 \x01(\r\"p\n\x0c\x46orwardReply\x12!\n\x06output\x18\x01 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12$\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\"2\n\x11\x43loseSessionReply\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12\x0f\n\x07\x65victed\x18\x02 \x03(\t\"0\n\x04Peer\x12\x14\n\x0c\x64\x61ta_address\x18\x01 \x01(\t\x12\x12\n\ndata_token\x18\x02 \x01(\t\"<\n\x0cPeersRequest\x12\x0c\n\x04link\x18\x01 \x01(\x04\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.llmrpc.v1.Peer\"\x0c\n\nPeersReply*K\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\r\n\tDTYPE_I32\x10\x03*G\n\tFlashAttn\x12\x13\n\x0f\x46LASH_ATTN_AUTO\x10\x00\x12\x12\n\x0e\x46LASH_ATTN_OFF\x10\x01\x12\x11\n\rFLASH_ATTN_ON\x10\x02\x32\x8c\x05\n\x05Stage\x12\x37\n\x05Hello\x12\x17.llmrpc.v1.HelloRequest\x1a\x15.llmrpc.v1.HelloReply\x12:\n\x06Health\x12\x18.llmrpc.v1.HealthRequest\x1a\x16.llmrpc.v1.HealthReply\x12\x34\n\x04Load\x12\x16.llmrpc.v1.LoadRequest\x1a\x14.llmrpc.v1.LoadReply\x12?\n\tPushSlice\x12\x15.llmrpc.v1.SliceChunk\x1a\x19.llmrpc.v1.PushSliceReply(\x01\x12=\n\nOpenUpload\x12\x16.llmrpc.v1.SliceHeader\x1a\x17.llmrpc.v1.UploadTicket\x12I\n\x0bOpenSession\x12\x1d.llmrpc.v1.OpenSessionRequest\x1a\x1b.llmrpc.v1.OpenSessionReply\x12=\n\x07\x46orward\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply\x12G\n\rForwardStream\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply(\x01\x30\x01\x12L\n\x0c\x43loseSession\x12\x1e.llmrpc.v1.CloseSessionRequest\x1a\x1c.llmrpc.v1.CloseSessionReply\x12\x37\n\x05Peers\x12\x17.llmrpc.v1.PeersRequest\x1a\x15.llmrpc.v1.PeersReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16llmrpc/v1/llmrpc.proto\x12\tllmrpc.v1\"F\n\x06Tensor\x12\x1f\n\x05\x64type\x18\x01 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"d\n\x06\x44\x65vice\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x14\n\x0cmemory_total\x18\x04 \x01(\x04\x12\x13\n\x0bmemory_free\x18\x05 \x01(\x04\"\x8b\x02\n\x0bLoadedRange\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x02 \x01(\t\x12\x13\n\x0blayer_start\x18\x03 \x01(\r\x12\x11\n\tlayer_end\x18\x04 \x01(\r\x12\x0f\n\x07n_layer\x18\x05 \x01(\r\x12\x0e\n\x06n_embd\x18\x06 \x01(\r\x12\x0f\n\x07n_vocab\x18\x07 \x01(\r\x12\x14\n\x0cweight_bytes\x18\x08 \x01(\x04\x12\x12\n\nmodel_hash\x18\t \x01(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x12\n\nflash_attn\x18\x0b \x01(\x08\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x0c \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\r \x01(\t\"8\n\x0cHelloRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0e\n\x06\x63lient\x18\x02 \x01(\t\"\x80\x03\n\nHelloReply\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x16\n\x0eserver_version\x18\x02 \x01(\t\x12!\n\x06\x64\x65vice\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Device\x12\x0f\n\x07threads\x18\x04 \x01(\r\x12&\n\x06loaded\x18\x05 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x15\n\ropen_sessions\x18\x06 \x01(\r\x12\x12\n\nmemory_cap\x18\x07 \x01(\x04\x12\x15\n\rmemory_budget\x18\x08 \x01(\x04\x12\x11\n\tbandwidth\x18\t \x01(\x01\x12\x14\n\x0cmatmul_flops\x18\n \x01(\x01\x12&\n\x06\x63\x61\x63hed\x18\x0b \x03(\x0b\x32\x16.llmrpc.v1.CachedSlice\x12\x16\n\x0e\x62ytes_received\x18\x0c \x01(\x04\x12\x11\n\tdata_port\x18\r \x01(\r\x12\x12\n\ndata_token\x18\x0e \x01(\t\x12\x12\n\nmachine_id\x18\x0f \x01(\t\"X\n\x0b\x43\x61\x63hedSlice\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"\x0f\n\rHealthRequest\"\xb3\x02\n\x0bHealthReply\x12\x0f\n\x07serving\x18\x01 \x01(\x08\x12\x15\n\ropen_sessions\x18\x02 \x01(\r\x12\x14\n\x0cnative_steps\x18\x03 \x01(\x04\x12\x13\n\x0btakes_turns\x18\x04 \x01(\x08\x12\x16\n\x0eprefix_entries\x18\x05 \x01(\r\x12\x14\n\x0cprefix_bytes\x18\x06 \x01(\x04\x12\x15\n\rprefix_budget\x18\x07 \x01(\x04\x12\x19\n\x11slice_cache_bytes\x18\x08 \x01(\x04\x12\x1a\n\x12slice_cache_budget\x18\t \x01(\x04\x12\x14\n\x0cweight_bytes\x18\n \x01(\x04\x12\x15\n\rsession_bytes\x18\x0b \x01(\x04\x12\x13\n\x0bspare_bytes\x18\x0c \x01(\x04\x12\x13\n\x0bgraph_bytes\x18\r \x01(\x04\"\xdd\x01\n\x0bLoadRequest\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x12\n\nmodel_hash\x18\x04 \x01(\t\x12(\n\nflash_attn\x18\x05 \x01(\x0e\x32\x14.llmrpc.v1.FlashAttn\x12\x14\n\x0c\x63\x61\x63he_type_k\x18\x06 \x01(\t\x12\x14\n\x0c\x63\x61\x63he_type_v\x18\x07 \x01(\t\x12\x12\n\nshare_host\x18\x08 \x01(\t\x12\x14\n\x0cslice_digest\x18\t \x01(\t\"k\n\tLoadReply\x12&\n\x06loaded\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.LoadedRange\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\x12\x15\n\rneeds_weights\x18\x03 \x01(\x08\x12\x0e\n\x06source\x18\x04 \x01(\t\"P\n\x0fSliceTensorInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0f\n\x07n_bytes\x18\x03 \x01(\x04\x12\x0e\n\x06sha256\x18\x04 \x01(\t\"\x99\x01\n\x0bSliceHeader\x12\x12\n\nmodel_hash\x18\x01 \x01(\t\x12\x13\n\x0blayer_start\x18\x02 \x01(\r\x12\x11\n\tlayer_end\x18\x03 \x01(\r\x12\x0e\n\x06header\x18\x04 \x01(\x0c\x12\x11\n\tdata_size\x18\x05 \x01(\x04\x12+\n\x07tensors\x18\x06 \x03(\x0b\x32\x1a.llmrpc.v1.SliceTensorInfo\"I\n\nTensorData\x12\x0e\n\x06tensor\x18\x01 \x01(\r\x12\x0e\n\x06offset\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\r\n\x05\x63rc32\x18\x04 \x01(\r\"e\n\nSliceChunk\x12(\n\x06header\x18\x01 \x01(\x0b\x32\x16.llmrpc.v1.SliceHeaderH\x00\x12%\n\x04\x64\x61ta\x18\x02 \x01(\x0b\x32\x15.llmrpc.v1.TensorDataH\x00\x42\x06\n\x04part\"+\n\x0cUploadTicket\x12\x0c\n\x04port\x18\x01 \x01(\r\x12\r\n\x05token\x18\x02 \x01(\x0c\"7\n\x0ePushSliceReply\x12\x14\n\x0ctensor_bytes\x18\x01 \x01(\x04\x12\x0f\n\x07seconds\x18\x02 \x01(\x01\"e\n\x12OpenSessionRequest\x12\r\n\x05n_ctx\x18\x01 \x01(\r\x12\x16\n\x0eprefix_session\x18\x02 \x01(\t\x12\x13\n\x0bprefix_rows\x18\x03 \x01(\r\x12\x13\n\x0bprefix_take\x18\x04 \x01(\x08\"[\n\x10OpenSessionReply\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\r\n\x05n_ctx\x18\x02 \x01(\r\x12\x13\n\x0b\x63\x61\x63he_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07\x65victed\x18\x04 \x03(\t\"\xab\x01\n\x0e\x46orwardRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x11\n\tstart_pos\x18\x02 \x01(\r\x12 \n\x05input\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x12\n\nall_logits\x18\x04 \x01(\x08\x12&\n\x0coutput_dtype\x18\x05 \x01(\x0e\x32\x10.llmrpc.v1.DType\x12\x14\n\x0clogits_top_k\x18\x06 \x01(\r\"p\n\x0c\x46orwardReply\x12!\n\x06output\x18\x01 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\x12\x17\n\x0f\x63ompute_seconds\x18\x02 \x01(\x01\x12$\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x11.llmrpc.v1.Tensor\"7\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x0c\n\x04keep\x18\x02 \x01(\x08\"2\n\x11\x43loseSessionReply\x12\x0c\n\x04kept\x18\x01 \x01(\x08\x12\x0f\n\x07\x65victed\x18\x02 \x03(\t\"0\n\x04Peer\x12\x14\n\x0c\x64\x61ta_address\x18\x01 \x01(\t\x12\x12\n\ndata_token\x18\x02 \x01(\t\"<\n\x0cPeersRequest\x12\x0c\n\x04link\x18\x01 \x01(\x04\x12\x1e\n\x05peers\x18\x02 \x03(\x0b\x32\x0f.llmrpc.v1.Peer\"\x0c\n\nPeersReply*K\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\r\n\tDTYPE_F32\x10\x01\x12\r\n\tDTYPE_F16\x10\x02\x12\r\n\tDTYPE_I32\x10\x03*G\n\tFlashAttn\x12\x13\n\x0f\x46LASH_ATTN_AUTO\x10\x00\x12\x12\n\x0e\x46LASH_ATTN_OFF\x10\x01\x12\x11\n\rFLASH_ATTN_ON\x10\x02\x32\x8c\x05\n\x05Stage\x12\x37\n\x05Hello\x12\x17.llmrpc.v1.HelloRequest\x1a\x15.llmrpc.v1.HelloReply\x12:\n\x06Health\x12\x18.llmrpc.v1.HealthRequest\x1a\x16.llmrpc.v1.HealthReply\x12\x34\n\x04Load\x12\x16.llmrpc.v1.LoadRequest\x1a\x14.llmrpc.v1.LoadReply\x12?\n\tPushSlice\x12\x15.llmrpc.v1.SliceChunk\x1a\x19.llmrpc.v1.PushSliceReply(\x01\x12=\n\nOpenUpload\x12\x16.llmrpc.v1.SliceHeader\x1a\x17.llmrpc.v1.UploadTicket\x12I\n\x0bOpenSession\x12\x1d.llmrpc.v1.OpenSessionRequest\x1a\x1b.llmrpc.v1.OpenSessionReply\x12=\n\x07\x46orward\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply\x12G\n\rForwardStream\x12\x19.llmrpc.v1.ForwardRequest\x1a\x17.llmrpc.v1.ForwardReply(\x01\x30\x01\x12L\n\x0c\x43loseSession\x12\x1e.llmrpc.v1.CloseSessionRequest\x1a\x1c.llmrpc.v1.CloseSessionReply\x12\x37\n\x05Peers\x12\x17.llmrpc.v1.PeersRequest\x1a\x15.llmrpc.v1.PeersReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'llmrpc.v1.llmrpc_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2826
-  _globals['_DTYPE']._serialized_end=2901
-  _globals['_FLASHATTN']._serialized_start=2903
-  _globals['_FLASHATTN']._serialized_end=2974
+  _globals['_DTYPE']._serialized_start=2913
+  _globals['_DTYPE']._serialized_end=2988
+  _globals['_FLASHATTN']._serialized_start=2990
+  _globals['_FLASHATTN']._serialized_end=3061
   _globals['_TENSOR']._serialized_start=37
   _globals['_TENSOR']._serialized_end=107
   _globals['_DEVICE']._serialized_start=109
@@ -50,41 +50,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEALTHREQUEST']._serialized_start=1016
   _globals['_HEALTHREQUEST']._serialized_end=1031
   _globals['_HEALTHREPLY']._serialized_start=1034
-  _globals['_HEALTHREPLY']._serialized_end=1254
-  _globals['_LOADREQUEST']._serialized_start=1257
-  _globals['_LOADREQUEST']._serialized_end=1478
-  _globals['_LOADREPLY']._serialized_start=1480
-  _globals['_LOADREPLY']._serialized_end=1587
-  _globals['_SLICETENSORINFO']._serialized_start=1589
-  _globals['_SLICETENSORINFO']._serialized_end=1669
-  _globals['_SLICEHEADER']._serialized_start=1672
-  _globals['_SLICEHEADER']._serialized_end=1825
-  _globals['_TENSORDATA']._serialized_start=1827
-  _globals['_TENSORDATA']._serialized_end=1900
-  _globals['_SLICECHUNK']._serialized_start=1902
-  _globals['_SLICECHUNK']._serialized_end=2003
-  _globals['_UPLOADTICKET']._serialized_start=2005
-  _globals['_UPLOADTICKET']._serialized_end=2048
-  _globals['_PUSHSLICEREPLY']._serialized_start=2050
-  _globals['_PUSHSLICEREPLY']._serialized_end=2105
-  _globals['_OPENSESSIONREQUEST']._serialized_start=2107
-  _globals['_OPENSESSIONREQUEST']._serialized_end=2208
-  _globals['_OPENSESSIONREPLY']._serialized_start=2210
-  _globals['_OPENSESSIONREPLY']._serialized_end=2301
-  _globals['_FORWARDREQUEST']._serialized_start=2304
-  _globals['_FORWARDREQUEST']._serialized_end=2475
-  _globals['_FORWARDREPLY']._serialized_start=2477
-  _globals['_FORWARDREPLY']._serialized_end=2589
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=2591
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=2646
-  _globals['_CLOSESESSIONREPLY']._serialized_start=2648
-  _globals['_CLOSESESSIONREPLY']._serialized_end=2698
-  _globals['_PEER']._serialized_start=2700
-  _globals['_PEER']._serialized_end=2748
-  _globals['_PEERSREQUEST']._serialized_start=2750
-  _globals['_PEERSREQUEST']._serialized_end=2810
-  _globals['_PEERSREPLY']._serialized_start=2812
-  _globals['_PEERSREPLY']._serialized_end=2824
-  _globals['_STAGE']._serialized_start=2977
-  _globals['_STAGE']._serialized_end=3629
+  _globals['_HEALTHREPLY']._serialized_end=1341
+  _globals['_LOADREQUEST']._serialized_start=1344
+  _globals['_LOADREQUEST']._serialized_end=1565
+  _globals['_LOADREPLY']._serialized_start=1567
+  _globals['_LOADREPLY']._serialized_end=1674
+  _globals['_SLICETENSORINFO']._serialized_start=1676
+  _globals['_SLICETENSORINFO']._serialized_end=1756
+  _globals['_SLICEHEADER']._serialized_start=1759
+  _globals['_SLICEHEADER']._serialized_end=1912
+  _globals['_TENSORDATA']._serialized_start=1914
+  _globals['_TENSORDATA']._serialized_end=1987
+  _globals['_SLICECHUNK']._serialized_start=1989
+  _globals['_SLICECHUNK']._serialized_end=2090
+  _globals['_UPLOADTICKET']._serialized_start=2092
+  _globals['_UPLOADTICKET']._serialized_end=2135
+  _globals['_PUSHSLICEREPLY']._serialized_start=2137
+  _globals['_PUSHSLICEREPLY']._serialized_end=2192
+  _globals['_OPENSESSIONREQUEST']._serialized_start=2194
+  _globals['_OPENSESSIONREQUEST']._serialized_end=2295
+  _globals['_OPENSESSIONREPLY']._serialized_start=2297
+  _globals['_OPENSESSIONREPLY']._serialized_end=2388
+  _globals['_FORWARDREQUEST']._serialized_start=2391
+  _globals['_FORWARDREQUEST']._serialized_end=2562
+  _globals['_FORWARDREPLY']._serialized_start=2564
+  _globals['_FORWARDREPLY']._serialized_end=2676
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=2678
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=2733
+  _globals['_CLOSESESSIONREPLY']._serialized_start=2735
+  _globals['_CLOSESESSIONREPLY']._serialized_end=2785
+  _globals['_PEER']._serialized_start=2787
+  _globals['_PEER']._serialized_end=2835
+  _globals['_PEERSREQUEST']._serialized_start=2837
+  _globals['_PEERSREQUEST']._serialized_end=2897
+  _globals['_PEERSREPLY']._serialized_start=2899
+  _globals['_PEERSREPLY']._serialized_end=2911
+  _globals['_STAGE']._serialized_start=3064
+  _globals['_STAGE']._serialized_end=3716
 # @@protoc_insertion_point(module_scope)

@@ -140,7 +140,7 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthReply(_message.Message):
-    __slots__ = ("serving", "open_sessions", "native_steps", "takes_turns", "prefix_entries", "prefix_bytes", "prefix_budget", "slice_cache_bytes", "slice_cache_budget")
+    __slots__ = ("serving", "open_sessions", "native_steps", "takes_turns", "prefix_entries", "prefix_bytes", "prefix_budget", "slice_cache_bytes", "slice_cache_budget", "weight_bytes", "session_bytes", "spare_bytes", "graph_bytes")
     SERVING_FIELD_NUMBER: _ClassVar[int]
     OPEN_SESSIONS_FIELD_NUMBER: _ClassVar[int]
     NATIVE_STEPS_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +150,10 @@ class HealthReply(_message.Message):
     PREFIX_BUDGET_FIELD_NUMBER: _ClassVar[int]
     SLICE_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     SLICE_CACHE_BUDGET_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SPARE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GRAPH_BYTES_FIELD_NUMBER: _ClassVar[int]
     serving: bool
     open_sessions: int
     native_steps: int
@@ -159,7 +163,11 @@ class HealthReply(_message.Message):
     prefix_budget: int
     slice_cache_bytes: int
     slice_cache_budget: int
-    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., takes_turns: _Optional[bool] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ..., slice_cache_bytes: _Optional[int] = ..., slice_cache_budget: _Optional[int] = ...) -> None: ...
+    weight_bytes: int
+    session_bytes: int
+    spare_bytes: int
+    graph_bytes: int
+    def __init__(self, serving: _Optional[bool] = ..., open_sessions: _Optional[int] = ..., native_steps: _Optional[int] = ..., takes_turns: _Optional[bool] = ..., prefix_entries: _Optional[int] = ..., prefix_bytes: _Optional[int] = ..., prefix_budget: _Optional[int] = ..., slice_cache_bytes: _Optional[int] = ..., slice_cache_budget: _Optional[int] = ..., weight_bytes: _Optional[int] = ..., session_bytes: _Optional[int] = ..., spare_bytes: _Optional[int] = ..., graph_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadRequest(_message.Message):
     __slots__ = ("model_path", "layer_start", "layer_end", "model_hash", "flash_attn", "cache_type_k", "cache_type_v", "share_host", "slice_digest")
