@@ -28,7 +28,7 @@ from llmrpc.head.pipeline import Pipeline, PipelineSession
 from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
 from llmrpc.head.planner import PlanError
 from llmrpc.head.prefix import PrefixCache, PrefixStats, exact_in_batch, last_batch_start, row_exact
-from llmrpc.head.rejoin import REJOIN_EVERY, Rejoiner, SessionGate
+from llmrpc.head.rejoin import REJOIN_EVERY, REJOIN_WAIT, Rejoiner, SessionGate
 from llmrpc.head.replicas import Replica, Router, plan_replicas
 from llmrpc.head.resolve import resolve, resolve_servers
 from llmrpc.head.tokenizer import TextStream, Tokenizer
@@ -343,10 +343,14 @@ class Farm:
             try:
                 # a sampled token takes one draw: the replay goes on with the draws the rest would have had
                 going_on = replace(sampling, drawn=sampling.drawn + len(done)) if sampling.temperature > 0 else sampling
-                tokens = self._generate(prompt_tokens, max_tokens, going_on, stop_at_eog, list(done), cache_prompt)
-                for token in tokens:
-                    done.append(token)
-                    yield token
+                # closed here, not left to the garbage collector: a traceback that holds this frame
+                # (an earlier attempt's error) would keep it, and the farm's gate, open for good
+                with contextlib.closing(
+                    self._generate(prompt_tokens, max_tokens, going_on, stop_at_eog, list(done), cache_prompt)
+                ) as tokens:
+                    for token in tokens:
+                        done.append(token)
+                        yield token
                 return
             except Exception as e:
                 lost = isinstance(e, StageError) and e.code == grpc.StatusCode.UNAVAILABLE
@@ -385,11 +389,18 @@ class Farm:
     def _answers(self, address: str) -> bool:
         return bool(_answering([address], self.connect_timeout, self.hung_after, self.security, quiet=True))
 
-    def _rejoin(self, back: list[str]) -> None:
-        """Plan the servers ``back`` in again with those of the plan, between generations."""
-        with self._gate.alone(), self._recovering:
+    def _rejoin(self, back: list[str]) -> bool:
+        """Plan the servers ``back`` in again with those of the plan, between generations; False
+        when the generations open did not all end within REJOIN_WAIT (tried again later)."""
+        with self._gate.alone(REJOIN_WAIT) as alone, self._recovering:
+            if not alone:
+                logger.warning(
+                    "planning %s back in waits: %d generations still open after %g s", ", ".join(back),
+                    self._gate.open, REJOIN_WAIT,
+                )  # fmt: skip
+                return False
             if self._closed or self.pipeline is None:
-                return
+                return True
             before = [a.address for p in self.plans for a in p]
             wanted = set(before) | set(back)
             self._gone -= set(back)  # planned in now, or (if they cannot be) not tried again
@@ -400,10 +411,11 @@ class Farm:
                 logger.warning("planning %s back in failed: %s", ", ".join(back), e)
                 self._disconnect()
                 self._connect(before, self.connect_timeout, progress=False)
-                return
+                return True
             self.rejoins += 1
             planned = sum(len(p) for p in self.plans)
             logger.warning("planned %s back in: %d of %d servers", ", ".join(back), planned, len(self.addresses))
+            return True
 
     def _generate(
         self,

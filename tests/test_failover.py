@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from llmrpc.farm import Farm
-from llmrpc.head.client import StageError
+from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers, read_ready
 from llmrpc.head.placement import model_layout
 from llmrpc.head.planner import PlanError, ServerReport, plan
@@ -302,3 +302,37 @@ def test_a_server_back_at_its_address_is_planned_in_between_generations(smollm2:
         for p in procs:
             p.terminate()
             p.wait(timeout=10)
+
+
+@pytest.mark.parametrize("server_generation", [True, False])
+def test_a_generation_closed_while_its_frame_is_held_ends_at_once(
+    smollm2: str, tmp_path: Path, server_generation: bool
+) -> None:
+    """A generation closed by its caller ends then, its sessions closed and the farm's gate left,
+    even when something still holds its frame, as an earlier replay's error does through its
+    traceback. Left to the garbage collector, its inner generation stayed open: a server planned
+    back in waited for it, and every new request behind that, for good."""
+    with _local(tmp_path, 2) as local, Farm(smollm2, local.addresses, ctx_size=256) as farm:
+        farm.server_generation = server_generation
+        tokens = farm.generate_tokens(farm.tokenizer.encode(PROMPTS[0]), N, GREEDY, stop_at_eog=False)
+        next(tokens)
+        assert farm._gate.open == 1 and _open_sessions(local.addresses) == [1, 1]
+        held = tokens.gi_frame  # what a traceback through this generation holds
+        tokens.close()
+        assert farm._gate.open == 0
+        deadline = time.monotonic() + 30  # (the servers close them as their close calls come)
+        while _open_sessions(local.addresses) != [0, 0] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _open_sessions(local.addresses) == [0, 0]
+        assert held is not None
+
+
+def _open_sessions(addresses: list[str]) -> list[int]:
+    counts = []
+    for address in addresses:
+        client = StageClient(address, timeout=10)
+        try:
+            counts.append(client.health().open_sessions)
+        finally:
+            client.close()
+    return counts

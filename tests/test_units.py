@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from llmrpc import codec
+from llmrpc.head.rejoin import SessionGate
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.gguf_model import read_model
 from llmrpc.model.graph import padded_n_kv
@@ -230,3 +232,28 @@ def test_a_models_hash_is_remembered_across_processes(tmp_path: Path, monkeypatc
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     model.write_bytes(b"GGUF" + bytes(1000) + b"x")  # (another size: mtime alone may not change)
     assert gguf_model.content_hash(model) == hashlib.sha256(model.read_bytes()).hexdigest() != first
+
+
+def test_a_replan_that_cannot_have_the_gate_in_time_lets_the_waiting_sessions_in() -> None:
+    """A re-plan waiting for the gate keeps new sessions waiting, for REJOIN_WAIT at most: one
+    session that never ends held every later one back for good."""
+    gate = SessionGate()
+    gate.enter()  # a session that does not end
+    entered = threading.Event()
+    with gate.alone(0.3) as alone:
+        assert not alone  # it did not end within the bound
+        newcomer = threading.Thread(target=lambda: (gate.enter(), entered.set()))
+        newcomer.start()
+        assert entered.wait(10), "a new session waited on a re-plan that gave up"
+    newcomer.join()
+    assert gate.open == 2
+    gate.leave()
+    gate.leave()
+    with gate.alone(0.3) as alone:  # none open: it has the gate, and sessions wait for it
+        assert alone
+        late = threading.Thread(target=gate.enter)
+        late.start()
+        late.join(0.3)
+        assert late.is_alive() and gate.open == 0
+    late.join(10)
+    assert gate.open == 1

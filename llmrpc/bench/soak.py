@@ -330,9 +330,8 @@ def soak(
         memory.join()
         result = _report(runners, memory, events, sessions, duration, elapsed, head.poll() is None)
     finally:
-        if head is not None and head.poll() is None:
-            head.terminate()
-            head.wait(timeout=30)
+        if head is not None:
+            stop_process(head, 30)  # (SIGKILL after 30 s: the figures are written either way)
         for s in servers:
             s.stop()
             shutil.rmtree(work / f"cache{s.index}", ignore_errors=True)  # (the logs stay)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import threading
 import time
 from dataclasses import dataclass
@@ -102,8 +103,8 @@ class Coalescer:
             self._send(batch)
         except StageError as e:
             if len(batch) == 1 or e.code == grpc.StatusCode.UNAVAILABLE:
-                for s in batch:
-                    s.error = e
+                for s in batch:  # each its own copy: raised in its own thread, with its own traceback
+                    s.error = copy.copy(e)
                 return
             self.retried += len(batch)
             for s in batch:

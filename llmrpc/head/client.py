@@ -49,6 +49,13 @@ class StageError(RuntimeError):
         self.code = code
         self.detail = detail
 
+    def __copy__(self) -> StageError:
+        """The same error, without a traceback (for each of the callers one failure fails)."""
+        twin = type(self).__new__(type(self))
+        twin.args = self.args
+        twin.__dict__.update(self.__dict__)
+        return twin
+
 
 class HungError(StageError):
     """A server that answered nothing for ``hung_after`` seconds, not even a health check: it

@@ -165,7 +165,16 @@ class SlidingCells:
         self.window = window
         self.swa_type = swa_type
         self.pos = np.full(size, -1, dtype=np.int64)  # the position each cell holds, -1: empty
-        self.head = 0
+        # where the next search starts; in an array, which the native hop (server/hop.c) moves too
+        self.heads = np.zeros(1, dtype=np.int64)
+
+    @property
+    def head(self) -> int:
+        return int(self.heads[0])
+
+    @head.setter
+    def head(self, value: int) -> None:
+        self.heads[0] = value
 
     def clear(self) -> None:
         self.pos.fill(-1)
