@@ -83,6 +83,19 @@ def prefer_huge_pages(buffer: int) -> None:
         logger.debug("madvise(MADV_HUGEPAGE) failed: errno %d", ctypes.get_errno())
 
 
+def release_free_memory() -> None:
+    """Give the pages of freed heap memory back to the system (glibc's ``malloc_trim``): what a
+    server freed when its layers changed (weights, caches, graphs) otherwise stays in its
+    resident memory, reused only for allocations that fit the holes. No-op without glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    trim(0)
+
+
 class Backend:
     """An initialised ggml backend on one device, plus the CPU backend the scheduler needs."""
 

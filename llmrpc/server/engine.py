@@ -19,7 +19,7 @@ from typing import TypeVar
 import numpy as np
 
 from llmrpc import trace
-from llmrpc.ggml.device import Backend
+from llmrpc.ggml.device import Backend, release_free_memory
 from llmrpc.ggml.lib import ggml
 from llmrpc.model.arch import UnsupportedArchitectureError
 from llmrpc.model.calibrate import Calibration, calibrate
@@ -353,6 +353,7 @@ class Engine:
         if self._stage is not None:
             self._stage.close()
         self._stage, self._range, self._loaded_from = None, None, None
+        release_free_memory()
 
     # -- sessions -----------------------------------------------------------------------
     def open_session(self, n_ctx: int, prefix: PrefixStart | None = None) -> OpenedSession:
