@@ -97,18 +97,21 @@ class RowInputs:
     with np.where costs ~150 us and each new array ~20-40. Only for a full-attention cache,
     where position p is at cell p."""
 
-    def __init__(self, inputs: AttnInputs, pos: g.Tensor, n_kv: int, v_rows: np.ndarray, mask_dtype: type) -> None:
+    def __init__(
+        self, inputs: AttnInputs | None, pos: g.Tensor, n_kv: int, v_rows: np.ndarray, mask_dtype: type
+    ) -> None:
+        """``inputs``: the full-attention group's (None: the layers have none; only the position
+        is set then)."""
         self.pos = np.zeros(1, dtype=np.int32)
         self.k_idx = np.zeros(1, dtype=np.int64)
         self.v_rows = v_rows.reshape(-1)
         self.v_idx = self.v_rows.copy()
         self.mask: np.ndarray = np.full(n_kv, -np.inf, dtype=mask_dtype)
         self.allowed = 0  # mask cells [0, allowed) are 0, the rest -inf
-        self._sets = [
-            (t, a.__array_interface__["data"][0], a.nbytes)
-            for t, a in ((pos, self.pos), (inputs.k_idxs, self.k_idx), (inputs.v_idxs, self.v_idx),
-                         (inputs.kq_mask, self.mask))
-        ]  # fmt: skip
+        pairs: list[tuple[g.Tensor, np.ndarray]] = [(pos, self.pos)]
+        if inputs is not None:
+            pairs += [(inputs.k_idxs, self.k_idx), (inputs.v_idxs, self.v_idx), (inputs.kq_mask, self.mask)]
+        self._sets = [(t, a.__array_interface__["data"][0], a.nbytes) for t, a in pairs]
 
     def write(self, p: int) -> None:
         """Set the inputs for the row at position ``p``: it attends to cells 0..p."""
@@ -122,6 +125,21 @@ class RowInputs:
         tensor_set = g.ggml().ggml_backend_tensor_set
         for tensor, address, nbytes in self._sets:
             tensor_set(tensor, address, 0, nbytes)
+
+
+class SlidingRow:
+    """A one-row decode graph's buffers for a sliding-window group's inputs, which the native
+    hop (server/hop.c) fills as :class:`llmrpc.model.kv.SlidingCells` places the row: its K
+    cell, V cells and mask row over the graph's attended cells, and a scratch copy of the cells
+    to place the row in before the step is taken."""
+
+    def __init__(self, inputs: AttnInputs, n_kv: int, size: int, v_rows: np.ndarray, mask_dtype: type) -> None:
+        self.inputs, self.n_kv = inputs, n_kv
+        self.k_idx = np.zeros(1, dtype=np.int64)
+        self.v_rows = v_rows.reshape(-1)
+        self.v_idx = self.v_rows.copy()
+        self.mask: np.ndarray = np.full(n_kv, -np.inf, dtype=mask_dtype)
+        self.scratch = np.zeros(size, dtype=np.int64)
 
 
 @dataclass
@@ -139,6 +157,7 @@ class Graph:
     # transposed V cache (what the V indices are made from every time)
     v_rows: list[dict[str, np.ndarray]]
     row: RowInputs | None = None  # a one-row decode graph's inputs, kept and updated in place
+    sliding: SlidingRow | None = None  # ... and its sliding-window group's, for the native hop
 
     @property
     def sched(self) -> int:

@@ -27,11 +27,12 @@ from llmrpc.model.graphs import (
     KeptGraphs,
     Room,
     RowInputs,
+    SlidingRow,
     arena,
     count_tensors,
     room_nodes,
 )
-from llmrpc.model.hparams import attn_temp_scales
+from llmrpc.model.hparams import SwaType, attn_temp_scales
 from llmrpc.model.kv import FULL, CacheConfig, KVGroup, NoCellError, SlidingCells, check_cache, full_mask, kv_groups
 from llmrpc.model.weights import StageWeights
 from llmrpc.types import KV_PAD, kv_cells
@@ -76,6 +77,38 @@ class RowGraph:
     v_rows: int
     v_buf: int
     mask_buf: int
+    has_full: bool  # the layers have a full-attention group (the inputs above but pos: its)
+    swa: dict[str, int]  # the native hop's sliding-window fields (server/native.py's Hop), or none
+
+
+def _placed_used(cells: SlidingCells, pos: int) -> int:
+    """The sliding cells used (to the last held, +1) once the row at ``pos`` is placed in them,
+    the cells themselves unchanged (a copy is placed in)."""
+    twin = SlidingCells(cells.size, cells.window, cells.swa_type)
+    twin.pos[:] = cells.pos
+    twin.head = cells.head
+    if pos <= twin.pos_max:
+        return -1  # a rewind: not a step the kept graph takes
+    try:
+        twin.place(np.array([pos], dtype=np.int64))
+    except NoCellError:
+        return -1
+    return twin.used_max_p1
+
+
+def _native_sliding(cells: SlidingCells, row: SlidingRow, pad: int) -> dict[str, int]:
+    """The native hop's fields (server/native.py's Hop) for a sliding-window group: its cells,
+    the row's buffers and the graph's inputs they go to."""
+    fields = {
+        "swa_size": cells.size, "swa_window": cells.window, "swa_n_kv": row.n_kv, "swa_pad": pad,
+        "swa_n_v": len(row.v_rows), "swa_inp_k": _address(row.inputs.k_idxs),
+        "swa_inp_v": _address(row.inputs.v_idxs), "swa_inp_mask": _address(row.inputs.kq_mask),
+    }  # fmt: skip
+    for name, a in (("swa_pos", cells.pos), ("swa_heads", cells.heads), ("swa_scratch", row.scratch),
+                    ("swa_k_buf", row.k_idx), ("swa_v_rows", row.v_rows), ("swa_v_buf", row.v_idx),
+                    ("swa_mask_buf", row.mask)):  # fmt: skip
+        fields[name] = a.__array_interface__["data"][0]
+    return fields
 
 
 def _address(t: g.Tensor | None) -> int:
@@ -137,6 +170,14 @@ class LayerStage:
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
         # place (cell = position), and the native hop can compute it
         self.simple_cells = [(grp.name, grp.n_embd_v > 0) for grp in self.groups] == [(FULL, True)]
+        # ... or that and/or one standard sliding-window group: the native hop places a decode
+        # row in its cells as SlidingCells does (server/hop.c)
+        full = [g for g in self.groups if g.name == FULL]
+        swa = [g for g in self.groups if g.name != FULL]
+        self.native_cells = (
+            all(g.n_embd_v > 0 for g in self.groups) and len(full) <= 1 and len(swa) <= 1 and len(self.groups) >= 1
+            and all(g.swa_type == SwaType.STANDARD and g.window > 0 for g in swa)
+        )  # fmt: skip
         self._segment_nodes = 0  # nodes and leafs of one session's rows through the layers (the dry run's)
         self._stage_weights = StageWeights(info, start, end, backend, self._weight_ops, progress)
         self.weights: dict[str, g.Tensor] = self._stage_weights.tensors
@@ -261,7 +302,7 @@ class LayerStage:
         graph = self._graph_for(key, [c for c, _, _ in items], segments)
         inp = graph.inputs
         dtype = np.int32 if self.first else np.float32
-        if graph.row is not None:  # one session, one row: decoding (this runs for every token)
+        if graph.row is not None and graph.sliding is None and self.simple_cells:  # decoding, every token
             _set(inp.tokens if self.first else inp.embd, items[0][1].astype(dtype, copy=False))
             graph.row.write(items[0][2])
         else:
@@ -343,19 +384,35 @@ class LayerStage:
     def row_graph(self, cache: SessionCache, pos: int) -> RowGraph | None:
         """The kept graph that decodes the row at ``pos`` of ``cache``'s session, if it is built:
         to hidden states, or on the last layers to the greedy token (top1). None otherwise, and
-        for layers whose cells are not simply their positions (sliding windows)."""
-        if not self.simple_cells:
+        for layers whose cells the native hop cannot place (see ``native_cells``)."""
+        if not self.native_cells:
             return None
-        n_kv = padded_n_kv(pos + 1, cache.kv_size, self.attend_pad)
-        graph = self._kept.get((((cache.serial, 1, (n_kv,)),), False, self.last))
-        if graph is None or graph.row is None:
+        n_kvs = []
+        for group in self.groups:
+            sliding = cache.sliding.get(group.name)
+            if sliding is None:
+                n_kvs.append(padded_n_kv(pos + 1, cache.kv_size, self.attend_pad))
+                continue
+            used = _placed_used(sliding, pos)
+            if used < 0:
+                return None
+            n_kvs.append(padded_n_kv(used, sliding.size, self.attend_pad))
+        graph = self._kept.get((((cache.serial, 1, tuple(n_kvs)),), False, self.last))
+        if graph is None or graph.row is None or (len(cache.sliding) != (graph.sliding is not None)):
             return None
-        inp, seg, row = graph.inputs, graph.inputs.segments[0][FULL], graph.row
-        data = [a.__array_interface__["data"][0] for a in (row.pos, row.k_idx, row.v_rows, row.v_idx, row.mask)]
+        inp, row = graph.inputs, graph.row
+        full = inp.segments[0].get(FULL)
+        pos_buf, k_buf, v_rows, v_buf, mask_buf = (
+            a.__array_interface__["data"][0] for a in (row.pos, row.k_idx, row.v_rows, row.v_idx, row.mask)
+        )
+        swa = {} if graph.sliding is None else _native_sliding(next(iter(cache.sliding.values())), graph.sliding,
+                                                                 self.attend_pad)  # fmt: skip
+        n_kv = n_kvs[[g.name for g in self.groups].index(FULL)] if full is not None else cache.kv_size
         return RowGraph(
             graph, row, n_kv, graph.sched, graph.gf, _address(graph.out),
-            _address(inp.tokens if self.first else inp.embd), _address(inp.pos), _address(seg.k_idxs),
-            _address(seg.v_idxs), _address(seg.kq_mask), *data,
+            _address(inp.tokens if self.first else inp.embd), _address(inp.pos),
+            _address(full.k_idxs if full else None), _address(full.v_idxs if full else None),
+            _address(full.kq_mask if full else None), pos_buf, k_buf, v_rows, v_buf, mask_buf, full is not None, swa,
         )  # fmt: skip
 
     def holds(self, graph: Graph) -> bool:
@@ -420,10 +477,19 @@ class LayerStage:
         shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
         dtype = np.int32 if top1 else np.float32
         graph = Graph(key, ctx, gf, inp, out, room, own_room, shape, dtype, v_rows)
-        if own_room and self.simple_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
+        if own_room and self.native_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
+            seg, views = inp.segments[0], {v.group: v for v in segments[0].views}
+            full = views.get(FULL)
             graph.row = RowInputs(
-                inp.segments[0][FULL], inp.pos, segments[0].views[0].n_kv, v_rows[0][FULL], self.mask_dtype
-            )
+                seg.get(FULL), inp.pos, full.n_kv if full else 1, v_rows[0].get(FULL, np.zeros(1, np.int64)),
+                self.mask_dtype,
+            )  # fmt: skip
+            for group in self.groups:
+                if group.name != FULL:
+                    view = views[group.name]
+                    graph.sliding = SlidingRow(
+                        seg[group.name], view.n_kv, view.size, v_rows[0][group.name], self.mask_dtype
+                    )
         return graph
 
     def _v_index_rows(self, grp: KVGroup) -> int:

@@ -584,6 +584,9 @@ class Engine:
         for name in ("pos_buf", "k_buf", "v_rows", "v_buf", "mask_buf", "sched", "gf", "out", "inp_x", "inp_pos",
                      "inp_k", "inp_v", "inp_mask"):  # fmt: skip
             setattr(h, name, getattr(row, name))
+        h.has_full = int(row.has_full)
+        for name, value in row.swa.items():  # a sliding-window group's cells and inputs
+            setattr(h, name, value)
         if self.release_threads and team is not None:
             h.team_state, h.sem, h.n_threads, h.sem_wait_fn, h.gomp_start, h.gomp_end = team.native_fields()
         for field, fn in (

@@ -73,6 +73,15 @@ typedef struct {
     int64_t pos, step, n, sent, status, err, token;
     int64_t mask_f16;              /* the mask row holds F16 values (0x0000 keep, 0xFC00 -inf) */
     int64_t reported, head_err;
+    /* 0: the layers have no full-attention group (pos_buf and inp_pos are still set) */
+    int64_t has_full;
+    /* a sliding-window group (swa_size 0: none), placed as kv.py's SlidingCells.place places one
+     * row: its cells' positions (-1 empty) and search head, shared with Python; scratch: a copy to
+     * place in before the step is taken; the graph's attended cells (swa_n_kv) and the pad they
+     * are rounded to; the window (standard: a row at p sees p - window < q <= p) */
+    int64_t swa_size, swa_window, swa_n_kv, swa_pad, swa_n_v;
+    int64_t *swa_pos, *swa_heads, *swa_scratch, *swa_k_buf, *swa_v_rows, *swa_v_buf;
+    void *swa_mask_buf, *swa_inp_k, *swa_inp_v, *swa_inp_mask;
 } Hop;
 
 static void put32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
@@ -120,6 +129,69 @@ static size_t send_now(int fd, const uint8_t *p, size_t len, int64_t *err) {
     return sent;
 }
 
+/* The cell for position ``pos`` in the sliding group, placed in swa_scratch (a copy of the
+ * cells) as SlidingCells.place places one row; -1 when the step is not the plain case: a rewind,
+ * no usable cell, or attended cells other than the graph's. */
+static int64_t swa_place(const Hop *h, int64_t pos) {
+    int64_t size = h->swa_size, *c = h->swa_scratch;
+    memcpy(c, h->swa_pos, (size_t)size * 8);
+    int64_t pos_max = -1, used = 0;
+    for (int64_t j = 0; j < size; j++) {
+        if (c[j] > pos_max) pos_max = c[j];
+        if (c[j] >= 0) used++;
+    }
+    if (pos <= pos_max) return -1; /* a rewind: Python's */
+    int64_t head = h->swa_heads[0] > used + 2 ? 0 : h->swa_heads[0];
+    int64_t cell = -1, tested = 0;
+    while (cell < 0) {
+        if (head >= size) {
+            tested += size - head;
+            head = 0;
+            continue;
+        }
+        int64_t idx = head++;
+        tested++;
+        if (c[idx] < 0 || pos_max + 1 - c[idx] >= h->swa_window) cell = idx;
+        if (cell < 0 && tested >= size) return -1;
+    }
+    int64_t gone = c[cell];
+    c[cell] = pos;
+    if (gone >= 0) { /* the positions up to the one overwritten leave (llama.cpp's seq_rm) */
+        int64_t pos_min = INT64_MAX;
+        for (int64_t j = 0; j < size; j++)
+            if (c[j] >= 0 && c[j] < pos_min) pos_min = c[j];
+        if (pos_min <= gone)
+            for (int64_t j = 0; j < size; j++)
+                if (c[j] >= pos_min && c[j] <= gone) c[j] = -1;
+    }
+    int64_t used_max_p1 = 0;
+    for (int64_t j = size - 1; j >= 0; j--)
+        if (c[j] >= 0) {
+            used_max_p1 = j + 1;
+            break;
+        }
+    int64_t n_kv = (used_max_p1 + h->swa_pad - 1) / h->swa_pad * h->swa_pad;
+    if (n_kv < h->swa_pad) n_kv = h->swa_pad;
+    if (n_kv > size) n_kv = size;
+    return n_kv == h->swa_n_kv ? cell : -1;
+}
+
+/* The sliding group's inputs for the row at ``pos`` in ``cell`` (the cells placed). */
+static void swa_inputs(Hop *h, int64_t pos, int64_t cell) {
+    h->swa_k_buf[0] = cell;
+    for (int64_t i = 0; i < h->swa_n_v; i++) h->swa_v_buf[i] = h->swa_v_rows[i] + cell;
+    const int64_t *c = h->swa_pos;
+    if (h->mask_f16) {
+        uint16_t *m = (uint16_t *)h->swa_mask_buf;
+        for (int64_t j = 0; j < h->swa_n_kv; j++)
+            m[j] = c[j] >= 0 && c[j] <= pos && pos - c[j] < h->swa_window ? 0x0000 : 0xFC00;
+    } else {
+        float *m = (float *)h->swa_mask_buf;
+        for (int64_t j = 0; j < h->swa_n_kv; j++)
+            m[j] = c[j] >= 0 && c[j] <= pos && pos - c[j] < h->swa_window ? 0.0f : -INFINITY;
+    }
+}
+
 int llmrpc_hop(Hop *h) {
     uint8_t *b = h->buf;
     size_t in_data = h->first ? 4 : (size_t)h->n_embd * 4;
@@ -163,6 +235,8 @@ int llmrpc_hop(Hop *h) {
             if (!isfinite(v)) return HOP_NOT_MINE;
         }
     }
+    int64_t swa_cell = -1;
+    if (h->swa_size > 0 && (swa_cell = swa_place(h, pos)) < 0) return HOP_NOT_MINE;
     /* this machine's turn, without waiting: a turn that does not come at once is waited for in
        Python (server/turns.py), where the wait can be called off (its holder may be stopped) */
     if (h->lock_fd >= 0 && flock((int)h->lock_fd, LOCK_EX | LOCK_NB) != 0) return HOP_NOT_MINE;
@@ -182,24 +256,31 @@ int llmrpc_hop(Hop *h) {
     h->step = step;
     h->n = n;
 
-    /* the row's inputs (stage.py's _RowInputs.write) */
+    /* the row's inputs (graphs.py's RowInputs.write; the sliding group's as SlidingCells) */
     h->pos_buf[0] = pos;
-    h->k_buf[0] = pos;
-    for (int64_t i = 0; i < h->n_embd_kv; i++) h->v_buf[i] = h->v_rows[i] + pos;
-    if (h->mask_f16) {
-        uint16_t *m = (uint16_t *)h->mask_buf;
-        if (pos + 1 > h->allowed)
-            for (int64_t j = h->allowed; j < pos + 1; j++) m[j] = 0x0000;
-        else
-            for (int64_t j = pos + 1; j < h->allowed; j++) m[j] = 0xFC00;
-    } else {
-        float *m = (float *)h->mask_buf;
-        if (pos + 1 > h->allowed)
-            for (int64_t j = h->allowed; j < pos + 1; j++) m[j] = 0.0f;
-        else
-            for (int64_t j = pos + 1; j < h->allowed; j++) m[j] = -INFINITY;
+    if (h->has_full) {
+        h->k_buf[0] = pos;
+        for (int64_t i = 0; i < h->n_embd_kv; i++) h->v_buf[i] = h->v_rows[i] + pos;
+        if (h->mask_f16) {
+            uint16_t *m = (uint16_t *)h->mask_buf;
+            if (pos + 1 > h->allowed)
+                for (int64_t j = h->allowed; j < pos + 1; j++) m[j] = 0x0000;
+            else
+                for (int64_t j = pos + 1; j < h->allowed; j++) m[j] = 0xFC00;
+        } else {
+            float *m = (float *)h->mask_buf;
+            if (pos + 1 > h->allowed)
+                for (int64_t j = h->allowed; j < pos + 1; j++) m[j] = 0.0f;
+            else
+                for (int64_t j = pos + 1; j < h->allowed; j++) m[j] = -INFINITY;
+        }
+        h->allowed = pos + 1;
     }
-    h->allowed = pos + 1;
+    if (h->swa_size > 0) {
+        memcpy(h->swa_pos, h->swa_scratch, (size_t)h->swa_size * 8);
+        h->swa_heads[0] = swa_cell + 1;
+        swa_inputs(h, pos, swa_cell);
+    }
 
     /* the parked workers back (openmp.py's claim), the host's turn, the graph, the workers parked */
     if (h->team_state != NULL && h->team_state[0]) {
@@ -212,9 +293,16 @@ int llmrpc_hop(Hop *h) {
     }
     h->tensor_set(h->inp_x, x, 0, in_data);
     h->tensor_set(h->inp_pos, h->pos_buf, 0, 4);
-    h->tensor_set(h->inp_k, h->k_buf, 0, 8);
-    h->tensor_set(h->inp_v, h->v_buf, 0, (size_t)h->n_embd_kv * 8);
-    h->tensor_set(h->inp_mask, h->mask_buf, 0, (size_t)h->n_kv * (h->mask_f16 ? 2 : 4));
+    if (h->has_full) {
+        h->tensor_set(h->inp_k, h->k_buf, 0, 8);
+        h->tensor_set(h->inp_v, h->v_buf, 0, (size_t)h->n_embd_kv * 8);
+        h->tensor_set(h->inp_mask, h->mask_buf, 0, (size_t)h->n_kv * (h->mask_f16 ? 2 : 4));
+    }
+    if (h->swa_size > 0) {
+        h->tensor_set(h->swa_inp_k, h->swa_k_buf, 0, 8);
+        h->tensor_set(h->swa_inp_v, h->swa_v_buf, 0, (size_t)h->swa_n_v * 8);
+        h->tensor_set(h->swa_inp_mask, h->swa_mask_buf, 0, (size_t)h->swa_n_kv * (h->mask_f16 ? 2 : 4));
+    }
     int status = h->compute(h->sched, h->gf);
     h->synchronize(h->sched);
     if (h->lock_fd >= 0) flock((int)h->lock_fd, LOCK_UN);

@@ -48,6 +48,11 @@ class Hop(ctypes.Structure):
         ("last", _i64), ("head_fd", _i64), ("n_eog", _i64), ("gen_limit", _i64), ("eog", _p),
         ("pos", _i64), ("step", _i64), ("n", _i64), ("sent", _i64), ("status", _i64), ("err", _i64),
         ("token", _i64), ("mask_f16", _i64), ("reported", _i64), ("head_err", _i64),
+        ("has_full", _i64),
+        ("swa_size", _i64), ("swa_window", _i64), ("swa_n_kv", _i64), ("swa_pad", _i64), ("swa_n_v", _i64),
+        ("swa_pos", _p), ("swa_heads", _p), ("swa_scratch", _p), ("swa_k_buf", _p), ("swa_v_rows", _p),
+        ("swa_v_buf", _p),
+        ("swa_mask_buf", _p), ("swa_inp_k", _p), ("swa_inp_v", _p), ("swa_inp_mask", _p),
     ]  # fmt: skip
 
 
