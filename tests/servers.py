@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 
 from llmrpc.head.local import READY_PREFIX
@@ -31,3 +32,22 @@ def metered_servers(caches: list[list[str]], threads: int) -> Iterator[list[tupl
     finally:
         for p in procs:
             stop(p)
+
+
+class LogLines:
+    """Processes' log lines as they come (:meth:`read` a stream on a thread of its own), to wait on."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+
+    def read(self, stream: Iterator[str]) -> None:
+        for line in stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def wait_for(self, text: str, timeout: float) -> bool:
+        """Whether a line holding ``text`` came (or comes within ``timeout`` seconds)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: any(text in line for line in self.lines), timeout)

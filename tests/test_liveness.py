@@ -21,6 +21,7 @@ import pytest
 from llmrpc.farm import Farm
 from llmrpc.head.local import read_ready
 from llmrpc.sampling import SamplingParams
+from tests.servers import LogLines
 
 GREEDY = SamplingParams(temperature=0)
 SAMPLED = SamplingParams(temperature=0.9, top_k=40, top_p=0.95, seed=11)
@@ -31,29 +32,11 @@ PROMPT = "Once upon a time"
 STALE = "which is not connected here: refused"  # a server's log line for a superseded plan's frame
 
 
-class _Log:
-    """The servers' log lines as they come, to wait on."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-
-    def read(self, stream: Iterator[str]) -> None:
-        for line in stream:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-
-    def wait_for(self, text: str, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: any(text in line for line in self.lines), timeout)
-
-
 class _Servers:
     """Servers of the test's own, each with its own cache folder, logs read by ``log``."""
 
     def __init__(self, n: int, tmp: Path) -> None:
-        self.log = _Log()
+        self.log = LogLines()
         self.procs: list[subprocess.Popen[str]] = []
         self.addresses: list[str] = []
         for i in range(n):

@@ -32,6 +32,7 @@ from llmrpc.sampling import SamplingParams
 from llmrpc.types import split_address
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
+from tests.servers import LogLines
 from tests.test_validation import GEN, _Raw, _within, loaded  # noqa: F401 (a fixture)
 
 GREEDY = SamplingParams(temperature=0)
@@ -51,9 +52,8 @@ class _Server:
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environ, preexec_fn=preexec
         )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
+        self.log = LogLines()
+        self._reader = threading.Thread(target=self.log.read, args=(self.proc.stderr,), daemon=True)
         self._reader.start()
         try:
             self.address = read_ready(self.proc, 60)
@@ -61,16 +61,12 @@ class _Server:
             self.stop()
             raise
 
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
+    @property
+    def lines(self) -> list[str]:
+        return self.log.lines
 
     def logged(self, text: str, timeout: float) -> bool:
-        with self._cond:
-            return self._cond.wait_for(lambda: any(text in line for line in self.lines), timeout)
+        return self.log.wait_for(text, timeout)
 
     @property
     def data(self) -> tuple[str, int]:

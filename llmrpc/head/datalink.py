@@ -260,13 +260,18 @@ class DataLinks:
                     if conn.peer in self.hung
                     else StageError(hop.address, hop.layers, grpc.StatusCode.UNAVAILABLE, why)
                 )
-                if rid in self._streams:
-                    self._streams[rid].append(lost)
-                    continue
-                del self._pending[rid]
-                self.liveness.forget(rid)
-                self._done[rid] = (lost, route)
+                self._fail(rid, route, lost)
         self._cond.notify_all()
+
+    def _fail(self, rid: int, route: list[Hop], error: StageError) -> None:
+        """End request ``rid`` with ``error``: a generation's stream gets it as its next item,
+        anything else as its answer. Under ``_cond``."""
+        if rid in self._streams:
+            self._streams[rid].append(error)
+            return
+        del self._pending[rid]
+        self.liveness.forget(rid)
+        self._done[rid] = (error, route)
 
     def give_up(self, data_address: str) -> None:
         """Treat the server at ``data_address`` as gone (it is hung): its requests fail with a
@@ -299,15 +304,10 @@ class DataLinks:
             self._conns.clear()
             for rid, route in list(self._pending.items()):
                 names = ", ".join(h.address for h in route)
-                closed = StageError(
-                    names, "", grpc.StatusCode.UNAVAILABLE, "the head closed its data links (a re-plan)"
-                )
-                if rid in self._streams:
-                    self._streams[rid].append(closed)
-                    continue
-                del self._pending[rid]
-                self.liveness.forget(rid)
-                self._done[rid] = (closed, route)
+                self._fail(
+                    rid, route,
+                    StageError(names, "", grpc.StatusCode.UNAVAILABLE, "the head closed its data links (a re-plan)"),
+                )  # fmt: skip
             self._cond.notify_all()
 
 

@@ -2,10 +2,10 @@
 
 A graph is built in a room: a ggml scheduler, which allocates the graph's compute buffer, and
 an arena for the graph's tensor and node metadata, both sized for a number of nodes and leafs.
-A stage sizes its rooms by what its layers need (:func:`room_nodes`): a room for every graph
-the largest a model could need (8,192 nodes) cost ~4 MB of resident memory per kept graph,
-and a batch of many sessions through many layers could still overflow it and abort the
-process in a ggml assertion.
+A stage sizes its rooms by what its layers need (:func:`room_nodes`): one fixed size for the
+largest graph any model could need (8,192 nodes) would cost ~4 MB of resident memory per kept
+graph, and a batch of many sessions through many layers could still overflow it (ggml aborts
+the process then).
 
 Decode-sized graphs are kept per session and shape (:class:`KeptGraphs`), each in a room of
 its own, so sessions that take turns do not rebuild theirs (1-2 ms per 10 layers). At most
