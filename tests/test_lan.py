@@ -48,12 +48,14 @@ def test_servers_on_a_simulated_lan_match_loopback(
 @pytest.mark.parametrize("loop", ["c", "python"])
 def test_the_switch_holds_each_packet_for_the_delay(loop: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A TCP round trip between two nodes takes the two one-way delays, and not much more: the
-    switch stands in for the kernel's netem (its C loop, and the Python one it falls back to)."""
+    switch stands in for the kernel's netem (its C loop, and the Python one it falls back to).
+    The bound above leaves a busy machine half a delay of scheduling slack each way, and still
+    tells a packet held once from one held twice (at each port)."""
     monkeypatch.setenv(SWITCH_ENV, loop)
-    delay = 0.002
+    delay = 0.01
     rtts = json.loads(_between_two_nodes(Lan(2, delay=delay), _ECHO, _PING))
     assert min(rtts) >= 2 * delay  # every packet held, each way
-    assert statistics.median(rtts) < 2 * delay + 0.0015
+    assert statistics.median(rtts) < 3 * delay
 
 
 @pytest.mark.skipif(lan_unavailable() is not None, reason=f"no simulated LAN: {lan_unavailable()}")
