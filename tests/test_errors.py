@@ -6,17 +6,20 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.codec import tensor_to_proto
 from llmrpc.head.client import StageClient, StageError
 from llmrpc.head.local import LocalServers
-from llmrpc.model.gguf_model import content_hash
+from llmrpc.model.gguf_model import TensorInfo, check_counts, content_hash, read_model
+from llmrpc.model.synthetic import FAMILIES, SyntheticFamily, SyntheticSpec, family_spec, write_gguf
 from llmrpc.types import PROTOCOL_VERSION
 from llmrpc.v1 import llmrpc_pb2 as pb
 from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
@@ -88,6 +91,74 @@ def test_load_reveals_nothing_outside_the_model_directories(fresh_server: str, t
                                                       layer_end=1))  # fmt: skip
     assert reply.needs_weights  # type: ignore[attr-defined]
     assert_serving(fresh_server)
+
+
+def _mangled(family: str, kind: T, shape: Callable[[tuple[int, ...]], tuple[int, ...]]) -> SyntheticFamily:
+    """A family whose layer 1 writes ``kind`` in another shape (numpy order, outermost first)."""
+    plain = FAMILIES[family]
+
+    def layer(spec: SyntheticSpec, il: int) -> list[tuple[T, str, tuple[int, ...]]]:
+        tensors = plain.layer(spec, il)
+        return [(k, suf, shape(sh) if (il == 1 and k == kind and suf == "weight") else sh) for k, suf, sh in tensors]
+
+    return replace(plain, layer=layer)
+
+
+CONTRADICTIONS = [  # family, tensor of layer 1, its shape in the file, what the refusal names
+    ("llama", T.ATTN_Q, lambda s: (s[0] + 16, s[1]), "reshape_3d"),  # a fifth head's rows
+    ("llama", T.FFN_DOWN, lambda s: (s[0], s[1] + 16), "blk.1.ffn_down.weight"),
+    ("llama", T.ATTN_NORM, lambda s: (s[0] * 2,), "blk.1.attn_norm.weight"),
+    ("llama", T.ATTN_K, lambda s: (s[0] // 2, s[1]), "reshape_3d"),  # one key head where the file says two
+    ("qwen3moe", T.FFN_UP_EXP, lambda s: (s[0] - 2, *s[1:]), "blk.1.ffn_up_exps.weight"),  # 6 experts of 8
+    ("gpt-oss", T.ATTN_SINKS, lambda s: (s[0] + 2,), "sinks"),
+]
+
+
+def test_a_model_whose_tensors_contradict_its_hyperparameters_is_refused(
+    fresh_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A GGUF whose tensors do not fit its own hyper-parameters (damaged or hand-edited) reached
+    a ggml assertion while the stage was built, and the server aborted. Now its Load is refused
+    with the op and tensors that do not fit, and the server goes on serving."""
+    for i, (family, kind, shape, names) in enumerate(CONTRADICTIONS):
+        monkeypatch.setitem(FAMILIES, family, _mangled(family, kind, shape))
+        path = write_gguf(tmp_path / "junk" / f"bad-{i}.gguf", family_spec(family, n_layer=2))
+        monkeypatch.undo()
+        code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path=path, layer_end=2))
+        assert code in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT), msg
+        assert names in msg, msg
+        assert_serving(fresh_server)
+    path = write_gguf(tmp_path / "junk" / "rope.gguf", family_spec("llama", n_layer=2, n_rot=32))  # heads of 16
+    code, msg = status_of(fresh_server, "Load", pb.LoadRequest(model_path=path, layer_end=2))
+    assert "rotating 32 dimensions of rows of 16" in msg, msg
+    good = write_gguf(tmp_path / "junk" / "good.gguf", family_spec("gpt-oss", n_layer=2))
+    reply = call(fresh_server, "Load", pb.LoadRequest(model_path=good, layer_end=2))
+    assert reply.loaded.layer_end == 2  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("tensor", "shape", "words"),
+    [
+        ("token_embd.weight", (64, 300), "320 rows"),
+        ("output.weight", (64, 321), "320 rows"),
+        ("output.weight", (64, 320, 1), "320 rows"),
+        ("blk.0.ffn_gate_exps.weight", (64, 32, 6), "8 experts"),
+        ("blk.0.ffn_down_exps.bias", (64, 9), "8 experts"),
+        ("blk.3.ffn_gate_inp.weight", (64, 7), "8 experts"),
+    ],
+)
+def test_token_tables_and_experts_are_counted_against_the_hyperparameters(
+    tensor: str, shape: tuple[int, ...], words: str, tiny_models: dict[str, str]
+) -> None:
+    """What a graph indexes by token id or chosen expert must be as long as the vocabulary and
+    the experts the hyper-parameters give: past its end a step would read outside the tensor."""
+    hp = replace(read_model(tiny_models["F32"]).hparams, n_vocab=320, n_expert=8, n_expert_used=2)
+    good = {n: TensorInfo(n, 0, sh, 0, 0) for n, sh in [("token_embd.weight", (64, 320)), ("output.weight", (64, 320)),
+            ("blk.0.ffn_gate_exps.weight", (64, 32, 8)), ("blk.3.ffn_gate_inp.weight", (64, 8)),
+            ("blk.3.ffn_gate_inp_shexp.weight", (64,))]}  # fmt: skip
+    check_counts(hp, good, "m.gguf")
+    with pytest.raises(ValueError, match=words):
+        check_counts(hp, {**good, tensor: TensorInfo(tensor, 0, shape, 0, 0)}, "m.gguf")
 
 
 def test_forward_errors(fresh_server: str, tiny_models: dict[str, str]) -> None:

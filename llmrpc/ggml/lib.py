@@ -95,6 +95,16 @@ _SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
     "ggml_type_name": (c_char_p, [c_int]),
     "ggml_nbytes": (c_size_t, [T]),
     "ggml_status_to_string": (c_char_p, [c_int]),
+    # predicates on tensors (the checks of llmrpc.ggml.checked)
+    "ggml_nelements": (c_int64, [T]),
+    "ggml_can_repeat": (c_bool, [T, T]),
+    "ggml_are_same_shape": (c_bool, [T, T]),
+    "ggml_is_contiguous": (c_bool, [T]),
+    "ggml_is_contiguous_1": (c_bool, [T]),
+    "ggml_is_contiguous_rows": (c_bool, [T]),
+    "ggml_is_transposed": (c_bool, [T]),
+    "ggml_is_vector": (c_bool, [T]),
+    "ggml_is_empty": (c_bool, [T]),
     # tensors
     "ggml_new_tensor": (T, [P, c_int, c_int, POINTER(c_int64)]),
     "ggml_new_tensor_1d": (T, [P, c_int, c_int64]),

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import re
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from llmrpc import paths
-from llmrpc.model.arch import Role, tensor_role
+from llmrpc.model.arch import Role, is_expert_tensor, tensor_role
 from llmrpc.model.families import family
 from llmrpc.model.hparams import HParams, HParamsError, KeyReader, finish, read_base
 
@@ -119,12 +120,28 @@ def read_model(path: str | os.PathLike[str]) -> ModelInfo:
         hp = finish(hp_fields, mscale_is_log_mul=fam.mscale_is_log_mul)
     except HParamsError as e:
         raise ValueError(str(e)) from e
+    check_counts(hp, tensors, path)
     info = ModelInfo(path, hp, tensors)
     if "llmrpc.slice.layer_start" in fields:
         info.slice_range = (int(fields["llmrpc.slice.layer_start"]), int(fields["llmrpc.slice.layer_end"]))
         info.slice_model_hash = str(fields.get("llmrpc.slice.model_hash", ""))
     logger.debug("read %s: %s, %d layers", path, arch_name, hp.n_layer)
     return info
+
+
+_ROUTER = re.compile(r"blk\.\d+\.ffn_gate_inp\.(weight|bias)$")
+
+
+def check_counts(hp: HParams, tensors: dict[str, TensorInfo], path: str) -> None:
+    """The token tables have a row per token of the vocabulary, and the expert tensors and
+    routers one matrix or score per expert: what a graph indexes with token ids and chosen
+    experts. A contradiction would read past a tensor while computing (a ggml abort); the
+    other shapes are checked where the stage's first graph is built (:mod:`llmrpc.ggml.checked`)."""
+    for t in tensors.values():
+        if t.name in ("token_embd.weight", "output.weight") and (len(t.shape) != 2 or t.shape[1] != hp.n_vocab):
+            raise ValueError(f"{path}: {t.name} of shape {list(t.shape)} has not {hp.n_vocab} rows (the vocabulary)")
+        if (is_expert_tensor(t.name) or _ROUTER.match(t.name)) and t.shape[-1] != hp.n_expert:
+            raise ValueError(f"{path}: {t.name} of shape {list(t.shape)} is not for {hp.n_expert} experts")
 
 
 def tensor_bytes(name: str, ggml_type: int, shape: tuple[int, ...], path: str) -> int:

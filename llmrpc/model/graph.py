@@ -12,6 +12,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from gguf.constants import MODEL_TENSOR as T
@@ -122,8 +123,9 @@ class Builder:
         start: int,
         end: int,
         flash_attn: bool = False,
+        lib: Any = None,  # the ggml binding ops are called through (default: the loaded one)
     ) -> None:
-        self.lib = g.ggml()
+        self.lib = lib or g.ggml()
         self.flash_attn = flash_attn  # ggml's fused attention; the V cache a row per cell
         self.ctx = ctx
         self.gf = gf

@@ -16,6 +16,7 @@ import numpy as np
 
 from llmrpc.ggml import lib as g
 from llmrpc.ggml.bufts import MUL_MAT, MUL_MAT_ID
+from llmrpc.ggml.checked import CheckedOps
 from llmrpc.ggml.device import Backend, prefer_huge_pages
 from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo
@@ -192,7 +193,8 @@ class LayerStage:
     def _weight_ops(self, meta: dict[str, g.Tensor]) -> dict[str, str]:
         """Which of these (data-less) weights the layers' graph multiplies by, from a one-row
         graph built over them; building it also shows that the GGUF has every tensor the
-        family's graph needs."""
+        family's graph needs, of shapes that fit its hyper-parameters (ops are called through
+        :class:`CheckedOps`: a contradiction raises :class:`ShapeError`, not a ggml abort)."""
         lib = g.ggml()
         nodes = DRY_RUN_NODES_PER_LAYER * (self.end - self.start) + 1024
         mem = arena(nodes)
@@ -207,7 +209,9 @@ class LayerStage:
                     v = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_v, grp.n_embd_v, KV_PAD) if grp.n_embd_v else None
                     caches[il] = LayerCache(k, v)
             inp = self._graph_inputs(ctx, [seg], False)
-            b = Builder(ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end, self.flash_attn)
+            b = Builder(
+                ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end, self.flash_attn, CheckedOps(lib)
+            )
             out = self._build_fn(b)
             lib.ggml_build_forward_expand(gf, out)
             # a session's rows in a graph of these layers: these tensors, the weights and caches
