@@ -81,7 +81,7 @@ def profile_prefill(path: str, device: str, threads: int, n: int = 512) -> str:
         t1 = time.perf_counter()
         stage.forward(cache, x, 0, False)
         t2 = time.perf_counter()
-        splits = g.ggml().ggml_backend_sched_get_n_splits(stage._sched)
+        splits = g.ggml().ggml_backend_sched_get_n_splits(stage._room.sched)
         for _ in range(6 if rep == 0 else 0):
             t = time.perf_counter()
             stage.forward(cache, x, 0, False)
