@@ -69,7 +69,10 @@ class StageEngine(Protocol):
     def open_sessions(self) -> int: ...
 
     memory_cap: int
-    bytes_received: int
+
+    @property
+    def bytes_received(self) -> int: ...
+
     native_steps: int  # generation steps computed through the native hop (server/hop.c)
 
     def load(

@@ -2,19 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import ipaddress
 import logging
 import os
 import signal
 import socket
+import ssl
 import sys
 import threading
 from concurrent import futures
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from llmrpc.server import cores
+
+if TYPE_CHECKING:
+    from llmrpc.discovery import Announcer
+    from llmrpc.server.dataplane import DataPlane
+    from llmrpc.server.engine import Engine
+    from llmrpc.server.metrics import ServerMetrics
+    from llmrpc.server.store import WeightStore
+    from llmrpc.types import DeviceInfo
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +63,10 @@ def prepare_threads_env(spin: int | None = None, pin: bool = False) -> None:
         os.environ.setdefault("OMP_PLACES", "cores")
 
 
+class StartError(Exception):
+    """What keeps a server from starting: said on its stderr, and it exits with 2."""
+
+
 def serve(
     *,
     host: str,
@@ -80,67 +96,122 @@ def serve(
     max_connections: int = 256,
     hello_timeout: float = 10.0,
 ) -> int:
+    """Run a server until SIGTERM or SIGINT; 0 then, 2 when it cannot start."""
     prepare_threads_env(omp_spin, pin_threads)
-    from llmrpc.auth import TokenChecker, client_context, server_context, server_credentials
-
-    tls_server = tls_client = credentials = None
-    if tls_cert and tls_key:
-        try:  # gRPC, the data plane and uploads in TLS; to the next servers, certificates checked against the CA
-            credentials = server_credentials(tls_cert, tls_key)
-            tls_server = server_context(tls_cert, tls_key)
-            tls_client = client_context(tls_ca or tls_cert)
-        except ValueError as e:
-            print(f"llmrpc-server: {e}", file=sys.stderr)
-            return 2
     from llmrpc.ggml import lib
-    from llmrpc.ggml.device import find_device
+    from llmrpc.server.dataplane import DataPlane
     from llmrpc.server.engine import Engine
-    from llmrpc.server.limits import GRPC_OPTIONS, MAX_CALLS, CallLimits
-    from llmrpc.server.service import StageService
-    from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
+    from llmrpc.server.loop import ComputeLoop
 
-    lib.route_logs()
+    stop = threading.Event()
     try:
-        dev = find_device(device)
-    except (ValueError, RuntimeError) as e:
+        with contextlib.ExitStack() as parts:  # each part closed in the reverse order of its start
+            credentials, tls_server, tls_client = _tls(tls_cert, tls_key, tls_ca)
+            lib.route_logs()
+            dev, n_threads, host_lock, release_threads = _device(device, threads, host_lock, release_threads)
+            store = _store(cache_dir, model_dirs, cache_max)
+            loop = ComputeLoop()  # the compute thread: on the core OpenMP bound this one to, if pinned
+            cores.free_others(loop.native_id)
+            engine = Engine(
+                dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store,
+                data_host=host, host_lock=host_lock, prefix_cache=prefix_cache, calibrate_device=calibrate, loop=loop,
+                release_threads=release_threads, upload_tls=tls_server,
+            )  # fmt: skip
+            parts.callback(engine.close)
+            try:
+                data = DataPlane(
+                    engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client,
+                    session_ttl=session_ttl, max_connections=max_connections, hello_timeout=hello_timeout,
+                )  # fmt: skip
+            except OSError as e:
+                raise StartError(f"cannot open the data port {host}:{data_port}: {e}") from e
+            parts.callback(data.close)
+            server, bound = _grpc_server(engine, data, host, port, token, credentials)
+            parts.callback(lambda: server.stop(grace=2 if stop.is_set() else 0).wait())
+            metrics = _metrics(engine, host, metrics_port)
+            if metrics is not None:
+                parts.callback(metrics.close)
+            if announce:
+                parts.callback(_announcer(bound, token).close)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(sig, lambda *_: stop.set())
+            if not token and credentials is None and not is_loopback(host):
+                logger.warning(
+                    "listening on %s with neither --token nor TLS: anyone who can reach this address can use this "
+                    "server (load models, read and steer its computations); give it --token (or LLMRPC_TOKEN) and "
+                    "--tls-cert/--tls-key, or listen on 127.0.0.1",
+                    host,
+                )
+            # The ready line: tests and `llmrpc-head --local` read the bound port from it.
+            print(
+                f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}"
+                f" tls={'on' if credentials else 'off'} token={'on' if token else 'off'}"
+                + (f" metrics={metrics.port}" if metrics else ""),
+                flush=True,
+            )
+            logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
+            stop.wait()
+            logger.info("shutting down")
+            # a shutdown that does not end within this prints every thread's stack to stderr (what waits)
+            faulthandler.dump_traceback_later(SHUTDOWN_STACKS_AFTER)
+    except StartError as e:
         print(f"llmrpc-server: {e}", file=sys.stderr)
         return 2
-    n_threads = threads or os.cpu_count() or 1
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    return 0
+
+
+def _tls(cert: str | None, key: str | None, ca: str | None) -> tuple[Any, ssl.SSLContext | None, ssl.SSLContext | None]:
+    """gRPC's credentials, the data plane's and uploads' server context, and the context checking
+    the next servers' certificates against the CA; none of them without a certificate and key."""
+    if not (cert and key):
+        return None, None, None
+    from llmrpc.auth import client_context, server_context, server_credentials
+
+    try:
+        return server_credentials(cert, key), server_context(cert, key), client_context(ca or cert)
+    except ValueError as e:
+        raise StartError(str(e)) from e
+
+
+def _device(
+    name: str | None, threads: int | None, host_lock: str | None, release_threads: bool
+) -> tuple[DeviceInfo, int, str | None, bool]:
+    """The device, its threads, and whether the server takes turns on its machine's cores."""
+    from llmrpc.ggml.device import find_device
+
+    try:
+        dev = find_device(name)
+    except (ValueError, RuntimeError) as e:
+        raise StartError(str(e)) from e
     if dev.kind != "cpu" and (host_lock or release_threads):
         # Both exist for servers whose compute shares a machine's cores; a GPU stage's does not,
         # and stages on GPUs should overlap (one computes while another sends).
         logger.info("computing on %s: --host-lock and --release-threads do not apply", dev.name)
         host_lock, release_threads = None, False
-    from pathlib import Path
+    return dev, threads or os.cpu_count() or 1, host_lock, release_threads
 
+
+def _store(cache_dir: str | None, model_dirs: tuple[str, ...], cache_max: int | None) -> WeightStore:
     from llmrpc.server.store import WeightStore, default_cache_dir
 
     try:
-        store = WeightStore(
-            Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs], cache_max
-        )
+        return WeightStore(Path(cache_dir) if cache_dir else default_cache_dir(), [Path(d) for d in model_dirs],
+                           cache_max)  # fmt: skip
     except OSError as e:
-        print(f"llmrpc-server: cannot use the cache directory: {e}", file=sys.stderr)
-        return 2
-    from llmrpc.server.dataplane import DataPlane
-    from llmrpc.server.loop import ComputeLoop
+        raise StartError(f"cannot use the cache directory: {e}") from e
 
-    loop = ComputeLoop()  # the compute thread: on the core OpenMP bound this one to, if pinned
-    cores.free_others(loop.native_id)
-    engine = Engine(
-        dev, n_threads, max_sessions=max_sessions, max_ctx=max_ctx, memory_cap=memory_cap, store=store, data_host=host,
-        host_lock=host_lock, prefix_cache=prefix_cache,
-        calibrate_device=calibrate, loop=loop, release_threads=release_threads, upload_tls=tls_server,
-    )  # fmt: skip
-    try:
-        data = DataPlane(
-            engine, loop, host, data_port, tls_server=tls_server, tls_client=tls_client, session_ttl=session_ttl,
-            max_connections=max_connections, hello_timeout=hello_timeout,
-        )  # fmt: skip
-    except OSError as e:
-        print(f"llmrpc-server: cannot open the data port {host}:{data_port}: {e}", file=sys.stderr)
-        engine.close()
-        return 2
+
+def _grpc_server(
+    engine: Engine, data: DataPlane, host: str, port: int, token: str | None, credentials: Any
+) -> tuple[grpc.Server, int]:
+    """The gRPC service started on ``host:port``, and the port it got."""
+    from llmrpc.auth import TokenChecker
+    from llmrpc.server.limits import GRPC_OPTIONS, MAX_CALLS, CallLimits
+    from llmrpc.server.service import StageService
+    from llmrpc.v1 import llmrpc_pb2_grpc as pb_grpc
+
     limits = CallLimits(lambda: engine.max_input_elements() * 4)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=MAX_CALLS), options=GRPC_OPTIONS, maximum_concurrent_rpcs=MAX_CALLS,
@@ -152,63 +223,27 @@ def serve(
     else:
         bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
-        print(f"llmrpc-server: cannot listen on {host}:{port} (in use or not permitted)", file=sys.stderr)
-        data.close()
-        engine.close()
-        return 2
+        server.stop(grace=0)
+        raise StartError(f"cannot listen on {host}:{port} (in use or not permitted)")
     server.start()
-    metrics = None
-    if metrics_port is not None:
-        from llmrpc.server.metrics import ServerMetrics
+    return server, bound
 
-        try:
-            metrics = ServerMetrics(engine, host, metrics_port)
-        except OSError as e:
-            print(f"llmrpc-server: cannot open the metrics port {host}:{metrics_port}: {e}", file=sys.stderr)
-            server.stop(grace=0).wait()
-            data.close()
-            engine.close()
-            return 2
-    announcer = None
-    if announce:
-        from llmrpc.discovery import Announcer
 
-        try:
-            announcer = Announcer(bound, token or "")
-        except (ValueError, OSError) as e:
-            print(f"llmrpc-server: cannot answer discovery: {e}", file=sys.stderr)
-            server.stop(grace=0).wait()
-            data.close()
-            engine.close()
-            return 2
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    if not token and credentials is None and not is_loopback(host):
-        logger.warning(
-            "listening on %s with neither --token nor TLS: anyone who can reach this address can use this server "
-            "(load models, read and steer its computations); give it --token (or LLMRPC_TOKEN) and --tls-cert/"
-            "--tls-key, or listen on 127.0.0.1",
-            host,
-        )
-    # The ready line: tests and `llmrpc-head --local` read the bound port from it.
-    print(
-        f"llmrpc-server listening on {host}:{bound} data={data.port} device={dev.name} threads={n_threads}"
-        f" tls={'on' if credentials else 'off'} token={'on' if token else 'off'}"
-        + (f" metrics={metrics.port}" if metrics else ""),
-        flush=True,
-    )
-    logger.info("serving on %s:%d (%s, %s)", host, bound, dev.name, dev.description)
-    stop.wait()
-    logger.info("shutting down")
-    # a shutdown that does not end within this prints every thread's stack to stderr (what waits)
-    faulthandler.dump_traceback_later(SHUTDOWN_STACKS_AFTER)
-    server.stop(grace=2).wait()
-    if metrics is not None:
-        metrics.close()
-    if announcer is not None:
-        announcer.close()
-    data.close()
-    engine.close()
-    faulthandler.cancel_dump_traceback_later()
-    return 0
+def _metrics(engine: Engine, host: str, port: int | None) -> ServerMetrics | None:
+    if port is None:
+        return None
+    from llmrpc.server.metrics import ServerMetrics
+
+    try:
+        return ServerMetrics(engine, host, port)
+    except OSError as e:
+        raise StartError(f"cannot open the metrics port {host}:{port}: {e}") from e
+
+
+def _announcer(port: int, token: str | None) -> Announcer:
+    from llmrpc.discovery import Announcer
+
+    try:
+        return Announcer(port, token or "")
+    except (ValueError, OSError) as e:
+        raise StartError(f"cannot answer discovery: {e}") from e
