@@ -175,6 +175,23 @@ def test_the_native_hop_computes_the_steps_and_changes_no_token(
     assert len(set(native[1])) > 10
 
 
+def test_servers_of_one_thread_taking_turns_take_the_native_hop(
+    tiny_models: dict[str, str], prompt_tokens: list[int], tmp_path: Path
+) -> None:
+    """Servers of one compute thread that take turns on a machine's cores have no team of
+    workers to park between steps; they decode in C all the same (they left every step to
+    Python), with the tokens the head's own greedy picks give."""
+    with LocalServers(2, threads=1, extra_args=["--no-calibrate"], per_server_args=own_caches(tmp_path, 2)) as local:
+        with Farm(tiny_models["Q8_0"], local.addresses, ctx_size=128) as farm:
+            farm.server_generation = False
+            want = list(farm.generate_tokens(prompt_tokens, 40, GREEDY, stop_at_eog=False))
+            farm.server_generation = True
+            before = [native_steps(a) for a in local.addresses]
+            assert list(farm.generate_tokens(prompt_tokens, 40, GREEDY, stop_at_eog=False)) == want
+            steps = [native_steps(a) - b for a, b in zip(local.addresses, before, strict=True)]
+    assert all(30 <= n <= 40 for n in steps), steps
+
+
 def test_a_malformed_generation_is_refused(servers: list[str]) -> None:
     info = StageClient(servers[0]).hello()
     host, _ = split_address(servers[0])

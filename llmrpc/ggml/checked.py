@@ -35,7 +35,7 @@ def _ne(t: g.Tensor) -> list[int]:
 def _describe(t: Any) -> str:
     if not isinstance(t, ctypes._Pointer) or not t:
         return repr(t)
-    name = t.contents.name.decode(errors="replace") or "(unnamed)"
+    name = t.contents.name.decode(errors="replace") or f"({g.ggml().ggml_op_name(t.contents.op).decode().lower()})"
     return f"{name} {_ne(t)}"
 
 

@@ -1,5 +1,6 @@
-"""Shared pieces of the family graph builders: inputs, norms, QKV, rope, attention over the
-KV cache, feed-forward networks, mixtures of experts and the output head.
+"""Shared pieces of the family graph builders: inputs, norms, QKV, rope, feed-forward
+networks and the output head (attention over the KV cache: :mod:`llmrpc.model.attention`;
+mixtures of experts: :mod:`llmrpc.model.experts`).
 
 They follow llama.cpp's ``llm_graph_context`` (``src/llama-graph.cpp``) op for op, so the
 same batch through llmrpc and through llama.cpp gives the same numbers. Every intermediate
@@ -19,8 +20,8 @@ from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.arch import tensor_name
-from llmrpc.model.hparams import Gating, HParams
-from llmrpc.model.kv import FULL, layer_group
+from llmrpc.model.hparams import HParams
+from llmrpc.model.kv import FULL
 from llmrpc.types import KV_PAD
 
 
@@ -106,9 +107,10 @@ class Act(enum.Enum):
     SWIGLU_OAI = "swiglu_oai"  # gpt-oss's clamped SwiGLU
 
 
-class Builder:
+class BuilderBase:
     """A ggml context for one graph of layers [start, end) plus the shared pieces of the
-    builders. A batch holds the rows of one or more sessions (segments): every matrix
+    builders that are not attention or experts (:class:`llmrpc.model.builder.Builder` adds
+    those). A batch holds the rows of one or more sessions (segments): every matrix
     multiplication runs once over all rows, and each segment attends to its own cache."""
 
     def __init__(
@@ -230,7 +232,7 @@ class Builder:
             self.inp.attn_scale = self.name(t, "inp_attn_scale")
         return self.inp.attn_scale
 
-    # -- attention -----------------------------------------------------------------------
+    # -- queries, keys and values --------------------------------------------------------
     def qkv(self, il: int, x: g.Tensor, head_dim: int | None = None) -> tuple[g.Tensor, g.Tensor, g.Tensor]:
         """Q [hd, n_head, n], K and V [hd, n_head_kv, n]: from a fused QKV matrix or three,
         with their biases (llama.cpp's ``build_qkv``)."""
@@ -313,143 +315,6 @@ class Builder:
             r.freq_base, r.freq_scale, r.ext_factor, r.attn_factor, r.beta_fast, r.beta_slow,
         )  # fmt: skip
 
-    def attention(
-        self, il: int, q: g.Tensor, k: g.Tensor, v: g.Tensor, kq_scale: float,
-        wo: g.Tensor | None, wo_b: g.Tensor | None = None, sinks: g.Tensor | None = None,
-        v_mla: g.Tensor | None = None,
-    ) -> g.Tensor:  # fmt: skip
-        """Each segment stores its K and V in its cache and attends over its cells; the
-        segments' results are joined back into one batch [n_embd_v * n_head, n], then
-        projected by ``wo`` (llama.cpp's ``build_attn``). ``v_mla``: latent attention (MLA),
-        whose cache holds K alone and whose V is K's first columns, decompressed by ``v_mla``."""
-        lib, ctx = self.lib, self.ctx
-        group = layer_group(self.hp, il)
-
-        def attend(seg: Segment, inp: Mapping[str, AttnInputs], cache: Mapping[int, LayerCache],
-                   q: g.Tensor, k: g.Tensor, v: g.Tensor) -> g.Tensor:  # fmt: skip
-            if v_mla is not None:
-                return self._attend_mla(seg.view(group), inp[group], cache[il], q, k, v, kq_scale, v_mla, il)
-            return self._attend(seg.view(group), inp[group], cache[il], q, k, v, kq_scale, sinks, il)
-
-        if len(self.segments) == 1:
-            out = attend(self.segments[0], self.inp.segments[0], self.caches[0], q, k, v)
-        else:
-            out = None
-            for seg, seg_inp, cache in zip(self.segments, self.inp.segments, self.caches, strict=True):
-
-                def rows(t: g.Tensor, seg: Segment = seg) -> g.Tensor:
-                    c = t.contents
-                    return lib.ggml_view_3d(ctx, t, c.ne[0], c.ne[1], seg.n, c.nb[1], c.nb[2], seg.offset * c.nb[2])
-
-                cur = attend(seg, seg_inp, cache, rows(q), rows(k), rows(v))
-                out = cur if out is None else lib.ggml_concat(ctx, out, cur, 1)
-            assert out is not None
-        if wo is not None:
-            out = self.mm(wo, out)
-        return self.add(out, wo_b)
-
-    def _store_k(self, inp: AttnInputs, cache: LayerCache, k: g.Tensor) -> None:
-        """cpy_k: rows of [n_embd_k] go to the cells in k_idxs."""
-        lib, ctx = self.lib, self.ctx
-        c = k.contents
-        k2 = lib.ggml_view_2d(ctx, k, c.ne[0] * c.ne[1], c.ne[2], c.nb[2], 0)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.k, k2, inp.k_idxs))
-
-    def _attend_mla(
-        self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
-        kq_scale: float, v_mla: g.Tensor, il: int,
-    ) -> g.Tensor:  # fmt: skip
-        """Latent attention over a K-only cache (llama.cpp's ``build_attn`` with a K input)."""
-        lib, ctx = self.lib, self.ctx
-        self._store_k(inp, cache, k)
-        kc = self._cells(cache.k, k.contents.ne[0], k.contents.ne[1], view)
-        c = kc.contents
-        vc = lib.ggml_view_4d(ctx, kc, v.contents.ne[0], c.ne[1], c.ne[2], c.ne[3], c.nb[1], c.nb[2], c.nb[3], 0)
-        q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
-        kc = lib.ggml_permute(ctx, kc, 0, 2, 1, 3)
-        vc = lib.ggml_permute(ctx, vc, 0, 2, 1, 3)
-        if self.flash_attn:
-            return self._flash(q, kc, vc, inp.kq_mask, kq_scale, None, v_mla)
-        kq = self._scores(kc, q, inp.kq_mask, kq_scale, None, il)
-        vc = lib.ggml_cont(ctx, lib.ggml_transpose(ctx, vc))
-        kqv = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_mul_mat(ctx, vc, kq))
-        cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
-        c = cur.contents
-        return lib.ggml_cont_2d(ctx, cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
-
-    def _attend(
-        self, view: CacheView, inp: AttnInputs, cache: LayerCache, q: g.Tensor, k: g.Tensor, v: g.Tensor,
-        kq_scale: float, sinks: g.Tensor | None, il: int,
-    ) -> g.Tensor:  # fmt: skip
-        lib, ctx = self.lib, self.ctx
-        n = q.contents.ne[2]
-        hd_k, hd_v, n_head_kv = k.contents.ne[0], v.contents.ne[0], k.contents.ne[1]
-        n_embd_v = hd_v * n_head_kv
-        self._store_k(inp, cache, k)
-        assert cache.v is not None and inp.v_idxs is not None
-        if lib.ggml_row_size(g.GGML_TYPE_F32, n_embd_v) == v.contents.nb[2]:
-            v2 = lib.ggml_reshape_2d(ctx, v, n_embd_v, n)
-        else:
-            v2 = lib.ggml_cont_2d(ctx, v, n_embd_v, n)  # a view of a fused QKV
-        q = lib.ggml_permute(ctx, q, 0, 2, 1, 3)
-        k_view = lib.ggml_permute(ctx, self._cells(cache.k, hd_k, n_head_kv, view), 0, 2, 1, 3)
-        if self.flash_attn:  # V stored a row per cell, as K
-            lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, cache.v, v2, inp.v_idxs))
-            v_view = lib.ggml_permute(ctx, self._cells(cache.v, hd_v, n_head_kv, view), 0, 2, 1, 3)
-            return self._flash(q, k_view, v_view, inp.kq_mask, kq_scale, sinks)
-        # cpy_v (transposed cache): each element is its own row
-        v_flat = lib.ggml_reshape_2d(ctx, v2, 1, n_embd_v * n)
-        v_cells = lib.ggml_reshape_2d(ctx, cache.v, 1, n_embd_v * view.size)
-        lib.ggml_build_forward_expand(self.gf, lib.ggml_set_rows(ctx, v_cells, v_flat, inp.v_idxs))
-        tv = cache.v.contents.type
-        v_view = lib.ggml_view_3d(
-            ctx, cache.v, view.n_kv, hd_v, n_head_kv,
-            lib.ggml_row_size(tv, view.size), lib.ggml_row_size(tv, view.size * hd_v), 0,
-        )  # fmt: skip
-        kq = self._scores(k_view, q, inp.kq_mask, kq_scale, sinks, il)
-        kqv = lib.ggml_mul_mat(ctx, v_view, kq)
-        cur = lib.ggml_permute(ctx, kqv, 0, 2, 1, 3)
-        return lib.ggml_cont_2d(ctx, cur, hd_v * q.contents.ne[2], n)
-
-    def _cells(self, t: g.Tensor, hd: int, n_head_kv: int, view: CacheView) -> g.Tensor:
-        """A cache of rows per cell seen as [hd, n_head_kv, n_kv] (llama.cpp's ``get_k``)."""
-        lib, typ = self.lib, t.contents.type
-        width = t.contents.ne[0]
-        return lib.ggml_view_4d(
-            self.ctx, t, hd, n_head_kv, view.n_kv, 1, lib.ggml_row_size(typ, hd), lib.ggml_row_size(typ, width),
-            lib.ggml_row_size(typ, width * view.size), 0,
-        )  # fmt: skip
-
-    def _scores(
-        self, k: g.Tensor, q: g.Tensor, mask: g.Tensor, kq_scale: float, sinks: g.Tensor | None, il: int
-    ) -> g.Tensor:
-        """softmax(K.Q * scale + mask) without flash attention (soft-capped where the model says)."""
-        lib, ctx = self.lib, self.ctx
-        kq = lib.ggml_mul_mat(ctx, k, q)
-        lib.ggml_prec_set_acc(kq, g.GGML_PREC_F32)
-        if self.hp.attn_softcap:
-            kq = self.softcap(kq, self.hp.attn_softcap)
-        kq = lib.ggml_soft_max_ext(ctx, kq, mask, kq_scale, 0.0)
-        if sinks is not None:
-            lib.ggml_soft_max_add_sinks(kq, sinks)
-        return self.name(kq, "kq_soft_max", il)
-
-    def _flash(
-        self, q: g.Tensor, k: g.Tensor, v: g.Tensor, mask: g.Tensor, kq_scale: float, sinks: g.Tensor | None,
-        v_mla: g.Tensor | None = None,
-    ) -> g.Tensor:  # fmt: skip
-        """ggml's fused attention (llama.cpp's ``build_attn_mha`` with flash attention)."""
-        lib, ctx = self.lib, self.ctx
-        cur = lib.ggml_flash_attn_ext(ctx, q, k, v, mask, kq_scale, 0.0, self.hp.attn_softcap)
-        if sinks is not None:
-            lib.ggml_flash_attn_ext_add_sinks(cur, sinks)
-        lib.ggml_prec_set_acc(cur, g.GGML_PREC_F32)
-        if v_mla is not None:
-            cur = lib.ggml_mul_mat(ctx, v_mla, lib.ggml_permute(ctx, cur, 0, 2, 1, 3))
-            cur = lib.ggml_cont(ctx, lib.ggml_permute(ctx, cur, 0, 2, 1, 3))
-        c = cur.contents
-        return lib.ggml_reshape_2d(ctx, cur, c.ne[0] * c.ne[1], c.ne[2] * c.ne[3])
-
     # -- feed-forward --------------------------------------------------------------------
     def ffn(
         self, x: g.Tensor, il: int, up: g.Tensor, gate: g.Tensor | None, down: g.Tensor, act: Act,
@@ -485,106 +350,3 @@ class Builder:
         """Q and K normed per head by the layer's ``attn_q_norm`` and ``attn_k_norm``."""
         q = self.norm(q, self.w(T.ATTN_Q_NORM, il), "Qcur_normed", il)
         return q, self.norm(k, self.w(T.ATTN_K_NORM, il), "Kcur_normed", il)
-
-    def shared_expert(self, x: g.Tensor, il: int) -> g.Tensor:
-        """The layer's shared expert: a SwiGLU FFN every row goes through next to the routed ones."""
-        up, gate, down = (self.w(kind, il) for kind in (T.FFN_UP_SHEXP, T.FFN_GATE_SHEXP, T.FFN_DOWN_SHEXP))
-        return self.ffn(x, il, up, gate, down, Act.SILU, label="ffn_shexp")
-
-    def moe(
-        self, x: g.Tensor, il: int, act: Act = Act.SILU, gating: Gating = Gating.SOFTMAX,
-        norm_weights: bool = False, weights_scale: float = 0.0, biased: bool = False,
-        probs_bias: g.Tensor | None = None,
-    ) -> g.Tensor:  # fmt: skip
-        """A mixture of experts (llama.cpp's ``build_moe_ffn``): the router picks the top
-        ``n_expert_used`` experts per row, each runs its FFN (``ggml_mul_mat_id``), and their
-        outputs are summed with the router's weights. ``biased``: the router and the experts
-        have biases (gpt-oss)."""
-        lib, ctx, hp = self.lib, self.ctx, self.hp
-        n_embd, n = x.contents.ne[0], x.contents.ne[1]  # rows: fewer than the batch's after out_rows
-        n_exp, n_used = hp.n_expert, hp.n_expert_used
-
-        def bias(kind: T) -> g.Tensor | None:
-            return self.w(kind, il, "bias") if biased else None
-
-        logits = self.add(self.mm(self.w(T.FFN_GATE_INP, il), x), bias(T.FFN_GATE_INP))
-        if gating is Gating.SOFTMAX:
-            probs = lib.ggml_soft_max(ctx, logits)
-        elif gating is Gating.SIGMOID:
-            probs = lib.ggml_sigmoid(ctx, logits)
-        elif gating is Gating.SOFTMAX_WEIGHT:
-            probs = logits
-        else:
-            raise ValueError(f"{hp.arch}: expert gating {gating!r} is not supported")
-        selection = lib.ggml_add(ctx, probs, probs_bias) if probs_bias is not None else probs
-        if hp.n_expert_groups > 1:
-            selection = self._best_groups(selection, n)
-        selected = lib.ggml_argsort_top_k(ctx, selection, n_used)  # I32 [n_used, n]
-        probs = lib.ggml_reshape_3d(ctx, probs, 1, n_exp, n)
-        weights = lib.ggml_get_rows(ctx, probs, selected)  # [1, n_used, n]
-        if gating is Gating.SOFTMAX_WEIGHT:
-            weights = lib.ggml_reshape_2d(ctx, weights, n_used, n)
-            weights = lib.ggml_reshape_3d(ctx, lib.ggml_soft_max(ctx, weights), 1, n_used, n)
-        if norm_weights:
-            weights = lib.ggml_reshape_2d(ctx, weights, n_used, n)
-            total = lib.ggml_clamp(ctx, lib.ggml_sum_rows(ctx, weights), 6.103515625e-5, float("inf"))
-            weights = lib.ggml_reshape_3d(ctx, lib.ggml_div(ctx, weights, total), 1, n_used, n)
-        if weights_scale not in (0.0, 1.0):
-            weights = self.scale(weights, weights_scale)
-        lib.ggml_build_forward_expand(self.gf, weights)
-
-        cur = lib.ggml_reshape_3d(ctx, x, n_embd, 1, n)
-
-        def experts(kind: T, inp: g.Tensor) -> g.Tensor:
-            out = lib.ggml_mul_mat_id(ctx, self.w(kind, il), inp, selected)
-            b = bias(kind)
-            return out if b is None else lib.ggml_add_id(ctx, out, b, selected)
-
-        if self.opt(T.FFN_GATE_UP_EXP, il) is not None:  # gate and up in one matrix
-            gate_up = experts(T.FFN_GATE_UP_EXP, cur)
-            c = gate_up.contents
-            half = c.ne[0] // 2
-            gate = lib.ggml_view_3d(ctx, gate_up, half, c.ne[1], c.ne[2], c.nb[1], c.nb[2], 0)
-            up = lib.ggml_view_3d(ctx, gate_up, half, c.ne[1], c.ne[2], c.nb[1], c.nb[2], half * c.nb[0])
-        else:
-            up = experts(T.FFN_UP_EXP, cur)
-            gate = experts(T.FFN_GATE_EXP, cur) if self.opt(T.FFN_GATE_EXP, il) is not None else None
-        if act is Act.SILU:
-            cur = lib.ggml_swiglu_split(ctx, gate, up) if gate is not None else lib.ggml_silu(ctx, up)
-        elif act is Act.GELU:
-            cur = lib.ggml_geglu_split(ctx, gate, up) if gate is not None else lib.ggml_gelu(ctx, up)
-        elif act is Act.SWIGLU_OAI:
-            cur = lib.ggml_swiglu_oai(ctx, gate, up, 1.702, 7.0)
-        else:
-            raise ValueError(f"{act} is not an expert activation")
-        out = lib.ggml_mul(ctx, experts(T.FFN_DOWN_EXP, cur), weights)  # [n_embd, n_used, n]
-        lib.ggml_build_forward_expand(self.gf, out)
-        views = [lib.ggml_view_2d(ctx, out, n_embd, n, out.contents.nb[2], i * out.contents.nb[1])
-                 for i in range(n_used)]  # fmt: skip
-        for view in views:
-            lib.ggml_build_forward_expand(self.gf, view)
-        moe_out = views[0]
-        for view in views[1:]:
-            moe_out = lib.ggml_add(ctx, moe_out, view)
-            lib.ggml_build_forward_expand(self.gf, moe_out)
-        if n_used == 1:
-            moe_out = lib.ggml_cont(ctx, moe_out)
-        return self.name(moe_out, "ffn_moe_out", il)
-
-    def _best_groups(self, selection: g.Tensor, n: int) -> g.Tensor:
-        """Only the experts of the ``n_group_used`` groups whose two best experts score
-        highest stay selectable (DeepSeek V3's group-limited routing)."""
-        lib, ctx, hp = self.lib, self.ctx, self.hp
-        n_groups = hp.n_expert_groups
-        per_group = hp.n_expert // n_groups
-        groups = lib.ggml_reshape_3d(ctx, selection, per_group, n_groups, n)
-        top2 = lib.ggml_argsort_top_k(ctx, groups, 2)  # [2, n_groups, n]
-        scores = lib.ggml_get_rows(ctx, lib.ggml_reshape_4d(ctx, groups, 1, per_group, n_groups, n), top2)
-        c = scores.contents
-        scores = lib.ggml_sum_rows(ctx, lib.ggml_reshape_3d(ctx, scores, c.ne[1], c.ne[2], c.ne[3]))
-        c = scores.contents
-        scores = lib.ggml_reshape_2d(ctx, scores, c.ne[1], c.ne[2])  # [n_groups, n]
-        best = lib.ggml_argsort_top_k(ctx, scores, hp.n_group_used)
-        kept = lib.ggml_get_rows(ctx, groups, best)  # [per_group, n_group_used, n]
-        masked = lib.ggml_set_rows(ctx, lib.ggml_fill(ctx, groups, float("-inf")), kept, best)
-        return lib.ggml_reshape_2d(ctx, masked, hp.n_expert, n)

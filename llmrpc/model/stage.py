@@ -18,9 +18,10 @@ from llmrpc.ggml import lib as g
 from llmrpc.ggml.bufts import MUL_MAT, MUL_MAT_ID
 from llmrpc.ggml.checked import CheckedOps
 from llmrpc.ggml.device import Backend, prefer_huge_pages
+from llmrpc.model.builder import Builder
 from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo
-from llmrpc.model.graph import AttnInputs, Builder, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
+from llmrpc.model.graph import AttnInputs, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
 from llmrpc.model.graphs import (
     KEPT_GRAPH_ROWS,
     Graph,

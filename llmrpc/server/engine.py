@@ -332,7 +332,7 @@ class Engine:
             return None
         lib = hop_library()
         team = self._backend.parked_team()
-        if lib is None or (self.release_threads and team is None):
+        if lib is None or (self.release_threads and team is None and self.threads > 1):  # (one thread: no team)
             return None
         row = stage.row_graph(session.cache, session.length)
         if row is None:

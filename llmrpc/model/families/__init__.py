@@ -13,6 +13,7 @@ from typing import Any
 
 from llmrpc.ggml import lib as g
 from llmrpc.model.arch import UnsupportedArchitectureError, supported_message
+from llmrpc.model.builder import Builder
 from llmrpc.model.families import (
     cohere,
     deepseek,
@@ -27,7 +28,6 @@ from llmrpc.model.families import (
     qwen,
     starcoder,
 )
-from llmrpc.model.graph import Builder
 from llmrpc.model.hparams import ROPE_TYPE_NEOX, ROPE_TYPE_NORM, KeyReader
 
 

@@ -14,7 +14,8 @@ from typing import Any
 from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
-from llmrpc.model.graph import Act, Builder, Norm, inv_sqrt
+from llmrpc.model.builder import Builder
+from llmrpc.model.graph import Act, Norm, inv_sqrt
 from llmrpc.model.hparams import KeyReader, Keys, SwaType, read_swa
 
 

@@ -16,7 +16,8 @@ from gguf.constants import MODEL_TENSOR as T
 from gguf.constants import Keys
 
 from llmrpc.ggml import lib as g
-from llmrpc.model.graph import Act, Builder
+from llmrpc.model.builder import Builder
+from llmrpc.model.graph import Act
 from llmrpc.model.hparams import Gating, HParams, HParamsError, KeyReader
 
 

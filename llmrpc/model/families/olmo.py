@@ -14,7 +14,8 @@ from typing import Any
 from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
-from llmrpc.model.graph import Act, Builder, inv_sqrt
+from llmrpc.model.builder import Builder
+from llmrpc.model.graph import Act, inv_sqrt
 from llmrpc.model.hparams import Gating, KeyReader, Keys, SwaType, read_swa
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
-from llmrpc.model.graph import Act, Builder, inv_sqrt
+from llmrpc.model.builder import Builder
+from llmrpc.model.graph import Act, inv_sqrt
 from llmrpc.model.hparams import Gating
 
 

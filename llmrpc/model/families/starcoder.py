@@ -9,7 +9,8 @@ from __future__ import annotations
 from gguf.constants import MODEL_TENSOR as T
 
 from llmrpc.ggml import lib as g
-from llmrpc.model.graph import Act, Builder, Norm, inv_sqrt
+from llmrpc.model.builder import Builder
+from llmrpc.model.graph import Act, Norm, inv_sqrt
 
 
 def build_starcoder2(b: Builder) -> g.Tensor:
