@@ -6,7 +6,6 @@ quantization: tensor bytes go to the device buffer as they are in the file.
 
 from __future__ import annotations
 
-import ctypes
 import itertools
 import logging
 from collections.abc import Callable
@@ -15,13 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from llmrpc.ggml import lib as g
-from llmrpc.ggml.bufts import MUL_MAT, MUL_MAT_ID
-from llmrpc.ggml.checked import CheckedOps
 from llmrpc.ggml.device import Backend, prefer_huge_pages
-from llmrpc.model.builder import Builder
 from llmrpc.model.families import family
 from llmrpc.model.gguf_model import ModelInfo
-from llmrpc.model.graph import AttnInputs, CacheView, GraphInputs, LayerCache, Segment, padded_n_kv
+from llmrpc.model.graph import CacheView, LayerCache, Segment, padded_n_kv
 from llmrpc.model.graphs import (
     KEPT_GRAPH_ROWS,
     Graph,
@@ -30,20 +26,16 @@ from llmrpc.model.graphs import (
     Room,
     RowInputs,
     SlidingRow,
-    arena,
-    count_tensors,
     room_nodes,
 )
 from llmrpc.model.hparams import SwaType, attn_temp_scales
 from llmrpc.model.kv import FULL, CacheConfig, KVGroup, NoCellError, SlidingCells, check_cache, full_mask, kv_groups
+from llmrpc.model.stagegraph import ComputeError, GraphMaker, address
 from llmrpc.model.weights import StageWeights
 from llmrpc.types import KV_PAD, kv_cells
 
 logger = logging.getLogger(__name__)
 
-# Nodes per layer of the graph that finds a stage's weights' uses (generous: the families' layers
-# take 20-70), which then sizes every graph of the stage by what it really holds
-DRY_RUN_NODES_PER_LAYER = 256
 # Cells a batch attends to are padded to this on the CPU (llama.cpp's 256 elsewhere). Every
 # padded cell is computed, then masked: at 256, that was ~8% of a SmolLM2 token at short
 # contexts. The decode graph is rebuilt every 64 positions instead (~1.2 ms per 10 layers, its
@@ -51,10 +43,6 @@ DRY_RUN_NODES_PER_LAYER = 256
 # products take 64 values a step or fewer (AVX-512 64, AVX2 and NEON 32): the masked cells add
 # exact zeros. (At 32, AVX-512 sums the row in its scalar tail and the last bits differ.)
 CPU_ATTEND_PAD = 64
-
-
-class ComputeError(RuntimeError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -103,18 +91,14 @@ def _native_sliding(cells: SlidingCells, row: SlidingRow, pad: int) -> dict[str,
     the row's buffers and the graph's inputs they go to."""
     fields = {
         "swa_size": cells.size, "swa_window": cells.window, "swa_n_kv": row.n_kv, "swa_pad": pad,
-        "swa_n_v": len(row.v_rows), "swa_inp_k": _address(row.inputs.k_idxs),
-        "swa_inp_v": _address(row.inputs.v_idxs), "swa_inp_mask": _address(row.inputs.kq_mask),
+        "swa_n_v": len(row.v_rows), "swa_inp_k": address(row.inputs.k_idxs),
+        "swa_inp_v": address(row.inputs.v_idxs), "swa_inp_mask": address(row.inputs.kq_mask),
     }  # fmt: skip
     for name, a in (("swa_pos", cells.pos), ("swa_heads", cells.heads), ("swa_scratch", row.scratch),
                     ("swa_k_buf", row.k_idx), ("swa_v_rows", row.v_rows), ("swa_v_buf", row.v_idx),
                     ("swa_mask_buf", row.mask)):  # fmt: skip
         fields[name] = a.__array_interface__["data"][0]
     return fields
-
-
-def _address(t: g.Tensor | None) -> int:
-    return 0 if t is None else int(ctypes.cast(t, ctypes.c_void_p).value or 0)
 
 
 _SERIALS = itertools.count(1)
@@ -162,12 +146,9 @@ class LayerStage:
         self.cache = (cache or CacheConfig()).resolved()
         check_cache(self.hp, self.cache)
         self.flash_attn = bool(self.cache.flash_attn)
-        # the mask's type: flash attention takes an F16 mask
-        self.mask_dtype: type = np.float16 if self.flash_attn else np.float32
         # Flash attention splits the attended cells among the threads by their number: only
         # llama.cpp's pad gives its numbers (masked cells cost it little)
         self.attend_pad = CPU_ATTEND_PAD if backend.device.kind == "cpu" and not self.flash_attn else KV_PAD
-        self._build_fn = family(info.arch).build
         self.groups: list[KVGroup] = kv_groups(self.hp, start, end)
         # one full-attention cache layout: a decode row's inputs can be kept and updated in
         # place (cell = position), and the native hop can compute it
@@ -180,53 +161,18 @@ class LayerStage:
             all(g.n_embd_v > 0 for g in self.groups) and len(full) <= 1 and len(swa) <= 1 and len(self.groups) >= 1
             and all(g.swa_type == SwaType.STANDARD and g.window > 0 for g in swa)
         )  # fmt: skip
-        self._segment_nodes = 0  # nodes and leafs of one session's rows through the layers (the dry run's)
-        self._stage_weights = StageWeights(info, start, end, backend, self._weight_ops, progress)
+        self._maker = GraphMaker(self.hp, start, end, self.cache, self.groups, family(info.arch).build,
+                                 self.native_cells)  # fmt: skip
+        self.mask_dtype = self._maker.mask_dtype
+        self._stage_weights = StageWeights(info, start, end, backend, self._maker.weight_ops, progress)
         self.weights: dict[str, g.Tensor] = self._stage_weights.tensors
         self.weight_bytes = self._stage_weights.n_bytes
         # the large-batch graphs' room, grown when a batch needs more: one graph lives at a time
-        self._room = Room.new(self.backend.backends(), room_nodes(self._segment_nodes, 1))
+        self._room = Room.new(self.backend.backends(), room_nodes(self._maker.segment_nodes, 1))
         self._graph: Graph | None = None  # the last large-batch graph (in self._room)
         self._kept = KeptGraphs()
         # bytes of the graphs' rooms, counted when a graph is built or freed (read from any thread)
         self.graph_bytes = self._room.n_bytes(self.backend.backends())
-
-    def _weight_ops(self, meta: dict[str, g.Tensor]) -> dict[str, str]:
-        """Which of these (data-less) weights the layers' graph multiplies by, from a one-row
-        graph built over them; building it also shows that the GGUF has every tensor the
-        family's graph needs, of shapes that fit its hyper-parameters (ops are called through
-        :class:`CheckedOps`: a contradiction raises :class:`ShapeError`, not a ggml abort)."""
-        lib = g.ggml()
-        nodes = DRY_RUN_NODES_PER_LAYER * (self.end - self.start) + 1024
-        mem = arena(nodes)
-        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(mem), ctypes.addressof(mem), True))
-        try:
-            gf = lib.ggml_new_graph_custom(ctx, nodes, False)
-            seg = Segment(0, 1, tuple(CacheView(grp.name, KV_PAD, KV_PAD) for grp in self.groups))
-            caches = {}
-            for grp in self.groups:
-                for il in grp.layers:
-                    k = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_k, self.hp.n_embd_k_gqa(il), KV_PAD)
-                    v = lib.ggml_new_tensor_2d(ctx, self.cache.ggml_v, grp.n_embd_v, KV_PAD) if grp.n_embd_v else None
-                    caches[il] = LayerCache(k, v)
-            inp = self._graph_inputs(ctx, [seg], False)
-            b = Builder(
-                ctx, gf, self.hp, [seg], meta, inp, [caches], self.start, self.end, self.flash_attn, CheckedOps(lib)
-            )
-            out = self._build_fn(b)
-            lib.ggml_build_forward_expand(gf, out)
-            # a session's rows in a graph of these layers: these tensors, the weights and caches
-            self._segment_nodes = count_tensors(ctx) + len(meta)
-            names = {_address(t): name for name, t in meta.items()}
-            ops = {}
-            for i in range(lib.ggml_graph_n_nodes(gf)):
-                node = lib.ggml_graph_node(gf, i).contents
-                op = lib.ggml_op_name(node.op).decode()
-                if op in (MUL_MAT, MUL_MAT_ID) and node.src[0] in names:
-                    ops[names[node.src[0]]] = op
-            return ops
-        finally:
-            lib.ggml_free(ctx)
 
     def new_cache(self, n_ctx: int) -> SessionCache:
         lib = g.ggml()
@@ -414,10 +360,10 @@ class LayerStage:
                                                                  self.attend_pad)  # fmt: skip
         n_kv = n_kvs[[g.name for g in self.groups].index(FULL)] if full is not None else cache.kv_size
         return RowGraph(
-            graph, row, n_kv, graph.sched, graph.gf, _address(graph.out),
-            _address(inp.tokens if self.first else inp.embd), _address(inp.pos),
-            _address(full.k_idxs if full else None), _address(full.v_idxs if full else None),
-            _address(full.kq_mask if full else None), pos_buf, k_buf, v_rows, v_buf, mask_buf, full is not None, swa,
+            graph, row, n_kv, graph.sched, graph.gf, address(graph.out),
+            address(inp.tokens if self.first else inp.embd), address(inp.pos),
+            address(full.k_idxs if full else None), address(full.v_idxs if full else None),
+            address(full.kq_mask if full else None), pos_buf, k_buf, v_rows, v_buf, mask_buf, full is not None, swa,
         )  # fmt: skip
 
     def holds(self, graph: Graph) -> bool:
@@ -432,11 +378,11 @@ class LayerStage:
             return kept
         if self._graph is not None and self._graph.key == key:
             return self._graph
-        nodes = room_nodes(self._segment_nodes, len(segments))
+        nodes = room_nodes(self._maker.segment_nodes, len(segments))
         backends = self.backend.backends()
         if sum(seg.n for seg in segments) <= KEPT_GRAPH_ROWS:
             room = self._kept.room_of_superseded(key) or Room.new(backends, nodes)
-            graph = self._build(key, caches, segments, room, own_room=True)
+            graph = self._maker.build(key, self.weights, [c.layers for c in caches], segments, room, own_room=True)
             self._kept.put(graph)
             self._count_graph_bytes()
             return graph
@@ -444,7 +390,7 @@ class LayerStage:
         if self._room.nodes < nodes:
             self._room.free()
             self._room = Room.new(backends, nodes)
-        self._graph = self._build(key, caches, segments, self._room, own_room=False)
+        self._graph = self._maker.build(key, self.weights, [c.layers for c in caches], segments, self._room, False)
         self._count_graph_bytes()
         return self._graph
 
@@ -452,96 +398,6 @@ class LayerStage:
         """Memory of this stage's graphs: the kept graphs' rooms and the large-batch room."""
         backends = self.backend.backends()
         self.graph_bytes = self._kept.n_bytes(backends) + self._room.n_bytes(backends)
-
-    def _build(
-        self, key: GraphKey, caches: list[SessionCache], segments: list[Segment], room: Room, own_room: bool
-    ) -> Graph:
-        lib, hp = g.ggml(), self.hp
-        want_rows, top1 = key[1], key[2]
-        ctx = lib.ggml_init(g.ggml_init_params(ctypes.sizeof(room.mem), ctypes.addressof(room.mem), True))
-        try:
-            gf = lib.ggml_new_graph_custom(ctx, room.nodes, False)
-            inp = self._graph_inputs(ctx, segments, want_rows)
-            b = Builder(ctx, gf, hp, segments, self.weights, inp, [c.layers for c in caches], self.start, self.end,
-                        self.flash_attn)  # fmt: skip
-            out = self._build_fn(b)
-            if top1:
-                out = b.name(lib.ggml_argmax(ctx, out), "result_argmax")
-            lib.ggml_set_output(out)
-            lib.ggml_build_forward_expand(gf, out)
-            lib.ggml_build_forward_expand(gf, inp.pos)  # set for every graph, read by none without rope (NoPE)
-            lib.ggml_backend_sched_reset(room.sched)
-            if not lib.ggml_backend_sched_alloc_graph(room.sched, gf):
-                raise ComputeError("cannot allocate the compute graph")
-        except BaseException:
-            lib.ggml_free(ctx)
-            if own_room:
-                room.free()
-            raise
-        v_rows = [{grp.name: self._v_rows(grp, seg.view(grp.name).size) for grp in self.groups} for seg in segments]
-        shape = (int(out.contents.ne[1]), int(out.contents.ne[0]))
-        dtype = np.int32 if top1 else np.float32
-        graph = Graph(key, ctx, gf, inp, out, room, own_room, shape, dtype, v_rows)
-        if own_room and self.native_cells and len(segments) == 1 and segments[0].n == 1 and inp.attn_scale is None:
-            seg, views = inp.segments[0], {v.group: v for v in segments[0].views}
-            full = views.get(FULL)
-            graph.row = RowInputs(
-                seg.get(FULL), inp.pos, full.n_kv if full else 1, v_rows[0].get(FULL, np.zeros(1, np.int64)),
-                self.mask_dtype,
-            )  # fmt: skip
-            for group in self.groups:
-                if group.name != FULL:
-                    view = views[group.name]
-                    graph.sliding = SlidingRow(
-                        seg[group.name], view.n_kv, view.size, v_rows[0][group.name], self.mask_dtype
-                    )
-        return graph
-
-    def _v_index_rows(self, grp: KVGroup) -> int:
-        """V cache rows a position writes: one per value of a transposed cache, else one."""
-        return 1 if self.flash_attn else grp.n_embd_v
-
-    def _v_rows(self, grp: KVGroup, size: int) -> np.ndarray:
-        """The first V row of each of a position's values ([1, rows]): the V indices are these
-        plus the position's cell."""
-        if self.flash_attn:
-            return np.zeros((1, 1), dtype=np.int64)
-        return np.arange(grp.n_embd_v, dtype=np.int64)[None, :] * size
-
-    def _graph_inputs(self, ctx: int, segments: list[Segment], want_rows: bool) -> GraphInputs:
-        lib, hp = g.ggml(), self.hp
-        n = sum(seg.n for seg in segments)
-        mask_type = g.GGML_TYPE_F16 if self.flash_attn else g.GGML_TYPE_F32
-
-        def new(ggml_type: int, *ne: int, label: str) -> g.Tensor:
-            t = (
-                lib.ggml_new_tensor_1d(ctx, ggml_type, *ne)
-                if len(ne) == 1
-                else lib.ggml_new_tensor_2d(ctx, ggml_type, *ne)
-            )
-            lib.ggml_set_input(t)
-            lib.ggml_set_name(t, label.encode())
-            return t
-
-        return GraphInputs(
-            tokens=new(g.GGML_TYPE_I32, n, label="inp_tokens") if self.first else None,
-            embd=None if self.first else new(g.GGML_TYPE_F32, hp.n_embd, n, label="inp_embd"),
-            pos=new(g.GGML_TYPE_I32, n, label="inp_pos"),
-            segments=[
-                {
-                    grp.name: AttnInputs(
-                        kq_mask=new(mask_type, seg.view(grp.name).n_kv, seg.n, label=f"kq_mask.{grp.name}.{j}"),
-                        k_idxs=new(g.GGML_TYPE_I64, seg.n, label=f"k_idxs.{grp.name}.{j}"),
-                        v_idxs=new(g.GGML_TYPE_I64, seg.n * self._v_index_rows(grp), label=f"v_idxs.{grp.name}.{j}")
-                        if grp.n_embd_v
-                        else None,
-                    )
-                    for grp in self.groups
-                }
-                for j, seg in enumerate(segments)
-            ],
-            out_ids=new(g.GGML_TYPE_I32, len(segments), label="out_ids") if want_rows else None,
-        )
 
     def _drop_graph(self) -> None:
         if self._graph is not None:
