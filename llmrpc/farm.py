@@ -10,11 +10,7 @@ import contextlib
 import logging
 import os
 import secrets
-import socket
-import sys
-import threading
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import grpc
@@ -22,22 +18,22 @@ import numpy as np
 
 from llmrpc.auth import ENV_TOKEN, ClientSecurity
 from llmrpc.chat import Chat
-from llmrpc.head.client import HungError, StageClient, StageError
+from llmrpc.head.client import StageClient, StageError
+from llmrpc.head.failover import Failover
+from llmrpc.head.loading import Loader
 from llmrpc.head.local import LocalServers
 from llmrpc.head.pipeline import Pipeline, PipelineSession
-from llmrpc.head.placement import model_layout, server_reports, shared_hosts, ship_slice
-from llmrpc.head.planner import PlanError
+from llmrpc.head.placement import model_layout, server_reports, shared_hosts
 from llmrpc.head.prefix import PrefixCache, PrefixStats, exact_in_batch, last_batch_start, row_exact
-from llmrpc.head.rejoin import REJOIN_EVERY, REJOIN_WAIT, Rejoiner, SessionGate
+from llmrpc.head.rejoin import REJOIN_EVERY, SessionGate
 from llmrpc.head.replicas import Replica, Router, plan_replicas
-from llmrpc.head.resolve import resolve, resolve_servers
+from llmrpc.head.resolve import resolve_servers
 from llmrpc.head.tokenizer import TextStream, Tokenizer
 from llmrpc.model.catalog import default_model_path
 from llmrpc.model.gguf_model import content_hash, read_model
 from llmrpc.model.kv import CacheConfig, check_cache
-from llmrpc.model.slicefile import build_slice_layout
 from llmrpc.sampling import Sampler, SamplingParams
-from llmrpc.types import HUNG_AFTER, LoadedRange, split_address
+from llmrpc.types import HUNG_AFTER
 
 logger = logging.getLogger(__name__)
 
@@ -148,19 +144,15 @@ class Farm:
                 f"ctx_size {ctx_size} exceeds the model's training context {self.info.hparams.n_ctx_train}"
             )
         self.tokenizer = Tokenizer(self.model_path)
-        self._closed = False
+        self.closed = False
         token = token if token is not None else os.environ.get(ENV_TOKEN) or None
         self.security = ClientSecurity(token, tls_ca)
         self._tls = self.security.ssl_context()  # for the data plane and weight shipping
         self.hung_after = hung_after
         self.max_replays = replays
-        self.replays = 0  # plans made again after servers failed
         self.connect_timeout = connect_timeout
-        self._recovering = threading.Lock()
-        self._gate = SessionGate()  # sessions shared, a re-plan that plans servers back in alone
-        self._gone: set[str] = set()  # servers failed over that did not answer
-        self.rejoins = 0  # plans made again with servers that came back
-        self._rejoiner = Rejoiner(self._lost, self._answers, self._rejoin, rejoin_every) if rejoin_every else None
+        self.gate = SessionGate()  # sessions shared, a re-plan that plans servers back in alone
+        self._failover = Failover(self, rejoin_every)
         self._local: LocalServers | None = None
         self._clients: list[StageClient] = []
         try:
@@ -173,14 +165,26 @@ class Farm:
                 servers = self._local.start()
             self.servers = list(servers)  # as given: dns: and lws: entries resolve again at each re-plan
             self.addresses = resolve_servers(self.servers, min_servers=min_servers, timeout=connect_timeout)
-            self._connect(self.addresses, connect_timeout, progress)
+            self.connect(self.addresses, progress=progress)
         except BaseException:
             self.close()
             raise
 
-    def _connect(self, addresses: list[str], connect_timeout: float, progress: bool, fewer: bool = False) -> None:
+    @property
+    def replays(self) -> int:
+        """Plans made again after servers failed."""
+        return self._failover.replays
+
+    @property
+    def rejoins(self) -> int:
+        """Plans made again with servers that came back."""
+        return self._failover.rejoins
+
+    def connect(self, addresses: list[str], *, progress: bool = False, fewer: bool = False) -> None:
+        """Plan over the servers at ``addresses`` (``fewer``: not all of them need to be used)
+        and load each its range."""
         self._clients = [
-            StageClient(a, connect_timeout=connect_timeout, security=self.security, hung_after=self.hung_after)
+            StageClient(a, connect_timeout=self.connect_timeout, security=self.security, hung_after=self.hung_after)
             for a in addresses
         ]
         infos = [c.hello() for c in self._clients]
@@ -206,15 +210,9 @@ class Farm:
         for name in sorted(set(self._shared.values())):
             together = [a for a, n in self._shared.items() if n == name]
             logger.info("%s compute on one machine's cores: they take turns", ", ".join(together))
-        bar = _progress(len(used), "loading layers", progress, unit="server")
-        with ThreadPoolExecutor(max_workers=len(used)) as pool:
-            futures = [pool.submit(self._load, c, a.start, a.end, progress) for c, a in zip(used, stages, strict=True)]
-            for f in futures:
-                f.result()
-                if bar is not None:
-                    bar.update(1)
-        if bar is not None:
-            bar.close()
+        loader = Loader(self.info, self.model_path, self.model_hash, self.cache, self.share_path, self._tls,
+                        self.bytes_shipped, self.load_sources)  # fmt: skip
+        loader.load_all([(c, a.start, a.end) for c, a in zip(used, stages, strict=True)], self._shared, progress)
         hp = self.info.hparams
         self.replicas = []
         for i, p in enumerate(self.plans):
@@ -235,39 +233,6 @@ class Farm:
         """Prefix cache queries and hits, of every replica, since the farm started."""
         return PrefixStats.total(self.replica_stats)
 
-    def _load(self, client: StageClient, start: int, end: int, progress: bool) -> LoadedRange:
-        """Load a range; ship its tensors first when the server has no copy of them."""
-        hint = self.model_path if self.share_path else ""
-        share = self._shared.get(client.address, "")
-
-        def load(digest: str) -> LoadedRange | None:
-            return client.load(hint, start, end, self.model_hash, self.cache, share, digest)
-
-        # A server that may read the model at its path needs nothing more; one loads a slice it
-        # received only by its digest (the head reads the model once for it, then remembers it).
-        loaded = load("") if hint else None
-        if loaded is None:
-            digest = build_slice_layout(self.info, start, end, self.model_hash).digest
-            loaded = load(digest)
-        shipped = 0
-        if loaded is None:
-            n = self.info.range_bytes(start, end)
-            bar = _progress(n, f"shipping layers [{start}, {end}) to {client.address}", progress, unit="B")
-            shipped = ship_slice(
-                client, self.info, self.model_hash, start, end, bar.update if bar else None,
-                tls=self._tls,
-            )  # fmt: skip
-            if bar is not None:
-                bar.close()
-            if shipped != n:
-                raise RuntimeError(f"server {client.address} took {shipped} of {n} bytes of layers [{start}, {end})")
-            loaded = load(digest)
-            if loaded is None:
-                raise RuntimeError(f"server {client.address} still lacks layers [{start}, {end}) after receiving them")
-        self.bytes_shipped[client.address] = shipped
-        self.load_sources[client.address] = loaded.source
-        return loaded
-
     @property
     def turns(self) -> dict[str, str]:
         """The servers of the plan that take turns on one machine's cores: address -> the name
@@ -277,17 +242,17 @@ class Farm:
     # -- generation ---------------------------------------------------------------------
     def session(self) -> PipelineSession:
         """A session on every server of the plan (waits while servers are planned back in)."""
-        self._gate.enter()
+        self.gate.enter()
         try:
-            if self.pipeline is None and not self._closed:  # a re-plan failed: plan over what answers
-                self._recover(None, RuntimeError("the farm has no plan"))
+            if self.pipeline is None and not self.closed:  # a re-plan failed: plan over what answers
+                self._failover.recover(None, RuntimeError("the farm has no plan"))
             if self.pipeline is None:
                 raise RuntimeError("the farm is closed")
             session = self.pipeline.session(self.ctx_size)
         except BaseException:
-            self._gate.leave()
+            self.gate.leave()
             raise
-        session.on_close = self._gate.leave
+        session.on_close = self.gate.leave
         return session
 
     def prefill(self, session: PipelineSession, tokens: list[int], *, all_logits: bool = False) -> np.ndarray:
@@ -355,67 +320,11 @@ class Farm:
             except Exception as e:
                 lost = isinstance(e, StageError) and e.code == grpc.StatusCode.UNAVAILABLE
                 replaced = self.pipeline is not started  # another generation is recovering, or has
-                if self._closed or not (lost or replaced) or attempts >= self.max_replays:
+                if self.closed or not (lost or replaced) or attempts >= self.max_replays:
                     raise
                 attempts += 1
                 logger.warning("%s; replaying %d tokens", e, len(prompt_tokens) + len(done))
-                self._recover(started, e)
-
-    def _recover(self, failed: Pipeline | None, cause: Exception) -> None:
-        """Plan again over the servers that still answer and load their ranges (once for every
-        generation that saw the same failure)."""
-        with self._recovering:
-            if self.pipeline is not None and self.pipeline is not failed:  # another generation has done it
-                return
-            self._disconnect()
-            self.addresses = resolve(self.servers)[0] or self.addresses
-            # one found hung a moment ago is not asked again (it would have hung_after to answer)
-            hung = {cause.address} if isinstance(cause, HungError) else set()
-            alive = _answering([a for a in self.addresses if a not in hung], self.connect_timeout, self.hung_after,
-                               self.security)  # fmt: skip
-            if not alive:
-                raise RuntimeError(f"{cause}; no server of {', '.join(self.addresses)} answers any more") from cause
-            try:
-                self._connect(alive, self.connect_timeout, progress=False, fewer=True)
-            except (StageError, PlanError) as e:
-                raise RuntimeError(f"{cause}; the servers left cannot take the model: {e}") from e
-            self.replays += 1
-            self._gone = set(self.addresses) - set(alive)
-            logger.warning("re-planned over %d of %d servers", len(alive), len(self.addresses))
-
-    def _lost(self) -> list[str]:
-        return sorted(self._gone)
-
-    def _answers(self, address: str) -> bool:
-        return bool(_answering([address], self.connect_timeout, self.hung_after, self.security, quiet=True))
-
-    def _rejoin(self, back: list[str]) -> bool:
-        """Plan the servers ``back`` in again with those of the plan, between generations; False
-        when the generations open did not all end within REJOIN_WAIT (tried again later)."""
-        with self._gate.alone(REJOIN_WAIT) as alone, self._recovering:
-            if not alone:
-                logger.warning(
-                    "planning %s back in waits: %d generations still open after %g s", ", ".join(back),
-                    self._gate.open, REJOIN_WAIT,
-                )  # fmt: skip
-                return False
-            if self._closed or self.pipeline is None:
-                return True
-            before = [a.address for p in self.plans for a in p]
-            wanted = set(before) | set(back)
-            self._gone -= set(back)  # planned in now, or (if they cannot be) not tried again
-            self._disconnect()
-            try:
-                self._connect([a for a in self.addresses if a in wanted], self.connect_timeout, progress=False)
-            except (StageError, PlanError, RuntimeError) as e:
-                logger.warning("planning %s back in failed: %s", ", ".join(back), e)
-                self._disconnect()
-                self._connect(before, self.connect_timeout, progress=False)
-                return True
-            self.rejoins += 1
-            planned = sum(len(p) for p in self.plans)
-            logger.warning("planned %s back in: %d of %d servers", ", ".join(back), planned, len(self.addresses))
-            return True
+                self._failover.recover(started, e)
 
     def _generate(
         self,
@@ -438,13 +347,13 @@ class Farm:
     def _entered(self) -> Iterator[None]:
         """Within: the farm's plan stays (a re-plan that plans servers back in waits for it to end);
         a re-plan that failed is tried again first."""
-        self._gate.enter()
+        self.gate.enter()
         try:
-            if self.router is None and not self._closed:
-                self._recover(None, RuntimeError("the farm has no plan"))
+            if self.router is None and not self.closed:
+                self._failover.recover(None, RuntimeError("the farm has no plan"))
             yield
         finally:
-            self._gate.leave()
+            self.gate.leave()
 
     def _generate_on(
         self, router: Router, prompt_tokens: list[int], max_tokens: int, sampling: SamplingParams, stop_at_eog: bool,
@@ -543,17 +452,17 @@ class Farm:
 
     # -- lifetime -----------------------------------------------------------------------
     def close(self) -> None:
-        self._closed = True
-        if self._rejoiner is not None:
-            self._rejoiner.stop()
+        self.closed = True
+        self._failover.stop()
         for r in self.replicas:
             r.prefix.clear()  # the servers free what they kept for this farm
-        self._disconnect()
+        self.disconnect()
         if self._local is not None:
             self._local.stop()
             self._local = None
 
-    def _disconnect(self) -> None:
+    def disconnect(self) -> None:
+        """Let go of the plan: its pipelines and the connections to its servers."""
         for r in self.replicas:
             r.pipeline.close()
         self.replicas, self.router, self.pipeline, self.prefix = [], None, None, None
@@ -587,49 +496,3 @@ def _check_request(prompt_tokens: list[int], max_tokens: int, sampling: Sampling
     bad = [t for t in prompt_tokens if not isinstance(t, int | np.integer) or not 0 <= t < n_vocab]
     if bad:
         raise ValueError(f"prompt token {bad[0]!r} is outside the vocabulary (0..{n_vocab - 1})")
-
-
-def _answering(
-    addresses: list[str], connect_timeout: float, hung_after: float, security: ClientSecurity, quiet: bool = False
-) -> list[str]:
-    """The servers that answer, all asked at once: a dead one's port refuses at once, where
-    gRPC would go on retrying until its timeout; a hung one (stopped: its port still takes
-    connections) has ``hung_after`` to answer a Hello. ``quiet``: why one does not, logged at
-    debug level only (asked every few seconds)."""
-
-    def answers(address: str) -> bool:
-        if not _listening(address, connect_timeout):
-            return False
-        client = StageClient(address, connect_timeout=hung_after, security=security)
-        try:
-            client.hello()
-            return True
-        except StageError as e:
-            logger.log(logging.DEBUG if quiet else logging.WARNING, "%s", e)
-            return False
-        finally:
-            client.close()
-
-    with ThreadPoolExecutor(max_workers=max(1, len(addresses))) as pool:
-        ok = list(pool.map(answers, addresses))
-    return [a for a, answered in zip(addresses, ok, strict=True) if answered]
-
-
-def _listening(address: str, timeout: float) -> bool:
-    """Whether something accepts connections at ``address`` (a dead server's port refuses at once,
-    where gRPC would go on retrying until its timeout)."""
-    host, port = split_address(address)
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _progress(total: int, desc: str, enabled: bool, unit: str):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, **scale)

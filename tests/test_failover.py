@@ -316,10 +316,10 @@ def test_a_generation_closed_while_its_frame_is_held_ends_at_once(
         farm.server_generation = server_generation
         tokens = farm.generate_tokens(farm.tokenizer.encode(PROMPTS[0]), N, GREEDY, stop_at_eog=False)
         next(tokens)
-        assert farm._gate.open == 1 and _open_sessions(local.addresses) == [1, 1]
+        assert farm.gate.open == 1 and _open_sessions(local.addresses) == [1, 1]
         held = tokens.gi_frame  # what a traceback through this generation holds
         tokens.close()
-        assert farm._gate.open == 0
+        assert farm.gate.open == 0
         deadline = time.monotonic() + 30  # (the servers close them as their close calls come)
         while _open_sessions(local.addresses) != [0, 0] and time.monotonic() < deadline:
             time.sleep(0.05)
