@@ -4,10 +4,15 @@ against real servers on 127.0.0.1."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 from llmrpc.farm import Farm
 from llmrpc.head.local import LocalServers
@@ -94,3 +99,49 @@ def test_status_names_a_server_that_does_not_answer(tmp_path: Path) -> None:
 def test_status_needs_servers() -> None:
     proc = _run(["status"])
     assert proc.returncode == 2 and "--rpc-servers" in proc.stderr
+
+
+_HEAD_WITH_SERVERS = """
+import sys, time
+from llmrpc.head.local import LocalServers
+local = LocalServers(2, threads=1, extra_args=["--no-calibrate", "--cache-dir", sys.argv[1]])
+local.start()
+print(" ".join(str(p.pid) for p in local.processes), flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_local_servers_end_with_a_head_killed_outright(tmp_path: Path) -> None:
+    """A head that starts its own servers and is killed (SIGKILL: no clean-up of its own)
+    leaves none of them running: they see their parent go and shut down."""
+    head = subprocess.Popen(
+        [sys.executable, "-c", _HEAD_WITH_SERVERS, str(tmp_path)], stdout=subprocess.PIPE, text=True
+    )
+    pids: list[int] = []
+    try:
+        assert head.stdout is not None
+        pids = [int(p) for p in head.stdout.readline().split()]
+        assert len(pids) == 2 and all(_running(p) for p in pids)
+        head.kill()
+        head.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while any(_running(p) for p in pids):
+            assert time.monotonic() < deadline, "the servers outlived their head"
+            time.sleep(0.2)
+    finally:
+        if head.poll() is None:
+            head.kill()
+        for pid in pids:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (an ended process not yet reaped by its new parent does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return state.split()[1] != "Z"

@@ -40,6 +40,7 @@ class ServerOptions:
     tls_ca: str | None
     metrics_port: int | None  # None: no metrics
     announce: bool  # answer heads' discovery on the LAN
+    exit_with_parent: bool  # end when the process that started this server ends
 
 
 _server_options = gather(
@@ -112,6 +113,10 @@ _server_options = gather(
     click.option("--announce", is_flag=True,
                  help="Let heads on this LAN find this server (llmrpc-head --discover, UDP multicast to "
                  "239.255.77.77:50099): it answers with its port and a proof of --token, which it needs."),
+    click.option("--exit-with-parent", is_flag=True,
+                 help="End (as on SIGTERM) once the process that started this server has ended, however it ended: "
+                 "`llmrpc-head --local` and llmrpc.Farm start their servers so, and a head killed outright leaves "
+                 "none behind."),
 )  # fmt: skip
 
 

@@ -43,7 +43,8 @@ class LocalServers:
         return self.addresses
 
     def _start_one(self, own_args: list[str]) -> None:
-        cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0"]
+        # --exit-with-parent: a head that is killed outright (or crashes) leaves no server behind
+        cmd = [sys.executable, "-m", "llmrpc.cli", "server", "--host", "127.0.0.1", "--port", "0", "--exit-with-parent"]
         if self.threads:
             cmd += ["--threads", str(self.threads)]
         if self.device:

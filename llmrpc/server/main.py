@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 SHUTDOWN_STACKS_AFTER = 10.0  # seconds
+PARENT_CHECK_EVERY = 1.0  # seconds, with --exit-with-parent
 
 
 def is_loopback(host: str) -> bool:
@@ -92,6 +93,7 @@ def serve(
     tls_ca: str | None = None,
     metrics_port: int | None = None,
     announce: bool = False,
+    exit_with_parent: bool = False,
     session_ttl: float = 600.0,
     max_connections: int = 256,
     hello_timeout: float = 10.0,
@@ -135,6 +137,8 @@ def serve(
                 parts.callback(_announcer(bound, token).close)
             for sig in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(sig, lambda *_: stop.set())
+            if exit_with_parent:
+                _watch_parent(stop)
             if not token and credentials is None and not is_loopback(host):
                 logger.warning(
                     "listening on %s with neither --token nor TLS: anyone who can reach this address can use this "
@@ -160,6 +164,20 @@ def serve(
     finally:
         faulthandler.cancel_dump_traceback_later()
     return 0
+
+
+def _watch_parent(stop: threading.Event) -> None:
+    """Set ``stop`` once the process that started this one has ended: this one is then handed to
+    another parent (init, or a subreaper), which ``getppid`` shows."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not stop.wait(PARENT_CHECK_EVERY):
+            if os.getppid() != parent:
+                logger.warning("the process that started this server (pid %d) has ended: shutting down", parent)
+                stop.set()
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 def _tls(cert: str | None, key: str | None, ca: str | None) -> tuple[Any, ssl.SSLContext | None, ssl.SSLContext | None]:
