@@ -51,3 +51,13 @@ class LogLines:
         """Whether a line holding ``text`` came (or comes within ``timeout`` seconds)."""
         with self._cond:
             return self._cond.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+
+def running(pid: int) -> bool:
+    """Whether process ``pid`` runs (Linux: one that ended but is not yet reaped, a zombie, does not)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            state = next(line for line in f if line.startswith("State:"))
+    except (FileNotFoundError, StopIteration):
+        return False
+    return state.split()[1] != "Z"

@@ -16,6 +16,7 @@ import pytest
 
 from llmrpc.farm import Farm
 from llmrpc.head.local import LocalServers
+from tests.servers import running
 
 HEAD = [sys.executable, "-m", "llmrpc.cli", "head"]
 
@@ -122,26 +123,16 @@ def test_local_servers_end_with_a_head_killed_outright(tmp_path: Path) -> None:
     try:
         assert head.stdout is not None
         pids = [int(p) for p in head.stdout.readline().split()]
-        assert len(pids) == 2 and all(_running(p) for p in pids)
+        assert len(pids) == 2 and all(running(p) for p in pids)
         head.kill()
         head.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while any(_running(p) for p in pids):
+        while any(running(p) for p in pids):
             assert time.monotonic() < deadline, "the servers outlived their head"
             time.sleep(0.2)
     finally:
         if head.poll() is None:
             head.kill()
         for pid in pids:
-            if _running(pid):
+            if running(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    """Whether ``pid`` runs (an ended process not yet reaped by its new parent does not)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            state = next(line for line in f if line.startswith("State:"))
-    except (FileNotFoundError, StopIteration):
-        return False
-    return state.split()[1] != "Z"

@@ -24,6 +24,7 @@ import pytest
 from llmrpc.head.tokenizer import Tokenizer
 from llmrpc.openai_api import ApiError, StopText, parse_request
 from llmrpc.reference import reference_llama
+from tests.servers import running
 
 from .test_metrics import scrape, value
 
@@ -156,7 +157,7 @@ def api(smollm2: str) -> Iterator[str]:
         proc.terminate()
         assert proc.wait(timeout=30) == 0  # a clean stop on SIGTERM
     for pid in servers:  # and it stopped the servers it started
-        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+        assert not running(pid)
 
 
 @pytest.fixture(scope="module")

@@ -117,16 +117,13 @@ def _set_rows(a: g.Tensor, b: g.Tensor, idx: g.Tensor) -> str | None:
     )
 
 
+@_checks(*(f"ggml_reshape_{n}d" for n in range(1, 5)))
 def _reshape(a: g.Tensor, *ne: int) -> str | None:
     lib = g.ggml()
     return _first(
         (lib.ggml_is_contiguous(a), "reshaping a tensor that is not contiguous"),
         (lib.ggml_nelements(a) == math.prod(ne), f"{lib.ggml_nelements(a)} elements do not make {list(ne)}"),
     )
-
-
-for _n in range(1, 5):
-    _CHECKS[f"ggml_reshape_{_n}d"] = _reshape
 
 
 @_checks("ggml_cont_2d")
@@ -203,12 +200,10 @@ def _flash_attn(q: g.Tensor, k: g.Tensor, v: g.Tensor, mask: Any, *_: float) -> 
     ) or _mask_fits(mask, _ne(q), False)
 
 
+@_checks("ggml_soft_max_add_sinks", "ggml_flash_attn_ext_add_sinks")
 def _sinks(a: g.Tensor, sinks: g.Tensor) -> str | None:
     heads = _ne(ctypes.cast(a.contents.src[0], g.T))[2]
     return _first((_ne(sinks)[0] == heads, f"{_ne(sinks)[0]} attention sinks for {heads} heads"))
-
-
-_CHECKS["ggml_soft_max_add_sinks"] = _CHECKS["ggml_flash_attn_ext_add_sinks"] = _sinks
 
 
 @_checks("ggml_swiglu_split", "ggml_geglu_split", "ggml_reglu_split", "ggml_swiglu_oai")

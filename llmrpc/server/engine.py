@@ -67,7 +67,6 @@ class Engine:
         --mem cap, or a quarter of the device's free memory without one; 0: none kept)."""
         self.device = device
         self.memory_cap = memory_cap
-        self.store = store
         self.intake = SliceIntake(store, memory_cap, data_host, upload_tls)
         # Servers that share a machine's cores take turns computing: several OpenMP teams
         # at once on the same cores thrash at every barrier (4 streams through 3 servers on
@@ -86,7 +85,7 @@ class Engine:
         # what the loaded range was asked as: ((kind, key), start, end, flash attention, K type, V type)
         self._loaded_from: tuple[object, ...] | None = None
         # Closed sessions' caches the head asks to keep as prefixes take at most this many bytes.
-        self._prefix_budget = memory_cap or device.memory_free // 4 if prefix_cache is None else prefix_cache
+        self._prefix_budget = (memory_cap or device.memory_free // 4) if prefix_cache is None else prefix_cache
         self._caches: SessionCaches | None = None  # the loaded layers' sessions, spares and prefixes
         self._inflight: Launched | None = None  # a batch started on the device, not waited for yet
         # the data plane works while the device computes (a GPU; the CPU computes as it starts)
@@ -369,7 +368,8 @@ class Engine:
     def _launch(self, items: list[tuple[str, int, np.ndarray]], all_logits: bool, top1: bool) -> Launched:
         self._settle()
         started = time.perf_counter()
-        stage, caches = self._require_stage(), self._require_caches()
+        caches = self._require_caches()
+        stage = caches.stage
         sessions = checked_batch(stage, caches, items, self.max_ctx)
         if self.release_threads:
             self._backend.claim_threads()
@@ -386,14 +386,10 @@ class Engine:
         self._inflight = Launched(self.meter.timed(collect, started, rows, bytes_in), ready=not self.overlaps)
         return self._inflight
 
-    def _require_stage(self) -> LayerStage:
-        if self._stage is None:
-            raise EngineError(ErrorCode.FAILED_PRECONDITION, "no layers are loaded on this server; call Load first")
-        return self._stage
-
     def _require_caches(self) -> SessionCaches:
-        self._require_stage()
-        assert self._caches is not None
+        """The loaded layers' caches (there are caches exactly while layers are loaded)."""
+        if self._caches is None:
+            raise EngineError(ErrorCode.FAILED_PRECONDITION, "no layers are loaded on this server; call Load first")
         return self._caches
 
     def close(self) -> None:
